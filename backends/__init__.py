@@ -1,0 +1,1 @@
+"""Engine adapters for runnerd: one package per engine, no HTTP server, no scheduling."""

@@ -1,0 +1,184 @@
+"""llama.cpp's llama-server as a runnerd backend."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from backends.base import (
+    BackendConfiguration,
+    Capability,
+    InstallError,
+    MemoryEstimate,
+    Mode,
+    ModelFormat,
+    ModelFormatError,
+    ModelRef,
+    ProgressCallback,
+    RunnerOutput,
+)
+from backends.gguf import GGUFParseError, read_header
+from backends.llamacpp.argv import LaunchOptions, build_argv, build_env
+from backends.llamacpp.errors import LLAMACPP_EXIT_PATTERNS
+from backends.llamacpp.install import (
+    SOURCE_VERSION,
+    build_key,
+    build_llama_server,
+    cached_binary,
+    cmake_options,
+)
+from backends.llamacpp.templates import fallback_chat_template
+from backends.process import run_process
+
+__all__ = ["LaunchOptions", "LlamaCppBackend"]
+
+
+def _directory_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+class LlamaCppBackend:
+    name = "llama.cpp"
+    capabilities = frozenset(Capability)
+    model_formats = frozenset({ModelFormat.GGUF})
+
+    def __init__(
+        self,
+        *,
+        cache_dir: Path,
+        binary: Path | None = None,
+        launch: LaunchOptions | None = None,
+        cuda: bool = False,
+        stop_grace: float = 5.0,
+        source_version: str = SOURCE_VERSION,
+    ) -> None:
+        self.cache_dir = cache_dir
+        self.explicit_binary = binary
+        self.launch = launch or LaunchOptions()
+        self.cuda = cuda
+        self.stop_grace = stop_grace
+        self.source_version = source_version
+        self._installing: str | None = None
+        self._error: str | None = None
+        self._versions: dict[tuple[Path, float], str] = {}
+
+    # --- install -------------------------------------------------------------------------------
+
+    @property
+    def _cached(self) -> Path:
+        return cached_binary(self.cache_dir, build_key(self.source_version, cmake_options(self.cuda)))
+
+    def locate(self) -> Path | None:
+        if self.explicit_binary is not None:
+            return self.explicit_binary if self.explicit_binary.is_file() else None
+        return self._cached if self._cached.is_file() else None
+
+    def binary(self) -> Path:
+        found = self.locate()
+        if found is None:
+            where = self.explicit_binary or self._cached
+            raise InstallError(f"llama.cpp is not installed ({where} not found): install the backend first")
+        return found
+
+    async def install(self, progress: ProgressCallback | None = None) -> None:
+        if self.explicit_binary is not None:
+            if not self.explicit_binary.is_file():
+                raise InstallError(f"configured llama-server {self.explicit_binary} does not exist")
+            return
+        self._error = None
+
+        def report(p: object) -> None:
+            self._installing = getattr(p, "phase", "building")
+            if progress is not None:
+                progress(p)  # type: ignore[arg-type]
+
+        try:
+            self._installing = "starting"
+            await build_llama_server(self.cache_dir, cuda=self.cuda, source_version=self.source_version,
+                                     progress=report)
+        except InstallError as exc:
+            self._error = str(exc).splitlines()[0]
+            raise
+        finally:
+            self._installing = None
+
+    async def uninstall(self) -> None:
+        """Remove the cached build; a binary the operator named is never touched."""
+        if self.explicit_binary is None:
+            await asyncio.to_thread(shutil.rmtree, self._cached.parent.parent, True)
+
+    def version(self) -> str | None:
+        binary = self.locate()
+        if binary is None:
+            return None
+        key = (binary, binary.stat().st_mtime)
+        if key not in self._versions:
+            done = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30,
+                                  env=build_env(binary), check=False)
+            text = done.stdout + done.stderr
+            line = next((ln for ln in text.splitlines() if ln.startswith("version:")), "")
+            self._versions[key] = line.removeprefix("version:").strip() or "unknown"
+        return self._versions[key]
+
+    def status(self) -> str:
+        if self._installing is not None:
+            return f"Installing: {self._installing}"
+        if self._error is not None:
+            return f"Error: {self._error}"
+        try:
+            version = self.version()
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"Error: {binary_error(exc)}"
+        return "Not Installed" if version is None else f"Running: llama.cpp {version}"
+
+    def disk_usage(self) -> int:
+        binary = self.locate()
+        if binary is None:
+            return 0
+        return _directory_size(binary.parent) if self.explicit_binary is None else binary.stat().st_size
+
+    # --- run -----------------------------------------------------------------------------------
+
+    def check_model(self, model: ModelRef) -> None:
+        if model.format not in self.model_formats:
+            raise ModelFormatError(f"llama.cpp serves GGUF models; {model.name} is in {model.format} format")
+
+    async def run(self, socket_path: Path, model: ModelRef, mode: Mode, config: BackendConfiguration,
+                  output: RunnerOutput) -> None:
+        self.check_model(model)
+        binary = self.binary()
+        traits = await asyncio.to_thread(model_traits, model.path)
+        argv = build_argv(binary, socket_path, model, mode, config, self.launch,
+                          pooling_in_file=traits.pooling_in_file, chat_template=traits.fallback_template)
+        await run_process(argv, env=build_env(binary), socket_path=socket_path, output=output,
+                          grace=self.stop_grace, exit_patterns=LLAMACPP_EXIT_PATTERNS)
+
+    def required_memory(self, model: ModelRef, mode: Mode, config: BackendConfiguration) -> MemoryEstimate:
+        return MemoryEstimate.unknown("llama.cpp memory estimation is not available yet")
+
+
+def binary_error(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+@dataclass(frozen=True)
+class ModelTraits:
+    pooling_in_file: bool = False
+    fallback_template: str | None = None
+
+
+def model_traits(path: Path) -> ModelTraits:
+    """What the header says that changes the command line: a pooling type (then llama-server must
+    not be given one) and a missing chat template (then runnerd supplies one if it knows the family)."""
+    try:
+        header = read_header(path)
+    except GGUFParseError:
+        return ModelTraits()  # llama-server will report the problem itself, with its own words
+    return ModelTraits(
+        pooling_in_file=header.arch_get("pooling_type") is not None,
+        fallback_template=fallback_chat_template(header.architecture,
+                                                 header.get("tokenizer.chat_template") is not None),
+    )

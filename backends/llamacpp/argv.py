@@ -1,0 +1,81 @@
+"""The llama-server command line and environment for one runner."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from backends.base import BackendConfiguration, Mode, ModelRef
+
+
+class LaunchOptions(BaseModel):
+    """Operator-level settings (trusted, from the daemon's config) that shape every runner."""
+
+    threads: int | None = None
+    gpu_layers: int | None = None
+    use_gpu: bool = False
+    default_context_size: int = 4096
+
+
+def mode_flags(mode: Mode, pooling_in_file: bool) -> list[str]:
+    if mode is Mode.EMBEDDING:
+        # Without a pooling type llama-server refuses OpenAI embeddings ("Pooling type 'none'").
+        return ["--embeddings"] if pooling_in_file else ["--embeddings", "--pooling", "mean"]
+    if mode is Mode.RERANKING:
+        return ["--embeddings", "--reranking"]
+    return []
+
+
+def build_argv(
+    binary: Path,
+    socket_path: Path,
+    model: ModelRef,
+    mode: Mode,
+    config: BackendConfiguration,
+    options: LaunchOptions,
+    *,
+    pooling_in_file: bool = False,
+    chat_template: str | None = None,
+) -> list[str]:
+    """Operator defaults first, then the caller's validated flags, then the daemon's own flags.
+
+    llama-server applies arguments in order, so anything placed last wins: the caller can tune what
+    the operator set, and nothing the caller passes can change the model, the socket or the mode.
+    """
+    operator: list[str] = []
+    if options.threads is not None:
+        operator += ["--threads", str(options.threads)]
+    if options.use_gpu:
+        layers = options.gpu_layers
+        operator += ["--n-gpu-layers", "all" if layers is None or layers < 0 else str(layers)]
+    owned = [
+        "--model", str(model.path),
+        "--host", str(socket_path),
+        "--ctx-size", str(config.context_size or options.default_context_size),
+        # runnerd decides what fits; the engine must not shrink the context behind its back.
+        "--fit", "off",
+        "--metrics",
+        "--no-webui",
+        *mode_flags(mode, pooling_in_file),
+    ]
+    if chat_template is not None:
+        owned += ["--chat-template", chat_template]
+    if config.llamacpp.reasoning_budget is not None:
+        owned += ["--reasoning-budget", str(config.llamacpp.reasoning_budget)]
+    return [str(binary), *operator, *config.runtime_flags, *owned]
+
+
+def build_env(binary: Path, base: Mapping[str, str] | None = None, keep: Sequence[str] = ()) -> dict[str, str]:
+    """A clean environment: nothing inherited can set LLAMA_ARG_* options behind the argv."""
+    source = os.environ if base is None else base
+    env = {k: source[k] for k in ("PATH", "HOME", "LANG", "LC_ALL", "TZ", *keep) if k in source}
+    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
+    # The build links libllama/libggml next to the executable.
+    env["LD_LIBRARY_PATH"] = str(binary.parent)
+    for name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
+        if name in source:
+            env[name] = source[name]
+    return env

@@ -1,0 +1,225 @@
+"""One-shot supervision of an engine process that serves HTTP on a unix socket.
+
+The process gets its own process group (so workers it forks die with it) and a parent-death
+signal (so it never outlives the daemon, even after SIGKILL of the daemon). Its output goes to a
+bounded in-memory tail and a log file. Stopping is SIGTERM to the group, then SIGKILL after a
+grace period; the socket file is removed on every path out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import re
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import IO
+
+import aiohttp
+
+from backends.base import RunnerError, RunnerOutput
+
+_PR_SET_PDEATHSIG = 1
+# Loaded before any fork: dlopen in a forked child of a threaded parent can deadlock.
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+_MAX_LINE = 8192
+_READ_CHUNK = 65536
+
+
+def _child_setup(parent_pid: int) -> None:
+    """Runs in the child between fork and exec."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # The parent may have died between fork and prctl: then nobody would ever signal us.
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def remove_socket(path: Path) -> None:
+    """Remove a socket file left at `path`; never removes anything that is not a socket."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_socket():
+            path.unlink()
+
+
+async def _pump_output(stream: asyncio.StreamReader, output: RunnerOutput, log: IO[bytes] | None) -> None:
+    """Copy the process's output to the log file and split it into lines for the tail."""
+    pending = b""
+    while chunk := await stream.read(_READ_CHUNK):
+        if log is not None:
+            log.write(chunk)
+            log.flush()
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        if len(pending) > _MAX_LINE:
+            lines.append(pending)
+            pending = b""
+        for line in lines:
+            output.tail.append(line[:_MAX_LINE].decode("utf-8", "replace").rstrip("\r"))
+        output.activity.set()
+    if pending:
+        output.tail.append(pending[:_MAX_LINE].decode("utf-8", "replace"))
+        output.activity.set()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+async def stop_process_group(proc: asyncio.subprocess.Process, grace: float) -> int:
+    """SIGTERM the process group, wait `grace` seconds, then SIGKILL it. Returns the exit code."""
+    pgid = proc.pid
+    if proc.returncode is None:
+        _signal_group(pgid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), grace)
+        except TimeoutError:
+            _signal_group(pgid, signal.SIGKILL)
+            await proc.wait()
+    # Workers the leader forked may still be alive after the leader is gone.
+    _signal_group(pgid, signal.SIGKILL)
+    assert proc.returncode is not None
+    return proc.returncode
+
+
+ExitPatterns = Sequence[tuple[str, "re.Pattern[str]", str]]
+"""(reason, pattern, message): the first pattern found in the tail names why the engine exited."""
+
+GENERIC_EXIT_PATTERNS: ExitPatterns = (
+    ("out_of_memory", re.compile(r"out of memory|failed to allocate|bad_alloc|cudaMalloc failed|OOM", re.I),
+     "the engine ran out of memory"),
+    ("bad_flag", re.compile(r"invalid argument|unknown argument|unrecognized argument|error while handling "
+                            r"argument|unrecognized arguments", re.I),
+     "the engine refused a command-line flag"),
+    ("model_load_failed", re.compile(r"failed to load model|error loading model|unable to load model|"
+                                     r"failed to read|invalid magic|not a gguf", re.I),
+     "the engine failed to load the model"),
+)
+
+
+def translate_exit(exit_code: int | None, tail: Sequence[str], patterns: ExitPatterns = ()) -> RunnerError:
+    """Turn an engine's exit into one clear error, naming the likely cause and its last output."""
+    lines = list(tail)[-20:]
+    text = "\n".join(lines)
+    for reason, pattern, message in (*patterns, *GENERIC_EXIT_PATTERNS):
+        if pattern.search(text):
+            return RunnerError(f"{message} (exit code {exit_code})", reason=reason, tail=lines,
+                               exit_code=exit_code)
+    if exit_code is not None and exit_code < 0:
+        name = signal.Signals(-exit_code).name if -exit_code in signal.Signals._value2member_map_ else str(
+            -exit_code)
+        reason = "killed" if exit_code == -signal.SIGKILL else "crashed"
+        return RunnerError(f"the engine was terminated by signal {name}", reason=reason, tail=lines,
+                           exit_code=exit_code)
+    return RunnerError(f"the engine exited unexpectedly (exit code {exit_code})", reason="exited",
+                       tail=lines, exit_code=exit_code)
+
+
+async def run_process(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    socket_path: Path,
+    output: RunnerOutput,
+    grace: float = 5.0,
+    cwd: Path | None = None,
+    exit_patterns: ExitPatterns = (),
+) -> None:
+    """Run one engine process until it exits (raises RunnerError) or the caller cancels us
+    (stops the process group, then re-raises CancelledError). The socket is removed either way."""
+    remove_socket(socket_path)
+    log = _open_log(output.log_path)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=dict(env),
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=partial(_child_setup, os.getpid()),
+        )
+    except OSError as exc:
+        if log is not None:
+            log.close()
+        raise RunnerError(f"cannot start {argv[0]}: {exc.strerror or exc}", reason="spawn_failed") from exc
+    output.pid = proc.pid
+    output.started_at = time.time()
+    assert proc.stdout is not None
+    pump = asyncio.create_task(_pump_output(proc.stdout, output, log))
+    try:
+        await proc.wait()
+        # Collect what the process printed last before judging why it exited.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(pump), 1.0)
+        output.exit_code = await stop_process_group(proc, 0)
+        raise translate_exit(output.exit_code, output.tail, exit_patterns)
+    finally:
+        # Reached on cancellation too: the shield keeps the stop itself from being cancelled.
+        if proc.returncode is None:
+            await asyncio.shield(stop_process_group(proc, grace))
+            output.exit_code = proc.returncode
+        pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await pump
+        if log is not None:
+            log.close()
+        remove_socket(socket_path)
+
+
+def _open_log(path: Path | None) -> IO[bytes] | None:
+    if path is None:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.open("ab")
+
+
+async def probe_health(session: aiohttp.ClientSession, timeout: float = 2.0) -> int | None:
+    """GET /health on the runner's socket: the HTTP status, or None if nothing answers yet."""
+    try:
+        async with session.get("http://runner/health", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            await resp.read()
+            return resp.status
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        return None
+
+
+async def wait_until_ready(
+    socket_path: Path,
+    output: RunnerOutput,
+    process_task: asyncio.Task[None],
+    timeout: float,
+) -> None:
+    """Poll GET /health over the unix socket until it answers 200.
+
+    Polls start 5 ms apart and back off to 50 ms; any new engine output wakes the poller at once,
+    since engines log the moment they start listening. Raises the engine's RunnerError if it exits
+    first and TimeoutError after `timeout` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    interval = 0.005
+    connector = aiohttp.UnixConnector(path=str(socket_path), force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        while True:
+            if process_task.done():
+                process_task.result()  # raises the engine's error
+                raise RunnerError("the engine exited before it was ready", reason="exited",
+                                  tail=list(output.tail))
+            if socket_path.exists() and await probe_health(session) == 200:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"the engine was not ready after {timeout:g} s")
+            output.activity.clear()
+            activity = asyncio.create_task(output.activity.wait())
+            await asyncio.wait({activity, process_task}, timeout=min(interval, remaining))
+            activity.cancel()
+            interval = min(interval * 1.5, 0.05)

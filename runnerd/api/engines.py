@@ -1,0 +1,229 @@
+"""Inference routes (/engines[/{backend}]/v1/... and the /v1/... aliases) and runner management."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from backends.base import Backend, BackendError, Capability, Mode, RunnerError
+from runnerd.api.context import Daemon, daemon
+from runnerd.api.errors import ApiError
+from runnerd.durations import parse_keep_alive
+from runnerd.proxy import forward, runner_error
+from runnerd.scheduler import UNSET, Lease, RunnerKey, Unset
+from runnerd.store import ModelEntry, StoreError
+
+
+@dataclass(frozen=True)
+class RequestKind:
+    name: str
+    capability: Capability
+    mode: Mode
+    upstream_path: str
+
+
+CHAT = RequestKind("chat", Capability.CHAT, Mode.COMPLETION, "/v1/chat/completions")
+COMPLETIONS = RequestKind("completions", Capability.COMPLETIONS, Mode.COMPLETION, "/v1/completions")
+EMBEDDINGS = RequestKind("embeddings", Capability.EMBEDDINGS, Mode.EMBEDDING, "/v1/embeddings")
+RERANK = RequestKind("rerank", Capability.RERANK, Mode.RERANKING, "/v1/rerank")
+
+INFERENCE_ROUTES = {
+    "/v1/chat/completions": CHAT,
+    "/v1/completions": COMPLETIONS,
+    "/v1/embeddings": EMBEDDINGS,
+    "/v1/rerank": RERANK,
+    "/rerank": RERANK,
+}
+
+
+async def read_json_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object; 413 past the body limit, 400 for anything but a JSON object."""
+    raw = await request.read()
+    try:
+        payload = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(payload, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    return payload
+
+
+def requested_model(payload: dict[str, Any]) -> str:
+    model = payload.get("model")
+    if model is None or model == "":
+        raise ApiError(400, "missing required field 'model'", code="missing_model", param="model")
+    if not isinstance(model, str):
+        raise ApiError(400, "field 'model' must be a string", code="invalid_model", param="model")
+    return model
+
+
+def find_model(d: Daemon, name: str) -> ModelEntry:
+    try:
+        return d.store.get(name)
+    except StoreError as exc:
+        raise ApiError(exc.status, str(exc), code="model_not_found", param="model") from exc
+
+
+def choose_backend(d: Daemon, explicit: str | None, model: ModelEntry) -> Backend:
+    """The backend named in the path, else the first one that serves the model's format."""
+    if explicit is not None:
+        backend = d.backend(explicit)
+        if model.format not in backend.model_formats:
+            raise ApiError(400, f"backend {backend.name} cannot serve {model.name}: it is a {model.format} "
+                                f"model", code="unsupported_model_format", param="model")
+        return backend
+    for backend in d.backends.values():
+        if model.format in backend.model_formats:
+            return backend
+    raise ApiError(400, f"no backend serves {model.format} models like {model.name}",
+                   code="unsupported_model_format", param="model")
+
+
+def required_capabilities(kind: RequestKind, payload: dict[str, Any]) -> list[Capability]:
+    needed = [kind.capability]
+    if payload.get("stream") is True:
+        needed.append(Capability.STREAMING)
+    if payload.get("tools"):
+        needed.append(Capability.TOOLS)
+    return needed
+
+
+def check_capabilities(backend: Backend, needed: list[Capability]) -> None:
+    for capability in needed:
+        if capability not in backend.capabilities:
+            raise ApiError(501, f"backend {backend.name} does not support {capability}",
+                           code="capability_not_supported", type="not_implemented_error")
+
+
+def take_keep_alive(payload: dict[str, Any]) -> float | Unset | None:
+    """Remove and parse a request's `keep_alive` (engines reject fields they do not know)."""
+    if "keep_alive" not in payload:
+        return UNSET
+    value = payload.pop("keep_alive")
+    try:
+        return parse_keep_alive(value)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), code="invalid_keep_alive", param="keep_alive") from exc
+
+
+async def lease_runner(d: Daemon, backend: Backend, model: ModelEntry, mode: Mode,
+                       keep_alive: float | Unset | None) -> Lease:
+    key = RunnerKey(backend.name, model.name, mode)
+    try:
+        return await d.scheduler.acquire(key, model.ref(), model.config, keep_alive)
+    except RunnerError as exc:
+        raise runner_error(model.name, exc) from exc
+    except BackendError as exc:
+        raise ApiError(503, f"cannot start {model.name} on {backend.name}: {exc}", code="backend_unavailable",
+                       type="server_error") from exc
+
+
+async def inference(kind: RequestKind, request: web.Request) -> web.StreamResponse:
+    d = daemon(request)
+    explicit = request.match_info.get("backend")
+    if explicit is not None:
+        d.backend(explicit)  # 404 for an unknown backend before anything else
+    payload = await read_json_body(request)
+    model = find_model(d, requested_model(payload))
+    backend = choose_backend(d, explicit, model)
+    check_capabilities(backend, required_capabilities(kind, payload))
+    keep_alive = take_keep_alive(payload)
+    body = json.dumps(payload).encode() if keep_alive is not UNSET else await request.read()
+    lease = await lease_runner(d, backend, model, kind.mode, keep_alive)
+    try:
+        if request.headers.get("X-Preload-Only", "").lower() == "true":
+            return web.Response(status=200)
+        return await forward(request, lease.runner, kind.upstream_path, body)
+    finally:
+        lease.release()
+
+
+def openai_model(model: ModelEntry) -> dict[str, Any]:
+    return {"id": model.name, "object": "model", "created": int(model.added_at), "owned_by": "runnerd"}
+
+
+def _served_by(d: Daemon, request: web.Request) -> list[ModelEntry]:
+    explicit = request.match_info.get("backend")
+    models = d.store.list()
+    if explicit is None:
+        return models
+    backend = d.backend(explicit)
+    return [m for m in models if m.format in backend.model_formats]
+
+
+async def list_models(request: web.Request) -> web.Response:
+    models = _served_by(daemon(request), request)
+    return web.json_response({"object": "list", "data": [openai_model(m) for m in models]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    d = daemon(request)
+    name = request.match_info["name"]
+    for model in _served_by(d, request):
+        if model.name == find_model(d, name).name:
+            return web.json_response(openai_model(model))
+    raise ApiError(404, f"model {name!r} not found", code="model_not_found", param="model")
+
+
+async def engines_status(request: web.Request) -> web.Response:
+    d = daemon(request)
+    # status() may run the engine's --version once; keep it off the event loop.
+    statuses = await asyncio.gather(*(asyncio.to_thread(b.status) for b in d.backends.values()))
+    return web.json_response(dict(zip(d.backends, statuses, strict=True)))
+
+
+async def engines_ps(request: web.Request) -> web.Response:
+    runners = daemon(request).scheduler.ps()
+    return web.json_response([r.model_dump(mode="json") for r in runners])
+
+
+async def engines_df(request: web.Request) -> web.Response:
+    d = daemon(request)
+    usages = await asyncio.gather(*(asyncio.to_thread(b.disk_usage) for b in d.backends.values()))
+    backends = dict(zip(d.backends, usages, strict=True))
+    models = d.store.disk_usage()
+    return web.json_response({"models_disk_usage": models, "backends_disk_usage": backends,
+                              "total": models + sum(backends.values())})
+
+
+class UnloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    all: bool = False
+    backend: str | None = None
+    models: list[str] | None = None
+
+
+async def engines_unload(request: web.Request) -> web.Response:
+    d = daemon(request)
+    try:
+        spec = UnloadRequest.model_validate(await read_json_body(request))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise ApiError(400, f"invalid unload request: {field}: {err['msg']}", param=field) from exc
+    if not spec.all and spec.backend is None and spec.models is None:
+        raise ApiError(400, "say what to unload: 'all': true, a 'backend' or a list of 'models'")
+    if spec.backend is not None:
+        d.backend(spec.backend)
+    models = None if spec.models is None else [find_model(d, m).name for m in spec.models]
+    stopped = await d.scheduler.unload(backend=spec.backend, models=models)
+    return web.json_response({"unloaded": len(stopped), "runners": [r.model_dump(mode="json") for r in stopped]})
+
+
+def add_routes(app: web.Application) -> None:
+    for prefix in ("/engines", "/engines/{backend}", ""):
+        for path, kind in INFERENCE_ROUTES.items():
+            app.router.add_post(prefix + path, partial(inference, kind))
+        app.router.add_get(prefix + "/v1/models", list_models)
+        app.router.add_get(prefix + "/v1/models/{name:.+}", get_model)
+    app.router.add_get("/engines/status", engines_status)
+    app.router.add_get("/engines/ps", engines_ps)
+    app.router.add_get("/engines/df", engines_df)
+    app.router.add_post("/engines/unload", engines_unload)

@@ -1,0 +1,65 @@
+"""Errors in the OpenAI shape: {"error": {"message", "type", "code", "param"}}."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    501: "not_implemented_error",
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+                 type: str | None = None, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type or _TYPES.get(status, "server_error")
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, object]:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body(), status=self.status, headers=self.headers)
+
+    def sse_event(self) -> bytes:
+        """The same error as a server-sent event, for a stream whose status line is already sent."""
+        return f"data: {json.dumps(self.body())}\n\n".encode()
+
+
+def _from_http_exception(exc: web.HTTPException) -> ApiError:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return ApiError(413, f"request body too large: {exc.text}", code="body_too_large")
+    if isinstance(exc, web.HTTPNotFound):
+        return ApiError(404, "no such route", code="route_not_found")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return ApiError(405, f"method {exc.method} not allowed here; allowed: {', '.join(sorted(exc.allowed_methods))}",
+                        code="method_not_allowed", headers={"Allow": ",".join(sorted(exc.allowed_methods))})
+    return ApiError(exc.status, exc.text or exc.reason)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _from_http_exception(exc).response()

@@ -1,0 +1,267 @@
+"""The `runnerd` command: `serve` runs the daemon; the other commands talk to it over its socket."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from runnerd import __version__
+from runnerd.client import ClientError, DaemonClient
+from runnerd.config import ConfigError, default_socket, load_settings
+from runnerd.logs import setup_logging
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def _age(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    seconds = max(0, int(time.time() - ts))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+# --- serve -------------------------------------------------------------------------------------
+
+def _parse_model_args(values: Sequence[str]) -> list[tuple[str, Path]]:
+    out = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--model expects NAME=PATH, got {value!r}")
+        out.append((name, Path(path).resolve()))
+    return out
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from runnerd.server import ListenerError, create_app, serve
+    from runnerd.store import StoreError
+
+    settings = load_settings(args.config, socket=args.socket, log_level=args.log_level)
+    setup_logging(settings.log_level)
+    app = create_app(settings)
+    from runnerd.api.context import DAEMON
+
+    try:
+        for name, path in _parse_model_args(args.model):
+            entry = app[DAEMON].store.add(name, path)
+            logging.getLogger("runnerd").info("registered model %s -> %s", entry.name, path)
+    except StoreError as exc:
+        print(f"runnerd: {exc}", file=sys.stderr)
+        return 2
+    ready = asyncio.Event()
+
+    async def announce() -> None:
+        await ready.wait()
+        if args.print_chat_command:
+            for name, _ in _parse_model_args(args.model):
+                print(f"\nrunnerd is ready. Chat with {name}:\n\n    .venv/bin/runnerd run {name}\n", flush=True)
+
+    task = asyncio.create_task(announce())
+    try:
+        await serve(settings, app, ready)
+    except ListenerError as exc:
+        print(f"runnerd: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        task.cancel()
+    return 0
+
+
+# --- client commands ---------------------------------------------------------------------------
+
+async def _models_add(client: DaemonClient, args: argparse.Namespace) -> Any:
+    body: dict[str, Any] = {"name": args.name, "path": str(Path(args.path).resolve())}
+    if args.context_size is not None:
+        body["context_size"] = args.context_size
+    if args.keep_alive is not None:
+        body["keep_alive"] = args.keep_alive
+    entry = await client.request("POST", "/models", body)
+    return entry, lambda: print(f"registered {entry['name']} ({entry['size']} bytes, {entry['architecture']})")
+
+
+async def _models_list(client: DaemonClient, args: argparse.Namespace) -> Any:
+    models = await client.request("GET", "/models")
+    return models, lambda: _table([[m["name"], m["format"], str(m["architecture"]), f"{m['size']:,}", m["path"]]
+                                   for m in models], ["NAME", "FORMAT", "ARCH", "SIZE", "PATH"])
+
+
+async def _ps(client: DaemonClient, args: argparse.Namespace) -> Any:
+    runners = await client.request("GET", "/engines/ps")
+    rows = [[r["model"], r["backend"], r["mode"], r["state"], str(r["pid"]), str(r["active_requests"]),
+             _age(r["started_at"])] for r in runners]
+    return runners, lambda: _table(rows, ["MODEL", "BACKEND", "MODE", "STATE", "PID", "ACTIVE", "UP"])
+
+
+async def _status(client: DaemonClient, args: argparse.Namespace) -> Any:
+    status = await client.request("GET", "/engines/status")
+    return status, lambda: _table([[k, v] for k, v in status.items()], ["BACKEND", "STATUS"])
+
+
+async def _unload(client: DaemonClient, args: argparse.Namespace) -> Any:
+    body: dict[str, Any] = {}
+    if args.backend:
+        body["backend"] = args.backend
+    if args.models:
+        body["models"] = args.models
+    if not body or args.all:
+        body["all"] = True
+    result = await client.request("POST", "/engines/unload", body)
+    return result, lambda: print(f"unloaded {result['unloaded']} runner(s)")
+
+
+async def _chat_once(client: DaemonClient, model: str, messages: list[dict[str, str]]) -> str:
+    parts: list[str] = []
+    async for event in client.stream_sse("/engines/v1/chat/completions",
+                                         {"model": model, "messages": messages, "stream": True}):
+        for choice in event.get("choices", []):
+            piece = (choice.get("delta") or {}).get("content") or ""
+            parts.append(piece)
+            print(piece, end="", flush=True)
+    print()
+    return "".join(parts)
+
+
+async def _run(client: DaemonClient, args: argparse.Namespace) -> Any:
+    if args.prompt:
+        await _chat_once(client, args.model, [{"role": "user", "content": " ".join(args.prompt)}])
+        return None, None
+    history: list[dict[str, str]] = []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print(">>> ", end="", flush=True)
+        line = await asyncio.to_thread(sys.stdin.readline)
+        if not line:
+            return None, None
+        text = line.strip()
+        if text in ("/bye", "/exit"):
+            return None, None
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        history.append({"role": "assistant", "content": await _chat_once(client, args.model, history)})
+
+
+CLIENT_COMMANDS = {"models.add": _models_add, "models.list": _models_list, "ps": _ps, "status": _status,
+                   "unload": _unload, "run": _run}
+
+
+async def _client_command(args: argparse.Namespace) -> int:
+    async with DaemonClient(args.socket or default_socket()) as client:
+        result, show = await CLIENT_COMMANDS[args.command_key](client, args)
+    if args.json and result is not None:
+        _print_json(result)
+    elif show is not None:
+        show()
+    return 0
+
+
+async def _install_backend(args: argparse.Namespace) -> int:
+    """Install a backend in this process (no daemon needed): what `make` uses to prepare a host."""
+    from tqdm import tqdm
+
+    from backends.base import Progress
+    from runnerd.engines import default_backends
+
+    settings = load_settings(args.config)
+    setup_logging(settings.log_level)
+    backends = default_backends(settings)
+    if args.backend not in backends:
+        print(f"runnerd: unknown backend {args.backend!r}; known: {', '.join(backends)}", file=sys.stderr)
+        return 2
+    backend = backends[args.backend]
+    with tqdm(total=100, unit="%", desc=f"{args.backend}", disable=args.quiet) as bar:
+        def progress(p: Progress) -> None:
+            bar.set_description(f"{args.backend}: {p.phase}")
+            if p.percent is not None:
+                bar.n = p.percent
+                bar.refresh()
+
+        await backend.install(progress)
+    print(backend.status())
+    if args.print_path and hasattr(backend, "binary"):
+        print(backend.binary())
+    return 0
+
+
+# --- argument parsing --------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="runnerd", description="Run local LLM engines for this host.")
+    parser.add_argument("--version", action="version", version=f"runnerd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def client(name: str, key: str, help: str, parent: Any = sub) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help)
+        p.add_argument("--socket", type=Path, help="daemon socket (env RUNNERD_SOCKET)")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(command_key=key)
+        return p
+
+    serve = sub.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument("--config", type=Path, help="TOML config file (env RUNNERD_CONFIG)")
+    serve.add_argument("--socket", type=Path, help="unix socket to listen on (env RUNNERD_SOCKET)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                       help="register a local GGUF model at start (repeatable)")
+    serve.add_argument("--print-chat-command", action="store_true", help=argparse.SUPPRESS)
+
+    models = sub.add_parser("models", help="manage registered models")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    add = client("add", "models.add", "register a local GGUF file under a name", msub)
+    add.add_argument("name")
+    add.add_argument("path")
+    add.add_argument("--context-size", type=int)
+    add.add_argument("--keep-alive", help="e.g. 5m, 0 (unload after each request), -1 (never)")
+    client("ls", "models.list", "list registered models", msub)
+
+    run = client("run", "run", "chat with a model (interactive without a prompt)")
+    run.add_argument("model")
+    run.add_argument("prompt", nargs="*")
+    client("ps", "ps", "list running engines")
+    client("status", "status", "show each backend's status")
+    unload = client("unload", "unload", "stop running engines (all by default)")
+    unload.add_argument("models", nargs="*")
+    unload.add_argument("--backend")
+    unload.add_argument("--all", action="store_true")
+
+    install = sub.add_parser("install-backend", help="install a backend on this host (no daemon needed)")
+    install.add_argument("backend", nargs="?", default="llama.cpp")
+    install.add_argument("--config", type=Path)
+    install.add_argument("--quiet", action="store_true")
+    install.add_argument("--print-path", action="store_true", help="print the engine binary's path")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return asyncio.run(_serve(args))
+        if args.command == "install-backend":
+            return asyncio.run(_install_backend(args))
+        return asyncio.run(_client_command(args))
+    except (ClientError, ConfigError) as exc:
+        print(f"runnerd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""A small client for the daemon's unix socket, used by the CLI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+
+class ClientError(Exception):
+    """The daemon could not be reached or answered with an error; the message says which."""
+
+
+def _error_message(status: int, text: str) -> str:
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError:
+        return f"HTTP {status}: {text.strip()}"
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return f"HTTP {status}: {error.get('message')}"
+    if isinstance(error, str):
+        return f"HTTP {status}: {error}"
+    return f"HTTP {status}: {text.strip()}"
+
+
+class DaemonClient:
+    def __init__(self, socket_path: Path, timeout: float | None = None) -> None:
+        self.socket_path = socket_path
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=str(socket_path)),
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        )
+
+    async def __aenter__(self) -> DaemonClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self._session.close()
+
+    def _unreachable(self, exc: Exception) -> ClientError:
+        return ClientError(f"cannot reach runnerd at {self.socket_path}: {exc} (is `runnerd serve` running?)")
+
+    async def request(self, method: str, path: str, body: Any = None) -> Any:
+        try:
+            async with self._session.request(method, f"http://runnerd{path}", json=body) as resp:
+                text = await resp.text()
+                if resp.status >= 400:
+                    raise ClientError(_error_message(resp.status, text))
+                return json.loads(text) if text and resp.content_type == "application/json" else text
+        except aiohttp.ClientConnectionError as exc:
+            raise self._unreachable(exc) from exc
+
+    async def stream_sse(self, path: str, body: Any) -> AsyncIterator[dict[str, Any]]:
+        """POST and yield each `data:` event of a server-sent event stream as JSON."""
+        try:
+            async with self._session.post(f"http://runnerd{path}", json=body) as resp:
+                if resp.status >= 400:
+                    raise ClientError(_error_message(resp.status, await resp.text()))
+                async for raw in resp.content:
+                    line = raw.decode("utf-8", "replace").strip()
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        return
+                    event = json.loads(data)
+                    if isinstance(event, dict) and "error" in event:
+                        raise ClientError(_error_message(500, data))
+                    yield event
+        except aiohttp.ClientConnectionError as exc:
+            raise self._unreachable(exc) from exc

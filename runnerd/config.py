@@ -1,0 +1,150 @@
+"""Settings: defaults, then the TOML config file, then RUNNERD_* variables, then command-line flags.
+
+Directories follow the mode the daemon runs in: under systemd the directories it hands over
+(RUNTIME_DIRECTORY, STATE_DIRECTORY, CACHE_DIRECTORY, LOGS_DIRECTORY); otherwise the user's XDG
+directories. Every one can be set explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from runnerd.durations import parse_keep_alive
+
+_config_file: ContextVar[Path | None] = ContextVar("runnerd_config_file", default=None)
+
+MiB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file, variable or key."""
+
+
+class LlamaCppSettings(BaseModel):
+    server: Path | None = Field(default=None, description="llama-server binary to use instead of a build")
+    cuda: Literal["auto", "on", "off"] = "auto"
+    threads: int | None = Field(default=None, ge=1)
+    gpu_layers: int | None = Field(default=None, description="layers to offload; unset = all when a GPU is there")
+
+
+def _env(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value.split(":")[0]) if value else None
+
+
+def default_runtime_dir() -> Path:
+    if (systemd := _env("RUNTIME_DIRECTORY")) is not None:
+        return systemd
+    if (xdg := _env("XDG_RUNTIME_DIR")) is not None:
+        return xdg / "runnerd"
+    return Path("/tmp") / f"runnerd-{os.getuid()}"
+
+
+def _xdg(variable: str, fallback: str) -> Path:
+    return (_env(variable) or Path.home() / fallback) / "runnerd"
+
+
+def default_socket() -> Path:
+    explicit = os.environ.get("RUNNERD_SOCKET")
+    if explicit:
+        return Path(explicit)
+    runtime = os.environ.get("RUNNERD_RUNTIME_DIR")
+    return (Path(runtime) if runtime else default_runtime_dir()) / "runnerd.sock"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RUNNERD_", env_nested_delimiter="__", extra="forbid")
+
+    runtime_dir: Path = Field(default_factory=default_runtime_dir)
+    data_dir: Path = Field(default_factory=lambda: _env("STATE_DIRECTORY") or _xdg("XDG_DATA_HOME", ".local/share"))
+    cache_dir: Path = Field(default_factory=lambda: _env("CACHE_DIRECTORY") or _xdg("XDG_CACHE_HOME", ".cache"))
+    log_dir: Path | None = Field(default=None, description="runner logs; default <state>/logs")
+    socket: Path | None = Field(default=None, description="default <runtime_dir>/runnerd.sock")
+
+    keep_alive: str = Field(default="5m", description="how long an idle runner stays loaded")
+    default_context_size: int = Field(default=4096, gt=0)
+    readiness_timeout: float = Field(default=600.0, gt=0, description="seconds a runner may take to load")
+    drain_timeout: float = Field(default=10.0, ge=0, description="seconds in-flight requests get at shutdown")
+    stop_grace: float = Field(default=5.0, ge=0, description="seconds between SIGTERM and SIGKILL")
+    max_body_bytes: int = Field(default=10 * MiB, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    llamacpp: LlamaCppSettings = Field(default_factory=LlamaCppSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _config_file.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @property
+    def socket_path(self) -> Path:
+        return self.socket or self.runtime_dir / "runnerd.sock"
+
+    @property
+    def runner_log_dir(self) -> Path:
+        return self.log_dir or _env("LOGS_DIRECTORY") or self.data_dir / "logs"
+
+
+def _check_config_file(path: Path) -> None:
+    try:
+        with path.open("rb") as f:
+            tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"config file {path} is a directory") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings; raises ConfigError naming what is wrong."""
+    if config_file is None and os.environ.get("RUNNERD_CONFIG"):
+        config_file = Path(os.environ["RUNNERD_CONFIG"])
+    if config_file is not None:
+        _check_config_file(config_file)
+    if os.environ.get("RUNNERD_LLAMA_SERVER") and "RUNNERD_LLAMACPP__SERVER" not in os.environ:
+        # The short name for the one setting people set most.
+        os.environ["RUNNERD_LLAMACPP__SERVER"] = os.environ["RUNNERD_LLAMA_SERVER"]
+    token = _config_file.set(config_file)
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        source = f" (config file {config_file})" if config_file else ""
+        raise ConfigError(f"invalid settings{source}: {_describe(exc)}") from exc
+    finally:
+        _config_file.reset(token)
+    try:
+        parse_keep_alive(settings.keep_alive)
+    except ValueError as exc:
+        raise ConfigError(f"invalid settings: keep_alive: {exc}") from exc
+    return settings

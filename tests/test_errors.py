@@ -1,0 +1,164 @@
+"""Every error a client can cause gets the OpenAI error shape and the right status."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import gguf
+import httpx2 as httpx
+import pytest
+from aiohttp import web
+
+from backends.base import BackendConfiguration, Capability, MemoryEstimate, Mode, ModelFormat, ModelRef
+from runnerd.config import load_settings
+from runnerd.server import bind_unix_socket, create_app
+
+pytestmark = pytest.mark.engine
+
+
+def assert_openai_error(resp: httpx.Response, status: int, code: str | None = None, param: str | None = None):
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "code", "param"}
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+def test_invalid_json(daemon):
+    resp = daemon.http.post("/engines/v1/chat/completions", content=b"{not json",
+                            headers={"Content-Type": "application/json"})
+    assert_openai_error(resp, 400, "invalid_json")
+    assert_openai_error(daemon.post("/v1/chat/completions", [1, 2]), 400, "invalid_json")
+
+
+def test_missing_or_bad_model_field(daemon):
+    assert_openai_error(daemon.post("/engines/v1/chat/completions", {"messages": []}), 400, "missing_model", "model")
+    assert_openai_error(daemon.post("/engines/v1/embeddings", {"model": 3}), 400, "invalid_model", "model")
+
+
+def test_unknown_model_and_backend(daemon):
+    err = assert_openai_error(daemon.post("/engines/v1/chat/completions", {"model": "ghost", "messages": []}),
+                              404, "model_not_found")
+    assert "ghost" in err["message"]
+    err = assert_openai_error(daemon.post("/engines/nope/v1/chat/completions", {"model": "tiny"}), 404,
+                              "backend_not_found")
+    assert "nope" in err["message"] and "llama.cpp" in err["message"]
+    assert_openai_error(daemon.http.get("/engines/nope/v1/models"), 404, "backend_not_found")
+
+
+def test_body_too_large(daemon):
+    big = b'{"model": "tiny", "prompt": "' + b"a" * (10 * 1024 * 1024) + b'"}'
+    resp = daemon.http.post("/engines/v1/completions", content=big, headers={"Content-Type": "application/json"})
+    assert_openai_error(resp, 413, "body_too_large")
+
+
+def test_unknown_route_and_method(daemon):
+    assert_openai_error(daemon.http.get("/engines/v1/nothing-here"), 404, "route_not_found")
+    assert_openai_error(daemon.http.get("/engines/v1/chat/completions"), 405, "method_not_allowed")
+
+
+def test_unload_needs_a_target(daemon):
+    assert_openai_error(daemon.post("/engines/unload", {}), 400)
+    assert_openai_error(daemon.post("/engines/unload", {"models": "tiny"}), 400, param="models")
+    assert_openai_error(daemon.post("/engines/unload", {"backend": "vllm2"}), 404, "backend_not_found")
+
+
+def test_register_rejects_bad_paths_and_names(daemon, tmp_path):
+    not_gguf = tmp_path / "notes.txt"
+    not_gguf.write_text("hello")
+    cases = [
+        ({"name": "x", "path": "relative/model.gguf"}, "must be absolute"),
+        ({"name": "x", "path": str(tmp_path / "missing.gguf")}, "cannot read"),
+        ({"name": "x", "path": str(tmp_path)}, "not a regular file"),
+        ({"name": "x", "path": str(not_gguf)}, "not a usable GGUF"),
+        ({"name": "../etc", "path": str(not_gguf)}, "invalid model name"),
+        ({"name": "x", "path": "/tmp/a\u0000b"}, "NUL"),
+        ({"name": "x"}, "path"),
+    ]
+    before = daemon.http.get("/models").json()
+    for body, fragment in cases:
+        resp = daemon.post("/models", body)
+        assert resp.status_code == 400, (body, resp.text)
+        assert fragment in resp.json()["error"]["message"], (body, resp.text)
+    assert daemon.http.get("/models").json() == before
+
+
+def test_model_the_engine_cannot_load_gives_its_reason(daemon, tmp_path):
+    path = tmp_path / "alien.gguf"
+    w = gguf.GGUFWriter(str(path), "nosucharch")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", __import__("numpy").zeros((4, 4), dtype="float32"))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert daemon.post("/models", {"name": "alien", "path": str(path)}).status_code == 201
+    resp = daemon.post("/engines/v1/completions", {"model": "alien", "prompt": "x"})
+    err = assert_openai_error(resp, 500, "runner_model_load_failed")
+    assert "nosucharch" in err["message"]
+    assert all(r["model"] != "alien:latest" for r in daemon.ps())
+
+
+class RerankLessBackend:
+    """A backend without rerank support, to exercise the 501 path; it never starts a process
+    because the capability check comes first."""
+
+    name = "norerank"
+    capabilities = frozenset({Capability.CHAT, Capability.COMPLETIONS})
+    model_formats = frozenset({ModelFormat.GGUF})
+
+    async def install(self, progress=None) -> None:
+        return None
+
+    async def uninstall(self) -> None:
+        return None
+
+    def status(self) -> str:
+        return "Running: none"
+
+    def disk_usage(self) -> int:
+        return 0
+
+    async def run(self, socket_path, model, mode, config, output) -> None:
+        raise AssertionError("never started")
+
+    def required_memory(self, model: ModelRef, mode: Mode, config: BackendConfiguration) -> MemoryEstimate:
+        return MemoryEstimate.unknown("test backend")
+
+
+def test_capability_the_backend_lacks_is_501(tmp_path, tiny_model):
+    sock_path = Path("/tmp") / f"rd-501-{tmp_path.name[-8:]}.sock"
+
+    async def scenario() -> list[httpx.Response]:
+        settings = load_settings(runtime_dir=tmp_path / "run", data_dir=tmp_path / "data", socket=sock_path)
+        app = create_app(settings, backends={"norerank": RerankLessBackend()})
+        from runnerd.api.context import DAEMON
+
+        app[DAEMON].store.add("tiny", tiny_model)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.SockSite(runner, bind_unix_socket(sock_path)).start()
+        try:
+            async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(sock_path)),
+                                         base_url="http://runnerd") as client:
+                return [
+                    await client.post("/engines/norerank/rerank", json={"model": "tiny", "query": "q",
+                                                                        "documents": ["a"]}),
+                    await client.post("/v1/embeddings", json={"model": "tiny", "input": "a"}),
+                    await client.post("/v1/chat/completions", json={"model": "tiny", "messages": [],
+                                                                    "stream": True}),
+                ]
+        finally:
+            await runner.cleanup()
+            sock_path.unlink(missing_ok=True)
+
+    rerank, embeddings, stream = asyncio.run(scenario())
+    err = assert_openai_error(rerank, 501, "capability_not_supported")
+    assert "norerank" in err["message"] and "rerank" in err["message"]
+    assert "embeddings" in assert_openai_error(embeddings, 501)["message"]
+    assert "streaming" in assert_openai_error(stream, 501)["message"]

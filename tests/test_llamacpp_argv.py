@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from backends.base import BackendConfiguration, LlamaCppOptions, Mode, ModelRef
+from backends.llamacpp.argv import LaunchOptions, build_argv, build_env
+
+MODEL = ModelRef(name="m:latest", path=Path("/models/m.gguf"))
+SOCK = Path("/run/r.sock")
+
+
+def value_after(argv, flag):
+    """llama-server applies arguments in order: the last occurrence is the one that counts."""
+    idx = max(i for i, a in enumerate(argv) if a == flag)
+    return argv[idx + 1]
+
+
+def test_daemon_flags_come_after_caller_flags():
+    config = BackendConfiguration(context_size=2048, runtime_flags=["--temp", "0.5", "--threads", "2"],
+                                  llamacpp=LlamaCppOptions(reasoning_budget=-1))
+    argv = build_argv(Path("/bin/llama-server"), SOCK, MODEL, Mode.COMPLETION, config, LaunchOptions(threads=1))
+    assert value_after(argv, "--model") == "/models/m.gguf"
+    assert value_after(argv, "--host") == "/run/r.sock"
+    assert value_after(argv, "--ctx-size") == "2048"
+    assert value_after(argv, "--reasoning-budget") == "-1"
+    # The caller's threads beat the operator's default.
+    assert value_after(argv, "--threads") == "2"
+    assert argv.index("--temp") < argv.index("--model")
+    assert "--embeddings" not in argv and "--n-gpu-layers" not in argv
+
+
+def test_mode_flags():
+    base = BackendConfiguration()
+    emb = build_argv(Path("s"), SOCK, MODEL, Mode.EMBEDDING, base, LaunchOptions())
+    assert emb[-3:] == ["--embeddings", "--pooling", "mean"]
+    emb_file = build_argv(Path("s"), SOCK, MODEL, Mode.EMBEDDING, base, LaunchOptions(), pooling_in_file=True)
+    assert emb_file[-1] == "--embeddings" and "--pooling" not in emb_file
+    rerank = build_argv(Path("s"), SOCK, MODEL, Mode.RERANKING, base, LaunchOptions())
+    assert rerank[-2:] == ["--embeddings", "--reranking"]
+    assert value_after(rerank, "--ctx-size") == "4096"
+
+
+def test_gpu_layers_only_with_a_gpu():
+    argv = build_argv(Path("s"), SOCK, MODEL, Mode.COMPLETION, BackendConfiguration(),
+                      LaunchOptions(use_gpu=True))
+    assert value_after(argv, "--n-gpu-layers") == "all"
+    argv = build_argv(Path("s"), SOCK, MODEL, Mode.COMPLETION, BackendConfiguration(),
+                      LaunchOptions(use_gpu=True, gpu_layers=10))
+    assert value_after(argv, "--n-gpu-layers") == "10"
+
+
+def test_environment_is_built_not_inherited():
+    env = build_env(Path("/opt/llama/bin/llama-server"),
+                    {"PATH": "/usr/bin", "HOME": "/root", "LLAMA_ARG_MODEL": "/etc/shadow", "SECRET": "x"})
+    assert env == {"PATH": "/usr/bin", "HOME": "/root", "LD_LIBRARY_PATH": "/opt/llama/bin"}

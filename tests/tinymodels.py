@@ -1,0 +1,94 @@
+"""Tiny random-weight GGUF models written with gguf.GGUFWriter, loadable by the real llama-server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+PIECES = ["▁the", "▁a", "▁hello", "▁world", "▁is", "▁of", "▁and", "▁to", "in", "er", "<|im_start|>", "<|im_end|>"]
+
+
+def _vocab() -> tuple[list[str], list[float], list[int]]:
+    tokens = ["<unk>", "<s>", "</s>"]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    for b in range(256):
+        tokens.append(f"<0x{b:02X}>")
+        types.append(gguf.TokenType.BYTE)
+    for piece in PIECES:
+        tokens.append(piece)
+        types.append(gguf.TokenType.CONTROL if piece.startswith("<|") else gguf.TokenType.NORMAL)
+    scores = [0.0] * 3 + [-1000.0] * 256 + [-float(i) for i in range(len(PIECES))]
+    return tokens, scores, [int(t) for t in types]
+
+
+def write_tiny_llama(
+    path: Path,
+    *,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_ff: int = 128,
+    n_ctx_train: int = 4096,
+    seed: int = 0,
+    pooling_type: int | None = None,
+    name: str = "tiny-llama",
+) -> Path:
+    """Write a 2-layer llama-architecture model with random weights (~600 KB) and return its path."""
+    rng = np.random.default_rng(seed)
+    tokens, scores, types = _vocab()
+    n_vocab = len(tokens)
+    head_dim = n_embd // n_head
+    n_embd_kv = head_dim * n_head_kv
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(name)
+    w.add_context_length(n_ctx_train)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(head_dim)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    if pooling_type is not None:
+        w.add_pooling_type(gguf.PoolingType(pooling_type))
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_chat_template(CHATML)
+
+    def t(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", t(n_vocab, n_embd))
+    w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    w.add_tensor("output.weight", t(n_vocab, n_embd))
+    for i in range(n_layer):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        w.add_tensor(f"blk.{i}.attn_q.weight", t(n_embd, n_embd))
+        w.add_tensor(f"blk.{i}.attn_k.weight", t(n_embd_kv, n_embd))
+        w.add_tensor(f"blk.{i}.attn_v.weight", t(n_embd_kv, n_embd))
+        w.add_tensor(f"blk.{i}.attn_output.weight", t(n_embd, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", t(n_ff, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", t(n_ff, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", t(n_embd, n_ff))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
