@@ -124,10 +124,13 @@ async def _unload(client: DaemonClient, args: argparse.Namespace) -> Any:
     return result, lambda: print(f"unloaded {result['unloaded']} runner(s)")
 
 
-async def _chat_once(client: DaemonClient, model: str, messages: list[dict[str, str]]) -> str:
+async def _chat_once(client: DaemonClient, model: str, messages: list[dict[str, str]],
+                     max_tokens: int | None) -> str:
     parts: list[str] = []
-    async for event in client.stream_sse("/engines/v1/chat/completions",
-                                         {"model": model, "messages": messages, "stream": True}):
+    body: dict[str, Any] = {"model": model, "messages": messages, "stream": True}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    async for event in client.stream_sse("/engines/v1/chat/completions", body):
         for choice in event.get("choices", []):
             piece = (choice.get("delta") or {}).get("content") or ""
             parts.append(piece)
@@ -138,7 +141,8 @@ async def _chat_once(client: DaemonClient, model: str, messages: list[dict[str, 
 
 async def _run(client: DaemonClient, args: argparse.Namespace) -> Any:
     if args.prompt:
-        await _chat_once(client, args.model, [{"role": "user", "content": " ".join(args.prompt)}])
+        await _chat_once(client, args.model, [{"role": "user", "content": " ".join(args.prompt)}],
+                         args.max_tokens)
         return None, None
     history: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
@@ -154,7 +158,8 @@ async def _run(client: DaemonClient, args: argparse.Namespace) -> Any:
         if not text:
             continue
         history.append({"role": "user", "content": text})
-        history.append({"role": "assistant", "content": await _chat_once(client, args.model, history)})
+        reply = await _chat_once(client, args.model, history, args.max_tokens)
+        history.append({"role": "assistant", "content": reply})
 
 
 CLIENT_COMMANDS = {"models.add": _models_add, "models.list": _models_list, "ps": _ps, "status": _status,
@@ -233,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = client("run", "run", "chat with a model (interactive without a prompt)")
     run.add_argument("model")
     run.add_argument("prompt", nargs="*")
+    run.add_argument("--max-tokens", type=int, help="stop each answer after this many tokens")
     client("ps", "ps", "list running engines")
     client("status", "status", "show each backend's status")
     unload = client("unload", "unload", "stop running engines (all by default)")

@@ -44,7 +44,10 @@ class DaemonClient:
         await self._session.close()
 
     def _unreachable(self, exc: Exception) -> ClientError:
-        return ClientError(f"cannot reach runnerd at {self.socket_path}: {exc} (is `runnerd serve` running?)")
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return ClientError(f"cannot reach runnerd at {self.socket_path}: {exc.os_error.strerror} "
+                               "(is `runnerd serve` running?)")
+        return ClientError(f"lost the connection to runnerd at {self.socket_path}: {exc}")
 
     async def request(self, method: str, path: str, body: Any = None) -> Any:
         try:
@@ -53,7 +56,7 @@ class DaemonClient:
                 if resp.status >= 400:
                     raise ClientError(_error_message(resp.status, text))
                 return json.loads(text) if text and resp.content_type == "application/json" else text
-        except aiohttp.ClientConnectionError as exc:
+        except aiohttp.ClientError as exc:
             raise self._unreachable(exc) from exc
 
     async def stream_sse(self, path: str, body: Any) -> AsyncIterator[dict[str, Any]]:
@@ -73,5 +76,5 @@ class DaemonClient:
                     if isinstance(event, dict) and "error" in event:
                         raise ClientError(_error_message(500, data))
                     yield event
-        except aiohttp.ClientConnectionError as exc:
+        except aiohttp.ClientError as exc:
             raise self._unreachable(exc) from exc

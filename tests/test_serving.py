@@ -8,6 +8,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx2 as httpx
 import openai
 import psutil
 import pytest
@@ -24,6 +25,7 @@ def test_chat_completion(daemon):
     out = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=6, temperature=0,
                                          extra_body=EXACT)
     assert out.object == "chat.completion"
+    assert out.model == "tiny:latest"
     assert out.choices[0].message.role == "assistant"
     assert out.usage is not None and out.usage.completion_tokens == 6
 
@@ -209,3 +211,20 @@ def test_gemma_streams_tokens_as_they_are_generated(make_daemon, gemma_model):
     assert arrivals[0] < arrivals[-1] / 3
     # The file has no chat template: runnerd supplies Gemma's turn format instead of ChatML.
     assert "<|im_" not in "".join(text)
+
+
+def test_client_hanging_up_cancels_the_generation(make_daemon, tiny_model):
+    d = make_daemon({"tiny": tiny_model}, env={"RUNNERD_DEFAULT_CONTEXT_SIZE": "4096"})
+    d.openai().chat.completions.create(model="tiny", messages=CHAT, max_tokens=1)
+    (runner,) = d.ps()
+    engine = httpx.Client(transport=httpx.HTTPTransport(uds=runner["socket"]), base_url="http://engine")
+    body = {"model": "tiny", "messages": CHAT, "max_tokens": 4000, "stream": True, **EXACT}
+    with d.http.stream("POST", "/engines/v1/chat/completions", json=body) as resp:
+        for i, _ in enumerate(resp.iter_lines()):
+            if i == 5:
+                break
+        assert any(s["is_processing"] for s in engine.get("/slots").json())
+    # The connection is closed: the daemon cancels its upstream request and the engine stops generating.
+    d.wait_for(lambda: not any(s["is_processing"] for s in engine.get("/slots").json()), timeout=2,
+               what="engine slot released")
+    assert d.ps()[0]["active_requests"] == 0

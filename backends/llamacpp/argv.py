@@ -54,6 +54,8 @@ def build_argv(
     owned = [
         "--model", str(model.path),
         "--host", str(socket_path),
+        # Responses name the model as the client knows it, never by its path on this host.
+        "--alias", model.name,
         "--ctx-size", str(config.context_size or options.default_context_size),
         # runnerd decides what fits; the engine must not shrink the context behind its back.
         "--fit", "off",
