@@ -1,0 +1,1 @@
+"""vLLM: install, argv, memory estimate."""
