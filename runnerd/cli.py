@@ -162,8 +162,41 @@ async def _run(client: DaemonClient, args: argparse.Namespace) -> Any:
         history.append({"role": "assistant", "content": reply})
 
 
-CLIENT_COMMANDS = {"models.add": _models_add, "models.list": _models_list, "ps": _ps, "status": _status,
-                   "unload": _unload, "run": _run}
+async def _configure(client: DaemonClient, args: argparse.Namespace) -> Any:
+    if args.show:
+        query = f"?model={args.model}" if args.model else ""
+        shown = await client.request("GET", f"/engines/_configure{query}")
+        rows = [[c["model"], c["mode"], c["backend"], json.dumps(c["config"], separators=(",", ":"))]
+                for c in shown["configurations"]]
+
+        def show_table() -> None:
+            _table(rows, ["MODEL", "MODE", "BACKEND", "CONFIGURATION"])
+            for problem in shown["problems"]:
+                print(f"warning: {problem}", file=sys.stderr)
+
+        return shown, show_table
+    if not args.model:
+        raise ClientError("name the model to configure (or use --show)")
+    if args.reset:
+        removed = await client.request("DELETE", f"/engines/_configure?model={args.model}&mode={args.mode}")
+        return removed, lambda: print(f"removed the configuration of {removed['model']} ({removed['mode']})")
+    body: dict[str, Any] = {"model": args.model, "mode": args.mode}
+    if args.ctx is not None:
+        body["context_size"] = args.ctx
+    if args.flags is not None:
+        body["raw_runtime_flags"] = args.flags
+    if args.keep_alive is not None:
+        body["keep_alive"] = args.keep_alive
+    if args.reasoning_budget is not None:
+        body["llamacpp"] = {"reasoning_budget": args.reasoning_budget}
+    path = f"/engines/{args.backend}/_configure" if args.backend else "/engines/_configure"
+    stored = await client.request("POST", path, body)
+    note = " (its idle engine was restarted)" if stored.get("restarted") else ""
+    return stored, lambda: print(f"configured {stored['model']} ({stored['mode']}){note}")
+
+
+CLIENT_COMMANDS = {"configure": _configure, "models.add": _models_add, "models.list": _models_list, "ps": _ps,
+                   "status": _status, "unload": _unload, "run": _run}
 
 
 async def _client_command(args: argparse.Namespace) -> int:
@@ -239,6 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("model")
     run.add_argument("prompt", nargs="*")
     run.add_argument("--max-tokens", type=int, help="stop each answer after this many tokens")
+    conf = client("configure", "configure", "set a model's engine configuration (context, flags, keep-alive)")
+    conf.add_argument("model", nargs="?")
+    conf.add_argument("--mode", default="completion", choices=["completion", "embedding", "reranking"])
+    conf.add_argument("--backend")
+    conf.add_argument("--ctx", type=int, help="context size in tokens")
+    conf.add_argument("--flags", help='engine flags as one string, e.g. "--temp 0.7 --threads 4"')
+    conf.add_argument("--keep-alive", help="e.g. 10m, 0, -1")
+    conf.add_argument("--reasoning-budget", type=int)
+    conf.add_argument("--show", action="store_true", help="list stored configurations")
+    conf.add_argument("--reset", action="store_true", help="remove the model's stored configuration")
     client("ps", "ps", "list running engines")
     client("status", "status", "show each backend's status")
     unload = client("unload", "unload", "stop running engines (all by default)")

@@ -17,10 +17,11 @@ from aiohttp import web
 
 from backends.base import Backend
 from runnerd import __version__
-from runnerd.api import engines, models
+from runnerd.api import configure, engines, models
 from runnerd.api.context import DAEMON, Daemon
 from runnerd.api.errors import error_middleware
 from runnerd.config import Settings
+from runnerd.configs import ConfigStore
 from runnerd.durations import parse_keep_alive
 from runnerd.engines import default_backends
 from runnerd.scheduler import Scheduler
@@ -52,10 +53,11 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
                           default_keep_alive=parse_keep_alive(settings.keep_alive))
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
     app[DAEMON] = Daemon(settings=settings, store=ModelStore(settings.data_dir), scheduler=scheduler,
-                         backends=backends)
+                         backends=backends, configs=ConfigStore(settings.data_dir))
     app.router.add_get("/", root)
     app.router.add_get("/version", version)
     app.router.add_get("/health", health)
+    configure.add_routes(app)
     engines.add_routes(app)
     models.add_routes(app)
 

@@ -52,4 +52,47 @@ def test_gpu_layers_only_with_a_gpu():
 def test_environment_is_built_not_inherited():
     env = build_env(Path("/opt/llama/bin/llama-server"),
                     {"PATH": "/usr/bin", "HOME": "/root", "LLAMA_ARG_MODEL": "/etc/shadow", "SECRET": "x"})
-    assert env == {"PATH": "/usr/bin", "HOME": "/root", "LD_LIBRARY_PATH": "/opt/llama/bin"}
+    assert env == {"PATH": "/usr/bin", "HOME": "/root", "LD_LIBRARY_PATH": "/opt/llama/bin",
+                   "XDG_CONFIG_HOME": "/opt/llama/bin/no-user-config"}
+
+
+# --- whatever the caller's flags, the daemon's own argv elements win ----------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from backends.flags import FlagError, validate_runtime_flags  # noqa: E402
+from backends.llamacpp.flags import LLAMACPP_FLAGS  # noqa: E402
+
+OWNED_VALUES = {"--model": str(MODEL.path), "--host": str(SOCK), "--alias": MODEL.name, "--ctx-size": "4096"}
+SPELLINGS = sorted(LLAMACPP_FLAGS.allowed_spellings | LLAMACPP_FLAGS.daemon_owned)
+ELEMENT = st.one_of(st.sampled_from(SPELLINGS), st.sampled_from(["-1", "0.5", "2", "on", "q8_0", "mean"]),
+                    st.text(max_size=12))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(flags=st.lists(ELEMENT, max_size=10), mode=st.sampled_from(list(Mode)))
+def test_accepted_flags_never_override_the_daemons_own(flags, mode):
+    try:
+        accepted = validate_runtime_flags("llama.cpp", flags)
+    except FlagError:
+        return
+    argv = build_argv(Path("/bin/llama-server"), SOCK, MODEL, mode, BackendConfiguration(runtime_flags=accepted),
+                      LaunchOptions())
+    for flag, value in OWNED_VALUES.items():
+        assert value_after(argv, flag) == value
+    # Mode flags come last, where nothing can follow them.
+    tail = {Mode.COMPLETION: ["--no-webui"], Mode.EMBEDDING: ["--embeddings", "--pooling", "mean"],
+            Mode.RERANKING: ["--embeddings", "--reranking"]}[mode]
+    assert argv[-len(tail):] == tail
+    assert not set(accepted) & LLAMACPP_FLAGS.daemon_owned
+
+
+def test_fallback_chat_template_yields_to_the_callers():
+    plain = build_argv(Path("s"), SOCK, MODEL, Mode.COMPLETION, BackendConfiguration(), LaunchOptions(),
+                       chat_template="T")
+    assert value_after(plain, "--chat-template") == "T"
+    chosen = build_argv(Path("s"), SOCK, MODEL, Mode.COMPLETION,
+                        BackendConfiguration(runtime_flags=["--chat-template", "chatml"]), LaunchOptions(),
+                        chat_template="T")
+    assert value_after(chosen, "--chat-template") == "chatml"

@@ -13,6 +13,8 @@ import pytest
 
 from backends.base import BackendConfiguration, Mode, ModelRef, RunnerError, RunnerOutput
 from backends.llamacpp import LaunchOptions, LlamaCppBackend
+from backends.llamacpp.argv import build_env
+from backends.llamacpp.errors import LLAMACPP_EXIT_PATTERNS
 from backends.process import run_process, translate_exit, wait_until_ready
 
 
@@ -53,12 +55,27 @@ def test_llama_server_runs_becomes_ready_and_stops_cleanly(llama_server, tiny_mo
 
 
 @pytest.mark.engine
-def test_llama_server_bad_flag_is_translated(llama_server, tiny_model, sock, tmp_path):
+def test_unvalidated_flag_never_reaches_the_engine(llama_server, tiny_model, sock, tmp_path):
     backend = LlamaCppBackend(cache_dir=tmp_path, binary=llama_server)
-    config = BackendConfiguration(runtime_flags=["--no-such-flag"])
+    output = RunnerOutput()
 
     async def scenario() -> None:
-        await backend.run(sock, ModelRef(name="tiny", path=tiny_model), Mode.COMPLETION, config, RunnerOutput())
+        await backend.run(sock, ModelRef(name="tiny", path=tiny_model), Mode.COMPLETION,
+                          BackendConfiguration(runtime_flags=["--model", "/etc/passwd"]), output)
+
+    with pytest.raises(RunnerError) as info:
+        asyncio.run(scenario())
+    assert info.value.reason == "bad_flag" and "--model" in str(info.value)
+    assert output.pid is None
+
+
+@pytest.mark.engine
+def test_engine_refusing_a_flag_is_translated(llama_server, tiny_model, sock):
+    argv = [str(llama_server), "--model", str(tiny_model), "--host", str(sock), "--no-such-flag"]
+
+    async def scenario() -> None:
+        await run_process(argv, env=build_env(llama_server), socket_path=sock, output=RunnerOutput(),
+                          exit_patterns=LLAMACPP_EXIT_PATTERNS)
 
     with pytest.raises(RunnerError) as info:
         asyncio.run(scenario())

@@ -18,8 +18,10 @@ from backends.base import (
     ModelFormatError,
     ModelRef,
     ProgressCallback,
+    RunnerError,
     RunnerOutput,
 )
+from backends.flags import FlagError, validate_runtime_flags
 from backends.gguf import GGUFParseError, read_header
 from backends.llamacpp.argv import LaunchOptions, build_argv, build_env
 from backends.llamacpp.errors import LLAMACPP_EXIT_PATTERNS
@@ -150,6 +152,11 @@ class LlamaCppBackend:
                   output: RunnerOutput) -> None:
         self.check_model(model)
         binary = self.binary()
+        try:
+            # Checked again here, not only at configure time: a stored configuration may be old or hand-edited.
+            validate_runtime_flags(self.name, config.runtime_flags)
+        except FlagError as exc:
+            raise RunnerError(str(exc), reason="bad_flag") from exc
         traits = await asyncio.to_thread(model_traits, model.path)
         argv = build_argv(binary, socket_path, model, mode, config, self.launch,
                           pooling_in_file=traits.pooling_in_file, chat_template=traits.fallback_template)

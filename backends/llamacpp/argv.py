@@ -63,7 +63,7 @@ def build_argv(
         "--no-webui",
         *mode_flags(mode, pooling_in_file),
     ]
-    if chat_template is not None:
+    if chat_template is not None and "--chat-template" not in config.runtime_flags:
         owned += ["--chat-template", chat_template]
     if config.llamacpp.reasoning_budget is not None:
         owned += ["--reasoning-budget", str(config.llamacpp.reasoning_budget)]
@@ -77,6 +77,9 @@ def build_env(binary: Path, base: Mapping[str, str] | None = None, keep: Sequenc
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     # The build links libllama/libggml next to the executable.
     env["LD_LIBRARY_PATH"] = str(binary.parent)
+    # llama-server reads presets from $XDG_CONFIG_HOME/llama.cpp/config.ini: point it where there are
+    # none, so a runner's options are exactly its argv.
+    env["XDG_CONFIG_HOME"] = str(binary.parent / "no-user-config")
     for name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
         if name in source:
             env[name] = source[name]

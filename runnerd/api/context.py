@@ -12,6 +12,7 @@ from aiohttp import web
 from backends.base import Backend
 from runnerd.api.errors import ApiError
 from runnerd.config import Settings
+from runnerd.configs import ConfigStore
 from runnerd.scheduler import Scheduler
 from runnerd.store import ModelStore
 
@@ -22,6 +23,7 @@ class Daemon:
     store: ModelStore
     scheduler: Scheduler
     backends: Mapping[str, Backend]
+    configs: ConfigStore
     started_at: float = field(default_factory=time.time)
 
     def backend(self, name: str) -> Backend:

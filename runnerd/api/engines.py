@@ -11,9 +11,10 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from backends.base import Backend, BackendError, Capability, Mode, RunnerError
+from backends.base import Backend, BackendConfiguration, BackendError, Capability, Mode, RunnerError
 from runnerd.api.context import Daemon, daemon
 from runnerd.api.errors import ApiError
+from runnerd.configs import effective_configuration
 from runnerd.durations import parse_keep_alive
 from runnerd.proxy import forward, runner_error
 from runnerd.scheduler import UNSET, Lease, RunnerKey, Unset
@@ -112,11 +113,11 @@ def take_keep_alive(payload: dict[str, Any]) -> float | Unset | None:
         raise ApiError(400, str(exc), code="invalid_keep_alive", param="keep_alive") from exc
 
 
-async def lease_runner(d: Daemon, backend: Backend, model: ModelEntry, mode: Mode,
+async def lease_runner(d: Daemon, backend: Backend, model: ModelEntry, mode: Mode, config: BackendConfiguration,
                        keep_alive: float | Unset | None) -> Lease:
     key = RunnerKey(backend.name, model.name, mode)
     try:
-        return await d.scheduler.acquire(key, model.ref(), model.config, keep_alive)
+        return await d.scheduler.acquire(key, model.ref(), config, keep_alive)
     except RunnerError as exc:
         raise runner_error(model.name, exc) from exc
     except BackendError as exc:
@@ -135,7 +136,8 @@ async def inference(kind: RequestKind, request: web.Request) -> web.StreamRespon
     check_capabilities(backend, required_capabilities(kind, payload))
     keep_alive = take_keep_alive(payload)
     body = json.dumps(payload).encode() if keep_alive is not UNSET else await request.read()
-    lease = await lease_runner(d, backend, model, kind.mode, keep_alive)
+    config = effective_configuration(model.config, d.configs.get(model.name, kind.mode))
+    lease = await lease_runner(d, backend, model, kind.mode, config, keep_alive)
     try:
         if request.headers.get("X-Preload-Only", "").lower() == "true":
             return web.Response(status=200)

@@ -1,0 +1,189 @@
+"""POST/GET/DELETE /engines[/{backend}]/_configure: per-model engine configuration.
+
+Everything is validated before anything is stored; a stored change restarts the model's idle
+runner and preloads it in the background.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from backends.base import (
+    Backend,
+    BackendConfiguration,
+    LlamaCppOptions,
+    Mode,
+    SpeculativeOptions,
+    VllmOptions,
+)
+from backends.flags import FlagError, split_raw_flags, validate_hf_overrides, validate_runtime_flags
+from runnerd.api.context import Daemon, daemon
+from runnerd.api.engines import choose_backend, find_model, read_json_body
+from runnerd.api.errors import ApiError
+from runnerd.configs import StoredConfiguration, effective_configuration
+from runnerd.durations import parse_keep_alive
+from runnerd.scheduler import RunnerKey, spawn
+from runnerd.store import ModelEntry
+
+log = logging.getLogger("runnerd.configure")
+
+
+class ConfigureRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=300)
+    mode: Mode = Mode.COMPLETION
+    context_size: int | None = Field(default=None, gt=0, le=1 << 24)
+    runtime_flags: list[str] | None = Field(default=None, max_length=1024)
+    raw_runtime_flags: str | None = None
+    keep_alive: str | int | float | None = None
+    llamacpp: LlamaCppOptions | None = None
+    vllm: VllmOptions | None = None
+    speculative: SpeculativeOptions | None = None
+
+
+def _pydantic_400(exc: ValidationError, what: str) -> ApiError:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or None
+    return ApiError(400, f"invalid {what}: {field}: {err['msg']}", code="invalid_configuration", param=field)
+
+
+def _flags(backend: Backend, spec: ConfigureRequest) -> list[str] | None:
+    if spec.runtime_flags is not None and spec.raw_runtime_flags is not None:
+        raise ApiError(400, "send either runtime_flags or raw_runtime_flags, not both", param="runtime_flags")
+    try:
+        if spec.raw_runtime_flags is not None:
+            return validate_runtime_flags(backend.name, split_raw_flags(spec.raw_runtime_flags))
+        if spec.runtime_flags is not None:
+            return validate_runtime_flags(backend.name, spec.runtime_flags)
+    except FlagError as exc:
+        param = "raw_runtime_flags" if spec.raw_runtime_flags is not None else "runtime_flags"
+        raise ApiError(400, str(exc), code="flag_refused", param=param) from exc
+    return None
+
+
+def _engine_options(backend: Backend, spec: ConfigureRequest) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if spec.llamacpp is not None:
+        if backend.name != "llama.cpp":
+            raise ApiError(400, f"llamacpp options do not apply to the {backend.name} backend", param="llamacpp")
+        options["llamacpp"] = spec.llamacpp
+    if spec.vllm is not None:
+        if backend.name != "vllm":
+            raise ApiError(400, f"vllm options do not apply to the {backend.name} backend", param="vllm")
+        if spec.vllm.hf_overrides is not None:
+            try:
+                validate_hf_overrides(spec.vllm.hf_overrides)
+            except FlagError as exc:
+                raise ApiError(400, str(exc), code="flag_refused", param="vllm.hf_overrides") from exc
+        options["vllm"] = spec.vllm
+    return options
+
+
+def build_configuration(d: Daemon, backend: Backend, spec: ConfigureRequest) -> BackendConfiguration:
+    """Validate every part of the request into a configuration holding only what was sent."""
+    fields: dict[str, Any] = _engine_options(backend, spec)
+    if spec.context_size is not None:
+        fields["context_size"] = spec.context_size
+    flags = _flags(backend, spec)
+    if flags is not None:
+        fields["runtime_flags"] = flags
+    if spec.keep_alive is not None:
+        try:
+            parse_keep_alive(spec.keep_alive)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), code="invalid_keep_alive", param="keep_alive") from exc
+        fields["keep_alive"] = str(spec.keep_alive)
+    if spec.speculative is not None:
+        draft = find_model(d, spec.speculative.draft_model)
+        if draft.format not in backend.model_formats:
+            raise ApiError(400, f"draft model {draft.name} is a {draft.format} model; {backend.name} cannot use it",
+                           param="speculative.draft_model")
+        fields["speculative"] = spec.speculative.model_copy(update={"draft_model": draft.name})
+    try:
+        return BackendConfiguration(**fields)
+    except ValidationError as exc:
+        raise _pydantic_400(exc, "configuration") from exc
+
+
+async def _preload(d: Daemon, key: RunnerKey, model: ModelEntry, config: BackendConfiguration) -> None:
+    try:
+        lease = await d.scheduler.acquire(key, model.ref(), config)
+    except Exception as exc:  # the next request reports it with the engine's words
+        log.warning("preload of %s failed: %s", model.name, str(exc).splitlines()[0])
+        return
+    lease.release()
+
+
+async def configure(request: web.Request) -> web.Response:
+    d = daemon(request)
+    explicit = request.match_info.get("backend")
+    if explicit is not None:
+        d.backend(explicit)
+    try:
+        spec = ConfigureRequest.model_validate(await read_json_body(request))
+    except ValidationError as exc:
+        raise _pydantic_400(exc, "configure request") from exc
+    model = find_model(d, spec.model)
+    backend = choose_backend(d, explicit, model)
+    configured = build_configuration(d, backend, spec)
+    item = StoredConfiguration(model=model.name, mode=spec.mode, backend=backend.name, config=configured,
+                               updated_at=time.time())
+    new = effective_configuration(model.config, item)
+    key = RunnerKey(backend.name, model.name, spec.mode)
+    runner = d.scheduler.runner(key)
+    restart = runner is not None and runner.config != new
+    if restart and runner is not None and runner.active > 0:
+        raise ApiError(409, f"{model.name} ({spec.mode}) is serving {runner.active} request(s); configure it "
+                            "again once it is idle, or unload it first", code="runner_busy")
+    d.configs.put(item)
+    if restart and runner is not None:
+        await runner.stop()
+    spawn(_preload(d, key, model, new), name=f"preload {model.name}")
+    return web.json_response(_shown(item, restarted=restart), status=202)
+
+
+def _shown(item: StoredConfiguration, **extra: Any) -> dict[str, Any]:
+    return {**item.model_dump(mode="json", exclude_unset=True), **extra}
+
+
+def _mode(request: web.Request) -> Mode:
+    raw = request.query.get("mode", Mode.COMPLETION.value)
+    try:
+        return Mode(raw)
+    except ValueError:
+        raise ApiError(400, f"unknown mode {raw!r}; use one of: {', '.join(m.value for m in Mode)}",
+                       param="mode") from None
+
+
+async def list_configurations(request: web.Request) -> web.Response:
+    d = daemon(request)
+    name = request.query.get("model")
+    model = find_model(d, name).name if name else None
+    items = [_shown(c) for c in d.configs.list(model)]
+    return web.json_response({"configurations": items, "problems": d.configs.problems})
+
+
+async def delete_configuration(request: web.Request) -> web.Response:
+    d = daemon(request)
+    name = request.query.get("model")
+    if not name:
+        raise ApiError(400, "say which model: DELETE /engines/_configure?model=NAME[&mode=MODE]", param="model")
+    model = find_model(d, name)
+    removed = d.configs.delete(model.name, _mode(request))
+    if removed is None:
+        raise ApiError(404, f"no stored configuration for {model.name} in {_mode(request)} mode",
+                       code="configuration_not_found")
+    return web.json_response(_shown(removed))
+
+
+def add_routes(app: web.Application) -> None:
+    for prefix in ("/engines", "/engines/{backend}"):
+        app.router.add_post(prefix + "/_configure", configure)
+    app.router.add_get("/engines/_configure", list_configurations)
+    app.router.add_delete("/engines/_configure", delete_configuration)
