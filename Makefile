@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench venv engine model
+.PHONY: run test lint bench venv engine model systemd-tools
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,13 @@ model: venv
 run: engine
 	$(BIN)/runnerd serve --model gemma3=$$($(BIN)/python scripts/gemma_model.py) --print-chat-command
 
-test: engine
+# The unit-file tests run systemd-analyze: install Debian's systemd package where it is missing.
+systemd-tools:
+	@command -v systemd-analyze >/dev/null 2>&1 || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; }
+
+test: engine systemd-tools
 	$(BIN)/python -m pytest
 
 lint: venv

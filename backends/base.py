@@ -165,6 +165,8 @@ class RunnerOutput:
         self.started_at: float | None = None
         # Set on every new chunk of output: readiness polling wakes on it instead of sleeping.
         self.activity = asyncio.Event()
+        # Called with the pid as soon as the process exists (the daemon records it in a pid file).
+        self.on_spawn: Callable[[int], None] | None = None
 
 
 @runtime_checkable

@@ -153,6 +153,8 @@ async def run_process(
         raise RunnerError(f"cannot start {argv[0]}: {exc.strerror or exc}", reason="spawn_failed") from exc
     output.pid = proc.pid
     output.started_at = time.time()
+    if output.on_spawn is not None:
+        output.on_spawn(proc.pid)
     assert proc.stdout is not None
     pump = asyncio.create_task(_pump_output(proc.stdout, output, log))
     try:

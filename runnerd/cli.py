@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from runnerd import __version__
+from runnerd import __version__, cli_service
 from runnerd.client import ClientError, DaemonClient
 from runnerd.config import ConfigError, default_socket, load_settings
 from runnerd.logs import setup_logging
@@ -47,11 +47,18 @@ def _parse_model_args(values: Sequence[str]) -> list[tuple[str, Path]]:
     return out
 
 
+def _http_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
+    """--listen / --token-file, merged over the config file's [http] table (the token itself is
+    never taken from the command line, where every user on the host could read it)."""
+    given = {"listen": args.listen, "token_file": args.token_file}
+    return {k: v for k, v in given.items() if v is not None} or None
+
+
 async def _serve(args: argparse.Namespace) -> int:
     from runnerd.server import ListenerError, create_app, serve
     from runnerd.store import StoreError
 
-    settings = load_settings(args.config, socket=args.socket, log_level=args.log_level)
+    settings = load_settings(args.config, socket=args.socket, log_level=args.log_level, http=_http_overrides(args))
     setup_logging(settings.log_level)
     app = create_app(settings)
     from runnerd.api.context import DAEMON
@@ -195,8 +202,84 @@ async def _configure(client: DaemonClient, args: argparse.Namespace) -> Any:
     return stored, lambda: print(f"configured {stored['model']} ({stored['mode']}){note}")
 
 
-CLIENT_COMMANDS = {"configure": _configure, "models.add": _models_add, "models.list": _models_list, "ps": _ps,
-                   "status": _status, "unload": _unload, "run": _run}
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _show_estimate(result: dict[str, Any]) -> None:
+    rows = [[d["device"], *(_mib(d["breakdown"][k]) for k in ("weights", "kv_cache", "compute", "overhead")),
+             _mib(d["bytes"])] for d in result["devices"]]
+    _table(rows, ["DEVICE", "WEIGHTS", "KV CACHE", "COMPUTE", "OVERHEAD", "TOTAL"])
+    print(f"\n{result['model']} ({result['mode']}, context {result['context_size'] or 'default'}): "
+          f"RAM {_mib(result['ram_bytes'])}, VRAM {_mib(result['vram_bytes'])}")
+    for note in result["notes"]:
+        print(f"note: {note}")
+
+
+def _estimate_locally(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """A .gguf file on this host: estimated here, no daemon needed."""
+    from backends.base import BackendConfiguration, Mode, ModelRef
+    from backends.flags import FlagError, validate_runtime_flags
+    from runnerd.api.estimate import FLAG_PARAMS
+    from runnerd.engines import default_backends
+
+    backend = default_backends(load_settings())["llama.cpp"]
+    flags = [x for param, flag in FLAG_PARAMS.items() if getattr(args, param, None) is not None
+             for x in (flag, str(getattr(args, param)))]
+    try:
+        config = BackendConfiguration(context_size=args.ctx, runtime_flags=validate_runtime_flags(backend.name, flags))
+    except FlagError as exc:
+        raise ClientError(str(exc)) from exc
+    mode = Mode(args.mode)
+    result = backend.required_memory(ModelRef(name=path.name, path=path.resolve()), mode, config)
+    return {"model": str(path), "mode": mode.value, "context_size": config.context_size,
+            "runtime_flags": config.runtime_flags, **result.model_dump(mode="json")}
+
+
+async def _estimate(client: DaemonClient, args: argparse.Namespace) -> Any:
+    from urllib.parse import quote, urlencode
+
+    from runnerd.api.estimate import FLAG_PARAMS
+
+    path = Path(args.model)
+    if path.is_file():
+        result = await asyncio.to_thread(_estimate_locally, path, args)
+    else:
+        query = {p: getattr(args, p) for p in ("ctx", "mode", *FLAG_PARAMS) if getattr(args, p, None) is not None}
+        result = await client.request("GET", f"/models/{quote(args.model)}/estimate?{urlencode(query)}")
+    return result, lambda: _show_estimate(result)
+
+
+def _show_summary(name: str, summary: dict[str, Any] | None) -> None:
+    if summary is None:
+        print(f"{name}: no GGUF header summary")
+        return
+    print(name)
+    for key, value in summary.items():
+        shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
+        print(f"  {key.replace('_', ' '):<16} {shown}")
+
+
+async def _inspect(client: DaemonClient, args: argparse.Namespace) -> Any:
+    from urllib.parse import quote
+
+    path = Path(args.model)
+    if path.is_file():
+        from backends.gguf import GGUFParseError, read_header
+        from backends.llamacpp.summary import summarize
+
+        try:
+            summary = summarize(await asyncio.to_thread(read_header, path)).model_dump(mode="json")
+        except GGUFParseError as exc:
+            raise ClientError(str(exc)) from exc
+        return summary, lambda: _show_summary(str(path), summary)
+    shown = await client.request("GET", f"/models/{quote(args.model)}")
+    return shown.get("summary"), lambda: _show_summary(shown["name"], shown.get("summary"))
+
+
+CLIENT_COMMANDS = {"configure": _configure, "estimate": _estimate, "inspect": _inspect, "models.add": _models_add,
+                   "models.list": _models_list, "ps": _ps, "status": _status, "unload": _unload, "run": _run}
+CLIENT_COMMANDS.update(cli_service.COMMANDS)
 
 
 async def _client_command(args: argparse.Namespace) -> int:
@@ -251,13 +334,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(command_key=key)
         return p
 
-    serve = sub.add_parser("serve", help="run the daemon in the foreground")
+    # No abbreviations: `--token SECRET` must not pass for `--token-file` (a token never goes on a command line).
+    serve = sub.add_parser("serve", help="run the daemon in the foreground", allow_abbrev=False)
     serve.add_argument("--config", type=Path, help="TOML config file (env RUNNERD_CONFIG)")
     serve.add_argument("--socket", type=Path, help="unix socket to listen on (env RUNNERD_SOCKET)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                        help="register a local GGUF model at start (repeatable)")
     serve.add_argument("--print-chat-command", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument("--listen", metavar="HOST:PORT",
+                       help="also serve HTTP on TCP for parent schedulers (needs [http] token_file)")
+    serve.add_argument("--token-file", type=Path, help="file holding the bearer token for the TCP listener")
 
     models = sub.add_parser("models", help="manage registered models")
     msub = models.add_subparsers(dest="models_command", required=True)
@@ -282,8 +369,20 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("--reasoning-budget", type=int)
     conf.add_argument("--show", action="store_true", help="list stored configurations")
     conf.add_argument("--reset", action="store_true", help="remove the model's stored configuration")
+    est = client("estimate", "estimate", "RAM/VRAM a model would take (a registered name or a .gguf path)")
+    est.add_argument("model")
+    est.add_argument("--ctx", type=int, help="context size in tokens")
+    est.add_argument("--parallel", type=int)
+    est.add_argument("--cache-type-k")
+    est.add_argument("--cache-type-v")
+    est.add_argument("--gpu-layers")
+    est.add_argument("--flash-attn", choices=["on", "off", "auto"])
+    est.add_argument("--mode", default="completion", choices=["completion", "embedding", "reranking"])
+    insp = client("inspect", "inspect", "a model's header: architecture, parameters, quantization, ...")
+    insp.add_argument("model")
     client("ps", "ps", "list running engines")
     client("status", "status", "show each backend's status")
+    cli_service.add_parsers(sub, client)
     unload = client("unload", "unload", "stop running engines (all by default)")
     unload.add_argument("models", nargs="*")
     unload.add_argument("--backend")

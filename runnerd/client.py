@@ -59,6 +59,18 @@ class DaemonClient:
         except aiohttp.ClientError as exc:
             raise self._unreachable(exc) from exc
 
+    async def stream_ndjson(self, path: str) -> AsyncIterator[dict[str, Any]]:
+        """GET and yield each line of a newline-delimited JSON stream (job progress)."""
+        try:
+            async with self._session.get(f"http://runnerd{path}", headers={"Accept": "application/x-ndjson"}) as resp:
+                if resp.status >= 400:
+                    raise ClientError(_error_message(resp.status, await resp.text()))
+                async for raw in resp.content:
+                    if raw.strip():
+                        yield json.loads(raw)
+        except aiohttp.ClientError as exc:
+            raise self._unreachable(exc) from exc
+
     async def stream_sse(self, path: str, body: Any) -> AsyncIterator[dict[str, Any]]:
         """POST and yield each `data:` event of a server-sent event stream as JSON."""
         try:

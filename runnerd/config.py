@@ -13,7 +13,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -39,6 +39,49 @@ class LlamaCppSettings(BaseModel):
     gpu_layers: int | None = Field(default=None, description="layers to offload; unset = all when a GPU is there")
 
 
+def parse_listen(value: str) -> tuple[str, int]:
+    """`HOST:PORT` (IPv6 hosts in brackets, `[::1]:8434`) -> (host, port); ValueError says what is wrong."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.1:8434 or [::1]:8434), got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"put an IPv6 address in brackets, e.g. [{host}]:{port_text}")
+    port = int(port_text)
+    if not host or port > 65535:
+        raise ValueError(f"expected HOST:PORT with a port from 0 to 65535, got {value!r}")
+    return host, port
+
+
+class HttpSettings(BaseModel):
+    """The TCP listener for parent schedulers. Off unless `listen` is set; then a token is required."""
+
+    # A misspelt key here could leave the listener without the token the operator meant to set.
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str | None = Field(default=None, description="HOST:PORT; unset = no TCP listener")
+    token_file: Path | None = Field(default=None, description="file holding the bearer token")
+
+    @field_validator("listen")
+    @classmethod
+    def _valid_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_listen(value)
+        return value
+
+
+class MemorySettings(BaseModel):
+    """What runnerd may use for engines. Sizes are bytes or strings such as "64MiB" or "8GiB"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ram_limit: ByteSize | None = Field(default=None, description="cap on RAM held by runners; unset = the host's")
+    vram_limit: ByteSize | None = Field(default=None, description="cap on VRAM held by runners; unset = the GPUs'")
+    ram_reserve: ByteSize = Field(default=ByteSize(1024 * MiB), description="RAM always left to the host")
+    vram_reserve: ByteSize = Field(default=ByteSize(512 * MiB), description="VRAM left free on each GPU")
+
+
 def _env(name: str) -> Path | None:
     value = os.environ.get(name)
     return Path(value.split(":")[0]) if value else None
@@ -56,12 +99,20 @@ def _xdg(variable: str, fallback: str) -> Path:
     return (_env(variable) or Path.home() / fallback) / "runnerd"
 
 
+# Where runnerd.socket puts the system service's socket.
+SYSTEM_SOCKET = Path("/run/runnerd/runnerd.sock")
+
+
 def default_socket() -> Path:
     explicit = os.environ.get("RUNNERD_SOCKET")
     if explicit:
         return Path(explicit)
     runtime = os.environ.get("RUNNERD_RUNTIME_DIR")
-    return (Path(runtime) if runtime else default_runtime_dir()) / "runnerd.sock"
+    if runtime:
+        return Path(runtime) / "runnerd.sock"
+    own = default_runtime_dir() / "runnerd.sock"
+    # No daemon of one's own, but the system service's socket is there: clients use that one.
+    return SYSTEM_SOCKET if not own.exists() and SYSTEM_SOCKET.exists() else own
 
 
 class Settings(BaseSettings):
@@ -81,6 +132,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=10 * MiB, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     llamacpp: LlamaCppSettings = Field(default_factory=LlamaCppSettings)
+    memory: MemorySettings = Field(default_factory=MemorySettings)
+    max_runners: int | None = Field(default=None, ge=1, description="most runners at once; unset = no cap")
+    queue_timeout: float = Field(default=120.0, ge=0, description="seconds a load waits for memory before 503")
+    queue_size: int = Field(default=256, ge=0, description="loads that may wait for memory at once")
+    min_residency: float = Field(default=0.0, ge=0, description="seconds a runner stays before it may be evicted")
+    crash_backoff: float = Field(default=5.0, gt=0, description="first hold-back after 3 failed starts in a row")
+    http: HttpSettings = Field(default_factory=HttpSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -126,18 +184,28 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def _systemd_config_file() -> Path | None:
+    """Under systemd (ConfigurationDirectory=runnerd), /etc/runnerd/runnerd.toml when it exists."""
+    directory = _env("CONFIGURATION_DIRECTORY")
+    candidate = directory / "runnerd.toml" if directory is not None else None
+    return candidate if candidate is not None and candidate.is_file() else None
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build the settings; raises ConfigError naming what is wrong."""
     if config_file is None and os.environ.get("RUNNERD_CONFIG"):
         config_file = Path(os.environ["RUNNERD_CONFIG"])
+    if config_file is None:
+        config_file = _systemd_config_file()
     if config_file is not None:
         _check_config_file(config_file)
+    init = {k: v for k, v in overrides.items() if v is not None}
     if os.environ.get("RUNNERD_LLAMA_SERVER") and "RUNNERD_LLAMACPP__SERVER" not in os.environ:
-        # The short name for the one setting people set most.
-        os.environ["RUNNERD_LLAMACPP__SERVER"] = os.environ["RUNNERD_LLAMA_SERVER"]
+        # The short name for the one setting people set most (an environment variable, so it beats the file).
+        init["llamacpp"] = {**init.get("llamacpp", {}), "server": os.environ["RUNNERD_LLAMA_SERVER"]}
     token = _config_file.set(config_file)
     try:
-        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+        settings = Settings(**init)
     except ValidationError as exc:
         source = f" (config file {config_file})" if config_file else ""
         raise ConfigError(f"invalid settings{source}: {_describe(exc)}") from exc

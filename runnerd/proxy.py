@@ -9,6 +9,7 @@ from aiohttp import web
 
 from backends.base import RunnerError
 from runnerd.api.errors import ApiError
+from runnerd.metrics import REQUEST_MODEL
 from runnerd.scheduler import Runner
 
 log = logging.getLogger("runnerd.proxy")
@@ -42,15 +43,37 @@ def runner_error(model: str, error: RunnerError) -> ApiError:
     return ApiError(status, message, code=f"runner_{error.reason}", type="server_error")
 
 
+async def _send(runner: Runner, session: aiohttp.ClientSession, path: str, body: bytes,
+                headers: dict[str, str]) -> tuple[aiohttp.ClientResponse, aiohttp.ClientSession | None]:
+    """POST to the runner; returns the response and a one-off session to close after it.
+
+    A pooled connection the engine closed while idle fails before the request was sent: that request
+    is sent again once, on a connection of its own.
+    """
+    try:
+        return await session.post(f"http://runner{path}", data=body, headers=headers), None
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+        log.debug("stale connection to %s (%s); retrying on a new one", runner.model.name, exc)
+    fresh = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(runner.socket_path), force_close=True),
+                                  auto_decompress=False)
+    try:
+        return await fresh.post(f"http://runner{path}", data=body, headers=headers), fresh
+    except BaseException:
+        await fresh.close()
+        raise
+
+
 async def forward(request: web.Request, runner: Runner, path: str, body: bytes) -> web.StreamResponse:
     """POST `body` to `path` on the runner and relay the answer; SSE is relayed chunk by chunk."""
+    request[REQUEST_MODEL] = runner.model.name  # the label request metrics use
     session = runner.session
     if session is None or session.closed:
         raise await _engine_failure(runner, RuntimeError("runner is not ready"))
     headers = {h: request.headers[h] for h in _FORWARDED_REQUEST_HEADERS if h in request.headers}
     response: web.StreamResponse | None = None
     try:
-        async with session.post(f"http://runner{path}", data=body, headers=headers) as upstream:
+        upstream, one_off = await _send(runner, session, path, body, headers)
+        try:
             if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
                 response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream))
                 await response.prepare(request)
@@ -60,6 +83,10 @@ async def forward(request: web.Request, runner: Runner, path: str, body: bytes) 
                 return response
             payload = await upstream.read()
             return web.Response(status=upstream.status, body=payload, headers=_response_headers(upstream))
+        finally:
+            upstream.release()
+            if one_off is not None:
+                await one_off.close()
     except (TimeoutError, aiohttp.ClientError) as exc:
         error = await _engine_failure(runner, exc)
         if response is None:

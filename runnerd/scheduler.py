@@ -1,8 +1,10 @@
-"""Which runners exist, starting them on demand, sharing loads, and stopping them when idle.
+"""Which runners exist, admitting new ones by memory, evicting idle ones, and stopping them when idle.
 
 A runner is keyed by (backend, model, mode). Concurrent requests for a model that is loading wait on
-that one load. Every request holds a lease on its runner; when the last lease is returned the
-runner's keep-alive starts: 0 stops it at once, None (negative) never, otherwise a timer.
+that one load. A new runner starts only when its memory estimate fits what runners may hold; if not,
+idle runners are stopped least recently used first, and if that is not enough the load waits (in a
+bounded queue) for busy runners to go idle. Every request holds a lease on its runner; when the last
+lease is returned the keep-alive starts: 0 stops it at once, None (negative) never, else a timer.
 """
 
 from __future__ import annotations
@@ -24,12 +26,16 @@ from pydantic import BaseModel
 
 from backends.base import Backend, BackendConfiguration, MemoryEstimate, Mode, ModelRef, RunnerError, RunnerOutput
 from backends.process import wait_until_ready
+from runnerd.admission import Amount, Budget, Holding, needed, tree_rss
 from runnerd.durations import KeepAlive, parse_keep_alive
+from runnerd.pidfiles import remove_pid_file, write_pid_file
 
 log = logging.getLogger("runnerd.scheduler")
 
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
+FAILURES_BEFORE_BACKOFF = 3
+MAX_BACKOFF_SECONDS = 300.0
 
 # The event loop keeps only weak references to tasks: hold fire-and-forget ones until they finish.
 _background: set[asyncio.Task[Any]] = set()
@@ -40,6 +46,28 @@ def spawn(coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Ta
     _background.add(task)
     task.add_done_callback(_background.discard)
     return task
+
+
+class SchedulingError(Exception):
+    """A load that cannot happen now or ever; `status` and `retry_after` shape the HTTP answer."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DoesNotFit(SchedulingError):
+    status = 507
+
+
+class QueueTimeout(SchedulingError):
+    status = 503
+
+
+class HeldBack(SchedulingError):
+    status = 503
 
 
 @dataclass(frozen=True)
@@ -66,6 +94,7 @@ UNSET = Unset.UNSET
 class RunnerState(StrEnum):
     LOADING = "loading"
     READY = "ready"
+    IDLE = "idle"  # shown for a ready runner with nothing in flight
     STOPPING = "stopping"
     EXITED = "exited"
 
@@ -84,27 +113,34 @@ class RunnerInfo(BaseModel):
     keep_alive: float | None
     expires_at: float | None
     memory: MemoryEstimate
+    measured_ram_bytes: int
+    measured_vram_bytes: int
 
 
 class Runner:
     """One engine process and what the daemon knows about it."""
 
     def __init__(self, key: RunnerKey, backend: Backend, model: ModelRef, config: BackendConfiguration,
-                 socket_path: Path, log_path: Path | None, keep_alive: KeepAlive,
+                 socket_path: Path, log_path: Path | None, pid_path: Path, keep_alive: KeepAlive,
                  estimate: MemoryEstimate) -> None:
         self.key = key
         self.backend = backend
         self.model = model
         self.config = config
         self.socket_path = socket_path
+        self.pid_path = pid_path
         self.output = RunnerOutput(log_path)
+        self.output.on_spawn = lambda pid: write_pid_file(pid_path, pid, socket_path)
         self.keep_alive = keep_alive
         self.estimate = estimate
+        self.measured = Amount()
         self.state = RunnerState.LOADING
         self.active = 0
         self.last_used = time.time()
+        self.ready_at: float | None = None
         self.expires_at: float | None = None
         self.error: RunnerError | None = None
+        self.stop_requested = False
         self.session: aiohttp.ClientSession | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._process: asyncio.Task[None] | None = None
@@ -133,9 +169,11 @@ class Runner:
         except asyncio.CancelledError:
             self._fail_load(RunnerError("the load was cancelled", reason="cancelled"))
             raise
-        connector = aiohttp.UnixConnector(path=str(self.socket_path), limit=0)
+        # Idle connections are dropped before llama-server's own 5 s keep-alive timeout closes them.
+        connector = aiohttp.UnixConnector(path=str(self.socket_path), limit=0, keepalive_timeout=3.0)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         self.state = RunnerState.READY
+        self.ready_at = time.monotonic()
         log.info("runner ready model=%s mode=%s pid=%s load_ms=%.1f", self.model.name, self.key.mode,
                  self.output.pid, (time.monotonic() - started) * 1000)
         if not self._loaded.done():
@@ -158,11 +196,20 @@ class Runner:
                             err.reason)
         self.state = RunnerState.EXITED
         self.cancel_expiry()
+        remove_pid_file(self.pid_path)
         if not self._loaded.done():
-            self._fail_load(self.error or RunnerError("the engine exited before it was ready"))
+            if self.stop_requested:
+                self._fail_load(RunnerError("the load was stopped: the model was unloaded or nobody waits for it",
+                                            reason="cancelled"))
+            else:
+                self._fail_load(self.error or RunnerError("the engine exited before it was ready"))
         if self.session is not None:
             spawn(self.session.close())
         self._exited.set()
+
+    @property
+    def loaded_ok(self) -> bool:
+        return self._loaded.done() and not self._loaded.cancelled() and self._loaded.exception() is None
 
     async def wait_loaded(self) -> None:
         await asyncio.shield(self._loaded)
@@ -179,6 +226,7 @@ class Runner:
     async def stop(self) -> None:
         if self._process is None or self._process.done():
             return
+        self.stop_requested = True
         self.state = RunnerState.STOPPING
         self.cancel_expiry()
         self._process.cancel()
@@ -197,13 +245,26 @@ class Runner:
         self._expiry = asyncio.get_running_loop().call_later(delay, callback)
         self.expires_at = time.time() + delay
 
+    def measure(self) -> None:
+        self.measured = Amount(ram=tree_rss(self.output.pid), vram=self.measured.vram)
+
+    def holding(self) -> Holding:
+        return Holding(estimate=needed(self.estimate), measured=self.measured,
+                       loading=self.state is RunnerState.LOADING)
+
+    def evictable(self, min_residency: float) -> bool:
+        return (self.state is RunnerState.READY and self.active == 0 and self.ready_at is not None
+                and time.monotonic() - self.ready_at >= min_residency)
+
     def info(self) -> RunnerInfo:
+        state = RunnerState.IDLE if self.state is RunnerState.READY and self.active == 0 else self.state
         return RunnerInfo(
-            backend=self.key.backend, model=self.model.name, mode=self.key.mode, state=self.state,
+            backend=self.key.backend, model=self.model.name, mode=self.key.mode, state=state,
             pid=self.output.pid, socket=str(self.socket_path),
             log_path=str(self.output.log_path) if self.output.log_path else None,
             started_at=self.output.started_at, last_used=self.last_used, active_requests=self.active,
-            keep_alive=self.keep_alive, expires_at=self.expires_at, memory=self.estimate)
+            keep_alive=self.keep_alive, expires_at=self.expires_at, memory=self.estimate,
+            measured_ram_bytes=self.measured.ram, measured_vram_bytes=self.measured.vram)
 
 
 class Lease:
@@ -220,22 +281,48 @@ class Lease:
             self.scheduler._release(self.runner)
 
 
+@dataclass
+class _Failures:
+    count: int = 0
+    until: float = 0.0
+    error: RunnerError | None = None
+
+
+@dataclass
+class SchedulerLimits:
+    readiness_timeout: float = 600.0
+    queue_timeout: float = 120.0
+    queue_size: int = 256
+    max_runners: int | None = None
+    min_residency: float = 0.0
+    crash_backoff: float = 5.0
+
+
 class Scheduler:
     def __init__(self, backends: Mapping[str, Backend], *, runtime_dir: Path, log_dir: Path | None,
-                 readiness_timeout: float, default_keep_alive: KeepAlive) -> None:
+                 default_keep_alive: KeepAlive, budget: Budget, limits: SchedulerLimits | None = None) -> None:
         self.backends = backends
         self.runtime_dir = runtime_dir
         self.log_dir = log_dir
-        self.readiness_timeout = readiness_timeout
         self.default_keep_alive = default_keep_alive
+        self.budget = budget
+        self.limits = limits or SchedulerLimits()
+        self.evictions = 0
         self._runners: dict[RunnerKey, Runner] = {}
+        self._failures: dict[RunnerKey, _Failures] = {}
         self._short_socket_dir: Path | None = None
         self._closing = False
+        self._admission = asyncio.Lock()
+        self._waiting = 0
+        self._change = asyncio.Event()
+
+    @property
+    def runner_dir(self) -> Path:
+        return self.runtime_dir / "runners"
 
     def _socket_path(self, key: RunnerKey) -> Path:
-        path = self.runtime_dir / "runners" / f"{key.slug}.sock"
+        path = self.runner_dir / f"{key.slug}.sock"
         if len(str(path)) <= _MAX_SOCKET_PATH:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             return path
         # A deep runtime directory would overflow sun_path: fall back to a private short one.
         if self._short_socket_dir is None:
@@ -246,13 +333,22 @@ class Scheduler:
         runner = self._runners.get(key)
         return runner if runner is not None and runner.state in (RunnerState.LOADING, RunnerState.READY) else None
 
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    def _signal_change(self) -> None:
+        """Wake loads waiting for memory: a runner went idle or exited."""
+        event, self._change = self._change, asyncio.Event()
+        event.set()
+
     async def acquire(self, key: RunnerKey, model: ModelRef, config: BackendConfiguration,
                       keep_alive: KeepAlive | Unset = UNSET) -> Lease:
         """Lease the runner for `key`, starting it if none is loaded or loading. A request's own
         keep-alive (Ollama semantics) replaces the runner's for when it next goes idle."""
         if self._closing:
             raise RunnerError("runnerd is shutting down", reason="shutting_down")
-        runner = self.runner(key) or self._start(key, model, config)
+        runner = self.runner(key) or await self._admit(key, model, config)
         if not isinstance(keep_alive, Unset):
             runner.keep_alive = keep_alive
         runner.active += 1
@@ -264,34 +360,131 @@ class Scheduler:
             raise
         return Lease(self, runner)
 
-    def _start(self, key: RunnerKey, model: ModelRef, config: BackendConfiguration) -> Runner:
-        backend = self.backends[key.backend]
-        keep_alive = self.default_keep_alive
-        if config.keep_alive is not None:
-            keep_alive = parse_keep_alive(config.keep_alive)
+    def _check_backoff(self, key: RunnerKey) -> None:
+        failures = self._failures.get(key)
+        if failures is None or failures.count < FAILURES_BEFORE_BACKOFF:
+            return
+        remaining = failures.until - time.monotonic()
+        if remaining > 0:
+            error = failures.error
+            summary = error.summary if error else "it failed to start"
+            tail = "\n".join(error.tail[-6:]) if error else ""
+            raise HeldBack(f"{key.model} failed to start {failures.count} times in a row ({summary}); held back "
+                           f"for {remaining:.0f} more s, or until it is unloaded"
+                           + (f"\nlast engine output:\n{tail}" if tail else ""), retry_after=remaining)
+
+    async def _admit(self, key: RunnerKey, model: ModelRef, config: BackendConfiguration) -> Runner:
+        """Start a runner once its estimate fits, evicting idle runners or waiting as needed."""
+        if self._waiting >= self.limits.queue_size:
+            raise QueueTimeout(f"{self._waiting} loads are already waiting for memory; try again later",
+                               retry_after=5)
+        self._waiting += 1
+        try:
+            async with self._admission:
+                existing = self.runner(key)  # another request may have started it while we queued
+                if existing is not None:
+                    return existing
+                self._check_backoff(key)
+                backend = self.backends[key.backend]
+                estimate = await asyncio.to_thread(backend.required_memory, model, key.mode, config)
+                await self._make_room(key, needed(estimate))
+                return self._start(key, backend, model, config, estimate)
+        finally:
+            self._waiting -= 1
+
+    def _holdings(self) -> list[Holding]:
+        for runner in self._runners.values():
+            runner.measure()
+        return [r.holding() for r in self._runners.values() if r.state is not RunnerState.EXITED]
+
+    def _too_many(self) -> bool:
+        cap = self.limits.max_runners
+        return cap is not None and len(self._runners) >= cap
+
+    async def _make_room(self, key: RunnerKey, need: Amount) -> None:
+        capacity = self.budget.capacity()
+        if not need.fits_in(capacity):
+            raise DoesNotFit(f"{key.model} needs {need.describe()} but runnerd may use at most "
+                             f"{capacity.describe()} on this host")
+        deadline = time.monotonic() + self.limits.queue_timeout
+        while True:
+            change = self._change
+            room = await asyncio.to_thread(self.budget.room, self._holdings())
+            if need.fits_in(room) and not self._too_many():
+                return
+            victims = sorted((r for r in self._runners.values() if r.evictable(self.limits.min_residency)),
+                             key=lambda r: r.last_used)
+            if victims:
+                victim = victims[0]
+                log.info("evicting model=%s mode=%s to make room for %s (needs %s, room %s)", victim.model.name,
+                         victim.key.mode, key.model, need.describe(), room.describe())
+                self.evictions += 1
+                await victim.stop()
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                busy = ", ".join(f"{r.model.name} ({r.active} in flight)" for r in self._runners.values())
+                raise QueueTimeout(f"{key.model} needs {need.describe()}, only {room.describe()} is free and no "
+                                   f"runner went idle within {self.limits.queue_timeout:g} s; busy: {busy or '-'}",
+                                   retry_after=max(1.0, self.limits.queue_timeout / 4))
+            with contextlib.suppress(TimeoutError):
+                # Runners also go idle by timers; re-check now and then even without a signal.
+                await asyncio.wait_for(change.wait(), min(remaining, 1.0))
+
+    def _start(self, key: RunnerKey, backend: Backend, model: ModelRef, config: BackendConfiguration,
+               estimate: MemoryEstimate) -> Runner:
+        keep_alive = self.default_keep_alive if config.keep_alive is None else parse_keep_alive(config.keep_alive)
         log_path = self.log_dir / f"{key.slug}.log" if self.log_dir else None
-        runner = Runner(key, backend, model, config, self._socket_path(key), log_path, keep_alive,
-                        backend.required_memory(model, key.mode, config))
+        self.runner_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        runner = Runner(key, backend, model, config, self._socket_path(key), log_path,
+                        self.runner_dir / f"{key.slug}.pid", keep_alive, estimate)
         self._runners[key] = runner
-        log.info("runner starting model=%s mode=%s backend=%s", model.name, key.mode, key.backend)
-        runner.start(self.readiness_timeout)
-        spawn(self._forget_when_exited(runner))
+        log.info("runner starting model=%s mode=%s backend=%s estimate=%s", model.name, key.mode, key.backend,
+                 needed(estimate).describe() if estimate.known else "unknown")
+        runner.start(self.limits.readiness_timeout)
+        spawn(self._follow(runner))
         return runner
 
-    async def _forget_when_exited(self, runner: Runner) -> None:
+    async def _follow(self, runner: Runner) -> None:
+        """Count start failures for the back-off, then forget the runner once it exits."""
+        with contextlib.suppress(RunnerError, asyncio.CancelledError):
+            await runner.wait_loaded()
+        self._record_start(runner)
         await runner.wait_exited()
-        self._forget(runner)
-
-    def _forget(self, runner: Runner) -> None:
         if self._runners.get(runner.key) is runner:
             del self._runners[runner.key]
+        self._signal_change()
+
+    def _record_start(self, runner: Runner) -> None:
+        if runner.loaded_ok:
+            self._failures.pop(runner.key, None)
+            return
+        if runner.stop_requested:
+            return  # stopped on purpose, not a crash
+        failures = self._failures.setdefault(runner.key, _Failures())
+        failures.count += 1
+        failures.error = runner.error
+        if failures.count >= FAILURES_BEFORE_BACKOFF:
+            delay = min(self.limits.crash_backoff * 2 ** (failures.count - FAILURES_BEFORE_BACKOFF),
+                        MAX_BACKOFF_SECONDS)
+            failures.until = time.monotonic() + delay
+            log.warning("holding back model=%s mode=%s for %.0f s after %d failed starts", runner.model.name,
+                        runner.key.mode, delay, failures.count)
 
     def _release(self, runner: Runner) -> None:
         runner.active -= 1
         runner.last_used = time.time()
-        keep_alive = runner.keep_alive
-        if runner.active > 0 or runner.state is not RunnerState.READY:
+        if runner.active > 0:
             return
+        if runner.state is RunnerState.LOADING:
+            # Every client waiting for this load hung up: nobody wants it any more.
+            log.info("cancelling load of model=%s: no one is waiting", runner.model.name)
+            spawn(runner.stop())
+            return
+        if runner.state is not RunnerState.READY:
+            return
+        self._signal_change()
+        keep_alive = runner.keep_alive
         if keep_alive is None:
             return
         if keep_alive == 0:
@@ -305,14 +498,21 @@ class Scheduler:
             await runner.stop()
 
     async def unload(self, *, backend: str | None = None, models: list[str] | None = None) -> list[RunnerInfo]:
-        """Stop the runners that match (all when neither is given); returns what was stopped."""
-        chosen = [r for r in list(self._runners.values())
-                  if (backend is None or r.key.backend == backend) and (models is None or r.model.name in models)]
+        """Stop the runners that match (all when neither is given) and lift their back-off."""
+
+        def matches(key: RunnerKey) -> bool:
+            return (backend is None or key.backend == backend) and (models is None or key.model in models)
+
+        for key in [k for k in self._failures if matches(k)]:
+            del self._failures[key]
+        chosen = [r for r in list(self._runners.values()) if matches(r.key)]
         infos = [r.info() for r in chosen]
         await asyncio.gather(*(r.stop() for r in chosen))
         return infos
 
     def ps(self) -> list[RunnerInfo]:
+        for runner in self._runners.values():
+            runner.measure()
         return [r.info() for r in self._runners.values()]
 
     async def shutdown(self) -> None:

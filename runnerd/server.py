@@ -11,21 +11,31 @@ import signal
 import socket
 import stat
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 
 from backends.base import Backend
 from runnerd import __version__
+from runnerd.admission import Budget
+from runnerd.api import backends as backend_routes
 from runnerd.api import configure, engines, models
+from runnerd.api import jobs as job_routes
+from runnerd.api import metrics as metrics_routes
+from runnerd.api import node as node_routes
+from runnerd.api.auth import HTTP_TOKEN, TokenError, auth_middleware, load_token
 from runnerd.api.context import DAEMON, Daemon
 from runnerd.api.errors import error_middleware
-from runnerd.config import Settings
+from runnerd.config import Settings, parse_listen
 from runnerd.configs import ConfigStore
 from runnerd.durations import parse_keep_alive
 from runnerd.engines import default_backends
-from runnerd.scheduler import Scheduler
+from runnerd.metrics import Metrics, ObservedScheduler
+from runnerd.pidfiles import clean_up_previous_runners
+from runnerd.scheduler import RunnerState, SchedulerLimits
 from runnerd.store import ModelStore
+from runnerd.systemd import Notifier, SocketActivationError, listen_fds
 
 log = logging.getLogger("runnerd")
 
@@ -48,18 +58,28 @@ async def health(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None) -> web.Application:
     backends = dict(backends) if backends is not None else default_backends(settings)
-    scheduler = Scheduler(backends, runtime_dir=settings.runtime_dir, log_dir=settings.runner_log_dir,
-                          readiness_timeout=settings.readiness_timeout,
-                          default_keep_alive=parse_keep_alive(settings.keep_alive))
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
+    metrics = Metrics()
+    limits = SchedulerLimits(readiness_timeout=settings.readiness_timeout, queue_timeout=settings.queue_timeout,
+                             queue_size=settings.queue_size, max_runners=settings.max_runners,
+                             min_residency=settings.min_residency, crash_backoff=settings.crash_backoff)
+    scheduler = ObservedScheduler(backends, runtime_dir=settings.runtime_dir, log_dir=settings.runner_log_dir,
+                                  default_keep_alive=parse_keep_alive(settings.keep_alive),
+                                  budget=Budget(settings.memory), limits=limits, metrics=metrics)
+    # Outermost first: metrics see every answer (401s included); auth runs before any handler.
+    app = web.Application(client_max_size=settings.max_body_bytes,
+                          middlewares=[metrics_routes.metrics_middleware, auth_middleware, error_middleware])
     app[DAEMON] = Daemon(settings=settings, store=ModelStore(settings.data_dir), scheduler=scheduler,
-                         backends=backends, configs=ConfigStore(settings.data_dir))
+                         backends=backends, configs=ConfigStore(settings.data_dir), metrics=metrics)
     app.router.add_get("/", root)
     app.router.add_get("/version", version)
     app.router.add_get("/health", health)
     configure.add_routes(app)
     engines.add_routes(app)
     models.add_routes(app)
+    backend_routes.add_routes(app)
+    job_routes.add_routes(app)
+    node_routes.add_routes(app)
+    metrics_routes.add_routes(app)
 
     async def stop_runners(app: web.Application) -> None:
         await app[DAEMON].scheduler.shutdown()
@@ -109,29 +129,150 @@ def bind_unix_socket(path: Path, mode: int = 0o660) -> socket.socket:
     return sock
 
 
+@dataclass
+class Listener:
+    sock: socket.socket
+    address: str  # for logs and the service status: unix:/path or tcp:host:port
+    tcp: bool
+    owned_path: Path | None = None  # a socket file we created, so ours to remove at exit
+    fd_name: str | None = None  # the name systemd passed it under (FileDescriptorName=)
+
+    def describe(self) -> str:
+        passed = f" (passed by systemd as {self.fd_name!r})" if self.fd_name is not None else ""
+        return self.address + passed + (" (bearer token required)" if self.tcp else "")
+
+
+def bind_tcp_socket(listen: str) -> socket.socket:
+    host, port = parse_listen(listen)
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ListenerError(f"cannot listen on {listen}: {exc.strerror}") from exc
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ListenerError(f"cannot listen on {listen}: {exc.strerror}") from exc
+    sock.listen(256)
+    sock.setblocking(False)
+    return sock
+
+
+def _address(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{name.decode(errors='replace') if isinstance(name, bytes) else name}"
+    host, port = name[0], name[1]
+    return f"tcp:[{host}]:{port}" if sock.family == socket.AF_INET6 else f"tcp:{host}:{port}"
+
+
+def _adopt(sock: socket.socket, name: str) -> Listener:
+    """A socket systemd passed: a listening stream socket, unix (trusted) or TCP (token required)."""
+    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise ListenerError(f"the socket systemd passed as {name!r} is not a listening stream socket")
+    if sock.family not in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6):
+        raise ListenerError(f"the socket systemd passed as {name!r} is of an unsupported family {sock.family!r}")
+    sock.setblocking(False)
+    return Listener(sock, _address(sock), tcp=sock.family != socket.AF_UNIX, fd_name=name)
+
+
+def open_listeners(settings: Settings) -> list[Listener]:
+    """Sockets passed by systemd when there are any, else our own: the unix socket always, TCP when
+    `[http] listen` is set. A kind of socket systemd passed replaces the one we would bind."""
+    try:
+        listeners = [_adopt(s.sock, s.name) for s in listen_fds()]
+    except SocketActivationError as exc:
+        raise ListenerError(str(exc)) from exc
+    try:
+        if not any(not lst.tcp for lst in listeners):
+            sock = bind_unix_socket(settings.socket_path)
+            listeners.append(Listener(sock, f"unix:{settings.socket_path}", tcp=False,
+                                      owned_path=settings.socket_path))
+        if settings.http.listen and any(lst.tcp for lst in listeners):
+            log.info("not binding %s: systemd passed the TCP socket to use", settings.http.listen)
+        elif settings.http.listen:
+            sock = bind_tcp_socket(settings.http.listen)
+            listeners.append(Listener(sock, _address(sock), tcp=True))
+    except BaseException:
+        close_listeners(listeners)
+        raise
+    return listeners
+
+
+def close_listeners(listeners: list[Listener]) -> None:
+    for listener in listeners:
+        listener.sock.close()
+        if listener.owned_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                listener.owned_path.unlink()
+
+
+def http_token(settings: Settings, listeners: list[Listener]) -> str | None:
+    """The bearer token when anything listens on TCP; refusing to start without one."""
+    tcp = [lst.address for lst in listeners if lst.tcp]
+    if not tcp:
+        return None
+    if settings.http.token_file is None:
+        raise ListenerError(f"refusing to listen on {', '.join(tcp)} without a bearer token: set token_file in "
+                            "the [http] table of the config file (or RUNNERD_HTTP__TOKEN_FILE, or --token-file)")
+    try:
+        return load_token(settings.http.token_file)
+    except TokenError as exc:
+        raise ListenerError(f"refusing to listen on {', '.join(tcp)}: {exc}") from exc
+
+
+def status_line(app: web.Application) -> str:
+    """One line for `systemctl status`."""
+    d = app[DAEMON]
+    runners = d.scheduler.ps()
+    ready = sum(1 for r in runners if r.state in (RunnerState.READY, RunnerState.IDLE))
+    loading = sum(1 for r in runners if r.state is RunnerState.LOADING)
+    jobs = sum(1 for j in d.jobs.list() if not j.done)
+    return f"{ready} runner(s) ready, {loading} loading, {jobs} job(s) running"
+
+
 async def serve(settings: Settings, app: web.Application | None = None,
                 ready: asyncio.Event | None = None) -> None:
     """Run the daemon until SIGTERM/SIGINT, then stop accepting, stop every runner and clean up."""
     app = app or create_app(settings)
-    sock = bind_unix_socket(settings.socket_path)
+    notifier = Notifier.from_environment()
+    listeners = open_listeners(settings)
+    try:
+        if (token := http_token(settings, listeners)) is not None:
+            app[HTTP_TOKEN] = token
+        # Only now, holding the socket: a second daemon refused above must not touch the first one's runners.
+        clean_up_previous_runners(app[DAEMON].scheduler.runner_dir, settings.stop_grace)
+    except BaseException:
+        close_listeners(listeners)
+        raise
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=settings.drain_timeout)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watchdog: asyncio.Task[None] | None = None
     try:
         await runner.setup()
-        await web.SockSite(runner, sock).start()
-        log.info("listening on unix:%s", settings.socket_path)
+        for listener in listeners:
+            await web.SockSite(runner, listener.sock).start()
+            log.info("listening on %s", listener.describe())
+        notifier.ready(f"listening on {', '.join(lst.address for lst in listeners)}")
+        watchdog = asyncio.create_task(notifier.run(lambda: status_line(app)), name="systemd watchdog")
         if ready is not None:
             ready.set()
         await stop.wait()
         log.info("stopping: no new connections, stopping runners")
+        notifier.stopping("stopping: draining requests, stopping runners")
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        # The watchdog keeps pinging while requests drain and runners stop: that is still progress.
         await runner.cleanup()
-        with contextlib.suppress(FileNotFoundError):
-            settings.socket_path.unlink()
+        if watchdog is not None:
+            watchdog.cancel()
+        close_listeners(listeners)
         log.info("stopped")

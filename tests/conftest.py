@@ -67,9 +67,10 @@ class Daemon:
     """A real `runnerd serve` process with its own directories and socket."""
 
     def __init__(self, root: Path, llama_server: Path, models: dict[str, Path], env: dict[str, str],
-                 args: list[str]) -> None:
+                 args: list[str], launcher: list[str] | None = None, pass_fds: tuple[int, ...] = (),
+                 socket: Path | None = None) -> None:
         self.root = root
-        self.socket = root / "run" / "runnerd.sock"
+        self.socket = socket or root / "run" / "runnerd.sock"
         self.env = {
             **os.environ,
             "RUNNERD_RUNTIME_DIR": str(root / "run"),
@@ -85,8 +86,10 @@ class Daemon:
         self.env.pop("RUNNERD_CONFIG", None)
         model_args = [a for name, path in models.items() for a in ("--model", f"{name}={path}")]
         self.log = (root / "daemon.log").open("wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "runnerd.cli", "serve", *model_args, *args],
-                                     env=self.env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        # `launcher` goes before the command: e.g. tests/sd_launch.py, which hands sockets over as systemd does.
+        self.proc = subprocess.Popen([*(launcher or []), sys.executable, "-m", "runnerd.cli", "serve", *model_args,
+                                      *args], env=self.env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     pass_fds=pass_fds)
         self.http = httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://runnerd",
                                  timeout=120)
         self._wait_listening()
@@ -152,11 +155,13 @@ def make_daemon(llama_server: Path) -> Iterator[Any]:
     roots: list[str] = []
 
     def start(models: dict[str, Path] | None = None, env: dict[str, str] | None = None,
-              args: list[str] | None = None) -> Daemon:
+              args: list[str] | None = None, prepare: Any = None, **kw: Any) -> Daemon:
         # Short root: unix socket paths must fit in 108 bytes.
         root = tempfile.mkdtemp(prefix="rd-", dir="/tmp")
         roots.append(root)
-        d = Daemon(Path(root), llama_server, models or {}, env or {}, args or [])
+        if prepare is not None:
+            prepare(Path(root))  # e.g. leave state behind as a previous daemon would
+        d = Daemon(Path(root), llama_server, models or {}, env or {}, args or [], **kw)
         started.append(d)
         return d
 

@@ -32,7 +32,7 @@ def test_models_add_list_and_run(daemon, tiny_model):
 
 
 def test_interactive_run_reads_stdin_until_bye(daemon):
-    out = cli("run", "tiny", socket=daemon.socket, stdin="hello\nthe world\n/bye\nnever sent\n")
+    out = cli("run", "tiny", "--max-tokens", "4", socket=daemon.socket, stdin="hello\nthe world\n/bye\nnever sent\n")
     assert out.returncode == 0, out.stderr
 
 

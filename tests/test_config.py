@@ -66,3 +66,14 @@ def test_bad_config_is_named(tmp_path, text, fragment):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_short_variable_merges_with_the_file_and_leaves_the_environment_alone(monkeypatch, tmp_path):
+    cfg = tmp_path / "runnerd.toml"
+    cfg.write_text('[llamacpp]\nthreads = 3\nserver = "/from/file"\n')
+    monkeypatch.setenv("RUNNERD_LLAMA_SERVER", "/from/env")
+    s = load_settings(cfg)
+    assert (s.llamacpp.server, s.llamacpp.threads) == (Path("/from/env"), 3)
+    import os
+
+    assert "RUNNERD_LLAMACPP__SERVER" not in os.environ

@@ -30,7 +30,7 @@ def test_configured_context_and_threads_reach_the_engine(make_daemon, tiny_model
                                           "raw_runtime_flags": "--threads 1 --temp=0.25"})
     assert resp.status_code == 202, resp.text
     assert resp.json()["config"] == {"context_size": 1024, "runtime_flags": ["--threads", "1", "--temp", "0.25"]}
-    d.wait_for(lambda: [r["state"] for r in d.ps()] == ["ready"], what="background preload")
+    d.wait_for(lambda: [r["state"] for r in d.ps()] == ["idle"], what="background preload")
     (runner,) = d.ps()
     props = engine(runner).get("/props").json()
     assert props["default_generation_settings"]["n_ctx"] == 1024
@@ -42,7 +42,7 @@ def test_configured_context_and_threads_reach_the_engine(make_daemon, tiny_model
     # A different configuration restarts the idle runner; the new context reaches the new engine.
     resp = d.post("/engines/llama.cpp/_configure", {"model": "tiny", "context_size": 2048})
     assert resp.status_code == 202 and resp.json()["restarted"] is True
-    d.wait_for(lambda: [(r["state"], r["pid"] != runner["pid"]) for r in d.ps()] == [("ready", True)],
+    d.wait_for(lambda: [(r["state"], r["pid"] != runner["pid"]) for r in d.ps()] == [("idle", True)],
                what="restarted runner")
     assert engine(d.ps()[0]).get("/props").json()["default_generation_settings"]["n_ctx"] == 2048
     listed = d.http.get("/engines/_configure", params={"model": "tiny"}).json()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import gguf
 import httpx2 as httpx
 import pytest
 from aiohttp import web
@@ -13,6 +12,7 @@ from aiohttp import web
 from backends.base import BackendConfiguration, Capability, MemoryEstimate, Mode, ModelFormat, ModelRef
 from runnerd.config import load_settings
 from runnerd.server import bind_unix_socket, create_app
+from tests.tinymodels import write_alien_model
 
 pytestmark = pytest.mark.engine
 
@@ -89,14 +89,7 @@ def test_register_rejects_bad_paths_and_names(daemon, tmp_path):
 
 
 def test_model_the_engine_cannot_load_gives_its_reason(daemon, tmp_path):
-    path = tmp_path / "alien.gguf"
-    w = gguf.GGUFWriter(str(path), "nosucharch")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", __import__("numpy").zeros((4, 4), dtype="float32"))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = write_alien_model(tmp_path / "alien.gguf")
     assert daemon.post("/models", {"name": "alien", "path": str(path)}).status_code == 201
     resp = daemon.post("/engines/v1/completions", {"model": "alien", "prompt": "x"})
     err = assert_openai_error(resp, 500, "runner_model_load_failed")

@@ -92,3 +92,15 @@ def write_tiny_llama(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_alien_model(path: Path) -> Path:
+    """A well-formed GGUF of an architecture llama.cpp does not know: it always fails to load."""
+    w = gguf.GGUFWriter(str(path), "nosucharch")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from backends.base import (
     RunnerOutput,
 )
 from backends.flags import FlagError, validate_runtime_flags
-from backends.gguf import GGUFParseError, read_header
+from backends.gguf import GGUFHeader, GGUFParseError, read_header
 from backends.llamacpp.argv import LaunchOptions, build_argv, build_env
 from backends.llamacpp.errors import LLAMACPP_EXIT_PATTERNS
 from backends.llamacpp.install import (
@@ -32,6 +33,7 @@ from backends.llamacpp.install import (
     cached_binary,
     cmake_options,
 )
+from backends.llamacpp.memory import estimate, settings_from_config
 from backends.llamacpp.templates import fallback_chat_template
 from backends.process import run_process
 
@@ -164,7 +166,14 @@ class LlamaCppBackend:
                           grace=self.stop_grace, exit_patterns=LLAMACPP_EXIT_PATTERNS)
 
     def required_memory(self, model: ModelRef, mode: Mode, config: BackendConfiguration) -> MemoryEstimate:
-        return MemoryEstimate.unknown("llama.cpp memory estimation is not available yet")
+        """From the GGUF header and the settings this backend would start llama-server with."""
+        try:
+            header = cached_header(model.path)
+        except (GGUFParseError, OSError) as exc:
+            return MemoryEstimate.unknown(f"cannot read {model.path.name}: {exc}")
+        settings = settings_from_config(mode, config, self.launch.default_context_size, self.launch.use_gpu,
+                                        gpu_layers=self.launch.gpu_layers)
+        return estimate(header, settings)
 
 
 def binary_error(exc: BaseException) -> str:
@@ -177,12 +186,23 @@ class ModelTraits:
     fallback_template: str | None = None
 
 
+@functools.lru_cache(maxsize=64)
+def _header(path: Path, mtime_ns: int, size: int) -> GGUFHeader:
+    return read_header(path)
+
+
+def cached_header(path: Path) -> GGUFHeader:
+    """A model's header, read once per version of the file (big vocabularies take tens of ms)."""
+    st = path.stat()
+    return _header(path, st.st_mtime_ns, st.st_size)
+
+
 def model_traits(path: Path) -> ModelTraits:
     """What the header says that changes the command line: a pooling type (then llama-server must
     not be given one) and a missing chat template (then runnerd supplies one if it knows the family)."""
     try:
-        header = read_header(path)
-    except GGUFParseError:
+        header = cached_header(path)
+    except (GGUFParseError, OSError):
         return ModelTraits()  # llama-server will report the problem itself, with its own words
     return ModelTraits(
         pooling_in_file=header.arch_get("pooling_type") is not None,

@@ -13,6 +13,8 @@ from backends.base import Backend
 from runnerd.api.errors import ApiError
 from runnerd.config import Settings
 from runnerd.configs import ConfigStore
+from runnerd.jobs import JobManager
+from runnerd.metrics import Metrics
 from runnerd.scheduler import Scheduler
 from runnerd.store import ModelStore
 
@@ -25,6 +27,8 @@ class Daemon:
     backends: Mapping[str, Backend]
     configs: ConfigStore
     started_at: float = field(default_factory=time.time)
+    jobs: JobManager = field(default_factory=JobManager)
+    metrics: Metrics = field(default_factory=Metrics)
 
     def backend(self, name: str) -> Backend:
         try:

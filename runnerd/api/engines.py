@@ -17,7 +17,7 @@ from runnerd.api.errors import ApiError
 from runnerd.configs import effective_configuration
 from runnerd.durations import parse_keep_alive
 from runnerd.proxy import forward, runner_error
-from runnerd.scheduler import UNSET, Lease, RunnerKey, Unset
+from runnerd.scheduler import UNSET, Lease, RunnerKey, SchedulingError, Unset
 from runnerd.store import ModelEntry, StoreError
 
 
@@ -118,6 +118,10 @@ async def lease_runner(d: Daemon, backend: Backend, model: ModelEntry, mode: Mod
     key = RunnerKey(backend.name, model.name, mode)
     try:
         return await d.scheduler.acquire(key, model.ref(), config, keep_alive)
+    except SchedulingError as exc:
+        headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else None
+        code = {507: "insufficient_memory", 503: "model_unavailable"}.get(exc.status, "scheduling_error")
+        raise ApiError(exc.status, str(exc), code=code, type="server_error", headers=headers) from exc
     except RunnerError as exc:
         raise runner_error(model.name, exc) from exc
     except BackendError as exc:

@@ -13,6 +13,7 @@ from backends.base import BackendConfiguration
 from runnerd.api.context import daemon, over_unix_socket
 from runnerd.api.engines import find_model, read_json_body
 from runnerd.api.errors import ApiError
+from runnerd.api.estimate import describe, model_estimate
 from runnerd.durations import parse_keep_alive
 from runnerd.store import ModelEntry, StoreError
 
@@ -36,7 +37,8 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def show_model(request: web.Request) -> web.Response:
     d = daemon(request)
-    return web.json_response(model_json(find_model(d, request.match_info["name"])))
+    model = find_model(d, request.match_info["name"])
+    return web.json_response({**model_json(model), **await describe(d, model)})
 
 
 def _validated(payload: dict[str, Any]) -> AddModelRequest:
@@ -75,4 +77,6 @@ async def add_model(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/models", list_models)
     app.router.add_post("/models", add_model)
+    # Before the greedy show route, which would otherwise swallow ".../estimate".
+    app.router.add_get("/models/{name:.+}/estimate", model_estimate)
     app.router.add_get("/models/{name:.+}", show_model)

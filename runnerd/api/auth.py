@@ -1,0 +1,82 @@
+"""Bearer-token authentication for requests that arrive over TCP.
+
+The unix socket is guarded by its file mode (0660, owner and group only), so requests through it
+are trusted. Everything that arrives any other way needs `Authorization: Bearer <token>`, except
+`GET /health`, which load balancers and parent schedulers probe without credentials.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from runnerd.api.context import over_unix_socket
+from runnerd.api.errors import ApiError
+
+HTTP_TOKEN = web.AppKey("http_token", str)
+
+
+class TokenError(Exception):
+    """The token file cannot be used; the message names the file and the problem."""
+
+
+def load_token(path: Path) -> str:
+    """The token in `path`, surrounding whitespace stripped."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TokenError(f"cannot read the HTTP token file {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise TokenError(f"the HTTP token file {path} is not UTF-8 text") from exc
+    token = text.strip()
+    if not token:
+        raise TokenError(f"the HTTP token file {path} is empty")
+    if any(c.isspace() or not c.isprintable() for c in token):
+        raise TokenError(f"the token in {path} contains spaces or control characters; a bearer token is one word")
+    return token
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
+def token_matches(presented: str, expected: str) -> bool:
+    """Constant-time comparison. compare_digest is only constant-time for inputs of equal length,
+    so both sides are hashed first: the time taken says nothing about the token or its length."""
+    return hmac.compare_digest(_digest(presented), _digest(expected))
+
+
+def bearer_token(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return value.strip() or None
+
+
+def _unauthenticated(presented: bool) -> ApiError:
+    challenge = 'Bearer realm="runnerd"' + (', error="invalid_token"' if presented else "")
+    message = ("invalid bearer token" if presented else
+               "this route needs 'Authorization: Bearer <token>' over TCP")
+    return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": challenge})
+
+
+def _open_route(request: web.Request) -> bool:
+    return request.path == "/health" and request.method in ("GET", "HEAD")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if over_unix_socket(request) or _open_route(request):
+        return await handler(request)
+    expected = request.app.get(HTTP_TOKEN)
+    presented = bearer_token(request.headers.get("Authorization"))
+    # No token configured cannot happen with a TCP listener (serve refuses to start); fail closed anyway.
+    if expected is None or presented is None or not token_matches(presented, expected):
+        return _unauthenticated(presented is not None).response()
+    return await handler(request)

@@ -1,0 +1,107 @@
+"""GET /models/{name}/estimate: what a model would cost, from its header, with the settings runnerd
+would run it with (the model's stored configuration), optionally changed by query parameters."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from backends.base import Backend, BackendConfiguration, MemoryEstimate, Mode, ModelFormat
+from backends.flags import FlagError, validate_runtime_flags
+from backends.gguf import GGUFParseError
+from backends.llamacpp import cached_header
+from backends.llamacpp.summary import summarize
+from runnerd.api.context import Daemon, daemon
+from runnerd.api.engines import choose_backend, find_model
+from runnerd.api.errors import ApiError
+from runnerd.configs import effective_configuration
+from runnerd.store import ModelEntry
+
+# query parameter -> the engine flag it stands for; each value is validated like a runtime flag.
+FLAG_PARAMS = {
+    "parallel": "--parallel",
+    "cache_type_k": "--cache-type-k",
+    "cache_type_v": "--cache-type-v",
+    "gpu_layers": "--gpu-layers",
+    "flash_attn": "--flash-attn",
+    "batch_size": "--batch-size",
+    "ubatch_size": "--ubatch-size",
+}
+_KNOWN = frozenset({"ctx", "mode", *FLAG_PARAMS})
+
+
+def _mode(query: Any) -> Mode:
+    raw = query.get("mode", Mode.COMPLETION.value)
+    try:
+        return Mode(raw)
+    except ValueError:
+        raise ApiError(400, f"unknown mode {raw!r}; use one of: {', '.join(m.value for m in Mode)}",
+                       param="mode") from None
+
+
+def _ctx(query: Any) -> int | None:
+    raw = query.get("ctx")
+    if raw is None:
+        return None
+    if not raw.isdigit() or not 0 < int(raw) <= 1 << 24:
+        raise ApiError(400, f"ctx must be a whole number of tokens from 1 to {1 << 24}, got {raw!r}", param="ctx")
+    return int(raw)
+
+
+def _flags(backend: Backend, query: Any) -> list[str]:
+    flags: list[str] = []
+    for param, flag in FLAG_PARAMS.items():
+        if param in query:
+            try:
+                flags += validate_runtime_flags(backend.name, [flag, query[param]])
+            except FlagError as exc:
+                raise ApiError(400, f"{param}: {exc.reason}", param=param) from exc
+    return flags
+
+
+def requested_configuration(d: Daemon, backend: Backend, model: ModelEntry, query: Any) -> \
+        tuple[Mode, BackendConfiguration]:
+    unknown = sorted(set(query) - _KNOWN)
+    if unknown:
+        raise ApiError(400, f"unknown query parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(_KNOWN))}",
+                       param=unknown[0])
+    mode = _mode(query)
+    base = effective_configuration(model.config, d.configs.get(model.name, mode))
+    ctx = _ctx(query)
+    extra = _flags(backend, query)
+    config = base.model_copy(update={"context_size": ctx or base.context_size,
+                                     "runtime_flags": [*base.runtime_flags, *extra]})
+    return mode, config
+
+
+def estimate_json(model: ModelEntry, mode: Mode, config: BackendConfiguration, result: MemoryEstimate) -> \
+        dict[str, Any]:
+    return {"model": model.name, "mode": mode.value, "context_size": config.context_size,
+            "runtime_flags": config.runtime_flags, **result.model_dump(mode="json")}
+
+
+async def model_estimate(request: web.Request) -> web.Response:
+    d = daemon(request)
+    model = find_model(d, request.match_info["name"])
+    backend = choose_backend(d, None, model)
+    mode, config = requested_configuration(d, backend, model, request.query)
+    result = await asyncio.to_thread(backend.required_memory, model.ref(), mode, config)
+    return web.json_response(estimate_json(model, mode, config, result))
+
+
+async def describe(d: Daemon, model: ModelEntry) -> dict[str, Any]:
+    """What GET /models/{name} adds to the registry entry: the header summary and the estimate for
+    the settings runnerd would use."""
+    if model.format is not ModelFormat.GGUF:
+        return {}
+    backend = choose_backend(d, None, model)
+    config = effective_configuration(model.config, d.configs.get(model.name, Mode.COMPLETION))
+    try:
+        header = await asyncio.to_thread(cached_header, model.path)
+    except (GGUFParseError, OSError) as exc:
+        return {"summary": None, "estimate": MemoryEstimate.unknown(str(exc)).model_dump(mode="json")}
+    result = await asyncio.to_thread(backend.required_memory, model.ref(), Mode.COMPLETION, config)
+    return {"summary": summarize(header).model_dump(mode="json"),
+            "estimate": estimate_json(model, Mode.COMPLETION, config, result)}

@@ -1,0 +1,261 @@
+"""Observability routes: GET /metrics (Prometheus) and GET /logs (the daemon's and runners' logs).
+
+The request middleware does two metric observations per request plus one when the headers go out
+(time to first byte); it never parses a body. The model label comes from the proxy, which knows
+which registered model a request was served by, so unknown names never become label values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from backends.base import Mode
+from runnerd.api.context import DAEMON, Daemon, daemon
+from runnerd.api.errors import ApiError
+from runnerd.logs import DAEMON_LOG
+from runnerd.metrics import REQUEST_MODEL
+from runnerd.scheduler import RunnerInfo, RunnerKey, RunnerState
+from runnerd.store import StoreError, canonical_name
+
+_STARTED = web.RequestKey("started", float)
+_SCRAPE_TIMEOUT = 1.0
+_FOLLOW_POLL = 0.25
+_TAIL_BYTES = 1024 * 1024
+LOGS_CLOSING = web.AppKey("logs_closing", asyncio.Event)
+
+
+# --- request metrics ---------------------------------------------------------------------------
+
+def _route(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request[_STARTED] = started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = 499  # the client went away first
+        raise
+    finally:
+        request.app[DAEMON].metrics.observe_request(_route(request), request.get(REQUEST_MODEL, ""), status,
+                                                    time.perf_counter() - started)
+
+
+async def _on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    started = request.get(_STARTED)
+    if started is not None:
+        request.app[DAEMON].metrics.observe_first_byte(_route(request), request.get(REQUEST_MODEL, ""),
+                                                       time.perf_counter() - started)
+
+
+# --- /metrics ----------------------------------------------------------------------------------
+
+async def scrape_runner(info: RunnerInfo, timeout: float = _SCRAPE_TIMEOUT) -> str | None:
+    """The runner's own /metrics text over its unix socket, or None if it did not answer in time."""
+    try:
+        connector = aiohttp.UnixConnector(path=info.socket)
+        timeouts = aiohttp.ClientTimeout(total=timeout)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeouts) as session, \
+                session.get("http://runner/metrics") as resp:
+            return await resp.text() if resp.status == 200 else None
+    except (aiohttp.ClientError, TimeoutError, OSError):
+        return None
+
+
+def _parse(text: str) -> list[Metric] | None:
+    try:
+        return list(text_string_to_metric_families(text))
+    except ValueError:
+        return None
+
+
+def runner_families(scraped: Iterable[tuple[RunnerInfo, str | None]]) -> list[Metric]:
+    """Every runner's samples, each labelled with its runner, merged into one family per name
+    (the text format allows a family only once), plus whether each runner could be scraped."""
+    up = GaugeMetricFamily("runnerd_runner_metrics_up", "Whether a ready runner's own metrics could be read",
+                           labels=["backend", "model", "mode"])
+    merged: dict[str, Metric] = {}
+    for info, text in scraped:
+        labels = {"backend": info.backend, "model": info.model, "mode": str(info.mode)}
+        families = _parse(text) if text is not None else None
+        up.add_metric(list(labels.values()), 0 if families is None else 1)
+        for family in families or []:
+            if family.name.startswith("runnerd_"):
+                continue  # an engine cannot speak for the daemon
+            target = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            if target.type != family.type:
+                continue
+            for sample in family.samples:
+                target.add_sample(sample.name, {**sample.labels, **labels}, sample.value, sample.timestamp)
+    return [up, *merged.values()]
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    d = daemon(request)
+    # A ready runner with nothing in flight shows as idle: both answer /metrics.
+    ready = [r for r in d.scheduler.ps() if r.state in (RunnerState.READY, RunnerState.IDLE)]
+    texts = await asyncio.gather(*(scrape_runner(r) for r in ready))
+    registry = CollectorRegistry()
+    registry.register(d.metrics.registry)
+    registry.register(_Families(runner_families(zip(ready, texts, strict=True))))
+    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return web.Response(body=encode(registry), headers={"Content-Type": content_type})
+
+
+# --- /logs -------------------------------------------------------------------------------------
+
+class LogsQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    runner: str | None = Field(default=None, min_length=1, max_length=300, description="a model's runner logs")
+    mode: Mode | None = None
+    follow: bool = False
+    tail: int = Field(default=200, ge=0, le=10_000)
+
+
+def _runner_logs(d: Daemon, name: str, mode: Mode | None) -> list[tuple[str, Path]]:
+    """(mode, log file) for each runner of the model, running or not: logs outlive their runners."""
+    try:
+        model = canonical_name(name)
+    except StoreError as exc:
+        raise ApiError(400, str(exc), param="runner") from exc
+    found: dict[Path, str] = {}
+    for info in d.scheduler.ps():
+        if info.model == model and info.log_path and (mode is None or info.mode == mode):
+            found[Path(info.log_path)] = str(info.mode)
+    log_dir = d.settings.runner_log_dir
+    for backend in d.backends:
+        for m in [mode] if mode is not None else list(Mode):
+            path = log_dir / f"{RunnerKey(backend, model, m).slug}.log"
+            if path.is_file():
+                found.setdefault(path, str(m))
+    if not found:
+        raise ApiError(404, f"no runner logs for {model}" + (f" ({mode})" if mode else ""), code="logs_not_found",
+                       param="runner")
+    return [(m, p) for p, m in sorted(found.items(), key=lambda item: item[1])]
+
+
+def _read_lines(path: Path, position: int, partial: bool) -> tuple[list[str], int]:
+    """Lines written at or after `position` (a truncated file starts over); a line still being
+    written is left for next time unless `partial`."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, 2)
+            position = 0 if size < position else position
+            f.seek(position)
+            data = f.read(size - position)
+    except OSError:
+        return [], position
+    if not partial:
+        data = data[: data.rfind(b"\n") + 1]
+    return data.decode("utf-8", "replace").splitlines(), position + len(data)
+
+
+def _tail_file(path: Path, count: int, partial: bool) -> tuple[list[str], int]:
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return [], 0
+    start = max(0, size - _TAIL_BYTES)
+    lines, end = _read_lines(path, start, partial)
+    if start > 0:
+        lines = lines[1:]  # cut mid-line
+    return (lines[-count:] if count else []), end
+
+
+def _prefixed(label: str | None, lines: list[str]) -> list[str]:
+    return [f"[{label}] {line}" for line in lines] if label else lines
+
+
+async def _send(response: web.StreamResponse, lines: list[str]) -> None:
+    if lines:
+        await response.write(("\n".join(lines) + "\n").encode())
+
+
+async def _follow(request: web.Request, response: web.StreamResponse, files: list[tuple[str, Path]],
+                  positions: list[int], seq: int) -> None:
+    closing = request.app[LOGS_CLOSING]
+    while not closing.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(closing.wait(), _FOLLOW_POLL)
+        if not files:
+            lines, seq = DAEMON_LOG.since(seq)
+            await _send(response, lines)
+        for i, (mode, path) in enumerate(files):
+            lines, positions[i] = await asyncio.to_thread(_read_lines, path, positions[i], False)
+            await _send(response, _prefixed(mode if len(files) > 1 else None, lines))
+
+
+async def get_logs(request: web.Request) -> web.StreamResponse:
+    """The daemon's recent log lines, or with ?runner=MODEL that model's runner logs; follow=true
+    keeps the response open and sends new lines as they are written."""
+    d = daemon(request)
+    try:
+        query = LogsQuery.model_validate(dict(request.query))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise ApiError(400, f"invalid logs query: {field}: {err['msg']}", param=field) from exc
+    files = _runner_logs(d, query.runner, query.mode) if query.runner else []
+    lines: list[str] = []
+    positions: list[int] = []
+    seq = 0
+    if not files:
+        lines, seq = DAEMON_LOG.tail(query.tail)
+    for mode, path in files:
+        # Up to a MiB per file: read off the event loop, which proxies inference meanwhile.
+        tail, end = await asyncio.to_thread(_tail_file, path, query.tail, not query.follow)
+        lines += _prefixed(mode if len(files) > 1 else None, tail)
+        positions.append(end)
+    if not query.follow:
+        return web.Response(text="\n".join(lines) + "\n" if lines else "", content_type="text/plain")
+    response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+    await response.prepare(request)
+    await _send(response, lines)
+    with contextlib.suppress(ConnectionResetError):
+        await _follow(request, response, files, positions, seq)
+        await response.write_eof()
+    return response
+
+
+def add_routes(app: web.Application) -> None:
+    app[LOGS_CLOSING] = asyncio.Event()
+    app.router.add_get("/metrics", get_metrics)
+    app.router.add_get("/logs", get_logs)
+    app.on_response_prepare.append(_on_response_prepare)
+
+    async def end_follows(app: web.Application) -> None:
+        app[LOGS_CLOSING].set()
+
+    app.on_shutdown.append(end_follows)

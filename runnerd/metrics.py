@@ -1,0 +1,164 @@
+"""The daemon's own Prometheus metrics, and the scheduler instrumentation that feeds them.
+
+Every app has its own registry (tests start several daemons in one process). Request metrics are
+two observations per request and cost microseconds; runner events are counted by watching each
+runner's lifecycle from the side, so the scheduler's request path gains nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from typing_extensions import override
+
+from runnerd.scheduler import Runner, RunnerInfo, RunnerKey, RunnerState, Scheduler, spawn
+
+# Requests: from sub-millisecond answers to long generations.
+_REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_RUNNER = ("backend", "model", "mode")
+# Set on a request by the proxy once it knows which registered model serves it.
+REQUEST_MODEL = web.RequestKey("model", str)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("runnerd_requests", "HTTP requests answered, by route, model and status",
+                                ["route", "model", "status"], registry=r)
+        self.request_seconds = Histogram("runnerd_request_duration_seconds",
+                                         "Time from request to the handler's return (streams: to their end)",
+                                         ["route", "model"], buckets=_REQUEST_BUCKETS, registry=r)
+        self.ttfb_seconds = Histogram("runnerd_time_to_first_byte_seconds",
+                                      "Time from request until the response headers were sent",
+                                      ["route", "model"], buckets=_REQUEST_BUCKETS, registry=r)
+        self.loads = Counter("runnerd_runner_loads", "Runner starts, by outcome (ready, failed, cancelled)",
+                             [*_RUNNER, "outcome"], registry=r)
+        self.load_seconds = Histogram("runnerd_runner_load_duration_seconds", "Time from start to ready",
+                                      _RUNNER, buckets=_LOAD_BUCKETS, registry=r)
+        self.evictions = Counter("runnerd_runner_evictions",
+                                 "Loaded runners stopped by runnerd, by reason (idle, unload, memory, shutdown)",
+                                 [*_RUNNER, "reason"], registry=r)
+        self.crashes = Counter("runnerd_runner_crashes", "Loaded runners whose engine died on its own",
+                               [*_RUNNER, "reason"], registry=r)
+
+        # labels() takes a lock and builds a key each call; the request path looks children up here instead.
+        self._counted: dict[tuple[str, str, str], Any] = {}
+        self._timed: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def observe_request(self, route: str, model: str, status: int, seconds: float) -> None:
+        key = (route, model, str(status))
+        counter = self._counted.get(key)
+        if counter is None:
+            counter = self._counted[key] = self.requests.labels(*key)
+        counter.inc()
+        self._histograms(route, model)[0].observe(seconds)
+
+    def observe_first_byte(self, route: str, model: str, seconds: float) -> None:
+        self._histograms(route, model)[1].observe(seconds)
+
+    def _histograms(self, route: str, model: str) -> tuple[Any, Any]:
+        pair = self._timed.get((route, model))
+        if pair is None:
+            pair = self._timed[(route, model)] = (self.request_seconds.labels(route, model),
+                                                  self.ttfb_seconds.labels(route, model))
+        return pair
+
+    def observe_scheduler(self, scheduler: Scheduler) -> None:
+        self.registry.register(SchedulerCollector(scheduler))
+
+
+class SchedulerCollector(Collector):
+    """Read at scrape time: the load queue, what the runners hold, and in which state they are."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    def collect(self) -> Iterator[Metric]:
+        runners = self.scheduler.ps()
+        yield GaugeMetricFamily("runnerd_queue_depth", "Loads waiting for memory to start",
+                                value=self.scheduler.queue_depth)
+        reserved = GaugeMetricFamily("runnerd_memory_reserved_bytes",
+                                     "Memory runners hold: their estimates and what is measured",
+                                     labels=["kind", "source"])
+        known = [r.memory for r in runners if r.memory.known]
+        reserved.add_metric(["ram", "estimate"], sum(m.ram_bytes for m in known))
+        reserved.add_metric(["vram", "estimate"], sum(m.vram_bytes for m in known))
+        reserved.add_metric(["ram", "measured"], sum(r.measured_ram_bytes for r in runners))
+        reserved.add_metric(["vram", "measured"], sum(r.measured_vram_bytes for r in runners))
+        yield reserved
+        states = GaugeMetricFamily("runnerd_runners", "Runners by state", labels=["state"])
+        for state in RunnerState:
+            states.add_metric([state.value], sum(1 for r in runners if r.state is state))
+        yield states
+
+
+class ObservedScheduler(Scheduler):
+    """The scheduler, with its runners' loads, evictions and crashes counted.
+
+    Each runner is watched from the moment it is started until it exits: a runner that dies after it
+    was ready without being asked to stop crashed; one that was asked to stop was evicted, for the
+    reason noted when the stop was asked for (idle keep-alive, an unload, shutdown), else to make
+    room for another model. Nothing here runs on a request's path.
+    """
+
+    def __init__(self, *args: Any, metrics: Metrics, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.metrics = metrics
+        self._stop_reasons: dict[Runner, str] = {}
+        self._stopping_all = False
+        metrics.observe_scheduler(self)
+
+    @override
+    def _start(self, *args: Any, **kwargs: Any) -> Runner:
+        runner = super()._start(*args, **kwargs)
+        spawn(self._watch(runner), name=f"watch {runner.key.slug}")
+        return runner
+
+    @override
+    async def _expire(self, runner: Runner) -> None:
+        if runner.active == 0 and runner.state is RunnerState.READY:
+            self._stop_reasons.setdefault(runner, "idle")
+        await super()._expire(runner)
+
+    @override
+    async def unload(self, *, backend: str | None = None, models: list[str] | None = None) -> list[RunnerInfo]:
+        for info in self.ps():
+            if (backend is None or info.backend == backend) and (models is None or info.model in models):
+                runner = self.runner(RunnerKey(info.backend, info.model, info.mode))
+                if runner is not None:
+                    self._stop_reasons.setdefault(runner, "unload")
+        return await super().unload(backend=backend, models=models)
+
+    @override
+    async def shutdown(self) -> None:
+        self._stopping_all = True
+        await super().shutdown()
+
+    async def _watch(self, runner: Runner) -> None:
+        labels = (runner.key.backend, runner.key.model, runner.key.mode)
+        started = time.monotonic()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await runner.wait_loaded()
+        if not runner.loaded_ok:
+            outcome = "cancelled" if runner.stop_requested else "failed"
+            self.metrics.loads.labels(*labels, outcome).inc()
+            self._stop_reasons.pop(runner, None)
+            return
+        self.metrics.loads.labels(*labels, "ready").inc()
+        self.metrics.load_seconds.labels(*labels).observe(time.monotonic() - started)
+        await runner.wait_exited()
+        reason = self._stop_reasons.pop(runner, None)
+        if not runner.stop_requested:
+            self.metrics.crashes.labels(*labels, runner.error.reason if runner.error else "exited").inc()
+        else:
+            self.metrics.evictions.labels(*labels, reason or ("shutdown" if self._stopping_all else "memory")).inc()
