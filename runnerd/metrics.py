@@ -17,9 +17,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from typing_extensions import override
 
-from runnerd.scheduler import Runner, RunnerInfo, RunnerKey, RunnerState, Scheduler, spawn
+from runnerd.scheduler import Runner, RunnerState, Scheduler, spawn
 
 # Requests: from sub-millisecond answers to long generations.
 _REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -102,47 +101,18 @@ class SchedulerCollector(Collector):
         yield states
 
 
-class ObservedScheduler(Scheduler):
-    """The scheduler, with its runners' loads, evictions and crashes counted.
+class RunnerWatcher:
+    """Counts each runner's load, eviction or crash by watching it from start to exit.
 
-    Each runner is watched from the moment it is started until it exits: a runner that dies after it
-    was ready without being asked to stop crashed; one that was asked to stop was evicted, for the
-    reason noted when the stop was asked for (idle keep-alive, an unload, shutdown), else to make
-    room for another model. Nothing here runs on a request's path.
+    A runner that dies after it was ready without being asked to stop crashed; one that was asked to
+    stop was evicted, for the reason the scheduler gave. Nothing here runs on a request's path.
     """
 
-    def __init__(self, *args: Any, metrics: Metrics, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self._stop_reasons: dict[Runner, str] = {}
-        self._stopping_all = False
-        metrics.observe_scheduler(self)
 
-    @override
-    def _start(self, *args: Any, **kwargs: Any) -> Runner:
-        runner = super()._start(*args, **kwargs)
+    def __call__(self, runner: Runner) -> None:
         spawn(self._watch(runner), name=f"watch {runner.key.slug}")
-        return runner
-
-    @override
-    async def _expire(self, runner: Runner) -> None:
-        if runner.active == 0 and runner.state is RunnerState.READY:
-            self._stop_reasons.setdefault(runner, "idle")
-        await super()._expire(runner)
-
-    @override
-    async def unload(self, *, backend: str | None = None, models: list[str] | None = None) -> list[RunnerInfo]:
-        for info in self.ps():
-            if (backend is None or info.backend == backend) and (models is None or info.model in models):
-                runner = self.runner(RunnerKey(info.backend, info.model, info.mode))
-                if runner is not None:
-                    self._stop_reasons.setdefault(runner, "unload")
-        return await super().unload(backend=backend, models=models)
-
-    @override
-    async def shutdown(self) -> None:
-        self._stopping_all = True
-        await super().shutdown()
 
     async def _watch(self, runner: Runner) -> None:
         labels = (runner.key.backend, runner.key.model, runner.key.mode)
@@ -152,13 +122,11 @@ class ObservedScheduler(Scheduler):
         if not runner.loaded_ok:
             outcome = "cancelled" if runner.stop_requested else "failed"
             self.metrics.loads.labels(*labels, outcome).inc()
-            self._stop_reasons.pop(runner, None)
             return
         self.metrics.loads.labels(*labels, "ready").inc()
         self.metrics.load_seconds.labels(*labels).observe(time.monotonic() - started)
         await runner.wait_exited()
-        reason = self._stop_reasons.pop(runner, None)
         if not runner.stop_requested:
             self.metrics.crashes.labels(*labels, runner.error.reason if runner.error else "exited").inc()
         else:
-            self.metrics.evictions.labels(*labels, reason or ("shutdown" if self._stopping_all else "memory")).inc()
+            self.metrics.evictions.labels(*labels, runner.stop_reason or "unknown").inc()

@@ -15,7 +15,7 @@ import hashlib
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from pathlib import Path
@@ -141,6 +141,7 @@ class Runner:
         self.expires_at: float | None = None
         self.error: RunnerError | None = None
         self.stop_requested = False
+        self.stop_reason: str | None = None  # why runnerd stopped it: idle, unload, memory, abandoned, ...
         self.session: aiohttp.ClientSession | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._process: asyncio.Task[None] | None = None
@@ -223,9 +224,11 @@ class Runner:
             await asyncio.wait_for(self._exited.wait(), timeout)
         return self.error if self._exited.is_set() else None
 
-    async def stop(self) -> None:
+    async def stop(self, reason: str) -> None:
         if self._process is None or self._process.done():
             return
+        if not self.stop_requested:
+            self.stop_reason = reason
         self.stop_requested = True
         self.state = RunnerState.STOPPING
         self.cancel_expiry()
@@ -300,13 +303,15 @@ class SchedulerLimits:
 
 class Scheduler:
     def __init__(self, backends: Mapping[str, Backend], *, runtime_dir: Path, log_dir: Path | None,
-                 default_keep_alive: KeepAlive, budget: Budget, limits: SchedulerLimits | None = None) -> None:
+                 default_keep_alive: KeepAlive, budget: Budget, limits: SchedulerLimits | None = None,
+                 on_start: Sequence[Callable[[Runner], object]] = ()) -> None:
         self.backends = backends
         self.runtime_dir = runtime_dir
         self.log_dir = log_dir
         self.default_keep_alive = default_keep_alive
         self.budget = budget
         self.limits = limits or SchedulerLimits()
+        self.on_start = list(on_start)  # observers (metrics) told of every runner it starts
         self.evictions = 0
         self._runners: dict[RunnerKey, Runner] = {}
         self._failures: dict[RunnerKey, _Failures] = {}
@@ -419,7 +424,7 @@ class Scheduler:
                 log.info("evicting model=%s mode=%s to make room for %s (needs %s, room %s)", victim.model.name,
                          victim.key.mode, key.model, need.describe(), room.describe())
                 self.evictions += 1
-                await victim.stop()
+                await victim.stop("memory")
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -443,6 +448,8 @@ class Scheduler:
                  needed(estimate).describe() if estimate.known else "unknown")
         runner.start(self.limits.readiness_timeout)
         spawn(self._follow(runner))
+        for observer in self.on_start:
+            observer(runner)
         return runner
 
     async def _follow(self, runner: Runner) -> None:
@@ -479,7 +486,7 @@ class Scheduler:
         if runner.state is RunnerState.LOADING:
             # Every client waiting for this load hung up: nobody wants it any more.
             log.info("cancelling load of model=%s: no one is waiting", runner.model.name)
-            spawn(runner.stop())
+            spawn(runner.stop("abandoned"))
             return
         if runner.state is not RunnerState.READY:
             return
@@ -495,9 +502,10 @@ class Scheduler:
     async def _expire(self, runner: Runner) -> None:
         if runner.active == 0 and runner.state is RunnerState.READY:
             log.info("runner idle, stopping model=%s mode=%s", runner.model.name, runner.key.mode)
-            await runner.stop()
+            await runner.stop("idle")
 
-    async def unload(self, *, backend: str | None = None, models: list[str] | None = None) -> list[RunnerInfo]:
+    async def unload(self, *, backend: str | None = None, models: list[str] | None = None,
+                     reason: str = "unload") -> list[RunnerInfo]:
         """Stop the runners that match (all when neither is given) and lift their back-off."""
 
         def matches(key: RunnerKey) -> bool:
@@ -507,7 +515,7 @@ class Scheduler:
             del self._failures[key]
         chosen = [r for r in list(self._runners.values()) if matches(r.key)]
         infos = [r.info() for r in chosen]
-        await asyncio.gather(*(r.stop() for r in chosen))
+        await asyncio.gather(*(r.stop(reason) for r in chosen))
         return infos
 
     def ps(self) -> list[RunnerInfo]:
@@ -517,4 +525,4 @@ class Scheduler:
 
     async def shutdown(self) -> None:
         self._closing = True
-        await self.unload()
+        await self.unload(reason="shutdown")

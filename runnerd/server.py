@@ -31,9 +31,9 @@ from runnerd.config import Settings, parse_listen
 from runnerd.configs import ConfigStore
 from runnerd.durations import parse_keep_alive
 from runnerd.engines import default_backends
-from runnerd.metrics import Metrics, ObservedScheduler
+from runnerd.metrics import Metrics, RunnerWatcher
 from runnerd.pidfiles import clean_up_previous_runners
-from runnerd.scheduler import RunnerState, SchedulerLimits
+from runnerd.scheduler import RunnerState, Scheduler, SchedulerLimits
 from runnerd.store import ModelStore
 from runnerd.systemd import Notifier, SocketActivationError, listen_fds
 
@@ -62,9 +62,10 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     limits = SchedulerLimits(readiness_timeout=settings.readiness_timeout, queue_timeout=settings.queue_timeout,
                              queue_size=settings.queue_size, max_runners=settings.max_runners,
                              min_residency=settings.min_residency, crash_backoff=settings.crash_backoff)
-    scheduler = ObservedScheduler(backends, runtime_dir=settings.runtime_dir, log_dir=settings.runner_log_dir,
-                                  default_keep_alive=parse_keep_alive(settings.keep_alive),
-                                  budget=Budget(settings.memory), limits=limits, metrics=metrics)
+    scheduler = Scheduler(backends, runtime_dir=settings.runtime_dir, log_dir=settings.runner_log_dir,
+                          default_keep_alive=parse_keep_alive(settings.keep_alive),
+                          budget=Budget(settings.memory), limits=limits, on_start=[RunnerWatcher(metrics)])
+    metrics.observe_scheduler(scheduler)
     # Outermost first: metrics see every answer (401s included); auth runs before any handler.
     app = web.Application(client_max_size=settings.max_body_bytes,
                           middlewares=[metrics_routes.metrics_middleware, auth_middleware, error_middleware])

@@ -143,7 +143,7 @@ async def configure(request: web.Request) -> web.Response:
                             "again once it is idle, or unload it first", code="runner_busy")
     d.configs.put(item)
     if restart and runner is not None:
-        await runner.stop()
+        await runner.stop("reconfigure")
     spawn(_preload(d, key, model, new), name=f"preload {model.name}")
     return web.json_response(_shown(item, restarted=restart), status=202)
 
