@@ -10,10 +10,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runnerd import __version__, cli_service
-from runnerd.client import ClientError, DaemonClient
+from runnerd.errors import ClientError
+
+if TYPE_CHECKING:
+    from runnerd.client import DaemonClient
 from runnerd.config import ConfigError, default_socket, load_settings
 from runnerd.logs import setup_logging
 
@@ -241,12 +244,13 @@ async def _estimate(client: DaemonClient, args: argparse.Namespace) -> Any:
 
     from runnerd.api.estimate import FLAG_PARAMS
 
-    path = Path(args.model)
-    if path.is_file():
-        result = await asyncio.to_thread(_estimate_locally, path, args)
-    else:
-        query = {p: getattr(args, p) for p in ("ctx", "mode", *FLAG_PARAMS) if getattr(args, p, None) is not None}
-        result = await client.request("GET", f"/models/{quote(args.model)}/estimate?{urlencode(query)}")
+    query = {p: getattr(args, p) for p in ("ctx", "mode", *FLAG_PARAMS) if getattr(args, p, None) is not None}
+    result = await client.request("GET", f"/models/{quote(args.model)}/estimate?{urlencode(query)}")
+    return result, lambda: _show_estimate(result)
+
+
+async def _estimate_file(args: argparse.Namespace) -> Any:
+    result = await asyncio.to_thread(_estimate_locally, Path(args.model), args)
     return result, lambda: _show_estimate(result)
 
 
@@ -263,28 +267,37 @@ def _show_summary(name: str, summary: dict[str, Any] | None) -> None:
 async def _inspect(client: DaemonClient, args: argparse.Namespace) -> Any:
     from urllib.parse import quote
 
-    path = Path(args.model)
-    if path.is_file():
-        from backends.gguf import GGUFParseError, read_header
-        from backends.llamacpp.summary import summarize
-
-        try:
-            summary = summarize(await asyncio.to_thread(read_header, path)).model_dump(mode="json")
-        except GGUFParseError as exc:
-            raise ClientError(str(exc)) from exc
-        return summary, lambda: _show_summary(str(path), summary)
     shown = await client.request("GET", f"/models/{quote(args.model)}")
     return shown.get("summary"), lambda: _show_summary(shown["name"], shown.get("summary"))
 
 
+async def _inspect_file(args: argparse.Namespace) -> Any:
+    from backends.gguf import GGUFParseError, read_header
+    from backends.llamacpp.summary import summarize
+
+    try:
+        summary = summarize(await asyncio.to_thread(read_header, Path(args.model))).model_dump(mode="json")
+    except GGUFParseError as exc:
+        raise ClientError(str(exc)) from exc
+    return summary, lambda: _show_summary(args.model, summary)
+
+
+LOCAL_COMMANDS = {"estimate": _estimate_file, "inspect": _inspect_file}
 CLIENT_COMMANDS = {"configure": _configure, "estimate": _estimate, "inspect": _inspect, "models.add": _models_add,
                    "models.list": _models_list, "ps": _ps, "status": _status, "unload": _unload, "run": _run}
 CLIENT_COMMANDS.update(cli_service.COMMANDS)
 
 
 async def _client_command(args: argparse.Namespace) -> int:
-    async with DaemonClient(args.socket or default_socket()) as client:
-        result, show = await CLIENT_COMMANDS[args.command_key](client, args)
+    local = LOCAL_COMMANDS.get(args.command_key)
+    if local is not None and Path(args.model).is_file():
+        # A model file on this host: answered here, without a daemon (nor aiohttp's import time).
+        result, show = await local(args)
+    else:
+        from runnerd.client import DaemonClient
+
+        async with DaemonClient(args.socket or default_socket()) as client:
+            result, show = await CLIENT_COMMANDS[args.command_key](client, args)
     if args.json and result is not None:
         _print_json(result)
     elif show is not None:

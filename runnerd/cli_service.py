@@ -6,9 +6,12 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from runnerd.client import ClientError, DaemonClient
+from runnerd.errors import ClientError
+
+if TYPE_CHECKING:
+    from runnerd.client import DaemonClient
 
 GiB = 1024**3
 MiB = 1024**2

@@ -10,9 +10,11 @@ from typing import Any
 
 import aiohttp
 
+from runnerd.errors import ClientError
 
-class ClientError(Exception):
-    """The daemon could not be reached or answered with an error; the message says which."""
+__all__ = ["ClientError", "DaemonClient"]
+
+
 
 
 def _error_message(status: int, text: str) -> str:
