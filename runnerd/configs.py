@@ -6,17 +6,16 @@ silently dropped: it is moved aside under a name that says so, and the problem i
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 
 from backends.base import BackendConfiguration, Mode
+from runnerd.atomic import write_atomically
 
 log = logging.getLogger("runnerd.configs")
 
@@ -58,20 +57,9 @@ class ConfigStore:
             return _ConfigFile()
 
     def _save(self, items: dict[tuple[str, Mode], StoredConfiguration]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = _ConfigFile(configurations=sorted(items.values(), key=lambda c: (c.model, c.mode)))
-        fd, tmp = tempfile.mkstemp(prefix=".configurations-", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                # exclude_unset keeps "not configured" apart from "configured to the default".
-                f.write(json.dumps(payload.model_dump(mode="json", exclude_unset=True), indent=2))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        # exclude_unset keeps "not configured" apart from "configured to the default".
+        write_atomically(self.path, json.dumps(payload.model_dump(mode="json", exclude_unset=True), indent=2).encode())
         self._items = items
 
     def get(self, model: str, mode: Mode) -> StoredConfiguration | None:
