@@ -61,15 +61,21 @@ class DaemonClient:
         except aiohttp.ClientError as exc:
             raise self._unreachable(exc) from exc
 
-    async def stream_ndjson(self, path: str) -> AsyncIterator[dict[str, Any]]:
-        """GET and yield each line of a newline-delimited JSON stream (job progress)."""
+    async def stream_ndjson(self, path: str, body: Any = None, method: str = "GET",
+                            error_lines: bool = False) -> AsyncIterator[dict[str, Any]]:
+        """Yield each line of a newline-delimited JSON stream (job or pull progress). With
+        `error_lines`, a line {"error": "..."} (a failure after the stream started) raises ClientError."""
         try:
-            async with self._session.get(f"http://runnerd{path}", headers={"Accept": "application/x-ndjson"}) as resp:
+            async with self._session.request(method, f"http://runnerd{path}", json=body,
+                                             headers={"Accept": "application/x-ndjson"}) as resp:
                 if resp.status >= 400:
                     raise ClientError(_error_message(resp.status, await resp.text()))
                 async for raw in resp.content:
                     if raw.strip():
-                        yield json.loads(raw)
+                        line = json.loads(raw)
+                        if error_lines and isinstance(line, dict) and isinstance(line.get("error"), str):
+                            raise ClientError(_error_message(int(line.get("status") or 500), raw.decode()))
+                        yield line
         except aiohttp.ClientError as exc:
             raise self._unreachable(exc) from exc
 

@@ -40,6 +40,7 @@ def write_tiny_llama(
     seed: int = 0,
     pooling_type: int | None = None,
     name: str = "tiny-llama",
+    split_max_tensors: int = 0,
 ) -> Path:
     """Write a 2-layer llama-architecture model with random weights (~600 KB) and return its path."""
     rng = np.random.default_rng(seed)
@@ -48,7 +49,8 @@ def write_tiny_llama(
     head_dim = n_embd // n_head
     n_embd_kv = head_dim * n_head_kv
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    # split_max_tensors > 0 writes llama.cpp split shards `<stem>-0000i-of-0000N.gguf` next to `path`.
+    w = gguf.GGUFWriter(str(path), "llama", split_max_tensors=split_max_tensors)
     w.add_name(name)
     w.add_context_length(n_ctx_train)
     w.add_embedding_length(n_embd)

@@ -1,8 +1,17 @@
-"""The model registry over HTTP: list, show and register models."""
+"""The model store over HTTP: list, show, register in place, pull (create), tag and remove models.
+
+POST /models/create streams NDJSON progress. The response is only started when the first progress
+report arrives, so a failure before any byte came (bad source, upstream 404, disk full up front) is a
+plain error response with its status; a failure after that is the stream's last line, {"error": ...}.
+The pull belongs to the request: a client that hangs up cancels it (its part file stays, so the next
+pull resumes). Concurrent pulls of the same URL share one download.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +24,10 @@ from runnerd.api.engines import find_model, read_json_body
 from runnerd.api.errors import ApiError
 from runnerd.api.estimate import describe, model_estimate
 from runnerd.durations import parse_keep_alive
+from runnerd.pull import PullProgress
 from runnerd.store import ModelEntry, StoreError
+
+NDJSON = "application/x-ndjson"
 
 
 class AddModelRequest(BaseModel):
@@ -70,13 +82,120 @@ async def add_model(request: web.Request) -> web.Response:
     try:
         entry = await asyncio.to_thread(store.add, spec.name, Path(spec.path), config)
     except StoreError as exc:
-        raise ApiError(exc.status, str(exc), code="invalid_model", param="path") from exc
+        raise ApiError(exc.status, str(exc), code=exc.code, param="path") from exc
+    return web.json_response(model_json(entry), status=201)
+
+
+def _api_error(exc: StoreError, param: str | None = None) -> ApiError:
+    return ApiError(exc.status, str(exc), code=exc.code, param=param,
+                    type="server_error" if exc.status >= 500 else None)
+
+
+def _parse(model: type[BaseModel], payload: dict[str, Any], what: str) -> Any:
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise ApiError(400, f"invalid {what}: {field}: {err['msg']}", param=field) from exc
+
+
+class CreateModelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=False)
+
+    source: str = Field(alias="from", min_length=1, max_length=4096)
+    name: str | None = Field(default=None, min_length=1, max_length=300)
+    sha256: str | None = Field(default=None, min_length=1, max_length=80)
+    mmproj: str | None = Field(default=None, min_length=1, max_length=4096)
+
+
+async def create_model(request: web.Request) -> web.StreamResponse:
+    spec: CreateModelRequest = _parse(CreateModelRequest, await read_json_body(request), "pull request")
+    if (spec.source.startswith("/") or (spec.mmproj or "").startswith("/")) and not over_unix_socket(request):
+        raise ApiError(403, "pulling from a local path is only allowed over the unix socket", code="local_only",
+                       param="from")
+    if not spec.source.startswith(("/", "http://", "https://", "hf://")):
+        raise ApiError(400, "'from' must be an absolute path, an http(s):// URL or hf://org/repo[/file][@revision]",
+                       code="invalid_source", param="from")
+    store = daemon(request).store
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[PullProgress] = asyncio.Queue()
+
+    def progress(p: PullProgress) -> None:
+        # Local imports report from a worker thread; the queue lives on the loop.
+        loop.call_soon_threadsafe(queue.put_nowait, p)
+
+    task = asyncio.create_task(store.pull(spec.source, spec.name, spec.sha256, progress, mmproj=spec.mmproj))
+    response: web.StreamResponse | None = None
+    try:
+        while True:
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                break
+            report = getter.result()
+            if report.phase == "success":
+                continue  # the final line carries the model instead
+            if response is None:
+                response = web.StreamResponse(status=200, headers={"Content-Type": NDJSON})
+                await response.prepare(request)
+            await response.write(report.model_dump_json(exclude_none=True).encode() + b"\n")
+        try:
+            entry = task.result()
+        except StoreError as exc:
+            if response is None:
+                raise _api_error(exc, "from") from exc
+            await response.write(json.dumps({"error": str(exc), "status": exc.status, "code": exc.code}).encode()
+                                 + b"\n")
+            await response.write_eof()
+            return response
+        final = {"phase": "success", "total": entry.size, "completed": entry.size, "model": model_json(entry)}
+        if response is None:
+            return web.json_response(final, status=201)
+        await response.write(json.dumps(final).encode() + b"\n")
+        await response.write_eof()
+        return response
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+async def delete_model(request: web.Request) -> web.Response:
+    d = daemon(request)
+    force = request.query.get("force", "").lower() in ("1", "true", "yes")
+    try:
+        entry = d.store.remove(request.match_info["name"], force=force)
+    except StoreError as exc:
+        raise _api_error(exc, "name") from exc
+    # Forced: stop the runners that still serve it (their open file stays valid until they exit).
+    stopped = await d.scheduler.unload(models=[entry.name]) if force else []
+    return web.json_response({"deleted": entry.name, "unloaded": len(stopped)})
+
+
+class TagRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=300)
+
+
+async def tag_model(request: web.Request) -> web.Response:
+    spec: TagRequest = _parse(TagRequest, await read_json_body(request), "tag request")
+    try:
+        entry = daemon(request).store.tag(request.match_info["name"], spec.name)
+    except StoreError as exc:
+        raise _api_error(exc, "name") from exc
     return web.json_response(model_json(entry), status=201)
 
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/models", list_models)
     app.router.add_post("/models", add_model)
+    app.router.add_post("/models/create", create_model)
+    app.router.add_post("/models/{name:.+}/tag", tag_model)
+    app.router.add_delete("/models/{name:.+}", delete_model)
     # Before the greedy show route, which would otherwise swallow ".../estimate".
     app.router.add_get("/models/{name:.+}/estimate", model_estimate)
     app.router.add_get("/models/{name:.+}", show_model)

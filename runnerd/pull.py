@@ -1,0 +1,455 @@
+"""Downloading model files: sources, HTTP with resume (Range), sha256 verification, atomic commit.
+
+This module knows nothing of manifests or names: it turns a source reference into a list of remote
+files and fetches one file into a resumable part file, verifying it. `runnerd.store` decides where
+blobs live and registers them.
+
+Resumption: each URL gets a part file `<partial>/<sha256(url)>.part` and a small JSON sidecar with
+the validator (ETag / Last-Modified) the bytes came with. A later attempt sends `Range` and
+`If-Range`, so a server whose file changed answers 200 and we start over instead of splicing two
+versions. The part file is the only thing a failed or cancelled download leaves behind; a part
+whose content fails verification is deleted (resuming it could never succeed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+from pydantic import BaseModel
+from yarl import URL
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_SPLIT = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+# A hub path segment (org, repo, file name part, revision): no traversal, no separators, no controls.
+_HF_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_HF_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+_MAX_REDIRECTS = 5
+_CHUNK = 1 << 20
+_MAX_SHARDS = 256
+
+
+class PullError(Exception):
+    """A pull failed; ``status`` is the HTTP status that fits (400 bad source, 404 upstream not
+    found, 502 upstream failure, 507 disk full)."""
+
+    def __init__(self, message: str, status: int = 502, code: str = "pull_failed") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class PullProgress(BaseModel):
+    """One progress report of a pull. `total`/`completed` are bytes over all files of the pull."""
+
+    phase: str  # "download", "verify", "commit", "success"
+    total: int | None = None
+    completed: int | None = None
+    file: str | None = None
+
+
+PullProgressCallback = Callable[[PullProgress], None]
+
+
+def valid_sha256(value: str) -> str:
+    digest = value.lower().removeprefix("sha256:")
+    if not _HEX64.match(digest):
+        raise PullError(f"sha256 must be 64 hexadecimal digits, got {value[:80]!r}", 400, "invalid_sha256")
+    return digest
+
+
+# --- sources -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RemoteFile:
+    url: str
+    name: str  # the file name (or relative path inside a repo directory) it is stored under
+    sha256: str | None = None
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a `from` reference means: a local path, or remote files (one, a split set, a repo)."""
+
+    kind: str  # "path", "url", "hf"
+    path: Path | None = None
+    files: tuple[RemoteFile, ...] = ()
+    hf_repo: str | None = None  # org/repo for a whole-repository pull (files listed later)
+    hf_revision: str = "main"
+    default_name: str = "model"
+
+
+def _name_part(text: str) -> str:
+    cleaned = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9._-]+", "-", text))[:120].strip("-._")
+    return cleaned or "model"
+
+
+def _strip_gguf(file_name: str) -> str:
+    m = _SPLIT.match(file_name)
+    stem = m.group("prefix") if m else file_name
+    return stem[:-5] if stem.lower().endswith(".gguf") else stem
+
+
+def split_names(file_name: str) -> list[str]:
+    """All shard names of a split GGUF given any shard's name; [file_name] for other names."""
+    m = _SPLIT.match(file_name)
+    if m is None:
+        return [file_name]
+    count, no = int(m.group("count")), int(m.group("no"))
+    if not 1 <= no <= count or count > _MAX_SHARDS:
+        raise PullError(f"shard {no} of {count} in {file_name!r} is impossible", 400, "invalid_source")
+    return [f"{m.group('prefix')}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+
+
+def _check_url(url: str) -> str:
+    # Printable ASCII only: anything else must be percent-encoded (no spaces, controls or look-alikes).
+    if len(url) > 4096 or any(not 0x21 <= ord(c) <= 0x7e for c in url):
+        raise PullError("URL is too long or contains spaces, control or non-ASCII characters (percent-encode "
+                        "them)", 400, "invalid_source")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PullError(f"only http(s):// URLs can be pulled, got {url[:200]!r}", 400, "invalid_source")
+    if parts.username or parts.password:
+        raise PullError("URLs with credentials are refused (use [huggingface] token_file)", 400, "invalid_source")
+    return url
+
+
+def parse_source(text: str, hf_base_url: str) -> Source:
+    """A `from` reference -> Source; PullError(400) for anything we will not fetch."""
+    if not isinstance(text, str) or not text or "\0" in text or len(text) > 4096:
+        raise PullError("'from' must be a non-empty path, http(s):// URL or hf://org/repo[/file][@revision]",
+                        400, "invalid_source")
+    if text.startswith("/"):
+        return Source(kind="path", path=Path(text), default_name=_name_part(_strip_gguf(Path(text).name)))
+    if text.startswith("hf://"):
+        return _parse_hf(text[5:], hf_base_url)
+    if text.startswith(("http://", "https://")):
+        url = _check_url(text)
+        file_name = PurePosixPath(urlsplit(url).path).name or "model.gguf"
+        if not _HF_SEGMENT.match(file_name) or ".." in file_name:
+            file_name = "model.gguf"
+        base = url[: len(url) - len(urlsplit(url).path)] + str(PurePosixPath(urlsplit(url).path).parent).rstrip("/")
+        names = split_names(file_name)
+        files = tuple(RemoteFile(url=url if n == file_name else f"{base}/{quote(n)}", name=n) for n in names)
+        return Source(kind="url", files=files, default_name=_name_part(_strip_gguf(file_name)))
+    scheme = text.split(":", 1)[0] if ":" in text else ""
+    raise PullError(f"unsupported source {text[:200]!r}" + (f" (scheme {scheme!r})" if scheme else "") +
+                    ": use an absolute path, an http(s):// URL or hf://org/repo[/file][@revision]",
+                    400, "invalid_source")
+
+
+def _parse_hf(ref: str, base_url: str) -> Source:
+    ref, _, revision = ref.partition("@")
+    revision = revision or "main"
+    if not _HF_REVISION.match(revision) or ".." in revision or "//" in revision:
+        raise PullError(f"invalid revision {revision[:100]!r} in hf:// reference", 400, "invalid_source")
+    parts = ref.split("/")
+    if len(parts) < 2 or not all(_HF_SEGMENT.match(p) and ".." not in p for p in parts):
+        raise PullError(f"invalid hf:// reference {ref[:200]!r}: expected hf://org/repo[/path/file.gguf]"
+                        "[@revision] with letters, digits, '.', '_' and '-'", 400, "invalid_source")
+    org, repo, path = parts[0], parts[1], parts[2:]
+    rev = quote(revision, safe="")
+    if not path:
+        return Source(kind="hf", hf_repo=f"{org}/{repo}", hf_revision=revision,
+                      default_name=f"{_name_part(org)}/{_name_part(repo)}:{_name_part(revision.replace('/', '-'))}"
+                      if revision != "main" else f"{_name_part(org)}/{_name_part(repo)}")
+    directory, file_name = "/".join(path[:-1]), path[-1]
+    prefix = f"{base_url}/{org}/{repo}/resolve/{rev}/" + (f"{directory}/" if directory else "")
+    files = tuple(RemoteFile(url=prefix + quote(n), name=n) for n in split_names(file_name))
+    return Source(kind="hf", files=files, hf_revision=revision,
+                  default_name=f"{_name_part(org)}/{_name_part(repo)}:{_name_part(_strip_gguf(file_name))}")
+
+
+# Files of a Hugging Face-format repository that a vLLM model directory needs.
+_REPO_FILE = re.compile(r"^(?:.*\.safetensors|.*\.json|tokenizer\.model|.*\.tiktoken|merges\.txt|vocab\.txt|"
+                        r".*\.jinja)$")
+
+
+def _safe_relative(path: str) -> bool:
+    parts = path.split("/")
+    return 0 < len(path) <= 512 and all(_HF_SEGMENT.match(p) and ".." not in p for p in parts)
+
+
+async def list_hf_repo(session: aiohttp.ClientSession, source: Source, base_url: str,
+                       headers: dict[str, str]) -> tuple[RemoteFile, ...]:
+    """The files of a whole hub repository that make a model directory (safetensors, config, tokenizer)."""
+    assert source.hf_repo is not None
+    rev = quote(source.hf_revision, safe="")
+    url = f"{base_url}/api/models/{source.hf_repo}/tree/{rev}?recursive=true"
+    try:
+        async with session.get(url, headers=headers, allow_redirects=False) as resp:
+            if resp.status == 404:
+                raise PullError(f"{source.hf_repo}@{source.hf_revision} was not found upstream", 404, "not_found")
+            if resp.status != 200:
+                raise PullError(f"listing {source.hf_repo} failed: upstream answered HTTP {resp.status}", 502)
+            raw = await resp.content.read(8 << 20)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise PullError(f"listing {source.hf_repo} failed: {exc or type(exc).__name__}", 502) from exc
+    try:
+        entries = json.loads(raw)
+        assert isinstance(entries, list)
+    except (ValueError, AssertionError) as exc:
+        raise PullError(f"listing {source.hf_repo} failed: the hub's answer is not a JSON list", 502) from exc
+    files: list[RemoteFile] = []
+    for entry in entries:
+        if not isinstance(entry, dict) or entry.get("type") != "file" or not isinstance(entry.get("path"), str):
+            continue
+        path = entry["path"]
+        if not _REPO_FILE.match(path.rsplit("/", 1)[-1]):
+            continue
+        if not _safe_relative(path):
+            raise PullError(f"the repository lists an unsafe file path {path[:200]!r}", 502, "unsafe_path")
+        lfs: dict[str, Any] = entry["lfs"] if isinstance(entry.get("lfs"), dict) else {}
+        oid = lfs.get("oid") if isinstance(lfs.get("oid"), str) and _HEX64.match(lfs["oid"]) else None
+        size = entry.get("size") if isinstance(entry.get("size"), int) else None
+        files.append(RemoteFile(url=f"{base_url}/{source.hf_repo}/resolve/{rev}/{quote(path)}", name=path,
+                                sha256=oid, size=size))
+    if not any(f.name.endswith(".safetensors") for f in files) or not any(f.name == "config.json" for f in files):
+        raise PullError(f"{source.hf_repo} is not a Hugging Face-format model directory (config.json and "
+                        "*.safetensors); name a GGUF file instead: hf://org/repo/file.gguf", 400, "invalid_source")
+    return tuple(sorted(files, key=lambda f: f.name))
+
+
+# --- download ------------------------------------------------------------------------------------
+
+@dataclass
+class Downloaded:
+    part: Path  # the verified file, ready to be moved into the blob store
+    meta: Path  # its sidecar, removed when the store commits the part
+    sha256: str
+    size: int
+
+
+@dataclass
+class FetchOptions:
+    read_timeout: float = 60.0
+    retries: int = 3
+    token: str | None = None
+    token_host: str | None = None  # the hub's host: the token is sent there and nowhere else
+
+
+def disk_full(exc: OSError) -> PullError:
+    return PullError(f"disk full while writing the model: {exc.strerror}", 507, "disk_full")
+
+
+def _part_paths(partial_dir: Path, url: str) -> tuple[Path, Path]:
+    key = hashlib.sha256(url.encode()).hexdigest()[:40]
+    return partial_dir / f"{key}.part", partial_dir / f"{key}.part.json"
+
+
+def _hash_file(path: Path, limit: int) -> Any:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        remaining = limit
+        while remaining > 0:
+            chunk = f.read(min(_CHUNK, remaining))
+            if not chunk:
+                break
+            h.update(chunk)
+            remaining -= len(chunk)
+    return h
+
+
+def _upstream_sha(headers: Any, from_hub: bool) -> str | None:
+    """The hub's sha256 of an LFS file: X-Linked-Etag, or from the hub itself an ETag of 64 hex digits
+    (other servers' ETags are opaque; one that happened to look like a sha256 must not fail a pull)."""
+    for key in ("X-Linked-Etag", "ETag") if from_hub else ("X-Linked-Etag",):
+        value = headers.get(key, "").strip().removeprefix("W/").strip('"').lower()
+        if _HEX64.match(value):
+            return str(value)
+    return None
+
+
+def _content_range_start(value: str) -> tuple[int, int | None] | None:
+    m = re.match(r"^bytes (\d+)-(\d+)/(\d+|\*)$", value.strip())
+    if m is None:
+        return None
+    return int(m.group(1)), None if m.group(3) == "*" else int(m.group(3))
+
+
+class _Retryable(Exception):
+    """The connection broke after some bytes arrived: resume with Range."""
+
+
+async def _open(session: aiohttp.ClientSession, url: str, headers: dict[str, str], opts: FetchOptions,
+                ) -> tuple[aiohttp.ClientResponse, str | None]:
+    """GET following at most 5 redirects by hand, to http(s) only; the token goes to the hub only."""
+    hub_sha: str | None = None
+    for _ in range(_MAX_REDIRECTS + 1):
+        host = urlsplit(url).hostname
+        sent = dict(headers)
+        if opts.token and host == opts.token_host:
+            sent["Authorization"] = f"Bearer {opts.token}"
+        timeout = aiohttp.ClientTimeout(total=None, connect=30, sock_read=opts.read_timeout)
+        resp = await session.get(url, headers=sent, allow_redirects=False, timeout=timeout,
+                                 auto_decompress=False)
+        hub_sha = hub_sha or _upstream_sha(resp.headers, host == opts.token_host)
+        if resp.status in (301, 302, 303, 307, 308):
+            location = resp.headers.get("Location", "")
+            resp.release()
+            try:
+                target = _check_url(str(resp.url.join(URL(location))))
+            except (PullError, ValueError) as exc:
+                raise PullError(f"upstream redirected to a refused location {location[:200]!r}", 502,
+                                "bad_redirect") from exc
+            if url.startswith("https://") and target.startswith("http://"):
+                raise PullError(f"upstream redirected from https to plain http ({target[:200]})", 502, "bad_redirect")
+            url = target
+            continue
+        return resp, hub_sha
+    raise PullError(f"more than {_MAX_REDIRECTS} redirects for {url[:200]}", 502, "bad_redirect")
+
+
+async def fetch(session: aiohttp.ClientSession, file: RemoteFile, partial_dir: Path, opts: FetchOptions,
+                on_bytes: Callable[[int, int | None], None]) -> Downloaded:
+    """Download one file into its part file (resuming one left by an earlier attempt), verify it.
+
+    `on_bytes(completed, total)` is called as bytes arrive. Raises PullError; the part file stays
+    unless its content is known to be wrong.
+    """
+    partial_dir.mkdir(parents=True, exist_ok=True)
+    part, meta = _part_paths(partial_dir, file.url)
+    attempts = 0
+    expected = file.sha256
+    while True:
+        try:
+            total, expected = await _fetch_once(session, file, part, meta, opts, on_bytes, expected)
+            break
+        except _Retryable as exc:
+            attempts += 1
+            if attempts > opts.retries:
+                raise PullError(f"download of {file.name} kept failing ({exc}); pull again to resume", 502,
+                                "download_interrupted") from None
+            await asyncio.sleep(min(2.0, 0.1 * 2 ** attempts))
+    digest = (await asyncio.to_thread(_hash_file, part, total)).hexdigest()
+    if expected is not None and digest != expected:
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            meta.unlink()
+        raise PullError(f"sha256 mismatch for {file.name}: expected {expected}, got {digest}", 502,
+                        "digest_mismatch")
+    # The sidecar stays until the store commits the part: a verified part left by a failed pull of a
+    # several-file model is then taken as it is by the next attempt (a 416 for its full length).
+    return Downloaded(part=part, meta=meta, sha256=digest, size=total)
+
+
+def _read_meta(meta: Path, url: str) -> dict[str, Any]:
+    try:
+        data = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and data.get("url") == url else {}
+
+
+async def _fetch_once(session: aiohttp.ClientSession, file: RemoteFile, part: Path, meta: Path,
+                      opts: FetchOptions, on_bytes: Callable[[int, int | None], None],
+                      expected: str | None) -> tuple[int, str | None]:
+    """One HTTP exchange; returns (total bytes, expected sha256). _Retryable when it broke midway."""
+    offset = part.stat().st_size if part.exists() else 0
+    saved = _read_meta(meta, file.url)
+    validator = saved.get("validator") if isinstance(saved.get("validator"), str) else None
+    headers = {"Accept-Encoding": "identity"}
+    if offset > 0 and validator:
+        headers["Range"] = f"bytes={offset}-"
+        headers["If-Range"] = validator
+    elif offset > 0:
+        offset = 0  # bytes of unknown provenance: never splice them onto a new response
+    try:
+        resp, hub_sha = await _open(session, file.url, headers, opts)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise PullError(f"cannot fetch {file.url[:200]}: {exc or type(exc).__name__}", 502) from exc
+    async with resp:
+        if hub_sha is not None:
+            if expected is not None and hub_sha != expected:
+                raise PullError(f"sha256 mismatch for {file.name}: expected {expected}, upstream says {hub_sha}",
+                                502, "digest_mismatch")
+            expected = hub_sha
+        if resp.status == 404:
+            raise PullError(f"{file.url[:200]} was not found upstream (HTTP 404)", 404, "not_found")
+        if resp.status == 416 and offset > 0:
+            whole = re.match(r"^bytes \*/(\d+)$", resp.headers.get("Content-Range", "").strip())
+            if whole is not None and int(whole.group(1)) == offset:
+                on_bytes(offset, offset)
+                return offset, expected  # the part is already complete (an earlier pull got it all)
+            part.unlink()  # our part does not fit the file as it is now: start over
+            raise _Retryable("the server refused the resume range")
+        if resp.status == 206 and offset > 0:
+            cr = _content_range_start(resp.headers.get("Content-Range", ""))
+            if cr is None or cr[0] != offset:
+                raise PullError(f"upstream answered a range we did not ask for ({resp.headers.get('Content-Range')})",
+                                502, "bad_range")
+            total = cr[1]
+        elif resp.status == 200:
+            offset = 0
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+        else:
+            raise PullError(f"fetching {file.url[:200]} failed: upstream answered HTTP {resp.status}", 502,
+                            "upstream_error")
+        if total is None and file.size is not None:
+            total = file.size
+        new_validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
+        if new_validator and not new_validator.startswith("W/"):
+            meta.write_text(json.dumps({"url": file.url, "validator": new_validator}))
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                meta.unlink()
+        if total is not None and shutil.disk_usage(part.parent).free < total - offset:
+            raise PullError(f"not enough disk space for {file.name}: {total - offset} bytes needed, "
+                            f"{shutil.disk_usage(part.parent).free} free", 507, "disk_full")
+        completed = offset
+        on_bytes(completed, total)
+        try:
+            with part.open("r+b" if offset else "wb") as f:
+                f.seek(offset)
+                f.truncate()
+                try:
+                    async for chunk in resp.content.iter_chunked(_CHUNK):
+                        completed += len(chunk)
+                        if total is not None and completed > total:
+                            raise PullError(f"upstream sent more than the {total} bytes it announced for "
+                                            f"{file.name}", 502, "length_mismatch")
+                        await asyncio.to_thread(f.write, chunk)
+                        on_bytes(completed, total)
+                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+                    raise _Retryable(str(exc) or type(exc).__name__) from exc
+                finally:
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise disk_full(exc) from exc
+            raise
+        if total is not None and completed < total:
+            raise _Retryable(f"the connection closed after {completed} of {total} bytes")
+        return completed, expected
+
+
+class Throttle:
+    """Calls through at most every `interval` seconds, and always for the last report."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self._last = 0.0
+
+    def ready(self, final: bool = False) -> bool:
+        now = time.monotonic()
+        if final or now - self._last >= self.interval:
+            self._last = now
+            return True
+        return False
