@@ -26,7 +26,7 @@ def _response_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
     return {k: v for k, v in upstream.headers.items() if k.lower() not in _DROPPED_RESPONSE_HEADERS}
 
 
-async def _engine_failure(runner: Runner, exc: BaseException) -> ApiError:
+async def engine_failure(runner: Runner, exc: BaseException) -> ApiError:
     error = await runner.exit_error(_EXIT_NOTICE_SECONDS)
     if error is None:
         return ApiError(502, f"the engine serving {runner.model.name} did not answer: {exc}",
@@ -43,7 +43,7 @@ def runner_error(model: str, error: RunnerError) -> ApiError:
     return ApiError(status, message, code=f"runner_{error.reason}", type="server_error")
 
 
-async def _send(runner: Runner, session: aiohttp.ClientSession, path: str, body: bytes,
+async def send_to_runner(runner: Runner, session: aiohttp.ClientSession, path: str, body: bytes,
                 headers: dict[str, str]) -> tuple[aiohttp.ClientResponse, aiohttp.ClientSession | None]:
     """POST to the runner; returns the response and a one-off session to close after it.
 
@@ -68,11 +68,11 @@ async def forward(request: web.Request, runner: Runner, path: str, body: bytes) 
     request[REQUEST_MODEL] = runner.model.name  # the label request metrics use
     session = runner.session
     if session is None or session.closed:
-        raise await _engine_failure(runner, RuntimeError("runner is not ready"))
+        raise await engine_failure(runner, RuntimeError("runner is not ready"))
     headers = {h: request.headers[h] for h in _FORWARDED_REQUEST_HEADERS if h in request.headers}
     response: web.StreamResponse | None = None
     try:
-        upstream, one_off = await _send(runner, session, path, body, headers)
+        upstream, one_off = await send_to_runner(runner, session, path, body, headers)
         try:
             if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
                 response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream))
@@ -88,7 +88,7 @@ async def forward(request: web.Request, runner: Runner, path: str, body: bytes) 
             if one_off is not None:
                 await one_off.close()
     except (TimeoutError, aiohttp.ClientError) as exc:
-        error = await _engine_failure(runner, exc)
+        error = await engine_failure(runner, exc)
         if response is None:
             raise error from exc
         # The status line is gone already: end the stream with the error as its last event.

@@ -37,6 +37,10 @@ class ApiError(Exception):
     def response(self) -> web.Response:
         return web.json_response(self.body(), status=self.status, headers=self.headers)
 
+    def ollama_response(self) -> web.Response:
+        """The same error in Ollama's shape, {"error": "..."}, for the /api/ routes its clients call."""
+        return web.json_response({"error": self.message}, status=self.status, headers=self.headers)
+
     def sse_event(self) -> bytes:
         """The same error as a server-sent event, for a stream whose status line is already sent."""
         return f"data: {json.dumps(self.body())}\n\n".encode()
@@ -58,8 +62,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
-        return exc.response()
+        return render_error(request, exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _from_http_exception(exc).response()
+        return render_error(request, _from_http_exception(exc))
+
+
+def render_error(request: web.Request, exc: ApiError) -> web.Response:
+    # Ollama's clients read a plain string under "error"; everything else speaks OpenAI's shape.
+    return exc.ollama_response() if request.path.startswith("/api/") else exc.response()
