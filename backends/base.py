@@ -48,6 +48,7 @@ class ModelRef(BaseModel):
     name: str
     path: Path
     format: ModelFormat = ModelFormat.GGUF
+    mmproj: Path | None = None  # multimodal projector loaded beside the model (llama.cpp)
 
 
 class LlamaCppOptions(BaseModel):

@@ -56,6 +56,7 @@ from pydantic import BaseModel, Field, ValidationError
 from backends.base import BackendConfiguration, ModelFormat, ModelRef
 from backends.gguf import GGUFParseError, read_header, shard_paths
 from backends.llamacpp.summary import summarize
+from runnerd.atomic import write_atomically
 from runnerd.config import HuggingFaceSettings, StoreSettings
 from runnerd.pull import (
     Downloaded,
@@ -143,7 +144,7 @@ class ModelEntry(BaseModel):
     context_length: int | None = None
 
     def ref(self) -> ModelRef:
-        return ModelRef(name=self.name, path=self.path, format=self.format)
+        return ModelRef(name=self.name, path=self.path, format=self.format, mmproj=self.mmproj)
 
 
 class _Registry(BaseModel):
@@ -294,19 +295,10 @@ class ModelStore:
             raise StoreError(f"model registry {self.index_path} is corrupt: {exc.errors()[0]['msg']}") from exc
 
     def _write_manifest(self, entry: ModelEntry) -> None:
-        """Temp file, fsync, rename, fsync the directory: a crash leaves the old or the new manifest."""
-        self.manifests.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=self.manifests)
+        """Atomically: a crash leaves the old or the new manifest."""
         try:
-            with os.fdopen(fd, "w") as f:
-                f.write(entry.model_dump_json(indent=2))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._manifest_path(entry.name))
-            _fsync_dir(self.manifests)
+            write_atomically(self._manifest_path(entry.name), entry.model_dump_json(indent=2).encode())
         except OSError as exc:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreError(f"disk full while writing the manifest of {entry.name}", 507, "disk_full") from exc
             raise

@@ -96,3 +96,9 @@ def test_fallback_chat_template_yields_to_the_callers():
                         BackendConfiguration(runtime_flags=["--chat-template", "chatml"]), LaunchOptions(),
                         chat_template="T")
     assert value_after(chosen, "--chat-template") == "chatml"
+
+
+def test_a_projector_is_loaded_beside_the_model():
+    model = ModelRef(name="v:latest", path=Path("/m/v.gguf"), mmproj=Path("/m/mmproj.gguf"))
+    argv = build_argv(Path("s"), SOCK, model, Mode.COMPLETION, BackendConfiguration(), LaunchOptions())
+    assert value_after(argv, "--mmproj") == "/m/mmproj.gguf"

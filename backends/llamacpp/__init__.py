@@ -173,6 +173,11 @@ class LlamaCppBackend:
             return MemoryEstimate.unknown(f"cannot read {model.path.name}: {exc}")
         settings = settings_from_config(mode, config, self.launch.default_context_size, self.launch.use_gpu,
                                         gpu_layers=self.launch.gpu_layers)
+        if model.mmproj is not None:
+            try:
+                settings = settings.model_copy(update={"mmproj": cached_header(model.mmproj)})
+            except (GGUFParseError, OSError) as exc:
+                return MemoryEstimate.unknown(f"cannot read the projector {model.mmproj.name}: {exc}")
         return estimate(header, settings)
 
 

@@ -63,6 +63,8 @@ def build_argv(
         "--no-webui",
         *mode_flags(mode, pooling_in_file),
     ]
+    if model.mmproj is not None:
+        owned += ["--mmproj", str(model.mmproj)]
     if chat_template is not None and "--chat-template" not in config.runtime_flags:
         owned += ["--chat-template", chat_template]
     if config.llamacpp.reasoning_budget is not None:
