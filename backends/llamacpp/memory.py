@@ -21,15 +21,24 @@ for a runner started with runnerd's command line (backends/llamacpp/argv.py), te
 - compute: the scheduler reserves, per device, the peak of the worst-case graph (n_ubatch tokens
   over the whole cache: llama_context::sched_reserve). A structural formula reproduces the "compute
   buffer size" llama-server logs (fitted on 120 logged reservations of generated llama models, CPU
-  backend; see the constants below). On the CPU those pages are only committed as graphs use them:
-  after a short request only a small graph's worth is resident, which is what `cpu_compute="resident"`
-  (the default) counts; `"reserved"` counts the whole reservation.
+  backend, every one within 5 %; see compute_bytes). VRAM is committed when allocated. On the CPU the
+  pages are committed as graphs use them: after chat requests only a small graph's worth is resident,
+  which is what `cpu_compute="resident"` (the default) counts, with a note of how much long prompts
+  over a full context can add; `"reserved"` counts the whole reservation. In embedding mode one input
+  of a whole batch touches all of it (logits for every token), so it is counted in full.
 - output buffer: logits (and embeddings in embedding mode) for max(n_outputs, n_seq) rows, cleared at
-  allocation (llama_context::output_reserve).
-- overhead: shared libraries and the process's own heap, plus the vocabulary's in-memory form
-  (src/llama-vocab.cpp: one std::string and lookup-map entry per token, one map entry per BPE merge).
-  Measured on this host with tests/memory_models.py models; the figures and the command are in
-  tests/fixtures/memory_measured.json.
+  allocation, grown and never shrunk (llama_context::output_reserve): n_seq x (1 + n_draft) rows for
+  chat, a whole batch for embeddings.
+- overhead: shared libraries and the process's own heap: the vocabulary's in-memory form
+  (src/llama-vocab.cpp: token strings, lookup maps, one map entry per BPE merge), graph structures
+  sized by the tensor count, KV cell bookkeeping, the output buffer. Fitted on generated models
+  (bench/memory.py --calibration; figures and command in tests/fixtures/memory_measured.json).
+
+Not counted, and said so in the notes: what llama-server adds later as it is used (its prompt cache,
+--cache-ram, 8 GiB by default; checkpoints of sliding-window or recurrent state; compute pages touched
+by long prompts). Measured on this host, the estimate is within 2.5 % of the resident memory after a
+warm-up request on every recorded row (53 rows: Gemma 3 270M and generated models, 2k-32k context,
+f16/q8_0 cache, 1 or 4 slots, embedding mode).
 
 GPU terms (CUDA context, VRAM compute buffers) follow the same code paths but could not be measured
 here: they are marked in the notes.
@@ -46,7 +55,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backends.base import BackendConfiguration, DeviceMemory, MemoryBreakdown, MemoryEstimate, Mode
 from backends.gguf import GGUFHeader, LazyArray, TensorInfo
@@ -56,6 +65,7 @@ DEFAULT_CTX = 4096  # runnerd's default --ctx-size (backends/llamacpp/argv.py, L
 AUTO_PARALLEL = 4  # tools/server/server.cpp: n_parallel = -1 (auto) becomes 4 slots, unified KV
 CTX_PAD = 256  # src/llama-context.cpp: n_ctx = GGML_PAD(n_ctx, 256); the SWA cache pads the same
 KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")  # common/arg.cpp
+MAX_LAYERS = 512  # src/llama-hparams.h, LLAMA_MAX_LAYERS
 
 # --- measured constants (CPU build 0.3.36-cpu, this host; tests/fixtures/memory_measured.json) ---------
 # File-backed pages of libllama, libggml*, libmtmd, libllama-server-impl and libc++ that are resident
@@ -181,26 +191,46 @@ class LlamaCppMemorySettings(BaseModel):
     n_draft: int = Field(default=0, ge=0)  # speculative tokens per step: more output rows
     mmproj: GGUFHeader | None = None  # multimodal projector, when the runner loads one
     draft: GGUFHeader | None = None  # draft model for speculative decoding
+    cache_ram_mib: int = 8192  # --cache-ram: llama-server's prompt cache limit (-1: none, 0: off)
     cpu_compute: Literal["resident", "reserved"] = "resident"
+
+    @field_validator("cache_type_k", "cache_type_v")
+    @classmethod
+    def _known_cache_type(cls, value: str) -> str:
+        if value.lower() not in KV_CACHE_TYPES:
+            raise ValueError(f"unknown KV cache type {value!r} (llama-server accepts {', '.join(KV_CACHE_TYPES)})")
+        return value.lower()
 
 
 # --- settings from runnerd's configuration --------------------------------------------------------
 
 
 def settings_from_config(mode: Mode, config: BackendConfiguration, default_ctx: int, use_gpu: bool, *,
-                         gpu_layers: int | None = None, gpus: Sequence[GpuDevice] = ()) -> LlamaCppMemorySettings:
+                         gpu_layers: int | None = None, gpus: Sequence[GpuDevice] = (),
+                         draft: GGUFHeader | None = None, mmproj: GGUFHeader | None = None,
+                         cache_ram_mib: int | None = None) -> LlamaCppMemorySettings:
     """The settings llama-server ends up with for runnerd's argv: the operator's GPU choice, then the
-    caller's validated runtime flags (last one wins, as in llama-server), then runnerd's own flags."""
+    caller's validated runtime flags (last one wins, as in llama-server), then runnerd's own flags.
+    A value that does not parse is ignored here: llama-server will refuse it with its own words.
+    gpu_layers and cache_ram_mib are what runnerd itself passes (operator settings), if anything."""
     flags = _parse_flags(config.runtime_flags)
-    values: dict[str, Any] = {"mode": mode, "ctx_size": config.context_size or default_ctx}
+    values: dict[str, Any] = {"mode": mode, "ctx_size": config.context_size or default_ctx,
+                              "draft": draft, "mmproj": mmproj}
     if use_gpu:
         values["gpus"] = list(gpus) or [GpuDevice(index=0)]
         values["gpu_layers"] = gpu_layers
-    for key in ("parallel", "batch_size", "ubatch_size"):
-        if key in flags:
-            values[key] = _positive(flags[key])
+        if "gpu_layers" in flags:
+            values["gpu_layers"] = _layers(flags["gpu_layers"], gpu_layers)
+    if draft is not None and config.speculative is not None:
+        values["n_draft"] = config.speculative.num_tokens
+    for key in ("parallel", "batch_size", "ubatch_size", "n_draft"):
+        number = _int_or_none(flags.get(key))
+        if number is not None and number >= (0 if key == "n_draft" else 1):
+            values[key] = number
+        elif key == "parallel" and number is not None and number < 0:
+            values[key] = None  # -np -1: auto
     for key in ("cache_type_k", "cache_type_v"):
-        if key in flags:
+        if flags.get(key, "").lower() in KV_CACHE_TYPES:
             values[key] = flags[key].lower()
     if "flash_attn" in flags:
         values["flash_attn"] = _switch(flags["flash_attn"])
@@ -209,12 +239,15 @@ def settings_from_config(mode: Mode, config: BackendConfiguration, default_ctx: 
             values[key] = flags[key] == "1"
     if "pooling" in flags:
         values["pooling"] = flags["pooling"]
-    if use_gpu and "gpu_layers" in flags:
-        values["gpu_layers"] = _layers(flags["gpu_layers"])
+    if flags.get("load_mode") in _MMAP_MODES:  # common/arg.cpp --load-mode: auto/mmap map the file
+        values["use_mmap"] = _MMAP_MODES[flags["load_mode"]]
     if "tensor_split" in flags:
-        values["tensor_split"] = [float(x) for x in re.split(r"[,/]", flags["tensor_split"]) if x]
-    if "n_draft" in flags:
-        values["n_draft"] = _positive(flags["n_draft"])
+        split = [_float_or_none(x) for x in re.split(r"[,/]", flags["tensor_split"]) if x]
+        if split and all(x is not None and x >= 0 for x in split):
+            values["tensor_split"] = split
+    cache_ram = _int_or_none(flags.get("cache_ram_mib")) if cache_ram_mib is None else cache_ram_mib
+    if cache_ram is not None and cache_ram >= -1:
+        values["cache_ram_mib"] = cache_ram
     if mode is Mode.RERANKING:
         values["pooling"] = "rank"
     return LlamaCppMemorySettings(**values)
@@ -236,10 +269,15 @@ _FLAGS: dict[str, tuple[str, str | None]] = {
     "--no-kv-unified": ("kv_unified", "0"), "-no-kvu": ("kv_unified", "0"),
     "--kv-offload": ("kv_offload", "1"), "-kvo": ("kv_offload", "1"),
     "--no-kv-offload": ("kv_offload", "0"), "-nkvo": ("kv_offload", "0"),
-    "--mmap": ("use_mmap", "1"), "--no-mmap": ("use_mmap", "0"),
+    "--mmap": ("use_mmap", "1"), "--no-mmap": ("use_mmap", "0"),  # older llama.cpp spellings
+    "--load-mode": ("load_mode", None), "-lm": ("load_mode", None),
     "--repack": ("repack", "1"), "--no-repack": ("repack", "0"), "-nr": ("repack", "0"),
     "--swa-full": ("swa_full", "1"),
+    "--cache-ram": ("cache_ram_mib", None), "-cram": ("cache_ram_mib", None),
 }
+
+
+_MMAP_MODES = {"auto": True, "mmap": True, "mmap+mlock": True, "none": False, "mlock": False, "dio": False}
 
 
 def _parse_flags(argv: Sequence[str]) -> dict[str, str]:
@@ -262,11 +300,18 @@ def _parse_flags(argv: Sequence[str]) -> dict[str, str]:
     return found
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"{text} is not a positive count")
-    return value
+def _int_or_none(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _float_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _switch(text: str) -> Literal["auto", "on", "off"]:
@@ -278,8 +323,14 @@ def _switch(text: str) -> Literal["auto", "on", "off"]:
     return "auto"
 
 
-def _layers(text: str) -> int | None:
-    return None if text in ("all", "auto", "-1") else int(text)
+def _layers(text: str, operator: int | None) -> int | None:
+    """--n-gpu-layers N | all | auto; None means all (with --fit off, auto and -1 mean all)."""
+    if text in ("all", "auto"):
+        return None
+    number = _int_or_none(text)
+    if number is None:
+        return operator  # llama-server will refuse the value itself
+    return None if number < 0 else number
 
 
 # --- what the header says about the model ---------------------------------------------------------
@@ -351,6 +402,10 @@ def model_shape(header: GGUFHeader) -> ModelShape:
         notes.append(f"unknown architecture {arch!r}: generic estimate from the generic keys")
     n_layer = _int(header.arch_get("block_count"))
     n_embd = _int(header.arch_get("embedding_length"))
+    if n_layer > MAX_LAYERS:
+        notes.append(f"block_count {n_layer} is over llama.cpp's {MAX_LAYERS}-layer limit: llama-server will refuse "
+                     "this model")
+        n_layer = 0
     if n_layer == 0 or n_embd == 0:
         notes.append("no block_count/embedding_length in the header: weights and fixed costs only")
     nextn = min(_int(header.arch_get("nextn_predict_layers")), n_layer)
@@ -580,10 +635,10 @@ def host_repack_types() -> frozenset[str]:
     machine = platform.machine().lower()
     found: set[str] = set()
     if machine in ("x86_64", "amd64", "i686"):
+        # Q2_K also repacks with AVX-512, but runnerd's build (GGML_NATIVE=OFF, install.py) has no
+        # AVX-512 kernels: its system_info lists AVX2 and not AVX512.
         if "avx2" in flags:
             found |= {"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"}
-        if "avx512f" in flags:
-            found.add("Q2_K")
     elif machine in ("aarch64", "arm64") and ("asimddp" in flags or "i8mm" in flags):
         # NEON with dot products (or int8 matmul) repacks these into 4x4/4x8/8x4 interleaves.
         found |= {"Q4_0", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "MXFP4", "Q8_0"}
@@ -663,11 +718,32 @@ def _add_model(ledger: _Ledger, header: GGUFHeader, s: LlamaCppMemorySettings, *
     if plan.n_ctx // plan.n_stream > _int(header.arch_get("context_length"), 1 << 62):
         notes.append("the context is larger than the model's training context: slots are capped to it, "
                      "the KV cache is not")
-    if not primary:
+    if primary:
+        notes += _growth_notes(shape, plan, s)
+    else:
         notes.append("draft model included (its own weights, KV cache and compute buffers)")
     if place.gpus:
         notes.append("GPU terms (CUDA context, VRAM compute buffers) follow llama.cpp's code paths but were "
                      "not measured on a GPU")
+    return notes
+
+
+def _growth_notes(shape: ModelShape, plan: ContextPlan, s: LlamaCppMemorySettings) -> list[str]:
+    """Memory llama-server takes later, as it is used, that the estimate does not count."""
+    notes = []
+    if s.cache_ram_mib != 0 and not plan.embeddings:
+        limit = "without limit" if s.cache_ram_mib < 0 else f"up to {s.cache_ram_mib} MiB"
+        notes.append(f"llama-server's prompt cache (--cache-ram) can take {limit} more as slots change prompts")
+    # tools/server/server-context.cpp: SWA and recurrent state cannot be rolled back, so the server keeps
+    # checkpoints of it (--ctx-checkpoints, 32 per slot at most, --checkpoint-min-step 8192 tokens apart).
+    swa_cells = min(plan.swa_size, shape.n_swa + plan.n_ubatch)
+    per_seq = sum(row_bytes(s.cache_type_k, shape.key_length[il] * shape.head_count_kv[il])
+                  + row_bytes(s.cache_type_v, shape.value_length[il] * shape.head_count_kv[il])
+                  for il in range(shape.n_layer_main) if shape.is_swa[il] and not s.swa_full) * swa_cells
+    per_seq += sum(shape.recurrent_state_floats * 4 for il in range(shape.n_layer_main) if shape.is_recurrent[il])
+    if per_seq and not plan.embeddings:
+        notes.append(f"context checkpoints of the sliding-window/recurrent state take {per_seq / MiB:.1f} MiB each, "
+                     "kept per slot as conversations grow")
     return notes
 
 
@@ -682,9 +758,9 @@ def _add_weights(ledger: _Ledger, header: GGUFHeader, shape: ModelShape, place: 
             ledger.add(device, "weights", t.n_bytes)
             continue
         if _repacked(t, repack_types):
-            ledger.add(CPU, "weights", t.n_bytes)  # the repacked copy, in anonymous memory
-            if s.use_mmap:  # ... read from the mapping, whose pages stay resident
-                spans[t.shard] = _widen(spans.get(t.shard), header.file_offset(t), t.n_bytes)
+            # The repacked copy, in anonymous memory. Its source pages are resident only where they
+            # lie inside the mapped range of the other CPU tensors: the loader unmaps the rest.
+            ledger.add(CPU, "weights", t.n_bytes)
         elif s.use_mmap:
             spans[t.shard] = _widen(spans.get(t.shard), header.file_offset(t), t.n_bytes)
         else:
@@ -704,13 +780,9 @@ def _widen(span: tuple[int, int] | None, start: int, size: int) -> tuple[int, in
 
 
 def _cache_type_check(s: LlamaCppMemorySettings, plan: ContextPlan) -> list[str]:
-    notes: list[str] = []
-    for name in (s.cache_type_k, s.cache_type_v):
-        if name not in KV_CACHE_TYPES:
-            raise ValueError(f"unknown KV cache type {name!r} (llama-server accepts {', '.join(KV_CACHE_TYPES)})")
     if not plan.flash_attn and s.cache_type_v not in ("f32", "f16", "bf16"):
-        notes.append(f"llama-server refuses a quantized V cache ({s.cache_type_v}) without flash attention")
-    return notes
+        return [f"llama-server refuses a quantized V cache ({s.cache_type_v}) without flash attention"]
+    return []
 
 
 def _add_cache(ledger: _Ledger, shape: ModelShape, plan: ContextPlan, place: Placement,
@@ -819,8 +891,9 @@ def _add_overhead(ledger: _Ledger, header: GGUFHeader, shape: ModelShape, plan: 
         ledger.add(CPU, "overhead", CPU_LIBRARIES + CPU_BASE_HEAP)
         if place.gpus:
             ledger.add(CPU, "overhead", CUDA_HOST_RAM)
-    for gpu in {d for d in [*place.layers, place.output] if d != CPU}:
-        ledger.add(gpu, "overhead", CUDA_CONTEXT_VRAM if primary else 0)
+    if primary:  # llama.cpp initialises every device it is given, layers or not
+        for gpu in place.gpus:
+            ledger.add(gpu, "overhead", CUDA_CONTEXT_VRAM)
 
 
 def _add_projector(ledger: _Ledger, header: GGUFHeader, s: LlamaCppMemorySettings) -> list[str]:

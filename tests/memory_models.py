@@ -1,0 +1,241 @@
+"""Tiny random-weight GGUF models of several shapes, loadable by the real llama-server.
+
+tests/tinymodels.py writes the one small llama the serving tests use; this module writes the variants
+the memory estimator is checked on: large vocabularies (SentencePiece or BPE with merges), gemma3
+sliding-window layers, per-layer KV head counts (the `deci` architecture reads them as arrays), and
+Q4_0 weights (repacked by llama.cpp's CPU backend on AVX2 machines).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf.quants import quantize
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    arch: str = "llama"  # llama | gemma3 | deci
+    n_embd: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    n_head_kv: int | tuple[int, ...] = 2
+    head_dim: int | None = None  # key/value length; n_embd // n_head when None
+    n_ff: int = 128
+    n_vocab: int = 512
+    tokenizer: str = "llama"  # llama (SentencePiece) | gpt2 (BPE, with merges)
+    n_ctx_train: int = 32768
+    sliding_window: int | None = None
+    swa_pattern: int | None = None
+    pooling_type: int | None = None
+    tied_embeddings: bool = False
+    weight_type: str = "F16"  # F32 | F16 | Q4_0 | Q8_0 for the layers' matrices
+    name: str = "tiny"
+    extra: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
+
+    def kv_heads(self, layer: int) -> int:
+        return self.n_head_kv[layer] if isinstance(self.n_head_kv, tuple) else self.n_head_kv
+
+
+def _spm_vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
+    tokens = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    types = [gguf.TokenType.UNKNOWN, *[gguf.TokenType.CONTROL] * 4]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [gguf.TokenType.BYTE] * 256
+    words = ["▁the", "▁a", "▁hello", "▁world", "▁is", "▁of", "▁and", "▁to", "in", "er", "▁"]
+    for i in range(n_vocab - len(tokens)):
+        tokens.append(words[i] if i < len(words) else f"▁w{i:x}")
+        types.append(gguf.TokenType.NORMAL)
+    scores = [0.0] * 5 + [-1000.0] * 256 + [-float(i) for i in range(n_vocab - 261)]
+    return tokens[:n_vocab], scores[:n_vocab], [int(t) for t in types[:n_vocab]]
+
+
+def _bpe_vocab(n_vocab: int) -> tuple[list[str], list[int], list[str]]:
+    """Byte-level BPE: the 256 byte symbols, then merged pieces, each with the merge that makes it."""
+    byte_symbols = [chr(c) for c in range(0x21, 0x7F)] + [chr(0x100 + i) for i in range(256 - 94)]
+    tokens = list(byte_symbols)
+    merges: list[str] = []
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    i = 0
+    while len(tokens) < n_vocab - 2:
+        left = letters[i % 26] + (f"{i // 26:x}" if i >= 26 else "")
+        right = letters[(i * 7) % 26]
+        merges.append(f"{left} {right}")
+        tokens.append(left + right)
+        i += 1
+    tokens += ["<|im_start|>", "<|im_end|>"]
+    types = [int(gguf.TokenType.NORMAL)] * (len(tokens) - 2) + [int(gguf.TokenType.CONTROL)] * 2
+    return tokens, types, merges
+
+
+def _tensor_list(spec: TinySpec) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, numpy shape, ggml type) of every tensor, in file order."""
+    e, hd, qt = spec.n_embd, spec.head_size, spec.weight_type
+    embd_type = "F32" if qt == "F32" else "F16"
+    out: list[tuple[str, tuple[int, ...], str]] = [("token_embd.weight", (spec.n_vocab, e), embd_type),
+                                                   ("output_norm.weight", (e,), "F32")]
+    if not spec.tied_embeddings:
+        out.append(("output.weight", (spec.n_vocab, e), embd_type))
+    for i in range(spec.n_layer):
+        kv = spec.kv_heads(i) * hd
+        out += [
+            (f"blk.{i}.attn_norm.weight", (e,), "F32"),
+            (f"blk.{i}.attn_q.weight", (spec.n_head * hd, e), qt),
+            (f"blk.{i}.attn_k.weight", (kv, e), qt),
+            (f"blk.{i}.attn_v.weight", (kv, e), qt),
+            (f"blk.{i}.attn_output.weight", (e, spec.n_head * hd), qt),
+            (f"blk.{i}.ffn_norm.weight", (e,), "F32"),
+            (f"blk.{i}.ffn_gate.weight", (spec.n_ff, e), qt),
+            (f"blk.{i}.ffn_up.weight", (spec.n_ff, e), qt),
+            (f"blk.{i}.ffn_down.weight", (e, spec.n_ff), qt),
+        ]
+        if spec.arch == "gemma3":
+            out += [(f"blk.{i}.attn_q_norm.weight", (hd,), "F32"), (f"blk.{i}.attn_k_norm.weight", (hd,), "F32"),
+                    (f"blk.{i}.post_attention_norm.weight", (e,), "F32"),
+                    (f"blk.{i}.post_ffw_norm.weight", (e,), "F32")]
+    return out
+
+
+def _data(rng: np.random.Generator, shape: tuple[int, ...], qtype: str) -> tuple[np.ndarray, dict[str, object]]:
+    if len(shape) == 1:
+        return np.ones(shape, dtype=np.float32), {}
+    data = (rng.standard_normal(shape) * 0.02).astype(np.float32)
+    if qtype == "F32":
+        return data, {}
+    if qtype == "F16":
+        return data.astype(np.float16), {}
+    t = gguf.GGMLQuantizationType[qtype]
+    return quantize(data, t), {"raw_dtype": t}
+
+
+def write_model(path: Path, spec: TinySpec, *, split_max_tensors: int = 0, header_only: bool = False) -> Path:
+    """Write `spec` as a GGUF file (or shards, with split_max_tensors) and return the path written (the
+    first shard when split). header_only: the tensor data is left as a hole (a sparse file of the right
+    size), for tests that only read headers."""
+    w = gguf.GGUFWriter(str(path), spec.arch, split_max_tensors=split_max_tensors)
+    _add_hparams(w, spec)
+    _add_vocab(w, spec)
+    rng = np.random.default_rng(0)
+    for name, shape, qtype in _tensor_list(spec):
+        if header_only:
+            t = gguf.GGMLQuantizationType[qtype]
+            block, size = gguf.GGML_QUANT_SIZES[t]
+            n_bytes = int(np.prod(shape)) // block * size
+            w.add_tensor_info(name, shape, np.dtype(np.float32), n_bytes, raw_dtype=t)
+        else:
+            data, kw = _data(rng, shape, qtype)
+            w.add_tensor(name, data, **kw)  # type: ignore[arg-type]
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    if header_only:
+        w.write_ti_data_to_file()
+        w.close()
+        _extend_to_data_size(path, spec)
+        return path
+    w.write_tensors_to_file()
+    w.close()
+    if split_max_tensors:
+        return path.with_name(path.stem + f"-00001-of-{_shard_count(path):05d}.gguf")
+    return path
+
+
+def _extend_to_data_size(path: Path, spec: TinySpec) -> None:
+    sizes = []
+    for _, shape, qtype in _tensor_list(spec):
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+        sizes.append(int(np.prod(shape)) // block * size)
+    pad = gguf.GGUFWriter.ggml_pad
+    data = sum(pad(n, 32) for n in sizes[:-1]) + sizes[-1]
+    with path.open("r+b") as f:
+        f.truncate(pad(f.seek(0, 2), 32) + data)
+
+
+def _add_hparams(w: gguf.GGUFWriter, spec: TinySpec) -> None:
+    arch = spec.arch
+    w.add_name(spec.name)
+    w.add_context_length(spec.n_ctx_train)
+    w.add_embedding_length(spec.n_embd)
+    w.add_block_count(spec.n_layer)
+    w.add_feed_forward_length(spec.n_ff)
+    w.add_head_count(spec.n_head)
+    if isinstance(spec.n_head_kv, tuple):
+        w.add_array(f"{arch}.attention.head_count_kv", list(spec.n_head_kv))
+    else:
+        w.add_head_count_kv(spec.n_head_kv)
+    if spec.head_dim is not None:
+        w.add_key_length(spec.head_dim)
+        w.add_value_length(spec.head_dim)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_dimension_count(spec.head_size)
+    if spec.sliding_window is not None:
+        w.add_sliding_window(spec.sliding_window)
+    if spec.swa_pattern is not None:
+        w.add_uint32(f"{arch}.attention.sliding_window_pattern", spec.swa_pattern)
+    if spec.pooling_type is not None:
+        w.add_pooling_type(gguf.PoolingType(spec.pooling_type))
+    for key, value in spec.extra.items():
+        w.add_uint32(key, value)
+    file_type = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+                 "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[spec.weight_type]
+    w.add_file_type(file_type)
+
+
+def _shard_count(path: Path) -> int:
+    return len(list(path.parent.glob(path.stem + "-*-of-*.gguf")))
+
+
+def _add_vocab(w: gguf.GGUFWriter, spec: TinySpec) -> None:
+    if spec.tokenizer == "gpt2":
+        tokens, types, merges = _bpe_vocab(spec.n_vocab)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(len(tokens) - 2)
+        w.add_eos_token_id(len(tokens) - 1)
+    else:
+        tokens, scores, ttypes = _spm_vocab(spec.n_vocab)
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(ttypes)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_chat_template(CHATML)
+
+
+# The two generated models bench/memory.py and the estimator tests measure besides Gemma 3 270M.
+LLAMA_32K = TinySpec(arch="llama", n_embd=256, n_layer=4, n_head=8, n_head_kv=2, n_ff=768, n_vocab=32000,
+                     weight_type="Q4_0", name="tiny-llama-32k")
+GEMMA_SWA = TinySpec(arch="gemma3", n_embd=128, n_layer=6, n_head=4, n_head_kv=1, head_dim=64, n_ff=512,
+                     n_vocab=8192, sliding_window=256, tied_embeddings=True, name="tiny-gemma3-swa")
+
+# Models the estimator's fitted terms were measured on (bench/memory.py --calibration): vocabulary
+# sizes and tokenizer kinds, layer counts, per-layer KV head counts.
+CALIBRATION: dict[str, TinySpec] = {
+    "spm1k": TinySpec(n_vocab=1000, name="spm1k"),
+    "spm64k": TinySpec(n_vocab=64000, name="spm64k"),
+    "spm256k": TinySpec(n_vocab=256000, name="spm256k"),
+    "bpe16k": TinySpec(n_vocab=16000, tokenizer="gpt2", name="bpe16k"),
+    "bpe150k": TinySpec(n_vocab=150000, tokenizer="gpt2", name="bpe150k"),
+    "layers16": TinySpec(n_layer=16, n_vocab=1000, weight_type="F32", name="layers16"),
+    "layers96": TinySpec(n_layer=96, n_vocab=1000, weight_type="F32", name="layers96"),
+    "deci": TinySpec(arch="deci", n_embd=256, n_layer=4, n_head=8, n_head_kv=(2, 1, 4, 8), n_ff=512, n_vocab=2000,
+                     name="deci-kv-heads"),
+}
+GENERATED: dict[str, TinySpec] = {"llama32k": LLAMA_32K, "gemmaswa": GEMMA_SWA, **CALIBRATION}
