@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench venv engine model systemd-tools
+.PHONY: run test lint bench venv engine vllm-engine model systemd-tools
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ venv: $(STAMP)
 
 engine: venv
 	$(BIN)/runnerd install-backend llama.cpp
+
+# vLLM (the CPU build here) in a private environment under ~/.cache/runnerd/vllm: ~3.5 GB, ~90 s, once per machine.
+vllm-engine: venv
+	$(BIN)/runnerd install-backend vllm --quiet
 
 model: venv
 	@$(BIN)/python scripts/gemma_model.py
@@ -29,7 +33,7 @@ systemd-tools:
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; }
 
-test: engine systemd-tools
+test: engine vllm-engine systemd-tools
 	$(BIN)/python -m pytest
 
 lint: venv
@@ -38,3 +42,7 @@ lint: venv
 
 bench: engine
 	$(BIN)/python bench/proxy.py
+	$(BIN)/python bench/proxy.py --model gemma
+	$(BIN)/python bench/gguf_parse.py
+	$(BIN)/python bench/load.py
+	$(BIN)/python bench/memory.py

@@ -26,7 +26,9 @@ def test_daemon_flags_come_after_caller_flags():
     # The caller's threads beat the operator's default.
     assert value_after(argv, "--threads") == "2"
     assert argv.index("--temp") < argv.index("--model")
-    assert "--embeddings" not in argv and "--n-gpu-layers" not in argv
+    assert "--embeddings" not in argv
+    # No GPU: nothing is offloaded, even by a CUDA build; the prompt cache is off unless configured.
+    assert value_after(argv, "--n-gpu-layers") == "0" and value_after(argv, "--cache-ram") == "0"
 
 
 def test_mode_flags():

@@ -171,8 +171,10 @@ class LlamaCppBackend:
             header = cached_header(model.path)
         except (GGUFParseError, OSError) as exc:
             return MemoryEstimate.unknown(f"cannot read {model.path.name}: {exc}")
+        # A caller's --cache-ram comes after runnerd's default on the command line, so it is the one that counts.
+        cache_ram = None if "--cache-ram" in config.runtime_flags else self.launch.prompt_cache_mib
         settings = settings_from_config(mode, config, self.launch.default_context_size, self.launch.use_gpu,
-                                        gpu_layers=self.launch.gpu_layers)
+                                        gpu_layers=self.launch.gpu_layers, cache_ram_mib=cache_ram)
         if model.mmproj is not None:
             try:
                 settings = settings.model_copy(update={"mmproj": cached_header(model.mmproj)})

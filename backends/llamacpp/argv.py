@@ -18,6 +18,9 @@ class LaunchOptions(BaseModel):
     gpu_layers: int | None = None
     use_gpu: bool = False
     default_context_size: int = 4096
+    # llama-server's host prompt cache grows to 8 GiB by default as slots switch prompts: memory that
+    # admission cannot see coming. Off unless the operator (or a caller's --cache-ram) sets a budget.
+    prompt_cache_mib: int = 0
 
 
 def mode_flags(mode: Mode, pooling_in_file: bool) -> list[str]:
@@ -51,6 +54,10 @@ def build_argv(
     if options.use_gpu:
         layers = options.gpu_layers
         operator += ["--n-gpu-layers", "all" if layers is None or layers < 0 else str(layers)]
+    else:
+        # With --fit off a CUDA build would otherwise offload every layer to a GPU runnerd did not admit for.
+        operator += ["--n-gpu-layers", "0"]
+    operator += ["--cache-ram", str(options.prompt_cache_mib)]
     owned = [
         "--model", str(model.path),
         "--host", str(socket_path),
