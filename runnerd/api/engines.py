@@ -95,10 +95,16 @@ def required_capabilities(kind: RequestKind, payload: dict[str, Any]) -> list[Ca
     return needed
 
 
-def check_capabilities(backend: Backend, needed: list[Capability]) -> None:
+def check_capabilities(backend: Backend, needed: list[Capability], model: ModelEntry | None = None) -> None:
+    available = backend.capabilities
+    # Some backends serve a capability only for some models (vLLM reranks only with a scorer model).
+    per_model = getattr(backend, "model_capabilities", None)
+    if model is not None and callable(per_model):
+        available = per_model(model.ref())
     for capability in needed:
-        if capability not in backend.capabilities:
-            raise ApiError(501, f"backend {backend.name} does not support {capability}",
+        if capability not in available:
+            which = f" for {model.name}" if model is not None and capability in backend.capabilities else ""
+            raise ApiError(501, f"backend {backend.name} does not support {capability}{which}",
                            code="capability_not_supported", type="not_implemented_error")
 
 
@@ -137,9 +143,13 @@ async def inference(kind: RequestKind, request: web.Request) -> web.StreamRespon
     payload = await read_json_body(request)
     model = find_model(d, requested_model(payload))
     backend = choose_backend(d, explicit, model)
-    check_capabilities(backend, required_capabilities(kind, payload))
+    check_capabilities(backend, required_capabilities(kind, payload), model)
     keep_alive = take_keep_alive(payload)
-    body = json.dumps(payload).encode() if keep_alive is not UNSET else await request.read()
+    # vLLM answers 404 unless `model` is its served name: give it the store's canonical one (`x` -> `x:latest`).
+    renamed = getattr(backend, "checks_model_name", False) and payload.get("model") != model.name
+    if renamed:
+        payload["model"] = model.name
+    body = json.dumps(payload).encode() if keep_alive is not UNSET or renamed else await request.read()
     config = effective_configuration(model.config, d.configs.get(model.name, kind.mode))
     lease = await lease_runner(d, backend, model, kind.mode, config, keep_alive)
     try:
