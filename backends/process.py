@@ -16,14 +16,14 @@ import os
 import re
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import IO
 
 import aiohttp
 
-from backends.base import RunnerError, RunnerOutput
+from backends.base import InstallError, RunnerError, RunnerOutput
 
 _PR_SET_PDEATHSIG = 1
 # Loaded before any fork: dlopen in a forked child of a threaded parent can deadlock.
@@ -225,3 +225,29 @@ async def wait_until_ready(
             await asyncio.wait({activity, process_task}, timeout=min(interval, remaining))
             activity.cancel()
             interval = min(interval * 1.5, 0.05)
+
+
+async def run_step(argv: Sequence[str], *, on_line: Callable[[str], None] | None = None,
+                   env: Mapping[str, str] | None = None, cwd: Path | None = None) -> None:
+    """Run one install or build step in its own process group, feeding each output line to `on_line`;
+    kill the group if we are cancelled. Failure raises InstallError with the last 30 lines."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, start_new_session=True, env=None if env is None else dict(env), cwd=cwd,
+    )
+    assert proc.stdout is not None
+    tail: list[str] = []
+    try:
+        async for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip()
+            tail = [*tail[-29:], line]
+            if on_line is not None:
+                on_line(line)
+        code = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+            await proc.wait()
+    if code != 0:
+        raise InstallError(f"{' '.join(argv[:4])} ... failed with exit code {code}:\n" + "\n".join(tail))

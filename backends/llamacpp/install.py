@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from backends.base import InstallError, Progress, ProgressCallback
+from backends.process import run_step
 
 SOURCE_PACKAGE = "llama-cpp-python"
 SOURCE_VERSION = "0.3.36"
@@ -32,7 +33,7 @@ BASE_CMAKE_OPTIONS = (
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
 )
-_CMAKE_PERCENT = re.compile(rb"^\[\s*(\d+)%\]")
+_CMAKE_PERCENT = re.compile(r"^\[\s*(\d+)%\]")
 
 
 def cmake_options(cuda: bool) -> tuple[str, ...]:
@@ -55,34 +56,9 @@ def _progress(cb: ProgressCallback | None, phase: str, percent: float | None = N
         cb(Progress(phase=phase, percent=percent, message=message))
 
 
-async def _run_step(argv: Sequence[str], *, cwd: Path | None = None,
-                    on_line: Callable[[bytes], None] | None = None) -> None:
-    """Run a build step in its own process group; kill the group if we are cancelled."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv, cwd=cwd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-    )
-    assert proc.stdout is not None
-    tail: list[bytes] = []
-    try:
-        async for line in proc.stdout:
-            tail = [*tail[-29:], line]
-            if on_line is not None:
-                on_line(line)
-        code = await proc.wait()
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, 9)
-            await proc.wait()
-    if code != 0:
-        output = b"".join(tail).decode("utf-8", "replace")
-        raise InstallError(f"{' '.join(argv[:3])} ... failed with exit code {code}:\n{output}")
-
-
 async def download_source(dest: Path, source_version: str) -> Path:
     """Fetch the pinned source distribution with pip (download only, never installed)."""
-    await _run_step([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+    await run_step([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                      "--disable-pip-version-check", f"{SOURCE_PACKAGE}=={source_version}", "-d", str(dest)])
     found = sorted(dest.glob("*.tar.gz"))
     if not found:
@@ -124,13 +100,13 @@ async def build_llama_server(
         source = await asyncio.to_thread(extract_vendored_tree, sdist, work / "src")
         build_dir = work / "build"
         _progress(progress, "configure", 0, " ".join(options))
-        await _run_step(["cmake", "-S", str(source), "-B", str(build_dir), *options])
+        await run_step(["cmake", "-S", str(source), "-B", str(build_dir), *options])
 
-        def on_build_line(line: bytes) -> None:
+        def on_build_line(line: str) -> None:
             if m := _CMAKE_PERCENT.match(line):
-                _progress(progress, "build", float(m.group(1)), line.decode("utf-8", "replace").strip())
+                _progress(progress, "build", float(m.group(1)), line.strip())
 
-        await _run_step(["cmake", "--build", str(build_dir), "--target", "llama-server",
+        await run_step(["cmake", "--build", str(build_dir), "--target", "llama-server",
                          "-j", str(jobs or os.cpu_count() or 2)], on_line=on_build_line)
         staged = work / "install"
         shutil.copytree(build_dir / "bin", staged / "bin", symlinks=True)

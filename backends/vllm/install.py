@@ -22,11 +22,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from backends.base import InstallError, Progress, ProgressCallback
+from backends.process import run_step
 
 VLLM_VERSION = "0.32.0"
 CPU_TORCH_VERSION = "2.13.0"
@@ -132,31 +132,6 @@ def directory_size(path: Path) -> int:
 def _progress(cb: ProgressCallback | None, phase: str, percent: float | None = None, message: str = "") -> None:
     if cb is not None:
         cb(Progress(phase=phase, percent=percent, message=message))
-
-
-async def run_step(argv: Sequence[str], *, on_line: Callable[[str], None] | None = None,
-                   env: dict[str, str] | None = None) -> None:
-    """Run one install step in its own process group; kill the group if we are cancelled."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT, start_new_session=True, env=env,
-    )
-    assert proc.stdout is not None
-    tail: list[str] = []
-    try:
-        async for raw in proc.stdout:
-            line = raw.decode("utf-8", "replace").rstrip()
-            tail = [*tail[-29:], line]
-            if on_line is not None:
-                on_line(line)
-        code = await proc.wait()
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, 9)
-            await proc.wait()
-    if code != 0:
-        raise InstallError(f"{' '.join(argv[:4])} ... failed with exit code {code}:\n" + "\n".join(tail))
 
 
 _PIP_PHASE = re.compile(r"^(Collecting|Downloading|Processing|Installing collected packages|Successfully installed)")

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from backends.base import Backend, ProgressCallback
 from runnerd.api.context import Daemon, daemon
 from runnerd.api.engines import read_json_body
-from runnerd.api.errors import ApiError
+from runnerd.api.errors import ApiError, parse_body
 from runnerd.api.jobs import job_json, stream_job, wants_stream
 from runnerd.scheduler import RunnerState
 
@@ -50,16 +50,6 @@ class BackendView(BaseModel):
     install_job: str | None = Field(description="id of the install job running now, if any")
 
 
-Body = TypeVar("Body", bound=BaseModel)
-
-
-def parse_body(model: type[Body], payload: dict[str, Any], what: str) -> Body:
-    try:
-        return model.model_validate(payload)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
-        raise ApiError(400, f"invalid {what}: {field}: {err['msg']}", param=field) from exc
 
 
 def installable_version(backend: Backend) -> str | None:

@@ -24,7 +24,7 @@ from backends.base import (
 from backends.flags import FlagError, split_raw_flags, validate_hf_overrides, validate_runtime_flags
 from runnerd.api.context import Daemon, daemon
 from runnerd.api.engines import choose_backend, find_model, read_json_body
-from runnerd.api.errors import ApiError
+from runnerd.api.errors import ApiError, validation_error
 from runnerd.configs import StoredConfiguration, effective_configuration
 from runnerd.durations import parse_keep_alive
 from runnerd.scheduler import RunnerKey, spawn
@@ -47,10 +47,6 @@ class ConfigureRequest(BaseModel):
     speculative: SpeculativeOptions | None = None
 
 
-def _pydantic_400(exc: ValidationError, what: str) -> ApiError:
-    err = exc.errors()[0]
-    field = ".".join(str(p) for p in err["loc"]) or None
-    return ApiError(400, f"invalid {what}: {field}: {err['msg']}", code="invalid_configuration", param=field)
 
 
 def _flags(backend: Backend, spec: ConfigureRequest) -> list[str] | None:
@@ -108,7 +104,7 @@ def build_configuration(d: Daemon, backend: Backend, spec: ConfigureRequest) -> 
     try:
         return BackendConfiguration(**fields)
     except ValidationError as exc:
-        raise _pydantic_400(exc, "configuration") from exc
+        raise validation_error(exc, "configuration") from exc
 
 
 async def _preload(d: Daemon, key: RunnerKey, model: ModelEntry, config: BackendConfiguration) -> None:
@@ -128,7 +124,7 @@ async def configure(request: web.Request) -> web.Response:
     try:
         spec = ConfigureRequest.model_validate(await read_json_body(request))
     except ValidationError as exc:
-        raise _pydantic_400(exc, "configure request") from exc
+        raise validation_error(exc, "configure request") from exc
     model = find_model(d, spec.model)
     backend = choose_backend(d, explicit, model)
     configured = build_configuration(d, backend, spec)

@@ -9,11 +9,11 @@ from functools import partial
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from backends.base import Backend, BackendConfiguration, BackendError, Capability, Mode, RunnerError
 from runnerd.api.context import Daemon, daemon
-from runnerd.api.errors import ApiError
+from runnerd.api.errors import ApiError, parse_body
 from runnerd.configs import effective_configuration
 from runnerd.durations import parse_keep_alive
 from runnerd.proxy import forward, runner_error
@@ -218,12 +218,7 @@ class UnloadRequest(BaseModel):
 
 async def engines_unload(request: web.Request) -> web.Response:
     d = daemon(request)
-    try:
-        spec = UnloadRequest.model_validate(await read_json_body(request))
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
-        raise ApiError(400, f"invalid unload request: {field}: {err['msg']}", param=field) from exc
+    spec = parse_body(UnloadRequest, await read_json_body(request), "unload request")
     if not spec.all and spec.backend is None and spec.models is None:
         raise ApiError(400, "say what to unload: 'all': true, a 'backend' or a list of 'models'")
     if spec.backend is not None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from pydantic import BaseModel, ValidationError
 
 _TYPES = {
     400: "invalid_request_error",
@@ -18,6 +20,9 @@ _TYPES = {
     413: "invalid_request_error",
     501: "not_implemented_error",
 }
+
+
+Body = TypeVar("Body", bound=BaseModel)
 
 
 class ApiError(Exception):
@@ -72,3 +77,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 def render_error(request: web.Request, exc: ApiError) -> web.Response:
     # Ollama's clients read a plain string under "error"; everything else speaks OpenAI's shape.
     return exc.ollama_response() if request.path.startswith("/api/") else exc.response()
+
+
+def validation_error(exc: ValidationError, what: str) -> ApiError:
+    """A 400 naming the first field pydantic refused, as `param`."""
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or None
+    return ApiError(400, f"invalid {what}: {field}: {err['msg']}", param=field)
+
+
+def parse_body(model: type[Body], payload: dict[str, Any], what: str) -> Body:
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise validation_error(exc, what) from exc

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from backends.base import BackendConfiguration
 from runnerd.api.context import daemon, over_unix_socket
 from runnerd.api.engines import find_model, read_json_body
-from runnerd.api.errors import ApiError
+from runnerd.api.errors import ApiError, parse_body
 from runnerd.api.estimate import describe, model_estimate
 from runnerd.durations import parse_keep_alive
 from runnerd.pull import PullProgress
@@ -54,12 +54,7 @@ async def show_model(request: web.Request) -> web.Response:
 
 
 def _validated(payload: dict[str, Any]) -> AddModelRequest:
-    try:
-        spec = AddModelRequest.model_validate(payload)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
-        raise ApiError(400, f"invalid model registration: {field}: {err['msg']}", param=field) from exc
+    spec = parse_body(AddModelRequest, payload, "model registration")
     if "\0" in spec.path:
         raise ApiError(400, "model path contains a NUL byte", param="path")
     if spec.keep_alive is not None:
@@ -91,13 +86,6 @@ def _api_error(exc: StoreError, param: str | None = None) -> ApiError:
                     type="server_error" if exc.status >= 500 else None)
 
 
-def _parse(model: type[BaseModel], payload: dict[str, Any], what: str) -> Any:
-    try:
-        return model.model_validate(payload)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
-        raise ApiError(400, f"invalid {what}: {field}: {err['msg']}", param=field) from exc
 
 
 class CreateModelRequest(BaseModel):
@@ -110,7 +98,7 @@ class CreateModelRequest(BaseModel):
 
 
 async def create_model(request: web.Request) -> web.StreamResponse:
-    spec: CreateModelRequest = _parse(CreateModelRequest, await read_json_body(request), "pull request")
+    spec = parse_body(CreateModelRequest, await read_json_body(request), "pull request")
     if (spec.source.startswith("/") or (spec.mmproj or "").startswith("/")) and not over_unix_socket(request):
         raise ApiError(403, "pulling from a local path is only allowed over the unix socket", code="local_only",
                        param="from")
@@ -182,7 +170,7 @@ class TagRequest(BaseModel):
 
 
 async def tag_model(request: web.Request) -> web.Response:
-    spec: TagRequest = _parse(TagRequest, await read_json_body(request), "tag request")
+    spec = parse_body(TagRequest, await read_json_body(request), "tag request")
     try:
         entry = daemon(request).store.tag(request.match_info["name"], spec.name)
     except StoreError as exc:
