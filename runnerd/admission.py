@@ -7,7 +7,6 @@ loading says less than the runner will soon need, and an estimate can be exceede
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -43,24 +42,28 @@ class HostMemory:
 
 
 def read_host_ram() -> HostMemory:
+    """RAM only: the default probe (runnerd.node.read_host_memory adds the GPUs NVML sees)."""
     vm = psutil.virtual_memory()
     return HostMemory(ram_total=vm.total, ram_available=vm.available)
 
 
-def tree_rss(pid: int | None) -> int:
-    """Resident memory of a process and all its descendants (0 once it is gone)."""
+def process_tree(pid: int | None) -> tuple[int | None, set[int]]:
+    """Resident bytes of a process and its descendants, and their pids; (None, {}) if it is gone."""
     if pid is None:
-        return 0
+        return None, set()
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.Error:
-        return 0
-    total = 0
+        return None, set()
+    rss, pids = 0, set()
     for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            total += proc.memory_info().rss
-    return total
+        try:
+            rss += proc.memory_info().rss
+            pids.add(proc.pid)
+        except psutil.Error:
+            continue  # exited between listing and reading
+    return rss, pids
 
 
 def needed(estimate: MemoryEstimate) -> Amount:

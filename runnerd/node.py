@@ -18,6 +18,7 @@ import psutil
 from pydantic import BaseModel, Field
 
 from runnerd import __version__
+from runnerd.admission import HostMemory, process_tree
 from runnerd.scheduler import RunnerInfo
 
 log = logging.getLogger("runnerd.node")
@@ -185,23 +186,13 @@ def read_gpus() -> tuple[list[GpuInfo], dict[int, int]]:
     return gpus, per_pid
 
 
-def process_tree(pid: int | None) -> tuple[int | None, set[int]]:
-    """Resident bytes of a process and its descendants, and their pids; (None, {}) if it is gone."""
-    if pid is None:
-        return None, set()
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return None, set()
-    rss, pids = 0, set()
-    for proc in procs:
-        try:
-            rss += proc.memory_info().rss
-            pids.add(proc.pid)
-        except psutil.Error:
-            continue  # exited between listing and reading
-    return rss, pids
+def read_host_memory() -> HostMemory:
+    """RAM from psutil and VRAM summed over the GPUs NVML sees: what admission compares against."""
+    vm = psutil.virtual_memory()
+    gpus, _ = read_gpus()
+    return HostMemory(ram_total=vm.total, ram_available=vm.available,
+                      vram_total=sum(g.memory_total_bytes for g in gpus),
+                      vram_free=sum(g.memory_free_bytes for g in gpus), gpus=len(gpus))
 
 
 def _usage(runner: RunnerInfo, gpu_per_pid: Mapping[int, int], have_gpus: bool) -> RunnerUsage:

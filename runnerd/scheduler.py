@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 from backends.base import Backend, BackendConfiguration, MemoryEstimate, Mode, ModelRef, RunnerError, RunnerOutput
 from backends.process import wait_until_ready
-from runnerd.admission import Amount, Budget, Holding, needed, tree_rss
+from runnerd.admission import Amount, Budget, Holding, needed, process_tree
 from runnerd.durations import KeepAlive, parse_keep_alive
 from runnerd.pidfiles import remove_pid_file, write_pid_file
 
@@ -248,8 +248,10 @@ class Runner:
         self._expiry = asyncio.get_running_loop().call_later(delay, callback)
         self.expires_at = time.time() + delay
 
-    def measure(self) -> None:
-        self.measured = Amount(ram=tree_rss(self.output.pid), vram=self.measured.vram)
+    def measure(self, gpu_per_pid: Mapping[int, int]) -> None:
+        """Resident memory of the engine's process tree, and the GPU memory NVML reports for it."""
+        rss, pids = process_tree(self.output.pid)
+        self.measured = Amount(ram=rss or 0, vram=sum(gpu_per_pid.get(pid, 0) for pid in pids))
 
     def holding(self) -> Holding:
         return Holding(estimate=needed(self.estimate), measured=self.measured,
@@ -304,7 +306,8 @@ class SchedulerLimits:
 class Scheduler:
     def __init__(self, backends: Mapping[str, Backend], *, runtime_dir: Path, log_dir: Path | None,
                  default_keep_alive: KeepAlive, budget: Budget, limits: SchedulerLimits | None = None,
-                 on_start: Sequence[Callable[[Runner], object]] = ()) -> None:
+                 on_start: Sequence[Callable[[Runner], object]] = (),
+                 gpu_usage: Callable[[], Mapping[int, int]] = dict) -> None:
         self.backends = backends
         self.runtime_dir = runtime_dir
         self.log_dir = log_dir
@@ -312,6 +315,7 @@ class Scheduler:
         self.budget = budget
         self.limits = limits or SchedulerLimits()
         self.on_start = list(on_start)  # observers (metrics) told of every runner it starts
+        self.gpu_usage = gpu_usage  # pid -> GPU memory bytes (NVML); empty without GPUs
         self.evictions = 0
         self._runners: dict[RunnerKey, Runner] = {}
         self._failures: dict[RunnerKey, _Failures] = {}
@@ -397,9 +401,13 @@ class Scheduler:
         finally:
             self._waiting -= 1
 
-    def _holdings(self) -> list[Holding]:
+    def _measure(self) -> None:
+        usage = self.gpu_usage()
         for runner in self._runners.values():
-            runner.measure()
+            runner.measure(usage)
+
+    def _holdings(self) -> list[Holding]:
+        self._measure()
         return [r.holding() for r in self._runners.values() if r.state is not RunnerState.EXITED]
 
     def _too_many(self) -> bool:
@@ -519,8 +527,7 @@ class Scheduler:
         return infos
 
     def ps(self) -> list[RunnerInfo]:
-        for runner in self._runners.values():
-            runner.measure()
+        self._measure()
         return [r.info() for r in self._runners.values()]
 
     async def shutdown(self) -> None:

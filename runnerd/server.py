@@ -32,6 +32,7 @@ from runnerd.configs import ConfigStore
 from runnerd.durations import parse_keep_alive
 from runnerd.engines import default_backends
 from runnerd.metrics import Metrics, RunnerWatcher
+from runnerd.node import read_gpus, read_host_memory
 from runnerd.pidfiles import clean_up_previous_runners
 from runnerd.scheduler import RunnerState, Scheduler, SchedulerLimits
 from runnerd.store import ModelStore
@@ -64,7 +65,8 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
                              min_residency=settings.min_residency, crash_backoff=settings.crash_backoff)
     scheduler = Scheduler(backends, runtime_dir=settings.runtime_dir, log_dir=settings.runner_log_dir,
                           default_keep_alive=parse_keep_alive(settings.keep_alive),
-                          budget=Budget(settings.memory), limits=limits, on_start=[RunnerWatcher(metrics)])
+                          budget=Budget(settings.memory, read_host_memory), limits=limits,
+                          on_start=[RunnerWatcher(metrics)], gpu_usage=lambda: read_gpus()[1])
     metrics.observe_scheduler(scheduler)
     # Outermost first: metrics see every answer (401s included); auth runs before any handler.
     app = web.Application(client_max_size=settings.max_body_bytes,

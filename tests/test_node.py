@@ -106,3 +106,14 @@ def test_node_route_with_a_fake_gpu(monkeypatch, tmp_path, llama_server):
     assert body["backends"]["llama.cpp"].startswith("Running: llama.cpp")
     assert body["runners"] == [] and body["reserved"]["runners"] == 0
     assert set(body) == {"hostname", "runnerd_version", "cpu", "memory", "gpus", "reserved", "backends", "runners"}
+
+
+def test_admission_sees_the_fake_gpus_memory(monkeypatch):
+    """FAKE NVML (no GPU on CI): admission's host probe sums what NVML reports per GPU."""
+    from runnerd.node import read_host_memory
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeGpuNvml([FakeGpu(total=80 * GiB, used=10 * GiB),
+                                                             FakeGpu(total=24 * GiB, used=4 * GiB)]))
+    host = read_host_memory()
+    assert (host.gpus, host.vram_total, host.vram_free) == (2, 104 * GiB, 90 * GiB)
+    assert host.ram_total > 0

@@ -212,3 +212,41 @@ def test_runner_pid_file_lives_as_long_as_the_runner(make_daemon, tiny_model):
     assert json.loads(pid_file.read_text())["pid"] == d.ps()[0]["pid"]
     d.post("/engines/unload", {"all": True}).raise_for_status()
     assert not pid_file.exists()
+
+
+def test_gpu_memory_of_a_runner_is_measured_and_held(llama_server, tiny_model, tmp_path):
+    """FAKE GPU usage: NVML cannot exist on a CPU host, so a stand-in reports 1 GiB for every process.
+    The runner's tree is a real llama-server; what is checked is that the scheduler counts it."""
+    import asyncio
+
+    import psutil as ps
+
+    from backends.base import BackendConfiguration, Mode, ModelRef
+    from backends.llamacpp import LaunchOptions, LlamaCppBackend
+    from runnerd.admission import Budget
+    from runnerd.config import MemorySettings
+    from runnerd.scheduler import RunnerKey, Scheduler
+
+    gib = 1 << 30
+
+    def fake_gpu_usage():
+        return {pid: gib for pid in ps.pids()}
+
+    async def scenario():
+        backend = LlamaCppBackend(cache_dir=tmp_path, binary=llama_server, launch=LaunchOptions(threads=1))
+        scheduler = Scheduler({backend.name: backend}, runtime_dir=Path("/tmp") / f"rd-gpu-{os.getpid()}",
+                              log_dir=None, default_keep_alive=60.0, budget=Budget(MemorySettings()),
+                              gpu_usage=fake_gpu_usage)
+        lease = await scheduler.acquire(RunnerKey(backend.name, "tiny:latest", Mode.COMPLETION),
+                                        ModelRef(name="tiny:latest", path=tiny_model), BackendConfiguration())
+        lease.release()
+        try:
+            (info,) = scheduler.ps()
+            holding = scheduler._holdings()[0]
+            return info, holding
+        finally:
+            await scheduler.shutdown()
+
+    info, holding = asyncio.run(scenario())
+    assert info.measured_vram_bytes == gib and info.measured_ram_bytes > 0
+    assert holding.held.vram == gib
