@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +180,30 @@ def daemon(llama_server: Path, tiny_model: Path) -> Iterator[Daemon]:
     yield d
     d.stop()
     shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def app_on_socket(tmp_path: Path, backends: dict[str, Any],
+                        models: dict[str, Path] | None = None) -> AsyncIterator[httpx.AsyncClient]:
+    """The daemon's app served in this process on a short unix socket, with a client for it: for
+    tests that hand the app a backend or a module a subprocess daemon could not be given."""
+    from aiohttp import web
+
+    from runnerd.api.context import DAEMON
+    from runnerd.server import bind_unix_socket, create_app
+
+    sock_path = Path("/tmp") / f"rd-app-{os.getpid()}-{time.monotonic_ns()}.sock"
+    settings = load_settings(runtime_dir=tmp_path / "run", data_dir=tmp_path / "data", socket=sock_path)
+    app = create_app(settings, backends=backends)
+    for name, path in (models or {}).items():
+        app[DAEMON].store.add(name, path)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.SockSite(runner, bind_unix_socket(sock_path)).start()
+    try:
+        async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(sock_path)),
+                                     base_url="http://runnerd") as client:
+            yield client
+    finally:
+        await runner.cleanup()
+        sock_path.unlink(missing_ok=True)

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import httpx2 as httpx
 import pytest
-from aiohttp import web
 
 from backends.base import BackendConfiguration, Capability, MemoryEstimate, Mode, ModelFormat, ModelRef
-from runnerd.config import load_settings
-from runnerd.server import bind_unix_socket, create_app
+from tests.conftest import app_on_socket
 from tests.tinymodels import write_alien_model
 
 pytestmark = pytest.mark.engine
@@ -125,30 +122,14 @@ class RerankLessBackend:
 
 
 def test_capability_the_backend_lacks_is_501(tmp_path, tiny_model):
-    sock_path = Path("/tmp") / f"rd-501-{tmp_path.name[-8:]}.sock"
-
     async def scenario() -> list[httpx.Response]:
-        settings = load_settings(runtime_dir=tmp_path / "run", data_dir=tmp_path / "data", socket=sock_path)
-        app = create_app(settings, backends={"norerank": RerankLessBackend()})
-        from runnerd.api.context import DAEMON
-
-        app[DAEMON].store.add("tiny", tiny_model)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.SockSite(runner, bind_unix_socket(sock_path)).start()
-        try:
-            async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(sock_path)),
-                                         base_url="http://runnerd") as client:
-                return [
-                    await client.post("/engines/norerank/rerank", json={"model": "tiny", "query": "q",
-                                                                        "documents": ["a"]}),
-                    await client.post("/v1/embeddings", json={"model": "tiny", "input": "a"}),
-                    await client.post("/v1/chat/completions", json={"model": "tiny", "messages": [],
-                                                                    "stream": True}),
-                ]
-        finally:
-            await runner.cleanup()
-            sock_path.unlink(missing_ok=True)
+        async with app_on_socket(tmp_path, {"norerank": RerankLessBackend()}, {"tiny": tiny_model}) as client:
+            return [
+                await client.post("/engines/norerank/rerank", json={"model": "tiny", "query": "q",
+                                                                    "documents": ["a"]}),
+                await client.post("/v1/embeddings", json={"model": "tiny", "input": "a"}),
+                await client.post("/v1/chat/completions", json={"model": "tiny", "messages": [], "stream": True}),
+            ]
 
     rerank, embeddings, stream = asyncio.run(scenario())
     err = assert_openai_error(rerank, 501, "capability_not_supported")

@@ -5,19 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from pathlib import Path
 
 import httpx2 as httpx
 import psutil
 import pytest
-from aiohttp import web
 
 from backends.base import MemoryEstimate, Mode
 from backends.llamacpp import LlamaCppBackend
 from runnerd import node
-from runnerd.config import load_settings
 from runnerd.scheduler import RunnerInfo, RunnerState
-from runnerd.server import bind_unix_socket, create_app
+from tests.conftest import app_on_socket
 from tests.fake_nvml_gpu import FakeGpu, FakeGpuNvml, GiB
 
 pytestmark = pytest.mark.engine
@@ -83,21 +80,10 @@ def test_fake_gpu_answer(monkeypatch):
 
 def test_node_route_with_a_fake_gpu(monkeypatch, tmp_path, llama_server):
     monkeypatch.setitem(sys.modules, "pynvml", FakeGpuNvml([FakeGpu()]))
-    sock_path = Path("/tmp") / f"rd-node-{os.getpid()}.sock"
-
     async def scenario() -> httpx.Response:
-        settings = load_settings(runtime_dir=tmp_path / "run", data_dir=tmp_path / "data", socket=sock_path)
-        app = create_app(settings, backends={"llama.cpp": LlamaCppBackend(cache_dir=tmp_path, binary=llama_server)})
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.SockSite(runner, bind_unix_socket(sock_path)).start()
-        try:
-            async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(sock_path)),
-                                         base_url="http://runnerd") as client:
-                return await client.get("/node")
-        finally:
-            await runner.cleanup()
-            sock_path.unlink(missing_ok=True)
+        backends = {"llama.cpp": LlamaCppBackend(cache_dir=tmp_path, binary=llama_server)}
+        async with app_on_socket(tmp_path, backends) as client:
+            return await client.get("/node")
 
     resp = asyncio.run(scenario())
     assert resp.status_code == 200, resp.text

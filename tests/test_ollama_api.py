@@ -217,30 +217,13 @@ def test_gemma_chat_through_the_ollama_client(make_daemon, gemma_model):
 
 
 def test_capability_the_backend_lacks_is_501_in_ollama_shape(tmp_path, tiny_model):
-    from aiohttp import web
-
-    from runnerd.api.context import DAEMON
-    from runnerd.config import load_settings
-    from runnerd.server import bind_unix_socket, create_app
+    from tests.conftest import app_on_socket
     from tests.test_errors import RerankLessBackend
 
-    sock_path = Path("/tmp") / f"rd-o501-{tmp_path.name[-8:]}.sock"
-
     async def scenario() -> list[httpx.Response]:
-        settings = load_settings(runtime_dir=tmp_path / "run", data_dir=tmp_path / "data", socket=sock_path)
-        app = create_app(settings, backends={"norerank": RerankLessBackend()})
-        app[DAEMON].store.add("tiny", tiny_model)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.SockSite(runner, bind_unix_socket(sock_path)).start()
-        try:
-            async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(sock_path)),
-                                         base_url="http://runnerd") as c:
-                return [await c.post("/api/embed", json={"model": "tiny", "input": "a"}),
-                        await c.post("/api/chat", json={"model": "tiny", "messages": CHAT})]
-        finally:
-            await runner.cleanup()
-            sock_path.unlink(missing_ok=True)
+        async with app_on_socket(tmp_path, {"norerank": RerankLessBackend()}, {"tiny": tiny_model}) as c:
+            return [await c.post("/api/embed", json={"model": "tiny", "input": "a"}),
+                    await c.post("/api/chat", json={"model": "tiny", "messages": CHAT})]
 
     embed, chat = asyncio.run(scenario())
     assert embed.status_code == 501 and embed.json() == {"error": "backend norerank does not support embeddings"}
