@@ -118,19 +118,25 @@ class FileServer:
             piece = body[i:i + self.chunk]
             if limit is not None and sent + len(piece) > limit:
                 await resp.write(piece[: max(0, limit - sent)])
-                assert request.transport is not None
-                request.transport.close()  # the connection breaks midway
+                await self._hang_up(request)  # the connection breaks midway
                 return resp
             if i and self.delay:
                 await asyncio.sleep(self.delay)
             await resp.write(piece)
             sent += len(piece)
         if self.short_by.get(path):
-            assert request.transport is not None
-            request.transport.close()
+            await self._hang_up(request)
             return resp
         await resp.write_eof()
         return resp
+
+    @staticmethod
+    async def _hang_up(request: web.Request) -> None:
+        # A client reading a body whose connection is gone raises before it hands over bytes already
+        # buffered; the pause lets it consume what was sent, so the tests see a fixed part size.
+        await asyncio.sleep(0.2)
+        assert request.transport is not None
+        request.transport.close()
 
     def start(self) -> FileServer:
         ready = threading.Event()
