@@ -108,6 +108,15 @@ class ModelInUse(StoreError):
     code = "model_in_use"
 
 
+class _PullCancelled(Exception):
+    """Raised in a pull's worker thread once its request was cancelled; nobody awaits it any more."""
+
+
+def _stop_if(cancelled: threading.Event) -> None:
+    if cancelled.is_set():
+        raise _PullCancelled
+
+
 def canonical_name(name: str) -> str:
     """`gemma3` -> `gemma3:latest`; raises StoreError for a name that cannot be a model reference."""
     if not isinstance(name, str) or len(name) > 300 or not _NAME.match(name) or ".." in name:
@@ -491,8 +500,8 @@ class ModelStore:
         try:
             if parsed.kind == "path":
                 assert parsed.path is not None
-                return await asyncio.to_thread(self._import_local, key, parsed.path, expected, on_loop,
-                                               projector.path if projector is not None else None)
+                return await self._in_thread(self._import_local, key, parsed.path, expected, on_loop,
+                                             projector.path if projector is not None else None)
             extra = projector.files[0] if projector is not None else None
             return await self._pull_remote(key, source, parsed, expected, progress, extra)
         except PullError as exc:
@@ -554,15 +563,26 @@ class ModelStore:
             raise
         progress(PullProgress(phase="commit", total=sum(d.size for d in results),
                               completed=sum(d.size for d in results)))
-        entry = await asyncio.to_thread(self._commit_downloads, key, source,
-                                        list(zip(files, results, roles, strict=True)), parsed.hf_repo is not None)
+        entry = await self._in_thread(self._commit_downloads, key, source,
+                                      list(zip(files, results, roles, strict=True)), parsed.hf_repo is not None)
         progress(PullProgress(phase="success", total=entry.size, completed=entry.size))
         return entry
 
+    async def _in_thread(self, work: Callable[..., ModelEntry], *args: Any) -> ModelEntry:
+        """Run `work` in a thread that stops before registering anything once the pull is cancelled
+        (a cancelled await does not stop a thread; it sees the flag between chunks and before committing)."""
+        cancelled = threading.Event()
+        try:
+            return await asyncio.to_thread(work, *args, cancelled)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
     def _commit_downloads(self, key: str, source: str, results: builtins.list[tuple[RemoteFile, Downloaded, str]],
-                          directory_model: bool) -> ModelEntry:
+                          directory_model: bool, cancelled: threading.Event) -> ModelEntry:
         blob_files: builtins.list[BlobFile] = []
         with self._lock:
+            _stop_if(cancelled)
             for remote, got, role in results:
                 if remote.sha256 is not None and got.sha256 != remote.sha256:
                     raise StoreError(f"sha256 mismatch for {remote.name}: expected {remote.sha256}, got "
@@ -619,7 +639,7 @@ class ModelStore:
                 del self._fetches[key]
 
     def _import_local(self, key: str, path: Path, expected: str | None, progress: PullProgressCallback,
-                      projector: Path | None = None) -> ModelEntry:
+                      projector: Path | None, cancelled: threading.Event) -> ModelEntry:
         """Hash each file of a local model and hard-link (or copy) it into the blob store."""
         if path.is_dir():
             names = sorted(str(p.relative_to(path)) for p in path.rglob("*")
@@ -651,6 +671,7 @@ class ModelStore:
 
         def on_bytes(n: int) -> None:
             nonlocal completed
+            _stop_if(cancelled)
             completed += n
             if throttle.ready():
                 progress(PullProgress(phase="import", total=total, completed=completed))
@@ -669,6 +690,7 @@ class ModelStore:
                                       role="mmproj" if role == "mmproj" else "model"))
             progress(PullProgress(phase="commit", total=total, completed=total))
             with self._lock:  # blobs and manifest together: a concurrent removal cannot collect them between
+                _stop_if(cancelled)
                 for tmp, f in zip(staged, files, strict=True):
                     self._commit_blob(tmp, f.digest, read_only=False)
                 entry = self._register(key, files, str(path), directory_model)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -198,6 +199,33 @@ def test_cancelled_pull_registers_nothing(tmp_path, server, gguf):
     assert store.list() == []
     blobs, parts = leftovers(store)
     assert blobs == [] and any(p.endswith(".part") for p in parts)
+
+
+def test_cancelled_local_import_registers_nothing(tmp_path, tiny_model):
+    # The import runs in a thread, which a cancelled await does not stop: hold the thread after it
+    # hashed the file until the pull is cancelled, then check that it gave up before registering.
+    store = make_store(tmp_path)
+    stage, cancelled, staged = store._stage_local, threading.Event(), threading.Event()
+
+    def stage_then_wait(src, on_bytes):
+        result = stage(src, on_bytes)
+        staged.set()
+        assert cancelled.wait(10)
+        return result
+
+    store._stage_local = stage_then_wait  # type: ignore[method-assign]
+
+    async def cancel_midway() -> None:
+        task = asyncio.create_task(store.pull(str(tiny_model), "t", None, lambda p: None))
+        assert await asyncio.to_thread(staged.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        cancelled.set()
+
+    asyncio.run(cancel_midway())  # asyncio.run waits for the worker thread before it returns
+    assert store.list() == [] and make_store(tmp_path).list() == []
+    assert leftovers(store) == ([], [])
 
 
 def test_disk_full_is_507(tmp_path, server, gguf, monkeypatch):
