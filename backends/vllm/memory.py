@@ -48,8 +48,11 @@ DTYPE_BITS = {
 }
 # config.json dtype names -> bytes per element (what vLLM keeps activations and KV cache in).
 TORCH_DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "float64": 8}
-KV_DTYPE_BYTES = {"fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "fp8_inc": 1, "fp8_ds_mla": 1, "int8": 1,
-                  "nvfp4": 1, "float16": 2, "bfloat16": 2}
+# The sub-byte formats (4-bit, 3-bit) are counted as one byte: an upper bound, never an under-count.
+KV_DTYPE_BYTES = {"float16": 2, "bfloat16": 2} | dict.fromkeys((
+    "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc", "fp8_ds_mla", "fp8_per_token_head", "int8_per_token_head",
+    "int4_per_token_head", "nvfp4", "nvfp4_4over6", "nvfp4_ds_mla", "turboquant_3bit_nc", "turboquant_4bit_nc",
+    "turboquant_k3v4_nc", "turboquant_k8v4", "ultraquant_4bit"), 1)
 
 
 class SafetensorsError(ValueError):
