@@ -33,6 +33,19 @@ def test_estimate_route_follows_settings_and_validates_them(daemon):
     assert daemon.http.get("/models/ghost/estimate").status_code == 404
 
 
+def test_a_model_named_like_the_estimate_route_is_still_reachable(daemon, tiny_model):
+    resp = daemon.post("/models", {"name": "org/estimate", "path": str(tiny_model)})
+    assert resp.status_code in (200, 201), resp.text
+    try:
+        shown = daemon.http.get("/models/org/estimate").json()
+        assert shown["name"] == "org/estimate:latest" and "summary" in shown
+        assert daemon.http.get("/models/org/estimate:latest").json()["name"] == "org/estimate:latest"
+        # A model that is named by the prefix still gets its estimate.
+        assert daemon.http.get("/models/org/estimate/estimate").json()["model"] == "org/estimate:latest"
+    finally:
+        daemon.http.delete("/models/org/estimate")
+
+
 def test_show_includes_summary_and_default_estimate(daemon):
     shown = daemon.http.get("/models/tiny").json()
     assert shown["summary"]["architecture"] == "llama" and shown["summary"]["block_count"] == 2

@@ -169,6 +169,21 @@ class TagRequest(BaseModel):
     name: str = Field(min_length=1, max_length=300)
 
 
+async def estimate_or_show(request: web.Request) -> web.Response:
+    """GET /models/NAME/estimate; a model whose own name ends in "/estimate" (org/estimate) is shown
+    when NAME alone names no model, so no valid name is unreachable."""
+    d = daemon(request)
+    name = request.match_info["name"]
+    try:
+        d.store.get(name)
+    except StoreError:
+        whole = f"{name}/estimate"
+        with contextlib.suppress(StoreError):
+            model = d.store.get(whole)
+            return web.json_response({**model_json(model), **await describe(d, model)})
+    return await model_estimate(request)
+
+
 async def tag_model(request: web.Request) -> web.Response:
     spec = parse_body(TagRequest, await read_json_body(request), "tag request")
     try:
@@ -185,5 +200,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/models/{name:.+}/tag", tag_model)
     app.router.add_delete("/models/{name:.+}", delete_model)
     # Before the greedy show route, which would otherwise swallow ".../estimate".
-    app.router.add_get("/models/{name:.+}/estimate", model_estimate)
+    app.router.add_get("/models/{name:.+}/estimate", estimate_or_show)
     app.router.add_get("/models/{name:.+}", show_model)
