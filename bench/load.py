@@ -38,6 +38,7 @@ class Tally:
     requests: int = 0
     tokens: int = 0
     errors: int = 0
+    busy: int = 0  # designed 503s (runnerd's bounded queue was full): counted apart from errors
     ttft: list[float] = field(default_factory=list)
 
 
@@ -46,6 +47,10 @@ async def stream_once(session: aiohttp.ClientSession, url: str, body: dict[str, 
     first = True
     try:
         async with session.post(url, json=body) as resp:
+            if resp.status == 503 and resp.headers.get("Retry-After"):
+                tally.busy += 1
+                await resp.read()
+                return
             if resp.status != 200:
                 tally.errors += 1
                 detail = (await resp.read())[:200]
@@ -118,7 +123,7 @@ async def prepare(sock: str) -> list[dict[str, object]]:
 def report(name: str, t: Tally, seconds: float) -> str:
     p50 = statistics.median(t.ttft) if t.ttft else float("nan")
     p99 = sorted(t.ttft)[int(0.99 * (len(t.ttft) - 1))] if t.ttft else float("nan")
-    return (f"{name:<8}{t.requests / seconds:>10.1f}{t.tokens / seconds:>10.0f}{t.errors:>8}"
+    return (f"{name:<8}{t.requests / seconds:>10.1f}{t.tokens / seconds:>10.0f}{t.errors:>8}{t.busy:>6}"
             f"{p50:>11.1f}{p99:>11.1f}")
 
 
@@ -148,7 +153,7 @@ def main() -> None:
         daemon.wait()
         shutil.rmtree(root, ignore_errors=True)
     print(f"{args.clients} streaming clients x {args.seconds:g} s, 2 models, max_tokens={args.max_tokens}")
-    print(f"{'path':<8}{'req/s':>10}{'tok/s':>10}{'errors':>8}{'ttft p50':>11}{'ttft p99':>11}")
+    print(f"{'path':<8}{'req/s':>10}{'tok/s':>10}{'errors':>8}{'503s':>6}{'ttft p50':>11}{'ttft p99':>11}")
     print(report("direct", direct_tally, args.seconds))
     print(report("runnerd", via_tally, args.seconds))
     per_k = cpu_seconds / max(1, via_tally.tokens) * 1000
