@@ -1,10 +1,11 @@
 """Pure mapping between Ollama's API and the OpenAI API the engines speak (no I/O here).
 
-Requests: an Ollama chat/generate/embed body becomes an OpenAI body for llama-server
-(`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`). Responses: an OpenAI answer (or its
-stream of SSE chunks) becomes Ollama's objects: `message`/`response`, `thinking`, `tool_calls` with
-arguments as objects, `done`, `done_reason`, and the timing fields in nanoseconds taken from the
-engine's own `timings` object.
+Requests: an Ollama chat/generate/embed body becomes an OpenAI body for the engine
+(`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`); sampling options take the names of the
+engine that serves the model (llama-server or vLLM). Responses: an OpenAI answer (or its stream of SSE
+chunks) becomes Ollama's objects: `message`/`response`, `thinking`, `tool_calls` with arguments as
+objects, `done`, `done_reason`, and the timing fields in nanoseconds, taken from llama-server's own
+`timings` object or, for an engine without one (vLLM), measured here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -19,6 +21,11 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger("runnerd.ollama")
+
+# The backend name (Backend.name) of vLLM; every other engine here speaks llama-server's dialect.
+VLLM = "vllm"
 
 
 class TranslationError(ValueError):
@@ -49,23 +56,38 @@ class OllamaOptions(BaseModel):
     ignore_eos: bool | None = None
 
 
-# Options whose name and meaning are the same in llama-server's OpenAI-compatible body.
-_SAME_NAME = ("temperature", "top_p", "top_k", "min_p", "typical_p", "seed", "repeat_penalty", "repeat_last_n",
-              "presence_penalty", "frequency_penalty", "ignore_eos")
+# Options with the same name and meaning in the OpenAI-compatible body of llama-server and of vLLM
+# (vLLM takes top_k, min_p, seed and ignore_eos as extra sampling parameters).
+_SAME_NAME = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+              "ignore_eos")
+# Ollama option -> the engine's body field, for options whose name differs between the engines.
+_LLAMA_SERVER_NAMES = {"repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
+                       "typical_p": "typical_p", "num_keep": "n_keep"}
+# vLLM has a repetition penalty but no window for it (repeat_last_n), no typical sampling and no n_keep
+# (it never shifts the context): those are dropped, as Ollama ignores options a runner lacks.
+_VLLM_NAMES = {"repeat_penalty": "repetition_penalty"}
 
 
-def sampling_fields(options: OllamaOptions | None) -> dict[str, Any]:
-    """OpenAI/llama-server body fields for the sampling options (num_ctx is a load option: not here)."""
+def sampling_fields(options: OllamaOptions | None, engine: str = "llama.cpp") -> dict[str, Any]:
+    """The OpenAI body fields for the sampling options, in the dialect of `engine` (the serving backend's
+    name). num_ctx is a load option: not here."""
     if options is None:
         return {}
     out: dict[str, Any] = {name: getattr(options, name) for name in _SAME_NAME if getattr(options, name) is not None}
+    names = _VLLM_NAMES if engine == VLLM else _LLAMA_SERVER_NAMES
+    for option in _LLAMA_SERVER_NAMES:
+        value = getattr(options, option)
+        if value is None:
+            continue
+        if option in names:
+            out[names[option]] = value
+        else:
+            log.debug("option %s has no equivalent in %s: ignored", option, engine)
     # Ollama: -1 = no limit, -2 = fill the context; both mean "no max_tokens" for the engine.
     if options.num_predict is not None and options.num_predict >= 0:
         out["max_tokens"] = options.num_predict
     if options.stop is not None:
         out["stop"] = [options.stop] if isinstance(options.stop, str) else options.stop
-    if options.num_keep is not None:
-        out["n_keep"] = options.num_keep
     return out
 
 
@@ -193,22 +215,44 @@ def now_iso() -> str:
 
 @dataclass
 class Clock:
-    """Wall-clock marks of one request, for total_duration and load_duration (nanoseconds)."""
+    """Wall-clock marks of one request (perf_counter nanoseconds), for total_duration and load_duration,
+    and for the eval durations of an engine that does not report its own."""
 
     started: int = field(default_factory=time.perf_counter_ns)
     loaded: int | None = None
+    first_token: int | None = None
+    ended: int | None = None
 
     def mark_loaded(self) -> None:
         self.loaded = time.perf_counter_ns()
 
+    def mark_first_token(self) -> None:
+        if self.first_token is None:
+            self.first_token = time.perf_counter_ns()
+
+    def end(self) -> int:
+        """The end of the request, fixed at the first call so that every duration agrees."""
+        if self.ended is None:
+            self.ended = time.perf_counter_ns()
+        return self.ended
+
     def durations(self) -> dict[str, int]:
-        end = time.perf_counter_ns()
-        return {"total_duration": end - self.started,
+        return {"total_duration": self.end() - self.started,
                 "load_duration": (self.loaded or self.started) - self.started}
 
+    def measured_eval(self) -> dict[str, int]:
+        """prompt_eval_duration and eval_duration from the marks: the prompt is evaluated from the load
+        to the first token, the rest is generation. An answer not streamed has no first-token mark: all
+        of its engine time is counted as generation (clients divide eval_count by eval_duration)."""
+        loaded = self.loaded or self.started
+        first = self.first_token if self.first_token is not None else loaded
+        return {"prompt_eval_duration": first - loaded, "eval_duration": self.end() - first}
 
-def timing_fields(usage: dict[str, Any] | None, timings: dict[str, Any] | None) -> dict[str, int]:
-    """prompt_eval_* and eval_* from the engine's counts and `timings` (milliseconds -> nanoseconds)."""
+
+def timing_fields(usage: dict[str, Any] | None, timings: dict[str, Any] | None,
+                  clock: Clock | None = None) -> dict[str, int]:
+    """prompt_eval_* and eval_* from the engine's counts and `timings` (milliseconds -> nanoseconds).
+    Durations the engine did not report (vLLM has no `timings`) are measured with `clock`."""
     usage = usage or {}
     timings = timings or {}
     out: dict[str, int] = {}
@@ -222,6 +266,9 @@ def timing_fields(usage: dict[str, Any] | None, timings: dict[str, Any] | None) 
         out["eval_count"] = generated
     if isinstance(timings.get("predicted_ms"), int | float):
         out["eval_duration"] = round(timings["predicted_ms"] * 1e6)
+    if clock is not None:
+        for name, value in clock.measured_eval().items():
+            out.setdefault(name, value)
     return out
 
 
@@ -245,11 +292,16 @@ def turn_from_completion(body: dict[str, Any]) -> Turn:
     choice = (body.get("choices") or [{}])[0]
     message = choice.get("message") or {}
     turn = Turn(content=message.get("content") or choice.get("text") or "",
-                thinking=message.get("reasoning_content") or "", finish_reason=choice.get("finish_reason"),
+                thinking=_reasoning(message), finish_reason=choice.get("finish_reason"),
                 usage=body.get("usage"), timings=body.get("timings"))
     for i, call in enumerate(message.get("tool_calls") or []):
         turn.tool_calls[i] = call
     return turn
+
+
+def _reasoning(message: dict[str, Any]) -> str:
+    # llama-server and older vLLM releases call it reasoning_content; newer vLLM releases call it reasoning.
+    return message.get("reasoning_content") or message.get("reasoning") or ""
 
 
 @dataclass
@@ -272,7 +324,7 @@ def absorb_chunk(turn: Turn, chunk: dict[str, Any]) -> Delta:
         d = choice.get("delta") or {}
         text = d.get("content") or choice.get("text") or ""
         delta.content += text
-        delta.thinking += d.get("reasoning_content") or ""
+        delta.thinking += _reasoning(d)
         for piece in d.get("tool_calls") or []:
             slot = turn.tool_calls.setdefault(piece.get("index", 0), {"function": {"name": "", "arguments": ""}})
             function = piece.get("function") or {}
@@ -306,7 +358,7 @@ def generate_part(model: str, delta: Delta) -> dict[str, Any]:
 
 def final_fields(turn: Turn, clock: Clock) -> dict[str, Any]:
     return {"done": True, "done_reason": done_reason(turn.finish_reason), **clock.durations(),
-            **timing_fields(turn.usage, turn.timings)}
+            **timing_fields(turn.usage, turn.timings, clock)}
 
 
 def chat_tool_part(model: str, turn: Turn) -> dict[str, Any] | None:

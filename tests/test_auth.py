@@ -1,13 +1,19 @@
-"""The bearer-token pieces: reading the token file and comparing tokens in constant time."""
+"""The bearer-token pieces: reading the token file, comparing tokens in constant time, and the
+shape of a refusal."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 
+import httpx2 as httpx
 import pytest
+from aiohttp import web
 
 from runnerd.api import auth
-from runnerd.api.auth import TokenError, bearer_token, load_token, token_matches
+from runnerd.api.auth import HTTP_TOKEN, TokenError, bearer_token, load_token, token_matches
+from runnerd.config import load_settings
+from runnerd.server import create_app
 
 
 def test_token_file_is_stripped(tmp_path):
@@ -64,3 +70,36 @@ def test_compare_is_constant_time(monkeypatch):
 ])
 def test_bearer_header(header, token):
     assert bearer_token(header) == token
+
+
+def test_refusals_over_tcp_take_the_shape_of_the_route(tmp_path):
+    """401s (and the CORS 403) come from middlewares outside error_middleware: they too must be
+    {"error": "..."} under /api/, where Ollama's clients read a string, and OpenAI's shape elsewhere."""
+    async def scenario() -> list[httpx.Response]:
+        settings = load_settings(runtime_dir=tmp_path / "run", data_dir=tmp_path / "data")
+        app = create_app(settings, backends={})
+        app[HTTP_TOKEN] = "s3cret"
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port = runner.addresses[0][1]
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+                return [await c.get("/api/tags"),
+                        await c.get("/api/tags", headers={"Authorization": "Bearer wrong"}),
+                        await c.get("/v1/models"),
+                        await c.get("/api/tags", headers={"Origin": "https://evil.example"}),
+                        await c.get("/v1/models", headers={"Origin": "https://evil.example"})]
+        finally:
+            await runner.cleanup()
+
+    ollama_missing, ollama_wrong, openai_missing, ollama_origin, openai_origin = asyncio.run(scenario())
+    for resp, fragment in ((ollama_missing, "Authorization: Bearer"), (ollama_wrong, "invalid bearer token")):
+        assert resp.status_code == 401
+        assert set(resp.json()) == {"error"} and fragment in resp.json()["error"]
+        assert resp.headers["WWW-Authenticate"].startswith('Bearer realm="runnerd"')
+    assert 'error="invalid_token"' in ollama_wrong.headers["WWW-Authenticate"]
+    assert openai_missing.status_code == 401
+    assert openai_missing.json()["error"]["code"] == "invalid_api_key"
+    assert ollama_origin.status_code == 403 and "not allowed" in ollama_origin.json()["error"]
+    assert openai_origin.status_code == 403 and openai_origin.json()["error"]["code"] == "origin_not_allowed"

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import httpx2 as httpx
 import pytest
+from aiohttp import web
 
 from backends.base import BackendConfiguration, Capability, MemoryEstimate, Mode, ModelFormat, ModelRef
+from runnerd import server
+from runnerd.api import ollama
 from tests.conftest import app_on_socket
 from tests.tinymodels import write_alien_model
 
@@ -136,3 +140,43 @@ def test_capability_the_backend_lacks_is_501(tmp_path, tiny_model):
     assert "norerank" in err["message"] and "rerank" in err["message"]
     assert "embeddings" in assert_openai_error(embeddings, 501)["message"]
     assert "streaming" in assert_openai_error(stream, 501)["message"]
+
+
+def test_a_bug_in_a_handler_is_a_json_500_in_the_route_shape(tmp_path, monkeypatch, caplog):
+    secret = "/secret/path/in/the/message"
+
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError(secret)
+
+    async def broken_mid_stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"partial\n")
+        raise RuntimeError(secret)
+
+    # The route tables are built by create_app from these module attributes.
+    monkeypatch.setattr(server, "version", broken)
+    monkeypatch.setattr(ollama, "version", broken)
+    monkeypatch.setattr(ollama, "tags", broken_mid_stream)
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response, Exception | None]:
+        async with app_on_socket(tmp_path, {}) as client:
+            openai_shape, ollama_shape = await client.get("/version"), await client.get("/api/version")
+            try:
+                await client.get("/api/tags")
+            except httpx.HTTPError as exc:
+                return openai_shape, ollama_shape, exc
+            return openai_shape, ollama_shape, None
+
+    with caplog.at_level(logging.ERROR, logger="runnerd.api"):
+        openai_shape, ollama_shape, cut = asyncio.run(scenario())
+    err = assert_openai_error(openai_shape, 500, "internal_error")
+    assert err["type"] == "server_error" and secret not in openai_shape.text
+    assert ollama_shape.status_code == 500 and set(ollama_shape.json()) == {"error"}
+    assert secret not in ollama_shape.text
+    # The traceback is in the daemon's log, with the request it broke.
+    logged = [r for r in caplog.records if r.name == "runnerd.api"]
+    assert len(logged) == 2 and all(r.exc_info and secret in str(r.exc_info[1]) for r in logged)
+    assert "GET /api/version" in logged[1].getMessage()
+    # Once a stream has started no second status line can follow: the connection is cut instead.
+    assert cut is not None

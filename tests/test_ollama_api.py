@@ -4,16 +4,22 @@ surface), unmodified, against a real daemon serving the real llama-server."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import http.server
 import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import ollama
 import pytest
+
+from backends.base import Capability, ModelFormat
+from runnerd.api import ollama as ollama_routes
+from runnerd.store import ModelEntry
 
 pytestmark = pytest.mark.engine
 
@@ -105,6 +111,12 @@ def test_generate_streamed_and_not(client):
     assert raw.eval_count == 4
 
 
+def test_raw_generate_refuses_images_instead_of_dropping_them(daemon):
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n rest").decode()
+    resp = daemon.post("/api/generate", {"model": "tiny", "prompt": "x", "raw": True, "images": [png]})
+    assert resp.status_code == 400 and "raw" in resp.json()["error"] and "images" in resp.json()["error"]
+
+
 def test_embed_and_embeddings(client):
     out = client.embed(model="tiny", input=["hello", "the world"])
     assert [len(v) for v in out.embeddings] == [64, 64]
@@ -114,6 +126,36 @@ def test_embed_and_embeddings(client):
     assert len(single.embedding) == 64
     short = client.embed(model="tiny", input="hello", dimensions=8)
     assert len(short.embeddings[0]) == 8
+
+
+def test_empty_embeddings_prompt_loads_but_knows_the_model(client, daemon):
+    assert daemon.post("/api/embeddings", {"model": "tiny", "prompt": ""}).json() == {"embedding": []}
+    assert any(r["model"] == "tiny:latest" and r["mode"] == "embedding" for r in daemon.ps())
+    with pytest.raises(ollama.ResponseError) as err:
+        client.embeddings(model="ghost", prompt="")
+    assert err.value.status_code == 404 and "not found" in err.value.error
+
+
+class ChatBackend:
+    """Only what /api/show's capability list reads of a backend."""
+
+    name = "chat"
+    capabilities = frozenset({Capability.CHAT, Capability.COMPLETIONS, Capability.TOOLS})
+    model_formats = frozenset({ModelFormat.GGUF})
+
+
+@pytest.mark.parametrize(("mmproj", "template", "extra"), [
+    (None, "{{ messages }}", []),
+    ("/m/mmproj.gguf", "{{ messages }}", ["vision"]),
+    (None, "{% if enable_thinking %}<think>{% endif %}", ["thinking"]),
+    (None, "{{ '<|start|>system' }}Reasoning: {{ reasoning_effort }}", ["thinking"]),
+    ("/m/mmproj.gguf", "{% for tool in tools %}<think>", ["tools", "vision", "thinking"]),
+])
+def test_show_capabilities_vision_and_thinking(mmproj, template, extra):
+    d = SimpleNamespace(backends={"chat": ChatBackend()})
+    model = ModelEntry(name="m:latest", path=Path("/m/model.gguf"), size=1,
+                       mmproj=Path(mmproj) if mmproj else None)
+    assert ollama_routes._capabilities(d, model, template) == ["completion", *extra]  # type: ignore[arg-type]
 
 
 def test_errors_have_ollama_shape_and_codes(client, daemon):

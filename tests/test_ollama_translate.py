@@ -27,6 +27,29 @@ def test_sampling_options_map_to_engine_fields():
     assert tr.sampling_fields(None) == {}
 
 
+def test_llama_server_names_for_llama_cpp_models():
+    options = tr.OllamaOptions(repeat_penalty=1.1, repeat_last_n=32, typical_p=0.7, num_keep=5, min_p=0.05)
+    assert tr.sampling_fields(options, "llama.cpp") == {
+        "repeat_penalty": 1.1, "repeat_last_n": 32, "typical_p": 0.7, "n_keep": 5, "min_p": 0.05}
+
+
+def test_vllm_names_and_dropped_options(caplog):
+    options = tr.OllamaOptions.model_validate({
+        "num_predict": 8, "temperature": 0.2, "top_k": 40, "min_p": 0.05, "seed": 7, "stop": ["###"],
+        "presence_penalty": 0.5, "frequency_penalty": 0.25, "ignore_eos": True,
+        "repeat_penalty": 1.1, "repeat_last_n": 32, "typical_p": 0.7, "num_keep": 5,
+    })
+    with caplog.at_level("DEBUG", logger="runnerd.ollama"):
+        fields = tr.sampling_fields(options, tr.VLLM)
+    assert fields == {
+        "max_tokens": 8, "temperature": 0.2, "top_k": 40, "min_p": 0.05, "seed": 7, "stop": ["###"],
+        "presence_penalty": 0.5, "frequency_penalty": 0.25, "ignore_eos": True, "repetition_penalty": 1.1,
+    }
+    # What vLLM cannot do is dropped, and the debug log says so.
+    dropped = {r.getMessage().split()[1] for r in caplog.records}
+    assert dropped == {"repeat_last_n", "typical_p", "num_keep"}
+
+
 def test_format_and_think():
     assert tr.response_format("json") == {"type": "json_object"}
     assert tr.response_format("") is None and tr.response_format(None) is None
@@ -72,6 +95,33 @@ def test_completion_turn_and_timings():
     assert (out["prompt_eval_count"], out["prompt_eval_duration"]) == (27, 1_500_000)
     assert (out["eval_count"], out["eval_duration"]) == (3, 250_000)
     assert out["total_duration"] >= out["load_duration"] >= 0
+
+
+def test_timings_measured_when_the_engine_reports_none():
+    # vLLM sends usage but no `timings`: the durations come from the clock's marks (nanoseconds).
+    body = {"choices": [{"finish_reason": "stop", "message": {"content": "hi", "reasoning": "hmm"}}],
+            "usage": {"prompt_tokens": 27, "completion_tokens": 3}}
+    turn = tr.turn_from_completion(body)
+    assert turn.thinking == "hmm"  # newer vLLM releases name it `reasoning`
+    streamed = tr.generate_final("m", turn, tr.Clock(started=0, loaded=10, first_token=30, ended=100), streamed=True)
+    assert (streamed["total_duration"], streamed["load_duration"]) == (100, 10)
+    assert (streamed["prompt_eval_count"], streamed["prompt_eval_duration"]) == (27, 20)
+    assert (streamed["eval_count"], streamed["eval_duration"]) == (3, 70)
+    # Not streamed: no first-token mark, so all the engine's time counts as generation.
+    whole = tr.generate_final("m", turn, tr.Clock(started=0, loaded=10, ended=100), streamed=False)
+    assert (whole["prompt_eval_duration"], whole["eval_duration"]) == (0, 90)
+    # Engine timings, when present, win over the measurement.
+    timed = tr.timing_fields(None, {"prompt_ms": 1.0, "predicted_ms": 2.0}, tr.Clock(started=0, ended=100))
+    assert (timed["prompt_eval_duration"], timed["eval_duration"]) == (1_000_000, 2_000_000)
+
+
+def test_clock_first_token_mark_is_kept():
+    clock = tr.Clock()
+    clock.mark_first_token()
+    first = clock.first_token
+    clock.mark_first_token()
+    assert clock.first_token == first
+    assert clock.durations()["total_duration"] == clock.end() - clock.started  # the end is fixed once
 
 
 def test_stream_chunks_join_tool_call_fragments():

@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from runnerd.api.context import over_unix_socket
-from runnerd.api.errors import ApiError
+from runnerd.api.errors import ApiError, render_error
 
 HTTP_TOKEN = web.AppKey("http_token", str)
 
@@ -78,5 +78,6 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     presented = bearer_token(request.headers.get("Authorization"))
     # No token configured cannot happen with a TCP listener (serve refuses to start); fail closed anyway.
     if expected is None or presented is None or not token_matches(presented, expected):
-        return _unauthenticated(presented is not None).response()
+        # render_error: Ollama's clients (under /api/) read {"error": "..."}, the rest OpenAI's shape.
+        return render_error(request, _unauthenticated(presented is not None))
     return await handler(request)

@@ -1,8 +1,10 @@
-"""Errors in the OpenAI shape: {"error": {"message", "type", "code", "param"}}."""
+"""Errors as JSON: OpenAI's shape {"error": {"message", "type", "code", "param"}}, and Ollama's
+{"error": "..."} under /api/ (render_error picks by path)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -23,6 +25,8 @@ _TYPES = {
 
 
 Body = TypeVar("Body", bound=BaseModel)
+
+log = logging.getLogger("runnerd.api")
 
 
 class ApiError(Exception):
@@ -72,6 +76,20 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         return render_error(request, _from_http_exception(exc))
+    except Exception:
+        if request.writer.output_size > 0:
+            # A streamed answer already sent its status line: no second one can follow. aiohttp logs
+            # the exception and drops the connection, which the client sees as a cut stream.
+            raise
+        # A bug, not a client's mistake: the traceback goes to the log, never to the client.
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return render_error(request, internal_error())
+
+
+def internal_error() -> ApiError:
+    """A 500 that says nothing of the exception: its message and traceback may carry paths or other internals."""
+    return ApiError(500, "internal error in runnerd; the daemon's log has the details", code="internal_error",
+                    type="server_error")
 
 
 def render_error(request: web.Request, exc: ApiError) -> web.Response:

@@ -1,7 +1,8 @@
 """Ollama's API (/api/...) over the same scheduler and engines as the OpenAI routes.
 
 Each inference request is translated (runnerd.ollama_translate) into an OpenAI request to the
-runner's llama-server and its answer back into Ollama's objects, streamed as NDJSON by default.
+runner's engine (llama-server or vLLM, with that engine's option names) and its answer back into
+Ollama's objects, streamed as NDJSON by default.
 Errors on these routes are `{"error": "..."}` (error_middleware renders that shape under /api/).
 
 `options.num_ctx` is a load-time setting: it is stored as the model's configured context size for
@@ -174,10 +175,12 @@ async def _restart_if_idle(d: Daemon, key: RunnerKey, config: BackendConfigurati
 
 
 class Job:
-    """One leased inference: the model, its runner, and the request's clock."""
+    """One leased inference: the model, the backend serving it (whose option names the body uses), its
+    runner, and the request's clock."""
 
-    def __init__(self, model: ModelEntry, lease: Lease, clock: tr.Clock) -> None:
+    def __init__(self, model: ModelEntry, backend: str, lease: Lease, clock: tr.Clock) -> None:
         self.model = model
+        self.backend = backend
         self.lease = lease
         self.clock = clock
 
@@ -196,7 +199,7 @@ async def _lease(request: web.Request, name: str, mode: Mode, needed: list[Capab
     lease = await lease_runner(d, backend, model, mode, config, ttl)
     clock.mark_loaded()
     request[REQUEST_MODEL] = model.name
-    return Job(model, lease, clock)
+    return Job(model, backend.name, lease, clock)
 
 
 # ---------------------------------------------------------------- talking to the runner
@@ -276,8 +279,8 @@ async def _ndjson(request: web.Request) -> web.StreamResponse:
 # ---------------------------------------------------------------- chat and generate
 
 
-def _openai_body(req: _Inference, model: str) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, **tr.sampling_fields(req.options)}
+def _openai_body(req: _Inference, job: Job) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": job.model.name, **tr.sampling_fields(req.options, job.backend)}
     fmt = _translated(tr.response_format, req.format)
     if fmt is not None:
         body["response_format"] = fmt
@@ -316,6 +319,8 @@ async def _answer(request: web.Request, job: Job, path: str, body: dict[str, Any
                 await response.write_eof()
                 return response
             delta = tr.absorb_chunk(turn, chunk)
+            if delta.content or delta.thinking or turn.tool_calls:
+                job.clock.mark_first_token()  # the eval durations of an engine without timings start here
             if delta.content or delta.thinking:
                 await response.write(_line(part(name, delta)))
     if part is tr.chat_part and (calls := tr.chat_tool_part(name, turn)) is not None:
@@ -342,7 +347,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     messages = _translated(tr.openai_messages, req.messages)
     job = await _lease(request, req.model, Mode.COMPLETION, needed, req.options, req.keep_alive)
     try:
-        body = {**_openai_body(req, job.model.name), "messages": messages}
+        body = {**_openai_body(req, job), "messages": messages}
         if req.tools:
             body["tools"] = req.tools
         return await _answer(request, job, "/v1/chat/completions", body, req.stream, tr.chat_part, tr.chat_final)
@@ -357,6 +362,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if req.suffix:
         raise ApiError(400, f"{req.model} does not support insert (suffix)")
     if req.raw:
+        if req.images:
+            # A raw prompt goes to the text completion route, which takes no images.
+            raise ApiError(400, "images cannot be sent with raw: true; send them without raw (the model's "
+                                "template places them) or through /api/chat")
         kind, path = Capability.COMPLETIONS, "/v1/completions"
         extra: dict[str, Any] = {"prompt": req.prompt}
     else:
@@ -368,7 +377,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     needed = [kind] + ([Capability.STREAMING] if req.stream else [])
     job = await _lease(request, req.model, Mode.COMPLETION, needed, req.options, req.keep_alive)
     try:
-        body = {**_openai_body(req, job.model.name), **extra}
+        body = {**_openai_body(req, job), **extra}
         return await _answer(request, job, path, body, req.stream, tr.generate_part, tr.generate_final)
     finally:
         job.lease.release()
@@ -388,13 +397,18 @@ async def _embed(request: web.Request, req: _Request, inputs: Any, options: tr.O
     return job, tr.embeddings_from(answer, dimensions), int(usage.get("prompt_tokens") or 0)
 
 
+async def _load_embedding(request: web.Request, name: str, options: tr.OllamaOptions | None,
+                          keep_alive: KeepAliveValue) -> Job:
+    """Nothing to embed: Ollama's way to load the model (an unknown model is still a 404)."""
+    job = await _lease(request, name, Mode.EMBEDDING, [Capability.EMBEDDINGS], options, keep_alive)
+    job.lease.release()
+    return job
+
+
 async def embed(request: web.Request) -> web.Response:
     req = await _body(request, EmbedRequest)
     if req.input == "" or req.input == []:
-        # Nothing to embed: Ollama's way to load the model.
-        job = await _lease(request, req.model, Mode.EMBEDDING, [Capability.EMBEDDINGS], req.options,
-                           req.keep_alive)
-        job.lease.release()
+        job = await _load_embedding(request, req.model, req.options, req.keep_alive)
         return web.json_response({"model": job.model.name, "embeddings": []})
     job, vectors, prompt_tokens = await _embed(request, req, req.input, req.options, req.keep_alive,
                                                req.dimensions)
@@ -406,6 +420,8 @@ async def embeddings(request: web.Request) -> web.Response:
     """The older single-prompt route: one vector, as the engine computed it."""
     req = await _body(request, EmbeddingsRequest)
     if not req.prompt:
+        # As Ollama does: load the model, answer an empty vector.
+        await _load_embedding(request, req.model, req.options, req.keep_alive)
         return web.json_response({"embedding": []})
     _, vectors, _ = await _embed(request, req, req.prompt, req.options, req.keep_alive)
     return web.json_response({"embedding": vectors[0] if vectors else []})
@@ -501,18 +517,31 @@ def _template(header: Any, model: ModelEntry) -> str:
     return fallback_chat_template(header.architecture, False) or ""
 
 
+# Chat templates that can produce reasoning mention one of these: the <think> tags (Qwen3, DeepSeek-R1),
+# the switch that turns thinking on or off (enable_thinking, which `think` sets), or an effort level
+# (reasoning_effort: gpt-oss). A heuristic, as Ollama's own (it looks for thinking variables in its
+# Go templates): a template that thinks in some other way is not detected.
+_THINKING_MARKERS = ("<think>", "enable_thinking", "reasoning_effort")
+
+
 def _capabilities(d: Daemon, model: ModelEntry, template: str) -> list[str]:
     try:
         backend = choose_backend(d, None, model)
     except ApiError:
         return []
     caps = []
-    if Capability.CHAT in backend.capabilities or Capability.COMPLETIONS in backend.capabilities:
+    chat = Capability.CHAT in backend.capabilities
+    if chat or Capability.COMPLETIONS in backend.capabilities:
         caps.append("completion")
     if Capability.EMBEDDINGS in backend.capabilities:
         caps.append("embedding")
     if Capability.TOOLS in backend.capabilities and "tool" in template:
         caps.append("tools")
+    if chat and model.mmproj is not None:
+        # The multimodal projector is what lets llama-server read images.
+        caps.append("vision")
+    if chat and any(marker in template for marker in _THINKING_MARKERS):
+        caps.append("thinking")
     return caps
 
 
