@@ -65,10 +65,27 @@ class VllmOptions(BaseModel):
 
 
 class SpeculativeOptions(BaseModel):
+    """Speculative decoding with a draft model from runnerd's store.
+
+    Callers name the draft (`draft_model`); the daemon resolves that name to `draft` each time it hands
+    the configuration to a backend (backends cannot see the store). `draft` is None when the name no
+    longer resolves: the backend then refuses to start rather than run without the draft."""
+
     model_config = ConfigDict(extra="forbid")
 
     draft_model: str
     num_tokens: int = Field(default=16, ge=1, le=256)
+    draft: ModelRef | None = None  # set by the daemon only; never stored, never taken from a caller
+
+    def usable_draft(self, backend: str, formats: frozenset[ModelFormat]) -> ModelRef:
+        """The resolved draft, else a RunnerError: a runner never starts without the draft it was asked for."""
+        if self.draft is None:
+            raise RunnerError(f"draft model {self.draft_model!r} is not in the store any more: pull it again or "
+                              "configure another draft", reason="draft_missing")
+        if self.draft.format not in formats:
+            raise RunnerError(f"{backend} cannot load {self.draft.name} as a draft: it is in {self.draft.format} "
+                              "format", reason="draft_format")
+        return self.draft
 
 
 class BackendConfiguration(BaseModel):

@@ -10,11 +10,12 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 
-from backends.base import BackendConfiguration, Mode
+from backends.base import BackendConfiguration, Mode, ModelRef
 from runnerd.atomic import write_atomically
 
 log = logging.getLogger("runnerd.configs")
@@ -32,10 +33,17 @@ class _ConfigFile(BaseModel):
     configurations: list[StoredConfiguration] = Field(default_factory=list)
 
 
+# Resolves a model name to the model as a backend sees it; None when the store has no such model.
+ModelResolver = Callable[[str], ModelRef | None]
+
+
 class ConfigStore:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, resolve_model: ModelResolver | None = None) -> None:
         self.path = data_dir / "configurations.json"
         self.problems: list[str] = []
+        # How a speculative draft's name becomes a path (the model store). Without one, drafts stay
+        # unresolved and a backend refuses to start them: never a silent run without the draft.
+        self.resolve_model = resolve_model
         self._items: dict[tuple[str, Mode], StoredConfiguration] = {}
         for item in self._load().configurations:
             self._items[(item.model, item.mode)] = item
@@ -63,20 +71,40 @@ class ConfigStore:
         self._items = items
 
     def get(self, model: str, mode: Mode) -> StoredConfiguration | None:
-        return self._items.get((model, mode))
+        """The stored configuration with its draft model resolved now, so a runner spawned from it
+        loads the draft the store holds today (a re-pulled draft has a new path)."""
+        item = self._items.get((model, mode))
+        return None if item is None else self.resolved(item)
+
+    def resolved(self, item: StoredConfiguration) -> StoredConfiguration:
+        spec = item.config.speculative
+        if spec is None:
+            return item
+        draft = self.resolve_model(spec.draft_model) if self.resolve_model is not None else None
+        config = item.config.model_copy(update={"speculative": spec.model_copy(update={"draft": draft})})
+        return item.model_copy(update={"config": config})
 
     def list(self, model: str | None = None) -> list[StoredConfiguration]:
         return [c for c in sorted(self._items.values(), key=lambda c: (c.model, c.mode))
                 if model is None or c.model == model]
 
     def put(self, item: StoredConfiguration) -> None:
-        self._save({**self._items, (item.model, item.mode): item})
+        self._save({**self._items, (item.model, item.mode): _unresolved(item)})
 
     def delete(self, model: str, mode: Mode) -> StoredConfiguration | None:
         item = self._items.get((model, mode))
         if item is not None:
             self._save({k: v for k, v in self._items.items() if k != (model, mode)})
         return item
+
+
+def _unresolved(item: StoredConfiguration) -> StoredConfiguration:
+    """The item as it is kept: a draft by name only, its path resolved again on every read."""
+    spec = item.config.speculative
+    if spec is None or spec.draft is None:
+        return item
+    bare = type(spec).model_validate(spec.model_dump(exclude_unset=True, exclude={"draft"}))
+    return item.model_copy(update={"config": item.config.model_copy(update={"speculative": bare})})
 
 
 def effective_configuration(defaults: BackendConfiguration, stored: StoredConfiguration | None) -> \

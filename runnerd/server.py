@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from backends.base import Backend
+from backends.base import Backend, ModelRef
 from runnerd import __version__
 from runnerd.admission import Budget
 from runnerd.api import backends as backend_routes
@@ -35,7 +35,7 @@ from runnerd.metrics import Metrics, RunnerWatcher
 from runnerd.node import read_gpus, read_host_memory
 from runnerd.pidfiles import clean_up_previous_runners
 from runnerd.scheduler import RunnerState, Scheduler, SchedulerLimits
-from runnerd.store import ModelStore
+from runnerd.store import ModelNotFound, ModelStore
 from runnerd.systemd import Notifier, SocketActivationError, listen_fds
 
 log = logging.getLogger("runnerd")
@@ -57,6 +57,13 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+def _model_ref(store: ModelStore, name: str) -> ModelRef | None:
+    try:
+        return store.get(name).ref()
+    except ModelNotFound:
+        return None
+
+
 def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None) -> web.Application:
     backends = dict(backends) if backends is not None else default_backends(settings)
     metrics = Metrics()
@@ -75,8 +82,10 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     # "In use" for the store = some runner (loading, ready or idle) holds the model.
     store = ModelStore(settings.data_dir, settings.store, settings.huggingface,
                        in_use=lambda name: any(r.model == name for r in scheduler.ps()))
+    # Stored configurations name a speculative draft model; only the store knows where it lives today.
+    configs = ConfigStore(settings.data_dir, resolve_model=lambda name: _model_ref(store, name))
     app[DAEMON] = Daemon(settings=settings, store=store, scheduler=scheduler,
-                         backends=backends, configs=ConfigStore(settings.data_dir), metrics=metrics)
+                         backends=backends, configs=configs, metrics=metrics)
     app.router.add_get("/", root)
     app.router.add_get("/version", version)
     app.router.add_get("/health", health)

@@ -63,12 +63,16 @@ def test_refused_input_stores_nothing(daemon):
         ({"mode": "dreaming"}, "mode", "mode"),
         ({"vllm": {"gpu_memory_utilization": 0.5}}, "vllm", "vllm options do not apply"),
         ({"llamacpp": {"reasoning_budget": -2}}, "llamacpp.reasoning_budget", "greater than or equal to -1"),
-        ({"speculative": {"draft_model": "ghost"}}, "model", "ghost"),
+        ({"speculative": {"draft_model": "ghost"}}, "speculative.draft_model", "'ghost' is not in the store"),
+        # The daemon resolves the draft's path itself: a caller cannot hand the engine a file.
+        ({"speculative": {"draft_model": "tiny", "draft": {"name": "x", "path": "/etc/passwd"}}},
+         "speculative.draft", "Extra inputs"),
+        ({"speculative": {"draft_model": "tiny", "num_tokens": 0}}, "speculative.num_tokens", "greater than"),
         ({"unknown_field": 1}, "unknown_field", "Extra inputs"),
     ]
     for body, param, fragment in cases:
         resp = daemon.post("/engines/_configure", {"model": "tiny", **body})
-        assert resp.status_code in (400, 404), (body, resp.text)
+        assert resp.status_code == 400, (body, resp.text)
         error = resp.json()["error"]
         assert error["param"] == param and fragment in error["message"], (body, error)
     assert daemon.http.get("/engines/_configure").json()["configurations"] == []

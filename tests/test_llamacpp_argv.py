@@ -104,3 +104,45 @@ def test_a_projector_is_loaded_beside_the_model():
     model = ModelRef(name="v:latest", path=Path("/m/v.gguf"), mmproj=Path("/m/mmproj.gguf"))
     argv = build_argv(Path("s"), SOCK, model, Mode.COMPLETION, BackendConfiguration(), LaunchOptions())
     assert value_after(argv, "--mmproj") == "/m/mmproj.gguf"
+
+
+DRAFT = ModelRef(name="small:latest", path=Path("/models/small.gguf"))
+
+
+def speculative(num_tokens: int = 8, draft: ModelRef | None = DRAFT, flags: list[str] | None = None) -> \
+        BackendConfiguration:
+    return BackendConfiguration(runtime_flags=flags or [],
+                                speculative={"draft_model": "small", "num_tokens": num_tokens, "draft": draft})
+
+
+def test_resolved_draft_reaches_the_daemon_owned_flags():
+    argv = build_argv(Path("s"), SOCK, MODEL, Mode.COMPLETION, speculative(), LaunchOptions())
+    # llama.cpp 0.3.36 names (common/arg.cpp): --model-draft is an alias, --draft-max was removed.
+    assert value_after(argv, "--spec-draft-model") == "/models/small.gguf"
+    assert value_after(argv, "--spec-draft-n-max") == "8"
+    # Without a type llama-server loads the draft and never drafts with it.
+    assert value_after(argv, "--spec-type") == "draft-simple"
+    # CPU host: the draft stays off the GPU like the main model; daemon flags after the operator's.
+    assert value_after(argv, "--spec-draft-ngl") == "0"
+    assert argv.index("--spec-draft-ngl") < argv.index("--model") < argv.index("--spec-draft-model")
+    assert "--draft-max" not in argv and "--model-draft" not in argv
+
+
+def test_draft_gpu_layers_follow_the_main_model_and_callers_may_tune_them():
+    gpu = build_argv(Path("s"), SOCK, MODEL, Mode.COMPLETION, speculative(), LaunchOptions(use_gpu=True))
+    assert value_after(gpu, "--spec-draft-ngl") == "all" == value_after(gpu, "--n-gpu-layers")
+    some = build_argv(Path("s"), SOCK, MODEL, Mode.COMPLETION, speculative(flags=["--spec-draft-ngl", "3"]),
+                      LaunchOptions(use_gpu=True, gpu_layers=10))
+    assert value_after(some, "--spec-draft-ngl") == "3" and value_after(some, "--n-gpu-layers") == "10"
+
+
+def test_a_callers_spec_type_is_not_doubled():
+    argv = build_argv(Path("s"), SOCK, MODEL, Mode.COMPLETION, speculative(flags=["--spec-type", "ngram-mod"]),
+                      LaunchOptions())
+    assert argv.count("--spec-type") == 1 and value_after(argv, "--spec-type") == "ngram-mod"
+
+
+def test_no_draft_flags_without_a_resolved_draft():
+    for config in (BackendConfiguration(), speculative(draft=None)):
+        argv = build_argv(Path("s"), SOCK, MODEL, Mode.COMPLETION, config, LaunchOptions())
+        assert not any(a.startswith("--spec-") for a in argv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -11,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from backends.base import BackendConfiguration, Capability, Mode, ModelFormat, ModelRef, VllmOptions
+from backends.base import (
+    BackendConfiguration,
+    Capability,
+    Mode,
+    ModelFormat,
+    ModelRef,
+    RunnerError,
+    RunnerOutput,
+    VllmOptions,
+)
 from backends.vllm import VllmBackend, VllmLaunch, is_scorer
 from backends.vllm.argv import build_argv, build_env, write_site
 from backends.vllm.install import default_plan, interpreter_of
@@ -157,6 +167,36 @@ def test_argv_daemon_flags_come_last_in_joined_form(tmp_path: Path) -> None:
                      VllmLaunch(use_gpu=True), max_model_len=512, kv_cache_bytes=None, hf_overrides=None)
     assert "--gpu-memory-utilization=0.25" in gpu and "--enforce-eager" not in gpu
     assert "--runner=pooling" not in gpu
+
+
+def test_speculative_config_is_compact_json_in_joined_form(tmp_path: Path) -> None:
+    draft = _ref(tmp_path / "small")
+    config = BackendConfiguration(speculative={"draft_model": "small", "num_tokens": 5, "draft": draft})
+    argv = build_argv(Path("/py"), tmp_path / "r.sock", _ref(tmp_path / "m"), Mode.COMPLETION, config,
+                      VllmLaunch(), max_model_len=512, kv_cache_bytes=None, hf_overrides=None)
+    (flag,) = [a for a in argv if a.startswith("--speculative-config")]
+    assert flag == f'--speculative-config={{"model":"{tmp_path / "small"}","num_speculative_tokens":5}}'
+    assert json.loads(flag.partition("=")[2]) == {"model": str(tmp_path / "small"), "num_speculative_tokens": 5}
+    assert argv.index(flag) > argv.index(f"--model={tmp_path / 'm'}")
+    unresolved = config.model_copy(update={"speculative": config.speculative.model_copy(update={"draft": None})})
+    plain = build_argv(Path("/py"), tmp_path / "r.sock", _ref(tmp_path / "m"), Mode.COMPLETION, unresolved,
+                       VllmLaunch(), max_model_len=512, kv_cache_bytes=None, hf_overrides=None)
+    assert not any(a.startswith("--speculative-config") for a in plain)
+
+
+def test_estimate_counts_the_draft_weights(tmp_path: Path) -> None:
+    backend = VllmBackend(cache_dir=tmp_path / "cache")
+    model, draft = write_model_dir(tmp_path / "m"), write_model_dir(tmp_path / "d")
+    spec = {"draft_model": "d", "num_tokens": 4}
+    plain = backend.required_memory(_ref(model), Mode.COMPLETION, BackendConfiguration())
+    with_draft = backend.required_memory(_ref(model), Mode.COMPLETION, BackendConfiguration(
+        speculative={**spec, "draft": _ref(draft)}))
+    assert with_draft.devices[0].breakdown.weights == 2 * plain.devices[0].breakdown.weights
+    # A GGUF draft cannot be loaded by vLLM: the estimate does not count it, and run() refuses it.
+    gguf = BackendConfiguration(speculative={**spec, "draft": _ref(draft, ModelFormat.GGUF)})
+    assert backend.required_memory(_ref(model), Mode.COMPLETION, gguf).ram_bytes == plain.ram_bytes
+    with pytest.raises(RunnerError, match="gguf format"):
+        asyncio.run(backend.run(tmp_path / "r.sock", _ref(model), Mode.COMPLETION, gguf, RunnerOutput()))
 
 
 def test_env_is_built_explicitly(tmp_path: Path) -> None:

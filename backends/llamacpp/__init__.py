@@ -150,9 +150,14 @@ class LlamaCppBackend:
         if model.format not in self.model_formats:
             raise ModelFormatError(f"llama.cpp serves GGUF models; {model.name} is in {model.format} format")
 
+    def check_draft(self, config: BackendConfiguration) -> None:
+        if config.speculative is not None:
+            config.speculative.usable_draft(self.name, self.model_formats)
+
     async def run(self, socket_path: Path, model: ModelRef, mode: Mode, config: BackendConfiguration,
                   output: RunnerOutput) -> None:
         self.check_model(model)
+        self.check_draft(config)
         binary = self.binary()
         try:
             # Checked again here, not only at configure time: a stored configuration may be old or hand-edited.
@@ -173,14 +178,31 @@ class LlamaCppBackend:
             return MemoryEstimate.unknown(f"cannot read {model.path.name}: {exc}")
         # A caller's --cache-ram comes after runnerd's default on the command line, so it is the one that counts.
         cache_ram = None if "--cache-ram" in config.runtime_flags else self.launch.prompt_cache_mib
+        try:
+            draft = self._draft_header(config)
+        except (GGUFParseError, OSError) as exc:
+            return MemoryEstimate.unknown(f"cannot read the draft model: {exc}")
         settings = settings_from_config(mode, config, self.launch.default_context_size, self.launch.use_gpu,
-                                        gpu_layers=self.launch.gpu_layers, cache_ram_mib=cache_ram)
+                                        gpu_layers=self.launch.gpu_layers, cache_ram_mib=cache_ram, draft=draft)
         if model.mmproj is not None:
             try:
                 settings = settings.model_copy(update={"mmproj": cached_header(model.mmproj)})
             except (GGUFParseError, OSError) as exc:
                 return MemoryEstimate.unknown(f"cannot read the projector {model.mmproj.name}: {exc}")
-        return estimate(header, settings)
+        result = estimate(header, settings)
+        spec = config.speculative
+        if spec is not None and draft is None:
+            # run() refuses to start without it; the estimate still answers for the main model.
+            result.notes.append(f"draft model {spec.draft_model!r} is not in the store: not counted")
+        return result
+
+    def _draft_header(self, config: BackendConfiguration) -> GGUFHeader | None:
+        """The draft's header when one is configured, resolved and GGUF (the estimator counts its weights,
+        KV cache and compute buffers, and the main model's extra output rows for drafted tokens)."""
+        spec = config.speculative
+        if spec is None or spec.draft is None or spec.draft.format not in self.model_formats:
+            return None
+        return cached_header(spec.draft.path)
 
 
 def binary_error(exc: BaseException) -> str:

@@ -32,6 +32,25 @@ def mode_flags(mode: Mode, pooling_in_file: bool) -> list[str]:
     return []
 
 
+def draft_flags(config: BackendConfiguration, gpu_layers: str) -> tuple[list[str], list[str]]:
+    """(operator-level, daemon-owned) flags for speculative decoding with a draft model.
+
+    Flag names are llama.cpp 0.3.36's (common/arg.cpp): `--model-draft` survives only as an alias of
+    `--spec-draft-model`, and `--draft-max` was removed (llama-server exits on it). The draft's GPU layers
+    follow the main model's (the memory estimate places both the same way); a caller may tune them
+    with --spec-draft-ngl like --n-gpu-layers. Without a `--spec-type`, llama-server loads the draft
+    but drafts nothing (type "none"), so runnerd asks for plain draft-model speculation unless the
+    caller chose a type.
+    """
+    spec = config.speculative
+    if spec is None or spec.draft is None:
+        return [], []
+    owned = ["--spec-draft-model", str(spec.draft.path), "--spec-draft-n-max", str(spec.num_tokens)]
+    if not any(flag.partition("=")[0] == "--spec-type" for flag in config.runtime_flags):
+        owned += ["--spec-type", "draft-simple"]
+    return ["--spec-draft-ngl", gpu_layers], owned
+
+
 def build_argv(
     binary: Path,
     socket_path: Path,
@@ -53,10 +72,12 @@ def build_argv(
         operator += ["--threads", str(options.threads)]
     if options.use_gpu:
         layers = options.gpu_layers
-        operator += ["--n-gpu-layers", "all" if layers is None or layers < 0 else str(layers)]
+        gpu_layers = "all" if layers is None or layers < 0 else str(layers)
     else:
         # With --fit off a CUDA build would otherwise offload every layer to a GPU runnerd did not admit for.
-        operator += ["--n-gpu-layers", "0"]
+        gpu_layers = "0"
+    draft_operator, draft_owned = draft_flags(config, gpu_layers)
+    operator += ["--n-gpu-layers", gpu_layers, *draft_operator]
     operator += ["--cache-ram", str(options.prompt_cache_mib)]
     owned = [
         "--model", str(model.path),
@@ -72,6 +93,7 @@ def build_argv(
     ]
     if model.mmproj is not None:
         owned += ["--mmproj", str(model.mmproj)]
+    owned += draft_owned
     if chat_template is not None and "--chat-template" not in config.runtime_flags:
         owned += ["--chat-template", chat_template]
     if config.llamacpp.reasoning_budget is not None:

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ from backends.vllm.memory import (
     read_model_config,
     weights_bytes,
 )
+from backends.vllm.requests import request_problem
 
 __all__ = ["VllmBackend", "VllmLaunch"]
 
@@ -88,6 +90,20 @@ def _weights(path: Path, mtime_ns: int) -> int:
 
 def _mtime(path: Path) -> int:
     return path.stat().st_mtime_ns
+
+
+def model_weights(model_dir: Path) -> int:
+    """Bytes of a model directory's safetensors, read once per version of its files."""
+    return _weights(model_dir, max(_mtime(p) for p in [model_dir, *model_dir.glob("*.safetensors")]))
+
+
+def draft_weights(config: BackendConfiguration, formats: frozenset[ModelFormat]) -> int:
+    """A resolved draft model's weights: vLLM loads them beside the target's (its KV cache comes out of
+    the same pool, which the estimate already sizes)."""
+    spec = config.speculative
+    if spec is None or spec.draft is None or spec.draft.format not in formats:
+        return 0
+    return model_weights(spec.draft.path)
 
 
 def model_config(model_dir: Path) -> dict[str, Any]:
@@ -262,6 +278,11 @@ class VllmBackend:
             scorer = False
         return self.capabilities if scorer else self.capabilities - {Capability.RERANK}
 
+    def request_problem(self, model: ModelRef, config: BackendConfiguration,
+                        payload: Mapping[str, Any]) -> str | None:
+        """Why vLLM run with `config` would answer this request wrongly (see backends/vllm/requests.py)."""
+        return request_problem(config.runtime_flags, payload)
+
     def _shape(self, model: ModelRef, config: BackendConfiguration) -> ModelShape:
         return model_shape(model_config(model.path), config.vllm.hf_overrides)
 
@@ -303,6 +324,8 @@ class VllmBackend:
     async def run(self, socket_path: Path, model: ModelRef, mode: Mode, config: BackendConfiguration,
                   output: RunnerOutput) -> None:
         self.check_model(model)
+        if config.speculative is not None:
+            config.speculative.usable_draft(self.name, self.model_formats)
         python = self.python()
         try:
             # Checked again here, not only at configure time: a stored configuration may be old or hand-edited.
@@ -336,7 +359,7 @@ class VllmBackend:
             return MemoryEstimate.unknown(f"vllm cannot serve {model.format} models")
         try:
             shape = self._shape(model, config)
-            weights = _weights(model.path, max(_mtime(p) for p in [model.path, *model.path.glob("*.safetensors")]))
+            weights = model_weights(model.path) + draft_weights(config, self.model_formats)
             flags = validated_flag_values(self.name, config.runtime_flags)
         except (ModelConfigError, SafetensorsError, FlagError, OSError) as exc:
             return MemoryEstimate.unknown(f"cannot estimate {model.name}: {exc}")

@@ -6,6 +6,7 @@ that starts with ``-`` and holds a ``.`` into a dotted option (see ``backends/vl
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,6 +41,15 @@ class VllmLaunch(BaseModel):
 def mode_flags(mode: Mode) -> list[str]:
     # Embeddings and scores come from vLLM's pooling runner; the model's architecture says which pooler.
     return ["--runner=pooling"] if mode in (Mode.EMBEDDING, Mode.RERANKING) else []
+
+
+def speculative_config(config: BackendConfiguration) -> str | None:
+    """vLLM's --speculative-config for a resolved draft model: compact JSON, as --hf-overrides is."""
+    spec = config.speculative
+    if spec is None or spec.draft is None:
+        return None
+    return json.dumps({"model": str(spec.draft.path), "num_speculative_tokens": spec.num_tokens},
+                      separators=(",", ":"))
 
 
 def build_argv(
@@ -81,6 +91,9 @@ def build_argv(
         owned.append(f"--gpu-memory-utilization={utilization:g}")
     if hf_overrides is not None:
         owned.append(f"--hf-overrides={hf_overrides}")
+    speculative = speculative_config(config)
+    if speculative is not None:
+        owned.append(f"--speculative-config={speculative}")
     return [str(python), "-m", ENTRYPOINT, *operator, *config.runtime_flags, *owned]
 
 

@@ -28,9 +28,18 @@ from runnerd.api.errors import ApiError, validation_error
 from runnerd.configs import StoredConfiguration, effective_configuration
 from runnerd.durations import parse_keep_alive
 from runnerd.scheduler import RunnerKey, spawn
-from runnerd.store import ModelEntry
+from runnerd.store import ModelEntry, ModelNotFound
 
 log = logging.getLogger("runnerd.configure")
+
+
+class SpeculativeRequest(BaseModel):
+    """What a caller may say about speculative decoding: a draft by its name in the store, never a path."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    draft_model: str = Field(min_length=1, max_length=300)
+    num_tokens: int | None = Field(default=None, ge=1, le=256)
 
 
 class ConfigureRequest(BaseModel):
@@ -44,9 +53,7 @@ class ConfigureRequest(BaseModel):
     keep_alive: str | int | float | None = None
     llamacpp: LlamaCppOptions | None = None
     vllm: VllmOptions | None = None
-    speculative: SpeculativeOptions | None = None
-
-
+    speculative: SpeculativeRequest | None = None
 
 
 def _flags(backend: Backend, spec: ConfigureRequest) -> list[str] | None:
@@ -81,6 +88,22 @@ def _engine_options(backend: Backend, spec: ConfigureRequest) -> dict[str, Any]:
     return options
 
 
+def _speculative(d: Daemon, backend: Backend, spec: SpeculativeRequest) -> SpeculativeOptions:
+    """The draft must be in the store and in a format this backend loads; it is kept by its canonical
+    name (the path is resolved again whenever a runner starts, see ConfigStore.get)."""
+    param = "speculative.draft_model"
+    try:
+        draft = d.store.get(spec.draft_model)
+    except ModelNotFound:
+        raise ApiError(400, f"draft model {spec.draft_model!r} is not in the store; pull or add it first",
+                       code="draft_model_not_found", param=param) from None
+    if draft.format not in backend.model_formats:
+        formats = ", ".join(sorted(f.value for f in backend.model_formats))
+        raise ApiError(400, f"draft model {draft.name} is a {draft.format} model; {backend.name} loads drafts "
+                            f"in {formats} format only", code="unsupported_model_format", param=param)
+    return SpeculativeOptions.model_validate(spec.model_dump(exclude_unset=True) | {"draft_model": draft.name})
+
+
 def build_configuration(d: Daemon, backend: Backend, spec: ConfigureRequest) -> BackendConfiguration:
     """Validate every part of the request into a configuration holding only what was sent."""
     fields: dict[str, Any] = _engine_options(backend, spec)
@@ -96,11 +119,7 @@ def build_configuration(d: Daemon, backend: Backend, spec: ConfigureRequest) -> 
             raise ApiError(400, str(exc), code="invalid_keep_alive", param="keep_alive") from exc
         fields["keep_alive"] = str(spec.keep_alive)
     if spec.speculative is not None:
-        draft = find_model(d, spec.speculative.draft_model)
-        if draft.format not in backend.model_formats:
-            raise ApiError(400, f"draft model {draft.name} is a {draft.format} model; {backend.name} cannot use it",
-                           param="speculative.draft_model")
-        fields["speculative"] = spec.speculative.model_copy(update={"draft_model": draft.name})
+        fields["speculative"] = _speculative(d, backend, spec.speculative)
     try:
         return BackendConfiguration(**fields)
     except ValidationError as exc:
@@ -130,7 +149,8 @@ async def configure(request: web.Request) -> web.Response:
     configured = build_configuration(d, backend, spec)
     item = StoredConfiguration(model=model.name, mode=spec.mode, backend=backend.name, config=configured,
                                updated_at=time.time())
-    new = effective_configuration(model.config, item)
+    # Compared with the running configuration, which was built with the draft resolved.
+    new = effective_configuration(model.config, d.configs.resolved(item))
     key = RunnerKey(backend.name, model.name, spec.mode)
     runner = d.scheduler.runner(key)
     restart = runner is not None and runner.config != new
