@@ -219,3 +219,16 @@ def test_every_allowlisted_flag_is_an_option_of_the_pinned_vllm(vllm_python: Pat
     for owned_flag in ("--uds", "--served-model-name", "--max-model-len", "--gpu-memory-utilization",
                        "--dtype", "--enforce-eager", "--runner", "--hf-overrides"):
         assert owned_flag in options, owned_flag
+
+
+def test_auto_tools_without_a_parser_get_a_400_naming_the_fix(vd: Daemon) -> None:
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "time?"}]
+    resp = vd.post("/engines/v1/chat/completions", {"model": "tinyhf", "messages": messages, "tools": tools,
+                                                   "max_tokens": 2})
+    assert resp.status_code == 400, resp.text
+    assert "--tool-call-parser" in resp.json()["error"]["message"]
+    # Without auto choice vLLM serves tools itself (no tool call asked for here).
+    ok = vd.post("/engines/v1/chat/completions", {"model": "tinyhf", "messages": messages, "tools": tools,
+                                                 "tool_choice": "none", "max_tokens": 2})
+    assert ok.status_code == 200, ok.text

@@ -108,6 +108,15 @@ def check_capabilities(backend: Backend, needed: list[Capability], model: ModelE
                            code="capability_not_supported", type="not_implemented_error")
 
 
+def check_request(backend: Backend, model: ModelEntry, config: BackendConfiguration, payload: dict[str, Any]) -> None:
+    """400 for a request the backend, run with `config`, would accept but answer wrongly (optional
+    backend hook `request_problem`: the daemon knows nothing of engines' flags)."""
+    problem = getattr(backend, "request_problem", None)
+    why = problem(model.ref(), config, payload) if callable(problem) else None
+    if why:
+        raise ApiError(400, f"{model.name} on {backend.name}: {why}", code="engine_not_configured")
+
+
 def take_keep_alive(payload: dict[str, Any]) -> float | Unset | None:
     """Remove and parse a request's `keep_alive` (engines reject fields they do not know)."""
     if "keep_alive" not in payload:
@@ -151,6 +160,7 @@ async def inference(kind: RequestKind, request: web.Request) -> web.StreamRespon
         payload["model"] = model.name
     body = json.dumps(payload).encode() if keep_alive is not UNSET or renamed else await request.read()
     config = effective_configuration(model.config, d.configs.get(model.name, kind.mode))
+    check_request(backend, model, config, payload)
     lease = await lease_runner(d, backend, model, kind.mode, config, keep_alive)
     try:
         if request.headers.get("X-Preload-Only", "").lower() == "true":

@@ -33,7 +33,7 @@ from backends.llamacpp.templates import fallback_chat_template
 from runnerd import __version__
 from runnerd import ollama_translate as tr
 from runnerd.api.context import Daemon, daemon, over_unix_socket
-from runnerd.api.engines import check_capabilities, choose_backend, lease_runner, read_json_body
+from runnerd.api.engines import check_capabilities, check_request, choose_backend, lease_runner, read_json_body
 from runnerd.api.errors import ApiError
 from runnerd.configs import StoredConfiguration, effective_configuration
 from runnerd.durations import parse_keep_alive
@@ -191,9 +191,11 @@ async def _lease(request: web.Request, name: str, mode: Mode, needed: list[Capab
     d = daemon(request)
     model = _model(d, name)
     backend = choose_backend(d, None, model)
-    check_capabilities(backend, needed)
+    check_capabilities(backend, needed, model)
     ttl = _keep_alive(keep_alive)
     config = _configuration(d, backend, model, mode, options.num_ctx if options else None)
+    # Ollama has no tool_choice: tools always leave the choice to the model ("auto").
+    check_request(backend, model, config, {"tools": Capability.TOOLS in needed})
     if options is not None and options.num_ctx is not None:
         await _restart_if_idle(d, RunnerKey(backend.name, model.name, mode), config)
     lease = await lease_runner(d, backend, model, mode, config, ttl)
