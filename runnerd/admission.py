@@ -32,6 +32,10 @@ class Amount:
         return text + (f" + {self.vram / 2**20:.0f} MiB VRAM" if self.vram else "")
 
 
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.0f} MiB"
+
+
 @dataclass(frozen=True)
 class HostMemory:
     ram_total: int
@@ -99,6 +103,28 @@ class Budget:
         if self.settings.vram_limit is not None:
             vram = min(vram, int(self.settings.vram_limit)) if host.gpus else int(self.settings.vram_limit)
         return Amount(max(0, ram), vram)
+
+    def explain_capacity(self, need: Amount) -> str:
+        """Why `need` can never fit: what it needs, what the host has in all, and what caps runnerd."""
+        host = self.probe()
+        total = Amount(host.ram_total, host.vram_total)
+        return (f"needs {need.describe()}; this host has {total.describe()} total, runnerd may use at most "
+                f"{self.capacity(host).describe()} ({'; '.join(self._caps(host))})")
+
+    def _caps(self, host: HostMemory) -> list[str]:
+        """Which setting bounds each kind of memory, so the user knows what to change."""
+        s = self.settings
+        ram = host.ram_total - s.ram_reserve
+        if s.ram_limit is not None and int(s.ram_limit) <= ram:
+            caps = [f"memory.ram_limit = {_mib(s.ram_limit)}"]
+        else:
+            caps = [f"host RAM minus memory.ram_reserve = {_mib(s.ram_reserve)}"]
+        vram = host.vram_total - s.vram_reserve * host.gpus
+        if s.vram_limit is not None and (not host.gpus or int(s.vram_limit) <= vram):
+            caps.append(f"memory.vram_limit = {_mib(s.vram_limit)}")
+        elif host.gpus:
+            caps.append(f"GPU memory minus memory.vram_reserve = {_mib(s.vram_reserve)} per GPU")
+        return caps
 
     def room(self, holdings: Iterable[Holding]) -> Amount:
         """What a new runner may take now, given what the existing ones hold."""

@@ -91,4 +91,14 @@ def clean_up_previous_runners(directory: Path, grace: float) -> list[int]:
             if socket.is_socket():
                 socket.unlink()
         remove_pid_file(pid_file)
+    _remove_leftovers(directory)
     return stopped
+
+
+def _remove_leftovers(directory: Path) -> None:
+    """Sockets and half-written pid files no pid file accounts for (a daemon killed between spawning a
+    runner and recording it). Every runner instance has names of its own, so nothing reuses them."""
+    for path in [*directory.glob("*.sock"), *directory.glob("*.tmp")]:
+        with contextlib.suppress(OSError):
+            if path.is_socket() or path.suffix == ".tmp":
+                path.unlink()

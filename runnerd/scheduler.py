@@ -3,8 +3,10 @@
 A runner is keyed by (backend, model, mode). Concurrent requests for a model that is loading wait on
 that one load. A new runner starts only when its memory estimate fits what runners may hold; if not,
 idle runners are stopped least recently used first, and if that is not enough the load waits (in a
-bounded queue) for busy runners to go idle. Every request holds a lease on its runner; when the last
-lease is returned the keep-alive starts: 0 stops it at once, None (negative) never, else a timer.
+bounded queue) for busy runners to go idle, at most the queue timeout from when the request arrived;
+a model that can never fit or is held back after crashing is answered at once. Every request holds
+a lease on its runner; when the last lease is returned the keep-alive starts: 0 stops it at once,
+None (negative) never, else a timer. Each runner instance has its own socket and pid file.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import secrets
 import tempfile
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -160,7 +163,8 @@ class Runner:
         try:
             await wait_until_ready(self.socket_path, self.output, process, timeout)
         except TimeoutError as exc:
-            self._fail_load(RunnerError(f"{self.model.name} did not become ready: {exc}", reason="timeout",
+            self._fail_load(RunnerError(f"{self.model.name} did not become ready within {timeout:g} s "
+                                        f"(readiness_timeout; raise it for big models): {exc}", reason="timeout",
                                         tail=list(self.output.tail)))
             process.cancel()
             return
@@ -318,6 +322,9 @@ class Scheduler:
         self.gpu_usage = gpu_usage  # pid -> GPU memory bytes (NVML); empty without GPUs
         self.evictions = 0
         self._runners: dict[RunnerKey, Runner] = {}
+        # Runners replaced in `_runners` by a new one for the same key while they were still stopping:
+        # they hold memory and a process until they exit.
+        self._retiring: set[Runner] = set()
         self._failures: dict[RunnerKey, _Failures] = {}
         self._short_socket_dir: Path | None = None
         self._closing = False
@@ -329,14 +336,24 @@ class Scheduler:
     def runner_dir(self) -> Path:
         return self.runtime_dir / "runners"
 
-    def _socket_path(self, key: RunnerKey) -> Path:
-        path = self.runner_dir / f"{key.slug}.sock"
+    def _instance_paths(self, key: RunnerKey) -> tuple[Path, Path]:
+        """Socket and pid file of a new runner. Each instance gets its own names: a model asked for again
+        while its previous runner is still stopping starts a second one, and the old one removes its own
+        socket and pid file when it exits, which must not be the new one's."""
+        name = f"{key.slug}-{secrets.token_hex(3)}"
+        return self._socket_path(name), self.runner_dir / f"{name}.pid"
+
+    def _socket_path(self, name: str) -> Path:
+        path = self.runner_dir / f"{name}.sock"
         if len(str(path)) <= _MAX_SOCKET_PATH:
             return path
         # A deep runtime directory would overflow sun_path: fall back to a private short one.
         if self._short_socket_dir is None:
             self._short_socket_dir = Path(tempfile.mkdtemp(prefix="runnerd-"))
-        return self._short_socket_dir / f"{key.slug}.sock"
+        return self._short_socket_dir / f"{name}.sock"
+
+    def _all_runners(self) -> list[Runner]:
+        return [*self._runners.values(), *self._retiring]
 
     def runner(self, key: RunnerKey) -> Runner | None:
         runner = self._runners.get(key)
@@ -383,43 +400,70 @@ class Scheduler:
                            + (f"\nlast engine output:\n{tail}" if tail else ""), retry_after=remaining)
 
     async def _admit(self, key: RunnerKey, model: ModelRef, config: BackendConfiguration) -> Runner:
-        """Start a runner once its estimate fits, evicting idle runners or waiting as needed."""
+        """Start a runner once its estimate fits, evicting idle runners or waiting as needed.
+
+        The queue timeout runs from now, not from when this load gets its turn: loads queue behind one
+        another for the admission lock, and no request may wait longer than the timeout in all."""
+        deadline = time.monotonic() + self.limits.queue_timeout
+        # Answers that waiting cannot change come first, without a queue slot or a turn.
+        self._check_backoff(key)
+        backend = self.backends[key.backend]
+        estimate = await asyncio.to_thread(backend.required_memory, model, key.mode, config)
+        need = needed(estimate)
+        self._check_capacity(key, need)
+        existing = self.runner(key)  # another request may have started it while we estimated
+        if existing is not None:
+            return existing
         if self._waiting >= self.limits.queue_size:
             raise QueueTimeout(f"{self._waiting} loads are already waiting for memory; try again later",
                                retry_after=5)
         self._waiting += 1
         try:
-            async with self._admission:
+            await self._take_turn(key, deadline)
+            try:
                 existing = self.runner(key)  # another request may have started it while we queued
                 if existing is not None:
                     return existing
-                self._check_backoff(key)
-                backend = self.backends[key.backend]
-                estimate = await asyncio.to_thread(backend.required_memory, model, key.mode, config)
-                await self._make_room(key, needed(estimate))
+                self._check_backoff(key)  # its earlier loads may have failed while we queued
+                await self._make_room(key, need, deadline)
                 return self._start(key, backend, model, config, estimate)
+            finally:
+                self._admission.release()
         finally:
             self._waiting -= 1
 
+    def _check_capacity(self, key: RunnerKey, need: Amount) -> None:
+        if not need.fits_in(self.budget.capacity()):
+            raise DoesNotFit(f"{key.model} {self.budget.explain_capacity(need)}")
+
+    async def _take_turn(self, key: RunnerKey, deadline: float) -> None:
+        """Take the admission lock (fair: first come, first served) or fail at the deadline."""
+        try:
+            # An uncontended lock is taken without suspending, so even a passed deadline does not fire.
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await self._admission.acquire()
+        except TimeoutError:
+            raise QueueTimeout(f"{key.model} waited {self.limits.queue_timeout:g} s behind {self._waiting - 1} "
+                               f"other loads waiting for memory", retry_after=self._retry_after()) from None
+
+    def _retry_after(self) -> float:
+        return max(1.0, self.limits.queue_timeout / 4)
+
     def _measure(self) -> None:
         usage = self.gpu_usage()
-        for runner in self._runners.values():
+        for runner in self._all_runners():
             runner.measure(usage)
 
     def _holdings(self) -> list[Holding]:
         self._measure()
-        return [r.holding() for r in self._runners.values() if r.state is not RunnerState.EXITED]
+        return [r.holding() for r in self._all_runners() if r.state is not RunnerState.EXITED]
 
     def _too_many(self) -> bool:
         cap = self.limits.max_runners
-        return cap is not None and len(self._runners) >= cap
+        return cap is not None and sum(r.state is not RunnerState.EXITED for r in self._all_runners()) >= cap
 
-    async def _make_room(self, key: RunnerKey, need: Amount) -> None:
-        capacity = self.budget.capacity()
-        if not need.fits_in(capacity):
-            raise DoesNotFit(f"{key.model} needs {need.describe()} but runnerd may use at most "
-                             f"{capacity.describe()} on this host")
-        deadline = time.monotonic() + self.limits.queue_timeout
+    async def _make_room(self, key: RunnerKey, need: Amount, deadline: float) -> None:
+        self._check_capacity(key, need)  # the limits could have been lowered while this load queued
         while True:
             change = self._change
             room = await asyncio.to_thread(self.budget.room, self._holdings())
@@ -439,7 +483,7 @@ class Scheduler:
                 busy = ", ".join(f"{r.model.name} ({r.active} in flight)" for r in self._runners.values())
                 raise QueueTimeout(f"{key.model} needs {need.describe()}, only {room.describe()} is free and no "
                                    f"runner went idle within {self.limits.queue_timeout:g} s; busy: {busy or '-'}",
-                                   retry_after=max(1.0, self.limits.queue_timeout / 4))
+                                   retry_after=self._retry_after())
             with contextlib.suppress(TimeoutError):
                 # Runners also go idle by timers; re-check now and then even without a signal.
                 await asyncio.wait_for(change.wait(), min(remaining, 1.0))
@@ -449,8 +493,13 @@ class Scheduler:
         keep_alive = self.default_keep_alive if config.keep_alive is None else parse_keep_alive(config.keep_alive)
         log_path = self.log_dir / f"{key.slug}.log" if self.log_dir else None
         self.runner_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        runner = Runner(key, backend, model, config, self._socket_path(key), log_path,
-                        self.runner_dir / f"{key.slug}.pid", keep_alive, estimate)
+        socket_path, pid_path = self._instance_paths(key)
+        runner = Runner(key, backend, model, config, socket_path, log_path, pid_path, keep_alive, estimate)
+        previous = self._runners.get(key)
+        if previous is not None and previous.state is not RunnerState.EXITED:
+            log.info("previous runner of model=%s mode=%s still stopping (pid=%s); starting another beside it",
+                     model.name, key.mode, previous.output.pid)
+            self._retiring.add(previous)  # its memory and process are counted until it exits
         self._runners[key] = runner
         log.info("runner starting model=%s mode=%s backend=%s estimate=%s", model.name, key.mode, key.backend,
                  needed(estimate).describe() if estimate.known else "unknown")
@@ -468,6 +517,7 @@ class Scheduler:
         await runner.wait_exited()
         if self._runners.get(runner.key) is runner:
             del self._runners[runner.key]
+        self._retiring.discard(runner)
         self._signal_change()
 
     def _record_start(self, runner: Runner) -> None:
@@ -521,14 +571,14 @@ class Scheduler:
 
         for key in [k for k in self._failures if matches(k)]:
             del self._failures[key]
-        chosen = [r for r in list(self._runners.values()) if matches(r.key)]
+        chosen = [r for r in self._all_runners() if matches(r.key)]
         infos = [r.info() for r in chosen]
         await asyncio.gather(*(r.stop(reason) for r in chosen))
         return infos
 
     def ps(self) -> list[RunnerInfo]:
         self._measure()
-        return [r.info() for r in self._runners.values()]
+        return [r.info() for r in self._all_runners()]
 
     async def shutdown(self) -> None:
         self._closing = True

@@ -4,6 +4,7 @@ signal-handling corners llama-server does not exhibit on its own."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 import time
 from pathlib import Path
@@ -148,3 +149,41 @@ def test_spawn_failure_is_a_runner_error(sock):
 def test_exit_translation(code, lines, reason):
     err = translate_exit(code, lines)
     assert err.reason == reason and err.tail == lines and err.exit_code == code
+
+
+# Binds the socket as vLLM does: it fails with "Address already in use" on a leftover file.
+CHILD_BINDING = """
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1])
+print('bound', flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_stale_socket_is_removed_before_the_engine_binds(sock):
+    stale = socket.socket(socket.AF_UNIX)  # what a killed engine leaves behind: nobody listens on it
+    stale.bind(str(sock))
+    stale.close()
+    output = RunnerOutput()
+
+    async def scenario() -> None:
+        task = asyncio.create_task(run_process([sys.executable, "-c", CHILD_BINDING, str(sock)], env={},
+                                               socket_path=sock, output=output, grace=0.3))
+        while "bound" not in output.tail and not task.done():
+            await asyncio.sleep(0.01)
+        assert not task.done(), list(output.tail)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert not sock.exists()
+
+
+def test_a_regular_file_at_the_socket_path_is_never_removed(sock):
+    sock.write_text("not a socket")
+    with pytest.raises(RunnerError):
+        asyncio.run(run_process([sys.executable, "-c", CHILD_BINDING, str(sock)], env={}, socket_path=sock,
+                                output=RunnerOutput()))
+    assert sock.read_text() == "not a socket"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -190,6 +191,10 @@ def test_restarted_daemon_stops_the_runner_a_previous_one_left(make_daemon, llam
         innocent = subprocess.Popen(["sleep", "60"], start_new_session=True)
         (runners / "recycled.pid").write_text(json.dumps({"pid": innocent.pid, "create_time": created - 1000,
                                                           "daemon_pid": 1, "socket": str(runners / "x.sock")}))
+        # A socket no pid file names (the daemon died before recording its runner): removed too.
+        stray = socket.socket(socket.AF_UNIX)
+        stray.bind(str(runners / "stray.sock"))
+        stray.close()
 
     d = make_daemon({"tiny": tiny_model}, prepare=leave_a_runner_behind)
     assert orphan is not None and innocent is not None
@@ -197,6 +202,7 @@ def test_restarted_daemon_stops_the_runner_a_previous_one_left(make_daemon, llam
         assert orphan.wait(5) is not None
         assert innocent.poll() is None
         assert not list((d.root / "run" / "runners").glob("*.pid"))
+        assert not (d.root / "run" / "runners" / "stray.sock").exists()
         assert "left by a previous runnerd" in d.output()
     finally:
         for proc in (orphan, innocent):

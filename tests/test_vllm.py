@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,7 +24,6 @@ from backends.base import Mode
 from backends.vllm import VllmBackend
 from backends.vllm.flags import VLLM_FLAGS
 from runnerd.config import load_settings
-from runnerd.scheduler import RunnerKey
 from tests.conftest import ROOT, Daemon
 
 # Part of the normal run (`make test`); the long timeout covers a first install of vLLM (~4 min here)
@@ -80,7 +78,8 @@ def vd(llama_server: Path, vllm_python: Path, hf_model: Path, tiny_model: Path) 
 
 
 def runner_socket(d: Daemon, mode: Mode = Mode.COMPLETION) -> Path:
-    return d.root / "run" / "runners" / f"{RunnerKey('vllm', 'tinyhf:latest', mode).slug}.sock"
+    (runner,) = [r for r in d.ps() if r["backend"] == "vllm" and r["mode"] == mode.value]
+    return Path(runner["socket"])
 
 
 def test_status_reads_the_version_from_package_metadata(vd: Daemon) -> None:
@@ -123,13 +122,7 @@ def test_estimate_from_headers(vd: Daemon) -> None:
     assert cpu["kv_cache"] >= 64 << 20 and est["vram_bytes"] == 0
 
 
-def test_completions_on_a_socket_with_a_stale_file(vd: Daemon) -> None:
-    sock = runner_socket(vd)
-    sock.parent.mkdir(parents=True, exist_ok=True)
-    # What a killed engine leaves behind: a socket file nobody listens on. vLLM would fail on it.
-    stale = socket.socket(socket.AF_UNIX)
-    stale.bind(str(sock))
-    stale.close()
+def test_completions_on_the_runners_socket(vd: Daemon) -> None:
     started = time.monotonic()
     client = vd.openai("/engines/vllm/v1")
     first = client.completions.create(model="tinyhf", prompt="The quick brown", max_tokens=8, temperature=0)
@@ -139,7 +132,7 @@ def test_completions_on_a_socket_with_a_stale_file(vd: Daemon) -> None:
     again = client.completions.create(model="tinyhf", prompt="The quick brown", max_tokens=8, temperature=0)
     assert again.choices[0].text == first.choices[0].text  # greedy decoding is deterministic
     (ps,) = vd.ps()
-    assert ps["backend"] == "vllm" and sock.is_socket()
+    assert ps["backend"] == "vllm" and runner_socket(vd).is_socket()
     rss = sum(p.memory_info().rss for p in vllm_tree(vd))
     print(f"\nvLLM first response after {ready_s:.1f} s; process tree RSS {rss / 2**20:.0f} MiB")
 
@@ -165,6 +158,19 @@ def test_embeddings_use_the_pooling_runner(vd: Daemon) -> None:
     again = client.embeddings.create(model="tinyhf", input="hello there")
     assert again.data[0].embedding == pytest.approx(first.data[0].embedding, rel=1e-4, abs=1e-5)
     assert {(r["backend"], r["mode"]) for r in vd.ps()} == {("vllm", "completion"), ("vllm", "embedding")}
+
+
+def test_auto_tools_without_a_parser_get_a_400_naming_the_fix(vd: Daemon) -> None:
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "time?"}]
+    resp = vd.post("/engines/v1/chat/completions", {"model": "tinyhf", "messages": messages, "tools": tools,
+                                                   "max_tokens": 2})
+    assert resp.status_code == 400, resp.text
+    assert "--tool-call-parser" in resp.json()["error"]["message"]
+    # Without auto choice vLLM serves tools itself (no tool call asked for here).
+    ok = vd.post("/engines/v1/chat/completions", {"model": "tinyhf", "messages": messages, "tools": tools,
+                                                 "tool_choice": "none", "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
 
 
 def test_sigterm_of_the_daemon_leaves_no_vllm_process(vd: Daemon) -> None:
@@ -219,16 +225,3 @@ def test_every_allowlisted_flag_is_an_option_of_the_pinned_vllm(vllm_python: Pat
     for owned_flag in ("--uds", "--served-model-name", "--max-model-len", "--gpu-memory-utilization",
                        "--dtype", "--enforce-eager", "--runner", "--hf-overrides"):
         assert owned_flag in options, owned_flag
-
-
-def test_auto_tools_without_a_parser_get_a_400_naming_the_fix(vd: Daemon) -> None:
-    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
-    messages = [{"role": "user", "content": "time?"}]
-    resp = vd.post("/engines/v1/chat/completions", {"model": "tinyhf", "messages": messages, "tools": tools,
-                                                   "max_tokens": 2})
-    assert resp.status_code == 400, resp.text
-    assert "--tool-call-parser" in resp.json()["error"]["message"]
-    # Without auto choice vLLM serves tools itself (no tool call asked for here).
-    ok = vd.post("/engines/v1/chat/completions", {"model": "tinyhf", "messages": messages, "tools": tools,
-                                                 "tool_choice": "none", "max_tokens": 2})
-    assert ok.status_code == 200, ok.text
