@@ -19,11 +19,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import IO
-
-import aiohttp
+from typing import IO, TYPE_CHECKING
 
 from backends.base import InstallError, RunnerError, RunnerOutput
+
+if TYPE_CHECKING:
+    import aiohttp
 
 _PR_SET_PDEATHSIG = 1
 # Loaded before any fork: dlopen in a forked child of a threaded parent can deadlock.
@@ -186,6 +187,8 @@ def _open_log(path: Path | None) -> IO[bytes] | None:
 
 async def probe_health(session: aiohttp.ClientSession, timeout: float = 2.0) -> int | None:
     """GET /health on the runner's socket: the HTTP status, or None if nothing answers yet."""
+    import aiohttp  # lazily: importing this module (as `runnerd inspect` does) must stay cheap
+
     try:
         async with session.get("http://runner/health", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             await resp.read()
@@ -206,6 +209,8 @@ async def wait_until_ready(
     since engines log the moment they start listening. Raises the engine's RunnerError if it exits
     first and TimeoutError after `timeout` seconds.
     """
+    import aiohttp  # lazily, as in probe_health
+
     deadline = time.monotonic() + timeout
     interval = 0.005
     connector = aiohttp.UnixConnector(path=str(socket_path), force_close=True)

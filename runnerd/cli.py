@@ -1,4 +1,9 @@
-"""The `runnerd` command: `serve` runs the daemon; the other commands talk to it over its socket."""
+"""The `runnerd` command: `serve` runs the daemon; the other commands talk to it over its socket.
+
+Imports are kept lazy: `runnerd inspect FILE` and `runnerd estimate FILE` answer without a daemon and
+should take well under a second, so this module must not pull in pydantic-settings (runnerd.config),
+aiohttp or the daemon unless the command needs them.
+"""
 
 from __future__ import annotations
 
@@ -17,19 +22,43 @@ from runnerd.errors import ClientError
 
 if TYPE_CHECKING:
     from runnerd.client import DaemonClient
-from runnerd.config import ConfigError, default_socket, load_settings
-from runnerd.logs import setup_logging
+
+# The estimate options the CLI offers, as llama-server flags. The names are the daemon's /estimate
+# query parameters (runnerd.api.estimate.FLAG_PARAMS, which a test keeps this in step with); a copy,
+# so that the CLI does not import the daemon's HTTP layer to build a query.
+ESTIMATE_FLAGS = {"parallel": "--parallel", "cache_type_k": "--cache-type-k", "cache_type_v": "--cache-type-v",
+                  "gpu_layers": "--gpu-layers", "flash_attn": "--flash-attn"}
 
 
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
 
+def _duration(seconds: float) -> str:
+    """12s, 4m05s, 3h07m, 2d04h: two units at most, so a table column stays narrow."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
 def _age(ts: float | None) -> str:
-    if ts is None:
+    return "-" if ts is None else _duration(time.time() - ts)
+
+
+def _short_size(n: int | None) -> str:
+    """Bytes the way `free -h` writes them (binary units), 4-5 characters wide."""
+    if n is None:
         return "-"
-    seconds = max(0, int(time.time() - ts))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+    for unit, scale in (("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
+    return f"{n}B" if n else "0"
 
 
 def _table(rows: list[list[str]], header: list[str]) -> None:
@@ -41,6 +70,8 @@ def _table(rows: list[list[str]], header: list[str]) -> None:
 # --- serve -------------------------------------------------------------------------------------
 
 def _parse_model_args(values: Sequence[str]) -> list[tuple[str, Path]]:
+    from runnerd.config import ConfigError
+
     out = []
     for value in values:
         name, sep, path = value.partition("=")
@@ -58,6 +89,8 @@ def _http_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from runnerd.config import load_settings
+    from runnerd.logs import setup_logging
     from runnerd.server import ListenerError, create_app, serve
     from runnerd.store import StoreError
 
@@ -157,11 +190,50 @@ async def _tag(client: DaemonClient, args: argparse.Namespace) -> Any:
     return entry, lambda: print(f"tagged {entry['name']}")
 
 
+def _idle(runner: dict[str, Any]) -> str:
+    """How long since the runner last served a request; "-" while it serves one or is still loading."""
+    if runner["active_requests"] or runner["state"] not in ("idle", "ready"):
+        return "-"
+    return _age(runner["last_used"])
+
+
+def _expires(runner: dict[str, Any]) -> str:
+    """When keep-alive stops the runner: "never" (keep_alive -1), "now" (0: after each request),
+    else the time left on the running timer; "-" while no timer runs (in use, loading, stopping)."""
+    if runner["keep_alive"] is None:
+        return "never"
+    if runner["expires_at"] is not None:
+        return _duration(runner["expires_at"] - time.time())
+    return "now" if runner["keep_alive"] == 0 and runner["state"] == "idle" else "-"
+
+
+def _est_measured(estimated: int | None, measured: int) -> str:
+    # A measurement of 0 means "not measured yet" (no process, or the first sample is still to come).
+    return f"{_short_size(estimated)}/{_short_size(measured or None)}"
+
+
+def ps_table(runners: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """GET /engines/ps as a table: the header and one row per runner. The VRAM column shows only
+    when some runner has (or is expected to have) GPU memory: on most hosts it would be all dashes."""
+    with_vram = any(r["memory"]["vram_bytes"] or r["measured_vram_bytes"] for r in runners)
+    header = ["MODEL", "BACKEND", "MODE", "STATE", "PID", "ACTIVE", "UP", "IDLE", "EXPIRES", "RAM EST/MEAS"]
+    header += ["VRAM EST/MEAS"] if with_vram else []
+    rows = []
+    for r in runners:
+        known = r["memory"]["known"]
+        row = [r["model"], r["backend"], r["mode"], r["state"], str(r["pid"] or "-"), str(r["active_requests"]),
+               _age(r["started_at"]), _idle(r), _expires(r),
+               _est_measured(r["memory"]["ram_bytes"] if known else None, r["measured_ram_bytes"])]
+        if with_vram:
+            row.append(_est_measured(r["memory"]["vram_bytes"] if known else None, r["measured_vram_bytes"]))
+        rows.append(row)
+    return header, rows
+
+
 async def _ps(client: DaemonClient, args: argparse.Namespace) -> Any:
     runners = await client.request("GET", "/engines/ps")
-    rows = [[r["model"], r["backend"], r["mode"], r["state"], str(r["pid"]), str(r["active_requests"]),
-             _age(r["started_at"])] for r in runners]
-    return runners, lambda: _table(rows, ["MODEL", "BACKEND", "MODE", "STATE", "PID", "ACTIVE", "UP"])
+    header, rows = ps_table(runners)
+    return runners, lambda: _table(rows, header)
 
 
 async def _status(client: DaemonClient, args: argparse.Namespace) -> Any:
@@ -270,11 +342,11 @@ def _estimate_locally(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     """A .gguf file on this host: estimated here, no daemon needed."""
     from backends.base import BackendConfiguration, Mode, ModelRef
     from backends.flags import FlagError, validate_runtime_flags
-    from runnerd.api.estimate import FLAG_PARAMS
+    from runnerd.config import load_settings
     from runnerd.engines import default_backends
 
     backend = default_backends(load_settings())["llama.cpp"]
-    flags = [x for param, flag in FLAG_PARAMS.items() if getattr(args, param, None) is not None
+    flags = [x for param, flag in ESTIMATE_FLAGS.items() if getattr(args, param, None) is not None
              for x in (flag, str(getattr(args, param)))]
     try:
         config = BackendConfiguration(context_size=args.ctx, runtime_flags=validate_runtime_flags(backend.name, flags))
@@ -289,9 +361,7 @@ def _estimate_locally(path: Path, args: argparse.Namespace) -> dict[str, Any]:
 async def _estimate(client: DaemonClient, args: argparse.Namespace) -> Any:
     from urllib.parse import quote, urlencode
 
-    from runnerd.api.estimate import FLAG_PARAMS
-
-    query = {p: getattr(args, p) for p in ("ctx", "mode", *FLAG_PARAMS) if getattr(args, p, None) is not None}
+    query = {p: getattr(args, p) for p in ("ctx", "mode", *ESTIMATE_FLAGS) if getattr(args, p, None) is not None}
     result = await client.request("GET", f"/models/{quote(args.model)}/estimate?{urlencode(query)}")
     return result, lambda: _show_estimate(result)
 
@@ -343,6 +413,7 @@ async def _client_command(args: argparse.Namespace) -> int:
         result, show = await local(args)
     else:
         from runnerd.client import DaemonClient
+        from runnerd.config import default_socket
 
         async with DaemonClient(args.socket or default_socket()) as client:
             result, show = await CLIENT_COMMANDS[args.command_key](client, args)
@@ -358,7 +429,9 @@ async def _install_backend(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from backends.base import Progress
+    from runnerd.config import load_settings
     from runnerd.engines import default_backends
+    from runnerd.logs import setup_logging
 
     settings = load_settings(args.config)
     setup_logging(settings.log_level)
@@ -470,6 +543,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_config_error(exc: Exception) -> bool:
+    """Whether `exc` is a runnerd.config.ConfigError. Only a command that imported runnerd.config can
+    raise one, so looking the module up (rather than importing it) keeps the light commands light."""
+    config = sys.modules.get("runnerd.config")
+    return config is not None and isinstance(exc, config.ConfigError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -478,7 +558,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "install-backend":
             return asyncio.run(_install_backend(args))
         return asyncio.run(_client_command(args))
-    except (ClientError, ConfigError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, ClientError) and not _is_config_error(exc):
+            raise
         print(f"runnerd: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

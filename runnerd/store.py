@@ -35,9 +35,11 @@ import asyncio
 import builtins
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -56,6 +58,7 @@ from pydantic import BaseModel, Field, ValidationError
 from backends.base import BackendConfiguration, ModelFormat, ModelRef
 from backends.gguf import GGUFParseError, read_header, shard_paths
 from backends.llamacpp.summary import summarize
+from backends.vllm.memory import SafetensorsError, read_safetensors_header
 from runnerd.atomic import write_atomically
 from runnerd.config import HuggingFaceSettings, StoreSettings
 from runnerd.pull import (
@@ -81,6 +84,15 @@ _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 _NAME = re.compile(rf"^{_SEGMENT}(?:/{_SEGMENT}){{0,3}}(?::(?P<tag>{_SEGMENT}))?$")
 DEFAULT_TAG = "latest"
 _CHUNK = 1 << 20
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_BLOB_NAME = re.compile(r"sha256-([0-9a-f]{64})")
+_DIGEST = re.compile(rb"[0-9a-f]{64}")
+# A local import's staged file older than this is left over from a crash: nothing resumes it. Younger
+# ones may belong to another process importing into the same store (two daemons, a restart's overlap).
+STALE_IMPORT_SECONDS = 24 * 3600
+# Blobs and link directories changed this recently are never swept: another process sharing the
+# store may be between committing a blob and writing the manifest that refers to it.
+SWEEP_GRACE_SECONDS = 3600
 log = logging.getLogger("runnerd.store")
 
 
@@ -175,7 +187,8 @@ def _gguf_summary(path: Path) -> dict[str, Any]:
 
 
 def _directory_summary(path: Path) -> dict[str, Any]:
-    """A Hugging Face-format directory: architecture and context from config.json."""
+    """A Hugging Face-format directory: architecture, context and quantization from config.json, the
+    parameter count from the safetensors headers."""
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
@@ -187,7 +200,32 @@ def _directory_summary(path: Path) -> dict[str, Any]:
     return {"architecture": archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else
             config.get("model_type") if isinstance(config.get("model_type"), str) else None,
             "context_length": ctx if isinstance(ctx, int) and not isinstance(ctx, bool) else None,
-            "quantization": None, "parameter_count": None}
+            "quantization": _hf_quantization(config), "parameter_count": _safetensors_parameters(path)}
+
+
+def _hf_quantization(config: dict[str, Any]) -> str | None:
+    """quantization_config.quant_method (gptq, awq, fp8, ...), else the dtype the weights are kept in
+    (`torch_dtype`, or `dtype` as newer transformers write it)."""
+    quant = config.get("quantization_config")
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if isinstance(method, str) and method:
+        return method
+    dtype = config.get("torch_dtype", config.get("dtype"))
+    return dtype if isinstance(dtype, str) and dtype else None
+
+
+def _safetensors_parameters(path: Path) -> int | None:
+    """Elements of every tensor in the directory's *.safetensors files (headers only). Packed
+    quantized tensors (GPTQ/AWQ int32 words) count as stored, not unpacked. None without safetensors
+    or with a header we cannot trust: the summary is informational, the engine judges the files."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return None
+    try:
+        return sum(math.prod(t.shape) for f in files for t in read_safetensors_header(f).values())
+    except SafetensorsError as exc:
+        log.warning("no parameter count for %s: %s", path, exc)
+        return None
 
 
 def inspect_model_file(path: Path) -> tuple[int, str | None]:
@@ -281,9 +319,7 @@ class ModelStore:
                         os.replace(path, path.with_name(path.name + ".corrupt"))
                     continue
                 models[entry.name] = entry
-        if self.partial.is_dir():
-            for stale in self.partial.glob(".import-*"):  # a local import cut short: not resumable
-                stale.unlink(missing_ok=True)
+        self._remove_stale_imports()
         legacy = self._load_legacy()
         if legacy:
             for entry in legacy.values():
@@ -291,7 +327,65 @@ class ModelStore:
                     self._write_manifest(entry)
                     models[entry.name] = entry
             os.replace(self.index_path, self.index_path.with_name("models.json.migrated"))
+        self._sweep(models)
         return models
+
+    def _remove_stale_imports(self) -> None:
+        """Staged files of local imports cut short (a crash): never resumed, so only disk space."""
+        if not self.partial.is_dir():
+            return
+        cutoff = time.time() - STALE_IMPORT_SECONDS
+        for stale in self.partial.glob(".import-*"):
+            with contextlib.suppress(OSError):
+                if stale.lstat().st_mtime < cutoff:
+                    stale.unlink()
+
+    def _sweep(self, models: dict[str, ModelEntry]) -> None:
+        """Delete blobs and link directories no manifest refers to: what a commit that failed half-way
+        (or a crash between blob and manifest) left behind. It runs while the store is constructed,
+        before the daemon serves, so no pull of this process is between blob and manifest; the grace
+        period covers another process sharing the store. Only `sha256-<hex>` files and `<hex>`
+        directories are candidates, and nothing an in-place model or a set-aside manifest names."""
+        kept = self._digests_in_corrupt_manifests()
+        blobs = kept | {f.digest for m in models.values() if m.stored for f in m.files}
+        links = kept | {m.digest for m in models.values() if m.stored and m.digest is not None}
+        in_place = [p.resolve() for m in models.values() if not m.stored for p in (m.path, m.mmproj) if p is not None]
+        cutoff = time.time() - SWEEP_GRACE_SECONDS
+        for path in self._entries(self.blobs):
+            match = _BLOB_NAME.fullmatch(path.name)
+            if match and match[1] not in blobs and path.is_file() and not path.is_symlink():
+                self._sweep_one(path, cutoff, in_place, path.unlink)
+        for path in self._entries(self.links):
+            if _HEX64.fullmatch(path.name) and path.name not in links and not path.is_symlink():
+                self._sweep_one(path, cutoff, in_place, functools.partial(shutil.rmtree, path))
+
+    @staticmethod
+    def _entries(directory: Path) -> builtins.list[Path]:
+        return sorted(directory.iterdir()) if directory.is_dir() else []
+
+    @staticmethod
+    def _sweep_one(path: Path, cutoff: float, in_place: builtins.list[Path], delete: Callable[[], object]) -> None:
+        try:
+            # ctime, not mtime: a hard-linked import keeps the user's mtime, but linking and renaming
+            # the blob into place update its ctime.
+            if path.lstat().st_ctime >= cutoff:
+                return
+            resolved = path.resolve()
+            if any(p.is_relative_to(resolved) for p in in_place):  # someone registered it in place
+                return
+            delete()
+            log.info("removed %s: no model refers to it", path)
+        except OSError as exc:
+            log.warning("could not remove unreferenced %s: %s", path, exc)
+
+    def _digests_in_corrupt_manifests(self) -> set[str]:
+        """Digests a set-aside (.corrupt) manifest mentions: its blobs are kept, so that the model can
+        still be recovered by repairing the manifest by hand."""
+        found: set[str] = set()
+        for path in self.manifests.glob("*.corrupt") if self.manifests.is_dir() else ():
+            with contextlib.suppress(OSError):
+                found.update(m.decode() for m in _DIGEST.findall(path.read_bytes()))
+        return found
 
     def _load_legacy(self) -> dict[str, ModelEntry]:
         try:
@@ -440,10 +534,10 @@ class ModelStore:
             digest = _files_digest(files)
             projector = next((f for f in files if f.role == "mmproj"), None)
             model_files = [f for f in files if f.role == "model"]
-            self.links.mkdir(parents=True, exist_ok=True)
+            files, all_files = model_files, files
             try:
+                self.links.mkdir(parents=True, exist_ok=True)
                 mmproj = self._check_projector(projector) if projector is not None else None
-                files, all_files = model_files, files
                 if directory_model:
                     path = self._materialise(digest, files)
                     info = _directory_summary(path)
@@ -457,14 +551,22 @@ class ModelStore:
                     path = self._materialise(digest, files) / files[0].name
                     info = _gguf_summary(path)
                     fmt = ModelFormat.GGUF
-            except StoreError:
-                self._collect(ModelEntry(name="", path=Path("/"), size=0, stored=True, digest=digest,
-                                         files=[*model_files, *([projector] if projector else [])]))
+                entry = ModelEntry(name=name, path=path, format=fmt, stored=True, digest=digest, files=all_files,
+                                   source=source, mmproj=mmproj, **info)
+                self._put(entry)
+            except BaseException:
+                self._collect_attempt(all_files)
                 raise
-            entry = ModelEntry(name=name, path=path, format=fmt, stored=True, digest=digest, files=all_files,
-                               source=source, mmproj=mmproj, **info)
-            self._put(entry)
             return entry
+
+    def _collect_attempt(self, files: builtins.list[BlobFile]) -> None:
+        """A commit failed (any exception: a refused model, an I/O error writing the manifest or the
+        links): delete its blobs and link directory unless a registered model refers to them, so that
+        no blob is left that nothing references. Safe if the manifest did get written: _collect keeps
+        whatever a registered manifest names."""
+        if files:
+            self._collect(ModelEntry(name="", path=Path("/"), size=0, stored=True, digest=_files_digest(files),
+                                     files=files))
 
     def _check_projector(self, projector: BlobFile) -> Path:
         path = self._blob(projector.digest)
@@ -583,16 +685,21 @@ class ModelStore:
         blob_files: builtins.list[BlobFile] = []
         with self._lock:
             _stop_if(cancelled)
-            for remote, got, role in results:
-                if remote.sha256 is not None and got.sha256 != remote.sha256:
-                    raise StoreError(f"sha256 mismatch for {remote.name}: expected {remote.sha256}, got "
-                                     f"{got.sha256}", 502, "digest_mismatch")
-                if got.part.exists() or not self._blob(got.sha256).exists():
-                    self._commit_blob(got.part, got.sha256)
-                got.meta.unlink(missing_ok=True)
-                blob_files.append(BlobFile(name=remote.name, digest=got.sha256, size=got.size,
-                                           role="mmproj" if role == "mmproj" else "model"))
-            return self._register(key, blob_files, source, directory_model)
+            try:
+                for remote, got, role in results:
+                    if remote.sha256 is not None and got.sha256 != remote.sha256:
+                        raise StoreError(f"sha256 mismatch for {remote.name}: expected {remote.sha256}, got "
+                                         f"{got.sha256}", 502, "digest_mismatch")
+                    # Listed before it is committed: a failure half-way through the commit collects it too.
+                    blob_files.append(BlobFile(name=remote.name, digest=got.sha256, size=got.size,
+                                               role="mmproj" if role == "mmproj" else "model"))
+                    if got.part.exists() or not self._blob(got.sha256).exists():
+                        self._commit_blob(got.part, got.sha256)
+                    got.meta.unlink(missing_ok=True)
+                return self._register(key, blob_files, source, directory_model)
+            except BaseException:
+                self._collect_attempt(blob_files)
+                raise
 
     async def _join_fetch(self, file: RemoteFile, opts: FetchOptions, done: dict[str, tuple[int, int | None]],
                           report: Callable[[str, bool], None]) -> Downloaded:
@@ -691,9 +798,13 @@ class ModelStore:
             progress(PullProgress(phase="commit", total=total, completed=total))
             with self._lock:  # blobs and manifest together: a concurrent removal cannot collect them between
                 _stop_if(cancelled)
-                for tmp, f in zip(staged, files, strict=True):
-                    self._commit_blob(tmp, f.digest, read_only=False)
-                entry = self._register(key, files, str(path), directory_model)
+                try:
+                    for tmp, f in zip(staged, files, strict=True):
+                        self._commit_blob(tmp, f.digest, read_only=False)
+                    entry = self._register(key, files, str(path), directory_model)
+                except BaseException:
+                    self._collect_attempt(files)  # the blobs committed before the failure
+                    raise
         finally:
             for tmp in staged:
                 tmp.unlink(missing_ok=True)

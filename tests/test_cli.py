@@ -42,7 +42,14 @@ def test_ps_status_unload_with_env_socket(daemon):
     ps = json.loads(cli("ps", "--json", env=env).stdout)
     assert [r["model"] for r in ps] == ["tiny:latest"]
     table = cli("ps", env=env).stdout
-    assert table.splitlines()[0].split()[:3] == ["MODEL", "BACKEND", "MODE"] and "tiny:latest" in table
+    header, row = table.splitlines()
+    assert header.split()[:3] == ["MODEL", "BACKEND", "MODE"] and "tiny:latest" in table
+    # Last use, keep-alive expiry and RAM (estimated/measured) per runner, from the same JSON.
+    assert header.split()[6:] == ["UP", "IDLE", "EXPIRES", "RAM", "EST/MEAS"]
+    cells = row.split()
+    assert cells[3] == "idle" and cells[7] != "-" and cells[8] not in ("-", "never")
+    estimated, measured = cells[9].split("/")
+    assert estimated.endswith(("Ki", "Mi", "Gi")) and measured != ""
     assert "Running: llama.cpp" in cli("status", env=env).stdout
     assert cli("unload", env=env).stdout.strip() == "unloaded 1 runner(s)"
     assert daemon.ps() == []

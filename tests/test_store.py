@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +20,7 @@ from hypothesis import strategies as st
 
 from backends.base import ModelFormat
 from runnerd import pull as pull_module
+from runnerd import store as store_module
 from runnerd.config import HuggingFaceSettings, StoreSettings
 from runnerd.pull import PullError, PullProgress, parse_source
 from runnerd.store import ModelInUse, ModelNotFound, ModelStore, StoreError, canonical_name
@@ -443,3 +446,139 @@ def test_hub_token_goes_to_the_hub_only(tmp_path, server, gguf):
     sent = {path: (auth, host) for path, auth, host in server.authorization}
     assert sent["/org/repo/resolve/main/x.gguf"][0] == "Bearer hf_secret"
     assert sent["/cdn/x.gguf"] == (None, f"localhost:{server.port}")
+
+
+# --- failed commits leave no orphan; the start-up sweep ------------------------------------------
+
+def blob_names(store: ModelStore) -> list[str]:
+    return sorted(p.name for p in store.blobs.iterdir()) if store.blobs.exists() else []
+
+
+def link_names(store: ModelStore) -> list[str]:
+    return sorted(p.name for p in store.links.iterdir()) if store.links.exists() else []
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]]) -> None:
+    """A valid safetensors file (zeroed data) with these (dtype, shape) tensors."""
+    sizes = {"F16": 2, "BF16": 2, "F32": 4, "I32": 4}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, (dtype, shape) in tensors.items():
+        n = sizes[dtype] * (shape[0] * shape[1] if len(shape) == 2 else shape[0])
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * offset)
+
+
+def hf_dir(root: Path, config: dict[str, Any]) -> Path:
+    root.mkdir(parents=True)
+    (root / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], **config}))
+    write_safetensors(root / "model-00001-of-00002.safetensors", {"a.weight": ("BF16", [64, 32]),
+                                                                   "a.bias": ("BF16", [64])})
+    write_safetensors(root / "model-00002-of-00002.safetensors", {"b.weight": ("BF16", [16, 8])})
+    return root
+
+
+def test_manifest_write_failure_leaves_no_orphan_blob(tmp_path, tiny_model, monkeypatch):
+    store = make_store(tmp_path)
+
+    def broken(entry: Any) -> None:
+        raise OSError(5, "Input/output error", str(store.manifests / "x.json"))
+
+    monkeypatch.setattr(store, "_write_manifest", broken)
+    with pytest.raises(StoreError) as err:
+        pull(store, str(tiny_model), "t")
+    assert err.value.status == 500 and err.value.code == "store_io"
+    assert store.list() == [] and leftovers(store) == ([], []) and tiny_model.exists()
+
+
+def test_links_failure_leaves_no_orphan_blobs(tmp_path, monkeypatch):
+    source = hf_dir(tmp_path / "llm", {"torch_dtype": "bfloat16"})
+    store = make_store(tmp_path)
+
+    def broken(digest: str, files: Any) -> Path:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store, "_materialise", broken)
+    with pytest.raises(StoreError):
+        pull(store, str(source), "llm")
+    assert store.list() == [] and blob_names(store) == [] and link_names(store) == []
+
+
+def test_a_commit_failing_half_way_collects_the_blobs_already_committed(tmp_path, tiny_model, monkeypatch):
+    from tests.tinymodels import write_tiny_llama
+
+    projector = write_tiny_llama(tmp_path / "proj.gguf", seed=7)
+    store = make_store(tmp_path)
+    keep = pull(store, str(projector), "keep")  # shares the projector's blob: it must survive
+    commit, calls = store._commit_blob, []
+
+    def second_fails(src: Path, digest: str, **kw: Any) -> Path:
+        calls.append(digest)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        return commit(src, digest, **kw)
+
+    monkeypatch.setattr(store, "_commit_blob", second_fails)
+    with pytest.raises(StoreError):
+        asyncio.run(store.pull(str(tiny_model), "vlm", None, lambda p: None, mmproj=str(projector)))
+    assert [m.name for m in store.list()] == ["keep:latest"] and keep.path.exists()
+    assert blob_names(store) == [keep.path.name] and leftovers(store)[1] == []
+
+
+def test_start_up_sweep_removes_only_unreferenced_blobs(tmp_path, tiny_model, monkeypatch):
+    store = make_store(tmp_path)
+    stored = pull(store, str(tiny_model), "stored")
+    split = tmp_path / "src"
+    split.mkdir()
+    from tests.tinymodels import write_tiny_llama
+
+    write_tiny_llama(split / "m.gguf", split_max_tensors=12)
+    shards = pull(store, str(next(split.glob("m-00001-of-*.gguf"))), "split")
+    orphan = store.blobs / f"sha256-{'a' * 64}"
+    orphan.write_bytes(b"left by a failed commit")
+    in_place = store.blobs / f"sha256-{'b' * 64}"  # odd, but a user may register any file in place
+    in_place.write_bytes(tiny_model.read_bytes())
+    store.add("odd", in_place)
+    recoverable = store.blobs / f"sha256-{'c' * 64}"
+    recoverable.write_bytes(b"named by a manifest set aside as corrupt")
+    (store.manifests / "broken%3Alatest.json.corrupt").write_text(f'{{"files": [{{"digest": "{"c" * 64}"')
+    others = [store.blobs / "sha256-XYZ", store.blobs / "notes.txt", store.blobs / f"sha256-{'d' * 64}.tmp"]
+    for other in others:
+        other.write_bytes(b"not a blob name")
+    orphan_links = store.links / ("e" * 64)
+    orphan_links.mkdir()
+    (orphan_links / "m.gguf").write_bytes(b"x")
+    old_import, new_import = store.partial / ".import-old", store.partial / ".import-new"
+    store.partial.mkdir(exist_ok=True)
+    old_import.write_bytes(b"x")
+    new_import.write_bytes(b"x")
+    os.utime(old_import, (time.time() - 2 * 86400,) * 2)
+
+    assert make_store(tmp_path) and orphan.exists()  # younger than the grace period: another process's?
+    assert not old_import.exists() and new_import.exists()
+    monkeypatch.setattr(store_module, "SWEEP_GRACE_SECONDS", -5)
+    again = make_store(tmp_path)
+    assert {m.name for m in again.list()} == {"stored:latest", "split:latest", "odd:latest"}
+    assert not orphan.exists() and not orphan_links.exists()
+    assert in_place.exists() and recoverable.exists() and all(o.exists() for o in others)
+    assert stored.path.exists() and all(f.exists() for f in shards.path.parent.iterdir())
+    assert link_names(again) == [shards.digest]
+    assert again.get("split").path.read_bytes()[:4] == b"GGUF"
+
+
+def test_hf_directory_gets_parameter_count_and_quantization(tmp_path):
+    store = make_store(tmp_path)
+    plain = pull(store, str(hf_dir(tmp_path / "plain", {"torch_dtype": "bfloat16"})), "plain")
+    assert plain.format is ModelFormat.SAFETENSORS
+    assert plain.parameter_count == 64 * 32 + 64 + 16 * 8 and plain.quantization == "bfloat16"
+    gptq = pull(store, str(hf_dir(tmp_path / "gptq", {"torch_dtype": "float16",
+                                                      "quantization_config": {"quant_method": "gptq", "bits": 4}})))
+    assert gptq.quantization == "gptq"
+    newer = pull(store, str(hf_dir(tmp_path / "newer", {"dtype": "float32"})), "newer")
+    assert newer.quantization == "float32"
+    bad = hf_dir(tmp_path / "bad", {})
+    (bad / "model-00002-of-00002.safetensors").write_bytes(b"\xff" * 16)  # header length beyond the file
+    entry = pull(store, str(bad), "bad")
+    assert entry.parameter_count is None and entry.quantization is None
