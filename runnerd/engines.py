@@ -8,7 +8,7 @@ from backends.llamacpp.install import cuda_available
 from backends.vllm import VllmBackend, VllmLaunch
 from backends.vllm.install import default_plan
 from runnerd.config import Settings
-from runnerd.node import gpu_count, read_gpus
+from runnerd.gpus import gpu_count, read_gpus
 
 
 def default_backends(settings: Settings) -> dict[str, Backend]:

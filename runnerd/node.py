@@ -1,60 +1,21 @@
 """What the host has: CPU and RAM (psutil), GPUs (NVML), and what runnerd's runners hold.
 
-No NVML library, no driver or no GPU all mean "no GPUs" here, never an error: most hosts that run
-runnerd have none. NVML is imported on each use (never at module load), which is also the seam
-tests use to put a fake GPU in its place (`sys.modules["pynvml"]`).
+GPUs come from runnerd.gpus (NVML); no GPU is never an error here.
 """
 
 from __future__ import annotations
 
-import logging
 import platform
 import socket
 from collections.abc import Iterable, Mapping
-from types import ModuleType
-from typing import Any
 
 import psutil
 from pydantic import BaseModel, Field
 
 from runnerd import __version__
 from runnerd.admission import HostMemory, process_tree
+from runnerd.gpus import GpuInfo, read_gpus
 from runnerd.scheduler import RunnerInfo
-
-log = logging.getLogger("runnerd.node")
-
-
-def _nvml() -> ModuleType | None:
-    """pynvml, initialised; None when there is no library, driver or device."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception as exc:  # no library, no driver, no device: all mean "no GPU" here
-        log.debug("NVML unavailable: %s", exc)
-        return None
-    module: ModuleType = pynvml
-    return module
-
-
-def _nvml_shutdown(nvml: ModuleType) -> None:
-    try:
-        nvml.nvmlShutdown()
-    except Exception as exc:
-        log.debug("NVML shutdown failed: %s", exc)
-
-
-def gpu_count() -> int:
-    nvml = _nvml()
-    if nvml is None:
-        return 0
-    try:
-        return int(nvml.nvmlDeviceGetCount())
-    except Exception:
-        return 0
-    finally:
-        _nvml_shutdown(nvml)
-
 
 # --- the inventory's shape -----------------------------------------------------------------------
 
@@ -67,17 +28,6 @@ class CpuInfo(BaseModel):
 class MemoryInfo(BaseModel):
     total_bytes: int
     available_bytes: int
-
-
-class GpuInfo(BaseModel):
-    index: int
-    uuid: str
-    name: str
-    memory_total_bytes: int
-    memory_used_bytes: int
-    memory_free_bytes: int
-    driver_version: str | None
-    cuda_version: str | None
 
 
 class RunnerUsage(RunnerInfo):
@@ -122,68 +72,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def _cuda_version(nvml: ModuleType) -> str | None:
-    try:
-        version = int(nvml.nvmlSystemGetCudaDriverVersion())
-    except Exception:
-        return None
-    return f"{version // 1000}.{version % 1000 // 10}"  # 12040 -> "12.4"
-
-
-def _driver_version(nvml: ModuleType) -> str | None:
-    try:
-        return _text(nvml.nvmlSystemGetDriverVersion())
-    except Exception:
-        return None
-
-
-def _gpu_processes(nvml: ModuleType, handle: Any) -> dict[int, int]:
-    """pid -> GPU memory bytes for the compute processes on one device (empty when not known)."""
-    try:
-        processes = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
-    except Exception:
-        return {}
-    used: dict[int, int] = {}
-    for proc in processes:
-        memory = getattr(proc, "usedGpuMemory", None)
-        if isinstance(memory, int):
-            used[int(proc.pid)] = used.get(int(proc.pid), 0) + memory
-    return used
-
-
-def read_gpus() -> tuple[list[GpuInfo], dict[int, int]]:
-    """Every GPU NVML sees, and GPU memory per process id across them."""
-    nvml = _nvml()
-    if nvml is None:
-        return [], {}
-    gpus: list[GpuInfo] = []
-    per_pid: dict[int, int] = {}
-    try:
-        driver, cuda = _driver_version(nvml), _cuda_version(nvml)
-        for index in range(int(nvml.nvmlDeviceGetCount())):
-            try:
-                handle = nvml.nvmlDeviceGetHandleByIndex(index)
-                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-                gpus.append(GpuInfo(index=index, uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
-                                    name=_text(nvml.nvmlDeviceGetName(handle)),
-                                    memory_total_bytes=int(memory.total), memory_used_bytes=int(memory.used),
-                                    memory_free_bytes=int(memory.free), driver_version=driver, cuda_version=cuda))
-            except Exception as exc:  # one GPU that cannot be read (fallen off the bus) hides no other
-                log.warning("cannot read GPU %d: %s", index, exc)
-                continue
-            for pid, used in _gpu_processes(nvml, handle).items():
-                per_pid[pid] = per_pid.get(pid, 0) + used
-    except Exception as exc:
-        log.warning("cannot list GPUs: %s", exc)
-    finally:
-        _nvml_shutdown(nvml)
-    return gpus, per_pid
 
 
 def read_host_memory() -> HostMemory:

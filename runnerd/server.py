@@ -31,8 +31,9 @@ from runnerd.config import Settings, parse_listen
 from runnerd.configs import ConfigStore
 from runnerd.durations import parse_keep_alive
 from runnerd.engines import default_backends
+from runnerd.gpus import read_gpus
 from runnerd.metrics import Metrics, RunnerWatcher
-from runnerd.node import read_gpus, read_host_memory
+from runnerd.node import read_host_memory
 from runnerd.pidfiles import clean_up_previous_runners
 from runnerd.scheduler import RunnerState, Scheduler, SchedulerLimits
 from runnerd.store import ModelNotFound, ModelStore

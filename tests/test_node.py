@@ -12,7 +12,7 @@ import pytest
 
 from backends.base import MemoryEstimate, Mode
 from backends.llamacpp import LlamaCppBackend
-from runnerd import node
+from runnerd import gpus, node
 from runnerd.scheduler import RunnerInfo, RunnerState
 from tests.conftest import app_on_socket
 from tests.fake_nvml_gpu import FakeGpu, FakeGpuNvml, GiB
@@ -31,7 +31,7 @@ def test_without_pynvml_there_are_no_gpus(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # `import pynvml` raises ImportError
     info = node.collect([runner_info(os.getpid())], {"llama.cpp": "Running: x"})
     assert info.gpus == []
-    assert node.gpu_count() == 0
+    assert gpus.gpu_count() == 0
     assert info.cpu.logical_cores == psutil.cpu_count() and info.cpu.model
     assert 0 < info.memory.available_bytes <= info.memory.total_bytes
     me = info.runners[0]
