@@ -576,6 +576,17 @@ class Scheduler:
         await asyncio.gather(*(r.stop(reason) for r in chosen))
         return infos
 
+    def models_in_use(self) -> set[str]:
+        """Models some live runner loads: its own, and a speculative draft model it was started with."""
+        used: set[str] = set()
+        for runner in self._all_runners():
+            if runner.state is RunnerState.EXITED:
+                continue
+            used.add(runner.key.model)
+            if runner.config.speculative is not None:
+                used.add(runner.config.speculative.draft_model)
+        return used
+
     def ps(self) -> list[RunnerInfo]:
         self._measure()
         return [r.info() for r in self._all_runners()]

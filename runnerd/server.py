@@ -80,9 +80,9 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     app = web.Application(client_max_size=settings.max_body_bytes,
                           middlewares=[metrics_routes.metrics_middleware, cors.cors_middleware, auth_middleware,
                                        error_middleware])
-    # "In use" for the store = some runner (loading, ready or idle) holds the model.
+    # "In use" for the store = some runner (loading, ready or idle) holds the model, or drafts with it.
     store = ModelStore(settings.data_dir, settings.store, settings.huggingface,
-                       in_use=lambda name: any(r.model == name for r in scheduler.ps()))
+                       in_use=lambda name: name in scheduler.models_in_use())
     # Stored configurations name a speculative draft model; only the store knows where it lives today.
     configs = ConfigStore(settings.data_dir, resolve_model=lambda name: _model_ref(store, name))
     app[DAEMON] = Daemon(settings=settings, store=store, scheduler=scheduler,

@@ -163,3 +163,14 @@ def test_tiny_model_as_its_own_draft_reaches_llama_server(make_daemon: Any, tiny
     weights = sum(dev["breakdown"]["weights"] for dev in drafted["memory"]["devices"]) - \
         sum(dev["breakdown"]["weights"] for dev in plain["memory"]["devices"])
     assert weights > 0 and grown > weights  # the draft's weights and then its KV cache and buffers
+
+
+@pytest.mark.engine
+def test_a_draft_in_use_is_not_removed_without_force(make_daemon: Any, tiny_model: Path) -> None:
+    d = make_daemon({"tiny": tiny_model, "small": tiny_model})
+    resp = d.post("/engines/_configure", {"model": "tiny", "speculative": {"draft_model": "small", "num_tokens": 2}})
+    assert resp.status_code == 202, resp.text
+    _complete(d)
+    refused = d.http.delete("/models/small")
+    assert refused.status_code == 409, refused.text  # a running engine has it loaded as its draft
+    assert d.http.delete("/models/small", params={"force": "true"}).status_code == 200
