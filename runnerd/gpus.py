@@ -93,13 +93,13 @@ def _gpu_processes(nvml: ModuleType, handle: Any) -> dict[int, int]:
     return used
 
 
-def read_gpus() -> tuple[list[GpuInfo], dict[int, int]]:
-    """Every GPU NVML sees, and GPU memory per process id across them."""
+def _read_all() -> tuple[list[GpuInfo], dict[int, dict[int, int]]]:
+    """Every GPU NVML sees, and GPU memory per process id on each of them (by GPU index)."""
     nvml = _nvml()
     if nvml is None:
         return [], {}
     gpus: list[GpuInfo] = []
-    per_pid: dict[int, int] = {}
+    per_device: dict[int, dict[int, int]] = {}
     try:
         driver, cuda = _driver_version(nvml), _cuda_version(nvml)
         for index in range(int(nvml.nvmlDeviceGetCount())):
@@ -113,10 +113,25 @@ def read_gpus() -> tuple[list[GpuInfo], dict[int, int]]:
             except Exception as exc:  # one GPU that cannot be read (fallen off the bus) hides no other
                 log.warning("cannot read GPU %d: %s", index, exc)
                 continue
-            for pid, used in _gpu_processes(nvml, handle).items():
-                per_pid[pid] = per_pid.get(pid, 0) + used
+            per_device[index] = _gpu_processes(nvml, handle)
     except Exception as exc:
         log.warning("cannot list GPUs: %s", exc)
     finally:
         _nvml_shutdown(nvml)
+    return gpus, per_device
+
+
+def read_gpus() -> tuple[list[GpuInfo], dict[int, int]]:
+    """Every GPU NVML sees, and GPU memory per process id across them."""
+    gpus, per_device = _read_all()
+    per_pid: dict[int, int] = {}
+    for used_by in per_device.values():
+        for pid, used in used_by.items():
+            per_pid[pid] = per_pid.get(pid, 0) + used
     return gpus, per_pid
+
+
+def gpu_usage_per_device() -> dict[int, dict[int, int]]:
+    """GPU index -> pid -> GPU memory bytes: where each process's GPU memory is (admission counts it
+    per device)."""
+    return _read_all()[1]

@@ -13,7 +13,7 @@ import psutil
 from pydantic import BaseModel, Field
 
 from runnerd import __version__
-from runnerd.admission import HostMemory, process_tree
+from runnerd.admission import process_tree
 from runnerd.gpus import GpuInfo, read_gpus
 from runnerd.scheduler import RunnerInfo
 
@@ -72,15 +72,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
-
-
-def read_host_memory() -> HostMemory:
-    """RAM from psutil and VRAM summed over the GPUs NVML sees: what admission compares against."""
-    vm = psutil.virtual_memory()
-    gpus, _ = read_gpus()
-    return HostMemory(ram_total=vm.total, ram_available=vm.available,
-                      vram_total=sum(g.memory_total_bytes for g in gpus),
-                      vram_free=sum(g.memory_free_bytes for g in gpus), gpus=len(gpus))
 
 
 def _usage(runner: RunnerInfo, gpu_per_pid: Mapping[int, int], have_gpus: bool) -> RunnerUsage:

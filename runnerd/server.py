@@ -18,7 +18,7 @@ from aiohttp import web
 
 from backends.base import Backend, ModelRef
 from runnerd import __version__
-from runnerd.admission import Budget
+from runnerd.admission import Budget, read_host_memory_per_gpu
 from runnerd.api import backends as backend_routes
 from runnerd.api import configure, cors, engines, models, ollama
 from runnerd.api import jobs as job_routes
@@ -31,9 +31,8 @@ from runnerd.config import Settings, parse_listen
 from runnerd.configs import ConfigStore
 from runnerd.durations import parse_keep_alive
 from runnerd.engines import default_backends
-from runnerd.gpus import read_gpus
+from runnerd.gpus import gpu_usage_per_device
 from runnerd.metrics import Metrics, RunnerWatcher
-from runnerd.node import read_host_memory
 from runnerd.pidfiles import clean_up_previous_runners
 from runnerd.scheduler import RunnerState, Scheduler, SchedulerLimits
 from runnerd.store import ModelNotFound, ModelStore
@@ -73,8 +72,8 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
                              min_residency=settings.min_residency, crash_backoff=settings.crash_backoff)
     scheduler = Scheduler(backends, runtime_dir=settings.runtime_dir, log_dir=settings.runner_log_dir,
                           default_keep_alive=parse_keep_alive(settings.keep_alive),
-                          budget=Budget(settings.memory, read_host_memory), limits=limits,
-                          on_start=[RunnerWatcher(metrics)], gpu_usage=lambda: read_gpus()[1])
+                          budget=Budget(settings.memory, read_host_memory_per_gpu), limits=limits,
+                          on_start=[RunnerWatcher(metrics)], gpu_usage_per_device=gpu_usage_per_device)
     metrics.observe_scheduler(scheduler)
     # Outermost first: metrics see every answer (401s included); auth runs before any handler.
     app = web.Application(client_max_size=settings.max_body_bytes,

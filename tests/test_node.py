@@ -95,11 +95,12 @@ def test_node_route_with_a_fake_gpu(monkeypatch, tmp_path, llama_server):
 
 
 def test_admission_sees_the_fake_gpus_memory(monkeypatch):
-    """FAKE NVML (no GPU on CI): admission's host probe sums what NVML reports per GPU."""
-    from runnerd.node import read_host_memory
+    """FAKE NVML (no GPU on CI): admission's host probe reads each GPU NVML reports, and their sums."""
+    from runnerd.admission import read_host_memory_per_gpu
 
     monkeypatch.setitem(sys.modules, "pynvml", FakeGpuNvml([FakeGpu(total=80 * GiB, used=10 * GiB),
                                                              FakeGpu(total=24 * GiB, used=4 * GiB)]))
-    host = read_host_memory()
+    host = read_host_memory_per_gpu()
     assert (host.gpus, host.vram_total, host.vram_free) == (2, 104 * GiB, 90 * GiB)
+    assert [(g.index, g.total, g.free) for g in host.devices] == [(0, 80 * GiB, 70 * GiB), (1, 24 * GiB, 20 * GiB)]
     assert host.ram_total > 0
