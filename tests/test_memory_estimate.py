@@ -37,7 +37,7 @@ from backends.llamacpp.memory import (
 )
 from bench.llama_measure import measure
 from tests.gguf_bytes import Builder, Typed, array, text, u32
-from tests.memory_models import GEMMA_SWA, TinySpec, write_model
+from tests.memory_models import BERT, BERT_RANK, GEMMA_SWA, TinySpec, write_any, write_model
 
 MiB = 1 << 20
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "memory_measured.json").read_text())
@@ -59,7 +59,7 @@ def headers(tmp_path_factory: pytest.TempPathFactory, gemma_model: Path) -> dict
     found = {"gemma": read_header(gemma_model)}
     for name, meta in FIXTURE["models"].items():
         if name != "gemma":
-            found[name] = read_header(write_model(tmp / f"{name}.gguf", spec_from(meta["spec"]), header_only=True))
+            found[name] = read_header(write_any(tmp / f"{name}.gguf", spec_from(meta["spec"]), header_only=True))
     return found
 
 
@@ -102,6 +102,54 @@ def test_terms_match_the_buffers_llama_cpp_logged(headers: dict[str, GGUFHeader]
     assert logged["CPU output"] == pytest.approx(shape.n_vocab * plan.n_seq * 4 / MiB
                                                  + (shape.n_embd * plan.n_seq * 4 / MiB if plan.embeddings else 0),
                                                  abs=0.006)
+
+
+def test_fixture_covers_explicit_slots_and_encoders() -> None:
+    """The rows the review asked for: an explicit -np 4 (four per-slot streams, not the auto count's
+    unified cache) for every main model at every context and cache type, and a BERT encoder in
+    embedding mode (several contexts, a smaller ubatch, flash attention off) and reranking mode."""
+    explicit = {(r["model"], r["ctx"], r["cache_type"]) for r in ROWS if r["parallel"] == 4}
+    assert explicit == {(m, c, t) for m in ("gemma", "llama32k", "gemmaswa") for c in (2048, 8192, 32768)
+                        for t in ("f16", "q8_0")}
+    bert = [r for r in ROWS if r["model"] in ("bert", "bertrank")]
+    assert {(r["model"], r["mode"]) for r in bert} == {("bert", "embedding"), ("bertrank", "reranking")}
+    assert {r["ctx"] for r in bert} >= {512, 4096}
+    assert any("--ubatch-size" in r["runtime_flags"] for r in bert)
+    assert all("CPU KV" not in r["logged_buffers_mib"] for r in bert)  # no KV cache at all
+
+
+def test_explicit_parallel_gives_per_slot_streams(headers: dict[str, GGUFHeader]) -> None:
+    row = next(r for r in ROWS if r["model"] == "gemma" and r["parallel"] == 4 and r["ctx"] == 8192
+               and r["cache_type"] == "f16")
+    plan = context_plan(model_shape(headers["gemma"]), settings_for(row))
+    assert (plan.n_seq, plan.n_stream, plan.kv_size) == (4, 4, 2048)  # not unified: 4 x (8192 / 4) cells
+    auto = next(r for r in ROWS if r["model"] == "gemma" and r["parallel"] is None and r["ctx"] == 8192
+                and r["runtime_flags"] == ["--cache-type-k", "f16", "--cache-type-v", "f16"])
+    # Four sliding-window caches of pad(512 + 512) cells each outweigh one unified one of 4 x 512 + 512.
+    assert row["logged_buffers_mib"]["CPU KV"] > auto["logged_buffers_mib"]["CPU KV"]
+    assert row["rss_bytes"] > auto["rss_bytes"]
+
+
+def test_encoders_keep_no_cache_and_scale_with_the_ubatch(headers: dict[str, GGUFHeader]) -> None:
+    header = headers["bert"]
+    shape = model_shape(header)
+    assert shape.encoder and shape.no_cache and not shape.causal and shape.pooling_in_file
+    base = LlamaCppMemorySettings(ctx_size=512, mode=Mode.EMBEDDING, cpu_repack_types=REPACK)
+    small = estimate(header, base)
+    large = estimate(header, base.model_copy(update={"ctx_size": 32768}))
+    assert small.ram_bytes == large.ram_bytes and small.devices[0].breakdown.kv_cache == 0  # context is free
+    half = estimate(header, base.model_copy(update={"ubatch_size": 256}))
+    assert small.devices[0].breakdown.compute > 2 * half.devices[0].breakdown.compute  # mask is ubatch^2
+    no_fa = base.model_copy(update={"flash_attn": "off"})  # KQ per head: ubatch^2 too
+    assert estimate(header, no_fa).devices[0].breakdown.compute > \
+        3 * estimate(header, no_fa.model_copy(update={"ubatch_size": 256})).devices[0].breakdown.compute
+    # Output rows: one per token of a whole batch (n_batch = n_ubatch), logits width included.
+    assert small.ram_bytes - half.ram_bytes > 256 * (shape.n_vocab + shape.n_embd) * 4
+    # No logits in an encoder's graph: the compute term holds no n_vocab-wide rows.
+    assert small.devices[0].breakdown.compute < 512 * shape.n_vocab * 4 / 8
+    rerank = estimate(headers["bertrank"], base.model_copy(update={"mode": Mode.RERANKING, "pooling": "rank"}))
+    head = headers["bertrank"].tensor_bytes - header.tensor_bytes  # cls, cls.output
+    assert rerank.ram_bytes - small.ram_bytes == pytest.approx(head, abs=64 << 10)
 
 
 def test_gemma_reference_figures_from_the_issue(headers: dict[str, GGUFHeader]) -> None:
@@ -337,6 +385,24 @@ def test_estimate_matches_a_fresh_measurement(llama_server: Path, tmp_path: Path
     assert abs(est.ram_bytes - got.rss) <= max(0.05 * got.rss, 32 * MiB)
     assert abs(est.ram_bytes - got.rss) <= max(0.04 * got.rss, 2 * MiB), (est.ram_bytes / MiB, got.rss / MiB)
     assert est.devices[0].breakdown.kv_cache / MiB == pytest.approx(got.buffers["CPU KV"], abs=0.006)
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize(("spec", "mode"), [(BERT, Mode.EMBEDDING), (BERT_RANK, Mode.RERANKING)], ids=["embed", "rank"])
+def test_bert_is_served_with_the_estimators_settings(llama_server: Path, tmp_path: Path, spec: TinySpec,
+                                                     mode: Mode) -> None:
+    """The generated BERT loads in the real llama-server with runnerd's argv for the mode, answers a
+    whole batch of input on /v1/embeddings, and its resident memory is what the estimator says."""
+    path = write_any(tmp_path / "bert.gguf", spec)
+    flags = ["--ubatch-size", "256"]
+    got = measure(llama_server, path, ctx=512, flags=flags, mode=mode, embed_tokens=256)
+    config = BackendConfiguration(context_size=512, runtime_flags=flags)
+    est = estimate(read_header(path), settings_from_config(mode, config, 4096, use_gpu=False))
+    assert "--embeddings" in got.argv and ("--reranking" in got.argv) == (mode is Mode.RERANKING)
+    assert "CPU KV" not in got.buffers  # llama.cpp made no KV cache
+    assert abs(est.ram_bytes - got.rss) <= max(0.05 * got.rss, 32 * MiB)
+    assert abs(est.ram_bytes - got.rss) <= max(0.04 * got.rss, 2 * MiB), (est.ram_bytes / MiB, got.rss / MiB)
+    assert est.devices[0].breakdown.compute / MiB == pytest.approx(got.buffers["CPU compute"], abs=0.1)
 
 
 # --- any header the reader accepts gets an answer ------------------------------------------------------

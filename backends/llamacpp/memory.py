@@ -37,8 +37,17 @@ for a runner started with runnerd's command line (backends/llamacpp/argv.py), te
 Not counted, and said so in the notes: what llama-server adds later as it is used (its prompt cache,
 --cache-ram, 8 GiB by default; checkpoints of sliding-window or recurrent state; compute pages touched
 by long prompts). Measured on this host, the estimate is within 2.5 % of the resident memory after a
-warm-up request on every recorded row (53 rows: Gemma 3 270M and generated models, 2k-32k context,
-f16/q8_0 cache, 1 or 4 slots, embedding mode).
+warm-up request on every recorded row (81 rows: Gemma 3 270M and generated models, 2k-32k context,
+f16/q8_0 cache, 1 slot, llama-server's automatic 4 slots with one unified cache, an explicit -np 4
+with four per-slot streams, embedding mode; a BERT encoder in embedding and reranking mode).
+
+Encoders (bert and the other ENCODER_ARCHS): llama_model::create_memory returns no memory for them
+(src/llama-model.cpp: the no-cache architectures), so there is no KV cache at all, whatever the
+context; llama_context::decode hands their batches to encode(), which needs the whole input in one
+ubatch (non-causal attention), so the compute reservation (and the attention mask, ubatch x ubatch)
+scales with --ubatch-size, not with the context; the graph ends at the pooled embeddings (mean, cls,
+last; rank adds the classification head), with no logits, though output_reserve still sizes the
+output buffer with n_vocab logits per output row (every token of a batch in pooled modes).
 
 GPU terms (CUDA context, VRAM compute buffers) follow the same code paths but could not be measured
 here: they are marked in the notes.
@@ -91,6 +100,11 @@ HEAP_PER_TENSOR = 7900
 # Host-side bookkeeping of every KV cell, in every stream of every cache (src/llama-kv-cells.h:
 # pos 4 + ext 12 + shift 4 + a 256-bit sequence set 32 bytes).
 KV_CELL_BYTES = 52
+# Encoders (ENCODER_ARCHS) in embedding/reranking mode after one input of a whole batch: what stays
+# resident beyond every other term, measured on generated BERT models (2k..100k-token WordPiece
+# vocabularies, n_embd 128/512, ubatch 128..512): 0.9-2.2 MiB, 1.9 on average; not yet traced to
+# one allocation (the WPM tokenizer's word splitting and the pooled-embedding path are candidates).
+ENCODER_HEAP = int(1.5 * MiB)
 # Tokens of the warm-up request a "resident" CPU compute term is sized for.
 WARM_TOKENS = 32
 
@@ -112,6 +126,12 @@ NO_CACHE_ARCHS = frozenset({
     "bert", "modern-bert", "nomic-bert", "nomic-bert-moe", "neo-bert", "jina-bert-v2", "jina-bert-v3",
     "eurobert", "wavtokenizer-dec", "gemma-embedding", "dream", "llada", "llada-moe", "rnd1",
 })
+# Encoders among them: the graph ends at the (pooled) embeddings, with no output projection to the
+# vocabulary (src/models/bert.cpp and the other *-bert.cpp, gemma-embedding.cpp set only t_embd).
+ENCODER_ARCHS = NO_CACHE_ARCHS - {"wavtokenizer-dec", "dream", "llada", "llada-moe", "rnd1"}
+# Encoders whose feed-forward is one up projection, an activation and a down projection (bert.cpp:
+# LLM_FFN_GELU, LLM_FFN_SEQ for bert, nomic-bert-moe, jina-bert-v3); the others gate it like llama.
+UNGATED_FFN_ARCHS = frozenset({"bert", "nomic-bert-moe", "jina-bert-v3"})
 RECURRENT_ARCHS = frozenset({"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"})
 HYBRID_ARCHS = frozenset({
     "jamba", "falcon-h1", "plamo2", "granitehybrid", "lfm2", "lfm2moe", "nemotron_h", "nemotron_h_moe",
@@ -364,6 +384,7 @@ class ModelShape:
     has_v: bool  # False for MLA: the cache holds K only
     pooling_in_file: bool
     notes: list[str] = field(default_factory=list)
+    encoder: bool = False  # non-causal, no KV cache, no logits in the graph (ENCODER_ARCHS)
 
     @property
     def swa_any(self) -> bool:
@@ -435,7 +456,7 @@ def model_shape(header: GGUFHeader) -> ModelShape:
         causal=bool(header.arch_get("attention.causal", arch not in NO_CACHE_ARCHS)),
         no_cache=arch in NO_CACHE_ARCHS,
         has_v=not (header.arch_get("attention.key_length_mla") and header.arch_get("attention.value_length_mla")),
-        pooling_in_file=pooling is not None and pooling != 0, notes=notes,
+        pooling_in_file=pooling is not None and pooling != 0, notes=notes, encoder=arch in ENCODER_ARCHS,
     )
     if arch in HYBRID_ARCHS or arch in RECURRENT_ARCHS:
         notes.append(f"{arch} keeps recurrent state: its size follows the ssm/wkv keys (approximate)")
@@ -819,6 +840,8 @@ def compute_bytes(shape: ModelShape, plan: ContextPlan, *, n_tokens: int, n_outp
     e = shape.n_embd
     layers = range(shape.n_layer_main)
     ff = max((shape.n_ff[il] for il in layers), default=0)
+    if shape.encoder:
+        return _encoder_compute_bytes(shape, plan, t, ff)
     hq = max((shape.head_count[il] * shape.key_length[il] for il in layers), default=0)
     hkv = max((shape.head_count_kv[il] * shape.key_length[il] for il in layers), default=0)
     heads = max(shape.head_count, default=0)
@@ -838,6 +861,22 @@ def compute_bytes(shape: ModelShape, plan: ContextPlan, *, n_tokens: int, n_outp
         attn += max(caches) * t * heads * 4  # KQ, softmax in place
     out = n_outputs * shape.n_vocab * 4 + t * e * 4
     return masks + max(ffn, attn, out)
+
+
+def _encoder_compute_bytes(shape: ModelShape, plan: ContextPlan, t: int, ff: int) -> int:
+    """An encoder's graph (src/models/bert.cpp): attention over the ubatch itself, no KV cache and no
+    logits. Fitted on the "compute buffer size" llama-server logged for generated BERT models (n_embd
+    128/256, n_ff 512/1024, 4/8 heads, ubatch 128/512, flash attention on and off; every one within
+    0.05 MiB): the FFN phase holds (n_ff + 4 n_embd) f32 values per token for a GELU FFN (2 n_ff more
+    for a gated one, as the llama fit has); with flash attention the mask adds t x t bytes; without it
+    the attention phase holds KQ per head plus its f32 mask (t x t x 4 x (n_head + 1)) and 6 n_embd
+    values per token."""
+    e = shape.n_embd
+    ffn = t * 4 * ((1 if shape.arch in UNGATED_FFN_ARCHS else FFN_FF) * ff + FFN_EMBD * e)
+    if plan.flash_attn:
+        return ffn + t * t
+    heads = max(shape.head_count, default=0)
+    return max(ffn, t * t * 4 * (heads + 1) + t * 4 * 6 * e)
 
 
 def _add_compute(ledger: _Ledger, shape: ModelShape, plan: ContextPlan, place: Placement,
@@ -884,6 +923,8 @@ def _add_overhead(ledger: _Ledger, header: GGUFHeader, shape: ModelShape, plan: 
     if shape.tokenizer == "gpt2":
         vocab += BPE_BASE_HEAP
     ledger.add(CPU, "overhead", vocab + len(header.tensors) * HEAP_PER_TENSOR)
+    if shape.encoder:
+        ledger.add(CPU, "overhead", ENCODER_HEAP)
     if not shape.no_cache:
         caches = plan.kv_size + (plan.swa_size if shape.swa_any else 0)
         ledger.add(CPU, "overhead", caches * plan.n_stream * KV_CELL_BYTES)
