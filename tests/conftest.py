@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -104,6 +105,29 @@ class Daemon:
                     return
             time.sleep(0.02)
         raise RuntimeError(f"daemon did not listen within {timeout}s:\n{self.output()}")
+
+    @contextlib.contextmanager
+    def busy(self, model: str) -> Iterator[None]:
+        """Keep `model`'s runner busy with a long stream until the block ends."""
+        started, done = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            body = {"model": model, "prompt": "the", "max_tokens": 4000, "stream": True, "ignore_eos": True}
+            with httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://r",
+                              timeout=120) as c, c.stream("POST", "/engines/v1/completions", json=body) as resp:
+                for _ in resp.iter_lines():
+                    started.set()
+                    if done.is_set():
+                        break
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        try:
+            assert started.wait(30)
+            yield
+        finally:
+            done.set()
+            holder.join(60)
 
     def output(self) -> str:
         return (self.root / "daemon.log").read_text(errors="replace")

@@ -117,22 +117,7 @@ def test_many_clients_across_three_models_with_room_for_two(make_daemon, three_m
 def test_waiting_for_busy_runners_ends_in_503_with_retry_after(make_daemon, three_models, estimate):
     d = make_daemon(three_models, env=limit_env(int(estimate * 1.5), RUNNERD_QUEUE_TIMEOUT="1",
                                                 RUNNERD_DEFAULT_CONTEXT_SIZE="4096"))
-    started = threading.Event()
-    done = threading.Event()
-
-    def hold_a():
-        body = {"model": "a", "prompt": "the", "max_tokens": 3000, "stream": True, "ignore_eos": True}
-        with httpx.Client(transport=httpx.HTTPTransport(uds=str(d.socket)), base_url="http://r",
-                          timeout=120) as c, c.stream("POST", "/engines/v1/completions", json=body) as resp:
-            for _ in resp.iter_lines():
-                started.set()
-                if done.is_set():
-                    break
-
-    holder = threading.Thread(target=hold_a)
-    holder.start()
-    try:
-        assert started.wait(30)
+    with d.busy("a"):
         t0 = time.monotonic()
         resp = ask(d, "b")
         waited = time.monotonic() - t0
@@ -141,9 +126,6 @@ def test_waiting_for_busy_runners_ends_in_503_with_retry_after(make_daemon, thre
         assert "b:latest" in resp.json()["error"]["message"] and "MiB" in resp.json()["error"]["message"]
         assert 0.9 < waited < 10
         assert loaded(d) == ["a"]
-    finally:
-        done.set()
-        holder.join(60)
 
 
 def test_hang_up_during_a_load_cancels_it(make_daemon, gemma_model):

@@ -4,11 +4,8 @@ min_residency, readiness timeout, the [memory] table, and runners of one model t
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx2 as httpx
@@ -35,30 +32,6 @@ def loaded(d):
     return sorted(r["model"].split(":")[0] for r in d.ps())
 
 
-@contextmanager
-def busy(d, model: str) -> Iterator[None]:
-    """Keep `model`'s runner busy with a long stream until the block ends."""
-    started, done = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        body = {"model": model, "prompt": "the", "max_tokens": 4000, "stream": True, "ignore_eos": True}
-        with httpx.Client(transport=httpx.HTTPTransport(uds=str(d.socket)), base_url="http://r",
-                          timeout=120) as c, c.stream("POST", "/engines/v1/completions", json=body) as resp:
-            for _ in resp.iter_lines():
-                started.set()
-                if done.is_set():
-                    break
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert started.wait(30)
-        yield
-    finally:
-        done.set()
-        holder.join(60)
-
-
 def timed(d, model: str) -> tuple[httpx.Response, float]:
     t0 = time.monotonic()
     resp = ask(d, model)
@@ -72,7 +45,7 @@ ONE_RUNNER = {"RUNNERD_MAX_RUNNERS": "1", "RUNNERD_DEFAULT_CONTEXT_SIZE": "4096"
 def test_queue_timeout_counts_from_when_a_request_arrives(make_daemon, two_models, tiny_model):
     # Two loads queue behind a busy runner: the second one's wait includes its time behind the first.
     d = make_daemon({**two_models, "c": tiny_model}, env={**ONE_RUNNER, "RUNNERD_QUEUE_TIMEOUT": "1.5"})
-    with busy(d, "a"), ThreadPoolExecutor(2) as pool:
+    with d.busy("a"), ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda m: timed(d, m), ["b", "c"]))
     for resp, waited in results:
         assert resp.status_code == 503, resp.text
@@ -90,7 +63,7 @@ def test_never_fitting_and_held_back_models_are_answered_without_queueing(make_d
     for _ in range(3):
         assert ask(d, "alien").status_code == 500
     with ThreadPoolExecutor(1) as pool:
-        with busy(d, "a"):
+        with d.busy("a"):
             waiting = pool.submit(ask, d, "b")  # queues for the one runner slot, holding the admission turn
             time.sleep(0.5)
             assert not waiting.done()
