@@ -127,35 +127,46 @@ def write_model(path: Path, spec: TinySpec, *, split_max_tensors: int = 0, heade
     w = gguf.GGUFWriter(str(path), spec.arch, split_max_tensors=split_max_tensors)
     _add_hparams(w, spec)
     _add_vocab(w, spec)
+    _write_tensors(w, path, _tensor_list(spec), header_only)
+    if split_max_tensors and not header_only:
+        return path.with_name(path.stem + f"-00001-of-{_shard_count(path):05d}.gguf")
+    return path
+
+
+Tensors = list[tuple[str, tuple[int, ...], str]]
+
+
+def _nbytes(shape: tuple[int, ...], qtype: str) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    return int(np.prod(shape)) // block * size
+
+
+def _write_tensors(w: gguf.GGUFWriter, path: Path, tensors: Tensors, header_only: bool) -> None:
+    """Add `tensors` (random weights, ones for norms, zeros for biases), write the file and close it.
+    header_only: only their infos, the data left as a hole of the right size."""
     rng = np.random.default_rng(0)
-    for name, shape, qtype in _tensor_list(spec):
+    for name, shape, qtype in tensors:
         if header_only:
             t = gguf.GGMLQuantizationType[qtype]
-            block, size = gguf.GGML_QUANT_SIZES[t]
-            n_bytes = int(np.prod(shape)) // block * size
-            w.add_tensor_info(name, shape, np.dtype(np.float32), n_bytes, raw_dtype=t)
-        else:
-            data, kw = _data(rng, shape, qtype)
-            w.add_tensor(name, data, **kw)  # type: ignore[arg-type]
+            w.add_tensor_info(name, shape, np.dtype(np.float32), _nbytes(shape, qtype), raw_dtype=t)
+            continue
+        data, kw = _data(rng, shape, qtype)
+        if name.endswith(".bias"):
+            data = np.zeros(shape, dtype=np.float32)
+        w.add_tensor(name, data, **kw)  # type: ignore[arg-type]
     w.write_header_to_file()
     w.write_kv_data_to_file()
     if header_only:
         w.write_ti_data_to_file()
         w.close()
-        _extend_to_data_size(path, spec)
-        return path
+        _extend_to_data_size(path, tensors)
+        return
     w.write_tensors_to_file()
     w.close()
-    if split_max_tensors:
-        return path.with_name(path.stem + f"-00001-of-{_shard_count(path):05d}.gguf")
-    return path
 
 
-def _extend_to_data_size(path: Path, spec: TinySpec) -> None:
-    sizes = []
-    for _, shape, qtype in _tensor_list(spec):
-        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
-        sizes.append(int(np.prod(shape)) // block * size)
+def _extend_to_data_size(path: Path, tensors: Tensors) -> None:
+    sizes = [_nbytes(shape, qtype) for _, shape, qtype in tensors]
     pad = gguf.GGUFWriter.ggml_pad
     data = sum(pad(n, 32) for n in sizes[:-1]) + sizes[-1]
     with path.open("r+b") as f:
@@ -317,31 +328,7 @@ def write_bert(path: Path, spec: TinySpec, *, header_only: bool = False) -> Path
     w.add_mask_token_id(103)
     w.add_add_bos_token(True)
     w.add_add_sep_token(True)
-    rng = np.random.default_rng(0)
-    tensors = _bert_tensor_list(spec)
-    for name, shape, qtype in tensors:
-        if header_only:
-            t = gguf.GGMLQuantizationType[qtype]
-            block, size = gguf.GGML_QUANT_SIZES[t]
-            w.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) // block * size, raw_dtype=t)
-        else:
-            data, kw = _data(rng, shape, qtype)
-            if name.endswith(".bias"):
-                data = np.zeros(shape, dtype=np.float32)
-            w.add_tensor(name, data, **kw)  # type: ignore[arg-type]
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    if header_only:
-        w.write_ti_data_to_file()
-        w.close()
-        sizes = [int(np.prod(s)) // gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[q]][0]
-                 * gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[q]][1] for _, s, q in tensors]
-        pad = gguf.GGUFWriter.ggml_pad
-        with path.open("r+b") as f:
-            f.truncate(pad(f.seek(0, 2), 32) + sum(pad(n, 32) for n in sizes[:-1]) + sizes[-1])
-        return path
-    w.write_tensors_to_file()
-    w.close()
+    _write_tensors(w, path, _bert_tensor_list(spec), header_only)
     return path
 
 
