@@ -252,14 +252,12 @@ class Runner:
         self._expiry = asyncio.get_running_loop().call_later(delay, callback)
         self.expires_at = time.time() + delay
 
-    def measure(self, gpu_per_pid: Mapping[int, int],
-                per_device: Mapping[int, Mapping[int, int]] | None = None) -> None:
-        """Resident memory of the engine's process tree, and the GPU memory NVML reports for it (on each
-        GPU, when `per_device` is known: admission checks every GPU on its own)."""
+    def measure(self, per_device: Mapping[int, Mapping[int, int]]) -> None:
+        """Resident memory of the engine's process tree, and the GPU memory NVML reports for it on each
+        GPU (GPU index -> pid -> bytes): admission checks every GPU on its own."""
         rss, pids = process_tree(self.output.pid)
-        gpus = {index: sum(used.get(pid, 0) for pid in pids) for index, used in (per_device or {}).items()}
-        vram = sum(gpus.values()) if per_device is not None else sum(gpu_per_pid.get(pid, 0) for pid in pids)
-        self.measured = Amount(ram=rss or 0, vram=vram, gpus={i: n for i, n in gpus.items() if n})
+        gpus = {index: sum(used.get(pid, 0) for pid in pids) for index, used in per_device.items()}
+        self.measured = Amount(ram=rss or 0, vram=sum(gpus.values()), gpus={i: n for i, n in gpus.items() if n})
 
     def holding(self) -> Holding:
         return Holding(estimate=needed(self.estimate), measured=self.measured,
@@ -315,8 +313,7 @@ class Scheduler:
     def __init__(self, backends: Mapping[str, Backend], *, runtime_dir: Path, log_dir: Path | None,
                  default_keep_alive: KeepAlive, budget: Budget, limits: SchedulerLimits | None = None,
                  on_start: Sequence[Callable[[Runner], object]] = (),
-                 gpu_usage: Callable[[], Mapping[int, int]] = dict,
-                 gpu_usage_per_device: Callable[[], Mapping[int, Mapping[int, int]]] | None = None) -> None:
+                 gpu_usage_per_device: Callable[[], Mapping[int, Mapping[int, int]]] = dict) -> None:
         self.backends = backends
         self.runtime_dir = runtime_dir
         self.log_dir = log_dir
@@ -324,8 +321,7 @@ class Scheduler:
         self.budget = budget
         self.limits = limits or SchedulerLimits()
         self.on_start = list(on_start)  # observers (metrics) told of every runner it starts
-        self.gpu_usage = gpu_usage  # pid -> GPU memory bytes (NVML); empty without GPUs
-        # GPU index -> pid -> bytes; when given it replaces gpu_usage (one NVML read gives both).
+        # GPU index -> pid -> GPU memory bytes (NVML); empty without GPUs.
         self.gpu_usage_per_device = gpu_usage_per_device
         self.evictions = 0
         self._runners: dict[RunnerKey, Runner] = {}
@@ -457,10 +453,9 @@ class Scheduler:
         return max(1.0, self.limits.queue_timeout / 4)
 
     def _measure(self) -> None:
-        per_device = self.gpu_usage_per_device() if self.gpu_usage_per_device is not None else None
-        usage: Mapping[int, int] = {} if per_device is not None else self.gpu_usage()
+        per_device = self.gpu_usage_per_device()
         for runner in self._all_runners():
-            runner.measure(usage, per_device)
+            runner.measure(per_device)
 
     def _holdings(self) -> list[Holding]:
         self._measure()

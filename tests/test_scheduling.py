@@ -217,14 +217,14 @@ def test_gpu_memory_of_a_runner_is_measured_and_held(llama_server, tiny_model, t
 
     gib = 1 << 30
 
-    def fake_gpu_usage():
-        return {pid: gib for pid in ps.pids()}
+    def fake_gpu_usage():  # GPU 0 -> pid -> bytes
+        return {0: {pid: gib for pid in ps.pids()}}
 
     async def scenario():
         backend = LlamaCppBackend(cache_dir=tmp_path, binary=llama_server, launch=LaunchOptions(threads=1))
         scheduler = Scheduler({backend.name: backend}, runtime_dir=Path("/tmp") / f"rd-gpu-{os.getpid()}",
                               log_dir=None, default_keep_alive=60.0, budget=Budget(MemorySettings()),
-                              gpu_usage=fake_gpu_usage)
+                              gpu_usage_per_device=fake_gpu_usage)
         lease = await scheduler.acquire(RunnerKey(backend.name, "tiny:latest", Mode.COMPLETION),
                                         ModelRef(name="tiny:latest", path=tiny_model), BackendConfiguration())
         lease.release()
