@@ -34,11 +34,11 @@ from backends.llamacpp.install import (
     cached_binary,
     cmake_options,
 )
-from backends.llamacpp.memory import GpuDevice, estimate, settings_from_config
+from backends.llamacpp.memory import GpuDevice, estimate, offload_devices, settings_from_config
 from backends.llamacpp.templates import fallback_chat_template
 from backends.process import run_process
 
-__all__ = ["GpuDevice", "GpuProvider", "LaunchOptions", "LlamaCppBackend"]
+__all__ = ["GpuDevice", "GpuProvider", "LaunchOptions", "LlamaCppBackend", "offload_devices"]
 
 # The GPUs llama-server will see, in its own order (CUDA0, CUDA1, ...), each with its NVML index and
 # free memory now. The daemon supplies it (runnerd.engines): backends never import runnerd.
@@ -189,9 +189,8 @@ class LlamaCppBackend:
             draft = self._draft_header(config)
         except (GGUFParseError, OSError) as exc:
             return MemoryEstimate.unknown(f"cannot read the draft model: {exc}")
-        devices = self._offload_devices(config)
-        settings = settings_from_config(mode, config, self.launch.default_context_size, devices is not None,
-                                        gpu_layers=self.launch.gpu_layers, gpus=devices or (),
+        settings = settings_from_config(mode, config, self.launch.default_context_size, self.launch.use_gpu,
+                                        gpu_layers=self.launch.gpu_layers, gpus=self._visible_gpus(),
                                         cache_ram_mib=cache_ram, draft=draft)
         if model.mmproj is not None:
             try:
@@ -205,17 +204,16 @@ class LlamaCppBackend:
             result.notes.append(f"draft model {spec.draft_model!r} is not in the store: not counted")
         return result
 
-    def _offload_devices(self, config: BackendConfiguration) -> list[GpuDevice] | None:
-        """The GPUs llama-server would put layers on for this configuration; None when it offloads
-        nothing. An empty list means "GPUs unknown" (no provider, or it found none): the estimator
-        then assumes one GPU, index 0, as it always did."""
-        if not self.launch.use_gpu:
-            return None
+    def _visible_gpus(self) -> list[GpuDevice]:
+        """The GPUs llama-server would see (the estimator picks among them by the caller's flags); empty
+        when unknown (no provider, none found, or the probe failed): the estimator then assumes one GPU,
+        index 0, as it always did."""
+        if not self.launch.use_gpu or self.gpus is None:
+            return []
         try:
-            devices = list(self.gpus()) if self.gpus is not None else []
-        except Exception:  # a GPU probe that fails must not make estimates fail: fall back to one GPU
-            devices = []
-        return offload_devices(devices, config.runtime_flags)
+            return list(self.gpus())
+        except Exception:  # a GPU probe that fails must not make estimates fail
+            return []
 
     def _draft_header(self, config: BackendConfiguration) -> GGUFHeader | None:
         """The draft's header when one is configured, resolved and GGUF (the estimator counts its weights,
@@ -224,41 +222,6 @@ class LlamaCppBackend:
         if spec is None or spec.draft is None or spec.draft.format not in self.model_formats:
             return None
         return cached_header(spec.draft.path)
-
-
-def _last_flag(argv: Sequence[str], *names: str) -> str | None:
-    """The value of the last of `names` on a command line (`--x v` or `--x=v`): the one llama-server uses."""
-    found: str | None = None
-    for i, arg in enumerate(argv):
-        name, eq, inline = arg.partition("=")
-        if name in names:
-            found = inline if eq else (argv[i + 1] if i + 1 < len(argv) else None)
-    return found
-
-
-def offload_devices(gpus: Sequence[GpuDevice], flags: Sequence[str]) -> list[GpuDevice] | None:
-    """Which of `gpus` llama-server uses given the caller's flags (common/arg.cpp, llama_model_load):
-    `--device` picks and orders devices by name (CUDA<n> is the n-th GPU it sees; `none`: no offload),
-    and `--split-mode none` keeps only the `--main-gpu`-th of those (default 0), so the whole model
-    lands on that one GPU. Layer and row splits use every device, split by free memory or
-    --tensor-split (the estimator models row like layer). Values llama-server would refuse are left
-    alone here: it reports them itself when it starts."""
-    chosen = list(gpus)
-    device = _last_flag(flags, "--device", "-dev")
-    if device == "none":
-        return None
-    if device is not None:
-        picked = [int(name[4:]) for name in device.split(",") if name.startswith("CUDA") and name[4:].isdigit()]
-        if picked and all(n < len(chosen) for n in picked):
-            chosen = [chosen[n] for n in picked]
-    if _last_flag(flags, "--split-mode", "-sm") == "none":
-        main = _last_flag(flags, "--main-gpu", "-mg")
-        position = int(main) if main is not None and main.isdigit() else 0
-        if chosen and position < len(chosen):
-            chosen = [chosen[position]]
-        elif not chosen and position:
-            chosen = [GpuDevice(index=position)]  # GPUs unknown: assume NVML order matches
-    return chosen
 
 
 def binary_error(exc: BaseException) -> str:

@@ -236,8 +236,9 @@ def settings_from_config(mode: Mode, config: BackendConfiguration, default_ctx: 
     flags = _parse_flags(config.runtime_flags)
     values: dict[str, Any] = {"mode": mode, "ctx_size": config.context_size or default_ctx,
                               "draft": draft, "mmproj": mmproj}
-    if use_gpu:
-        values["gpus"] = list(gpus) or [GpuDevice(index=0)]
+    chosen = _offload(list(gpus), flags) if use_gpu else None
+    if chosen is not None:
+        values["gpus"] = chosen or [GpuDevice(index=0)]
         values["gpu_layers"] = gpu_layers
         if "gpu_layers" in flags:
             values["gpu_layers"] = _layers(flags["gpu_layers"], gpu_layers)
@@ -294,6 +295,9 @@ _FLAGS: dict[str, tuple[str, str | None]] = {
     "--repack": ("repack", "1"), "--no-repack": ("repack", "0"), "-nr": ("repack", "0"),
     "--swa-full": ("swa_full", "1"),
     "--cache-ram": ("cache_ram_mib", None), "-cram": ("cache_ram_mib", None),
+    "--device": ("device", None), "-dev": ("device", None),
+    "--split-mode": ("split_mode", None), "-sm": ("split_mode", None),
+    "--main-gpu": ("main_gpu", None), "-mg": ("main_gpu", None),
 }
 
 
@@ -318,6 +322,36 @@ def _parse_flags(argv: Sequence[str]) -> dict[str, str]:
             found[key] = argv[i]
             i += 1
     return found
+
+
+def offload_devices(gpus: Sequence[GpuDevice], flags: Sequence[str]) -> list[GpuDevice] | None:
+    """Which of `gpus` (the GPUs llama-server sees, in its order) it puts layers on, given runtime flags;
+    None when it offloads nothing. An empty result means "GPUs unknown"."""
+    return _offload(list(gpus), _parse_flags(flags))
+
+
+def _offload(gpus: list[GpuDevice], flags: dict[str, str]) -> list[GpuDevice] | None:
+    """common/arg.cpp, llama_model_load: `--device` picks and orders devices by name (CUDA<n> is the n-th
+    GPU it sees; `none`: no offload), and `--split-mode none` keeps only the `--main-gpu`-th of those
+    (default 0), so the whole model lands on that one GPU. Layer and row splits use every device, split
+    by free memory or --tensor-split (row is modelled like layer). Values llama-server would refuse are
+    left alone here: it reports them itself when it starts."""
+    chosen = gpus
+    device = flags.get("device")
+    if device == "none":
+        return None
+    if device is not None:
+        picked = [int(name[4:]) for name in device.split(",") if name.startswith("CUDA") and name[4:].isdigit()]
+        if picked and all(n < len(chosen) for n in picked):
+            chosen = [chosen[n] for n in picked]
+    if flags.get("split_mode") == "none":
+        main = flags.get("main_gpu")
+        position = int(main) if main is not None and main.isdigit() else 0
+        if chosen and position < len(chosen):
+            chosen = [chosen[position]]
+        elif not chosen and position:
+            chosen = [GpuDevice(index=position)]  # GPUs unknown: assume NVML order matches
+    return chosen
 
 
 def _int_or_none(text: str | None) -> int | None:
