@@ -19,15 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from runnerd import __version__, cli_service
 from runnerd.errors import ClientError
+from runnerd.estimate_params import FLAG_PARAMS
 
 if TYPE_CHECKING:
     from runnerd.client import DaemonClient
-
-# The estimate options the CLI offers, as llama-server flags. The names are the daemon's /estimate
-# query parameters (runnerd.api.estimate.FLAG_PARAMS, which a test keeps this in step with); a copy,
-# so that the CLI does not import the daemon's HTTP layer to build a query.
-ESTIMATE_FLAGS = {"parallel": "--parallel", "cache_type_k": "--cache-type-k", "cache_type_v": "--cache-type-v",
-                  "gpu_layers": "--gpu-layers", "flash_attn": "--flash-attn"}
 
 
 def _print_json(value: Any) -> None:
@@ -346,7 +341,7 @@ def _estimate_locally(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     from runnerd.engines import default_backends
 
     backend = default_backends(load_settings())["llama.cpp"]
-    flags = [x for param, flag in ESTIMATE_FLAGS.items() if getattr(args, param, None) is not None
+    flags = [x for param, flag in FLAG_PARAMS.items() if getattr(args, param, None) is not None
              for x in (flag, str(getattr(args, param)))]
     try:
         config = BackendConfiguration(context_size=args.ctx, runtime_flags=validate_runtime_flags(backend.name, flags))
@@ -361,7 +356,7 @@ def _estimate_locally(path: Path, args: argparse.Namespace) -> dict[str, Any]:
 async def _estimate(client: DaemonClient, args: argparse.Namespace) -> Any:
     from urllib.parse import quote, urlencode
 
-    query = {p: getattr(args, p) for p in ("ctx", "mode", *ESTIMATE_FLAGS) if getattr(args, p, None) is not None}
+    query = {p: getattr(args, p) for p in ("ctx", "mode", *FLAG_PARAMS) if getattr(args, p, None) is not None}
     result = await client.request("GET", f"/models/{quote(args.model)}/estimate?{urlencode(query)}")
     return result, lambda: _show_estimate(result)
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from runnerd.cli import ESTIMATE_FLAGS, build_parser, ps_table
+from runnerd.cli import build_parser, ps_table
+from runnerd.estimate_params import FLAG_PARAMS
 from tests.tinymodels import write_tiny_llama
 
 MiB = 1 << 20
@@ -74,12 +75,13 @@ def test_ps_long_durations_stay_narrow():
     assert row["UP"] == "3d04h" and row["IDLE"] == "2h05m"
 
 
-def test_cli_estimate_flags_match_the_daemon_query_parameters():
-    from runnerd.api.estimate import FLAG_PARAMS
+def test_cli_estimate_options_are_the_daemons_query_parameters():
+    from runnerd.api.estimate import FLAG_PARAMS as daemon_params
 
-    assert ESTIMATE_FLAGS.items() <= FLAG_PARAMS.items()
+    assert FLAG_PARAMS is daemon_params  # one table for both
     args = build_parser().parse_args(["estimate", "m"])
-    assert set(ESTIMATE_FLAGS) <= set(vars(args))
+    offered = {"parallel", "cache_type_k", "cache_type_v", "gpu_layers", "flash_attn"}
+    assert offered <= set(vars(args)) and offered <= set(FLAG_PARAMS)
 
 
 @pytest.fixture(scope="module")

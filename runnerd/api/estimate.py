@@ -17,18 +17,9 @@ from runnerd.api.context import Daemon, daemon
 from runnerd.api.engines import choose_backend, find_model
 from runnerd.api.errors import ApiError
 from runnerd.configs import effective_configuration
+from runnerd.estimate_params import FLAG_PARAMS
 from runnerd.store import ModelEntry
 
-# query parameter -> the engine flag it stands for; each value is validated like a runtime flag.
-FLAG_PARAMS = {
-    "parallel": "--parallel",
-    "cache_type_k": "--cache-type-k",
-    "cache_type_v": "--cache-type-v",
-    "gpu_layers": "--gpu-layers",
-    "flash_attn": "--flash-attn",
-    "batch_size": "--batch-size",
-    "ubatch_size": "--ubatch-size",
-}
 _KNOWN = frozenset({"ctx", "mode", *FLAG_PARAMS})
 
 
