@@ -214,7 +214,8 @@ async def wait_until_ready(
     deadline = time.monotonic() + timeout
     interval = 0.005
     connector = aiohttp.UnixConnector(path=str(socket_path), force_close=True)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    # Each probe carries its own short timeout; the polling itself is bounded by `timeout`.
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
         while True:
             if process_task.done():
                 process_task.result()  # raises the engine's error

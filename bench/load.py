@@ -85,7 +85,7 @@ async def run_load(targets: list[tuple[str, str]], clients: int, seconds: float,
         # A connection per request on both paths: a pooled client connection that the server closed while
         # idle would count as an error of the path under test.
         connector = aiohttp.UnixConnector(path=sock, force_close=True)
-        async with aiohttp.ClientSession(connector=connector) as session:
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
             while time.monotonic() < deadline:
                 await stream_once(session, f"http://x{path}", body, tally)
 
@@ -103,7 +103,8 @@ def start_daemon(root: Path, models: dict[str, Path], llama_server: Path) -> sub
 
 
 async def prepare(sock: str) -> list[dict[str, object]]:
-    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=sock)) as s:
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=sock),
+                                     timeout=aiohttp.ClientTimeout(total=60)) as s:
         for _ in range(1500):
             try:
                 async with s.get("http://x/health") as r:

@@ -35,7 +35,8 @@ class DaemonClient:
         self.socket_path = socket_path
         self._session = aiohttp.ClientSession(
             connector=aiohttp.UnixConnector(path=str(socket_path)),
-            timeout=aiohttp.ClientTimeout(total=timeout),
+            # No total by default: a chat or a pull may run for hours. The daemon's socket accepts at once.
+            timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=10),
         )
 
     async def __aenter__(self) -> DaemonClient:

@@ -185,6 +185,10 @@ class Settings(BaseSettings):
     keep_alive: str = Field(default="5m", description="how long an idle runner stays loaded")
     default_context_size: int = Field(default=4096, gt=0)
     readiness_timeout: float = Field(default=600.0, gt=0, description="seconds a runner may take to load")
+    engine_idle_timeout: float = Field(
+        default=600.0, gt=0, description="seconds an engine may send nothing on a streamed answer (first token "
+        "included) before the request fails; a non-streamed answer waits as long as the engine stays healthy, "
+        "checked this often")
     drain_timeout: float = Field(default=10.0, ge=0, description="seconds in-flight requests get at shutdown")
     stop_grace: float = Field(default=5.0, ge=0, description="seconds between SIGTERM and SIGKILL")
     max_body_bytes: int = Field(default=10 * MiB, gt=0)

@@ -184,6 +184,13 @@ def _safe_relative(path: str) -> bool:
     return 0 < len(path) <= 512 and all(_HF_SEGMENT.match(p) and ".." not in p for p in parts)
 
 
+def download_session(opts: FetchOptions) -> aiohttp.ClientSession:
+    """A session for pulls: no total deadline (a model may take hours), a bounded connect, and at most
+    `read_timeout` seconds without a byte."""
+    timeout = aiohttp.ClientTimeout(total=None, connect=30, sock_read=opts.read_timeout)
+    return aiohttp.ClientSession(timeout=timeout)
+
+
 async def list_hf_repo(session: aiohttp.ClientSession, source: Source, base_url: str,
                        headers: dict[str, str]) -> tuple[RemoteFile, ...]:
     """The files of a whole hub repository that make a model directory (safetensors, config, tokenizer)."""
@@ -294,9 +301,7 @@ async def _open(session: aiohttp.ClientSession, url: str, headers: dict[str, str
         sent = dict(headers)
         if opts.token and host == opts.token_host:
             sent["Authorization"] = f"Bearer {opts.token}"
-        timeout = aiohttp.ClientTimeout(total=None, connect=30, sock_read=opts.read_timeout)
-        resp = await session.get(url, headers=sent, allow_redirects=False, timeout=timeout,
-                                 auto_decompress=False)
+        resp = await session.get(url, headers=sent, allow_redirects=False, auto_decompress=False)
         hub_sha = hub_sha or _upstream_sha(resp.headers, host == opts.token_host)
         if resp.status in (301, 302, 303, 307, 308):
             location = resp.headers.get("Location", "")

@@ -28,7 +28,7 @@ import aiohttp
 from pydantic import BaseModel
 
 from backends.base import Backend, BackendConfiguration, MemoryEstimate, Mode, ModelRef, RunnerError, RunnerOutput
-from backends.process import wait_until_ready
+from backends.process import probe_health, wait_until_ready
 from runnerd.admission import Amount, Budget, Holding, needed, process_tree
 from runnerd.durations import KeepAlive, parse_keep_alive
 from runnerd.pidfiles import remove_pid_file, write_pid_file
@@ -39,6 +39,7 @@ log = logging.getLogger("runnerd.scheduler")
 _MAX_SOCKET_PATH = 107
 FAILURES_BEFORE_BACKOFF = 3
 MAX_BACKOFF_SECONDS = 300.0
+_CONNECT_TIMEOUT = 10.0  # a local socket that takes longer to accept is an engine in trouble
 
 # The event loop keeps only weak references to tasks: hold fire-and-forget ones until they finish.
 _background: set[asyncio.Task[Any]] = set()
@@ -125,7 +126,7 @@ class Runner:
 
     def __init__(self, key: RunnerKey, backend: Backend, model: ModelRef, config: BackendConfiguration,
                  socket_path: Path, log_path: Path | None, pid_path: Path, keep_alive: KeepAlive,
-                 estimate: MemoryEstimate) -> None:
+                 estimate: MemoryEstimate, idle_timeout: float = 600.0) -> None:
         self.key = key
         self.backend = backend
         self.model = model
@@ -136,6 +137,7 @@ class Runner:
         self.output.on_spawn = lambda pid: write_pid_file(pid_path, pid, socket_path)
         self.keep_alive = keep_alive
         self.estimate = estimate
+        self.idle_timeout = idle_timeout  # seconds of silence on a streamed answer before it fails
         self.measured = Amount()
         self.state = RunnerState.LOADING
         self.active = 0
@@ -176,7 +178,9 @@ class Runner:
             raise
         # Idle connections are dropped before llama-server's own 5 s keep-alive timeout closes them.
         connector = aiohttp.UnixConnector(path=str(self.socket_path), limit=0, keepalive_timeout=3.0)
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        # No total deadline: a healthy answer may take hours. Each request bounds the engine's silence.
+        timeouts = aiohttp.ClientTimeout(total=None, sock_connect=_CONNECT_TIMEOUT, sock_read=None)
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False, timeout=timeouts)
         self.state = RunnerState.READY
         self.ready_at = time.monotonic()
         log.info("runner ready model=%s mode=%s pid=%s load_ms=%.1f", self.model.name, self.key.mode,
@@ -227,6 +231,15 @@ class Runner:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._exited.wait(), timeout)
         return self.error if self._exited.is_set() else None
+
+    async def responsive(self, timeout: float) -> bool:
+        """Whether the engine process lives and answers its health check within `timeout` s (on a
+        connection of its own: the pooled ones may all be busy with long answers)."""
+        if self._exited.is_set():
+            return False
+        connector = aiohttp.UnixConnector(path=str(self.socket_path), force_close=True)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as probe:
+            return await probe_health(probe, timeout) == 200
 
     async def stop(self, reason: str) -> None:
         if self._process is None or self._process.done():
@@ -307,6 +320,7 @@ class SchedulerLimits:
     max_runners: int | None = None
     min_residency: float = 0.0
     crash_backoff: float = 5.0
+    engine_idle_timeout: float = 600.0
 
 
 class Scheduler:
@@ -498,7 +512,8 @@ class Scheduler:
         log_path = self.log_dir / f"{key.slug}.log" if self.log_dir else None
         self.runner_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         socket_path, pid_path = self._instance_paths(key)
-        runner = Runner(key, backend, model, config, socket_path, log_path, pid_path, keep_alive, estimate)
+        runner = Runner(key, backend, model, config, socket_path, log_path, pid_path, keep_alive, estimate,
+                        self.limits.engine_idle_timeout)
         previous = self._runners.get(key)
         if previous is not None and previous.state is not RunnerState.EXITED:
             log.info("previous runner of model=%s mode=%s still stopping (pid=%s); starting another beside it",

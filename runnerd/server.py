@@ -69,7 +69,8 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     metrics = Metrics()
     limits = SchedulerLimits(readiness_timeout=settings.readiness_timeout, queue_timeout=settings.queue_timeout,
                              queue_size=settings.queue_size, max_runners=settings.max_runners,
-                             min_residency=settings.min_residency, crash_backoff=settings.crash_backoff)
+                             min_residency=settings.min_residency, crash_backoff=settings.crash_backoff,
+                             engine_idle_timeout=settings.engine_idle_timeout)
     scheduler = Scheduler(backends, runtime_dir=settings.runtime_dir, log_dir=settings.runner_log_dir,
                           default_keep_alive=parse_keep_alive(settings.keep_alive),
                           budget=Budget(settings.memory, read_host_memory_per_gpu), limits=limits,

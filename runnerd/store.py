@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
-import aiohttp
 from pydantic import BaseModel, Field, ValidationError
 
 from backends.base import BackendConfiguration, ModelFormat, ModelRef
@@ -71,6 +70,7 @@ from runnerd.pull import (
     Source,
     Throttle,
     disk_full,
+    download_session,
     fetch,
     list_hf_repo,
     parse_source,
@@ -634,7 +634,7 @@ class ModelStore:
         files = parsed.files
         if parsed.hf_repo is not None:
             headers = {"Authorization": f"Bearer {opts.token}"} if opts.token else {}
-            async with aiohttp.ClientSession() as session:
+            async with download_session(opts) as session:
                 files = await list_hf_repo(session, parsed, self.huggingface.base_url, headers)
         if expected is not None:
             if len(files) != 1:
@@ -738,7 +738,7 @@ class ModelStore:
                 listener(completed, total)
 
         try:
-            async with self._slots, aiohttp.ClientSession() as session:
+            async with self._slots, download_session(opts) as session:
                 return await fetch(session, file, self.partial, opts, fan_out)
         finally:
             shared = self._fetches.get(key)

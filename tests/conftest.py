@@ -207,8 +207,8 @@ def daemon(llama_server: Path, tiny_model: Path) -> Iterator[Daemon]:
 
 
 @contextlib.asynccontextmanager
-async def app_on_socket(tmp_path: Path, backends: dict[str, Any],
-                        models: dict[str, Path] | None = None) -> AsyncIterator[httpx.AsyncClient]:
+async def app_on_socket(tmp_path: Path, backends: dict[str, Any], models: dict[str, Path] | None = None,
+                        **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
     """The daemon's app served in this process on a short unix socket, with a client for it: for
     tests that hand the app a backend or a module a subprocess daemon could not be given."""
     from aiohttp import web
@@ -217,8 +217,8 @@ async def app_on_socket(tmp_path: Path, backends: dict[str, Any],
     from runnerd.server import bind_unix_socket, create_app
 
     sock_path = Path("/tmp") / f"rd-app-{os.getpid()}-{time.monotonic_ns()}.sock"
-    settings = load_settings(runtime_dir=tmp_path / "run", data_dir=tmp_path / "data", socket=sock_path)
-    app = create_app(settings, backends=backends)
+    app = create_app(load_settings(runtime_dir=tmp_path / "run", data_dir=tmp_path / "data", socket=sock_path,
+                                   **settings), backends=backends)
     for name, path in (models or {}).items():
         app[DAEMON].store.add(name, path)
     runner = web.AppRunner(app)
@@ -226,7 +226,7 @@ async def app_on_socket(tmp_path: Path, backends: dict[str, Any],
     await web.SockSite(runner, bind_unix_socket(sock_path)).start()
     try:
         async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(sock_path)),
-                                     base_url="http://runnerd") as client:
+                                     base_url="http://runnerd", timeout=httpx.Timeout(120, read=None)) as client:
             yield client
     finally:
         await runner.cleanup()

@@ -165,7 +165,7 @@ async def inference(kind: RequestKind, request: web.Request) -> web.StreamRespon
     try:
         if request.headers.get("X-Preload-Only", "").lower() == "true":
             return web.Response(status=200)
-        return await forward(request, lease.runner, kind.upstream_path, body)
+        return await forward(request, lease.runner, kind.upstream_path, body, stream=payload.get("stream") is True)
     finally:
         lease.release()
 

@@ -38,7 +38,7 @@ from runnerd.api.errors import ApiError
 from runnerd.configs import StoredConfiguration, effective_configuration
 from runnerd.durations import parse_keep_alive
 from runnerd.metrics import REQUEST_MODEL
-from runnerd.proxy import engine_failure, send_to_runner
+from runnerd.proxy import answer_watch, engine_failure, send_to_runner
 from runnerd.pull import PullProgress
 from runnerd.scheduler import UNSET, Lease, RunnerKey, Unset
 from runnerd.store import ModelEntry, StoreError
@@ -210,18 +210,17 @@ async def _lease(request: web.Request, name: str, mode: Mode, needed: list[Capab
 async def _call(job: Job, path: str, body: dict[str, Any]) -> dict[str, Any]:
     """POST an OpenAI body to the runner and return its JSON answer; engine errors keep their status."""
     runner = job.lease.runner
-    if runner.session is None or runner.session.closed:
-        raise await engine_failure(runner, RuntimeError("runner is not ready"))
     try:
-        upstream, one_off = await send_to_runner(runner, runner.session, path, json.dumps(body).encode(),
-                                        {"Content-Type": "application/json"})
-        try:
-            raw = await upstream.read()
-            status = upstream.status
-        finally:
-            upstream.release()
-            if one_off is not None:
-                await one_off.close()
+        async with answer_watch(runner):
+            upstream, one_off = await send_to_runner(runner, path, json.dumps(body).encode(),
+                                                     {"Content-Type": "application/json"}, stream=False)
+            try:
+                raw = await upstream.read()
+                status = upstream.status
+            finally:
+                upstream.release()
+                if one_off is not None:
+                    await one_off.close()
     except (TimeoutError, aiohttp.ClientError) as exc:
         raise await engine_failure(runner, exc) from exc
     try:
@@ -237,11 +236,10 @@ async def _chunks(job: Job, path: str, body: dict[str, Any]) -> AsyncGenerator[d
     """The runner's streamed answer, one parsed SSE chunk at a time. Errors before the first chunk raise
     ApiError; an error event mid-stream is yielded as {"error": ...} for the caller to pass on."""
     runner = job.lease.runner
-    if runner.session is None or runner.session.closed:
-        raise await engine_failure(runner, RuntimeError("runner is not ready"))
     try:
-        upstream, one_off = await send_to_runner(runner, runner.session, path, json.dumps(body).encode(),
-                                        {"Content-Type": "application/json", "Accept": "text/event-stream"})
+        upstream, one_off = await send_to_runner(runner, path, json.dumps(body).encode(),
+                                                 {"Content-Type": "application/json", "Accept": "text/event-stream"},
+                                                 stream=True)
     except (TimeoutError, aiohttp.ClientError) as exc:
         raise await engine_failure(runner, exc) from exc
     try:

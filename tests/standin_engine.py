@@ -1,0 +1,86 @@
+"""A stand-in engine for tests of the daemon's relay (not a real engine: it generates nothing).
+
+It serves an OpenAI-shaped chat route on a unix socket and behaves as the request's `standin` field
+asks, so that tests can produce what real engines do only rarely:
+
+- `{"pace": seconds, "events": n}`: stream n chunks, one every `pace` seconds, then `[DONE]`;
+- `{"silent_after": n}`: stream n chunks, then keep the connection open and send nothing more;
+- `{"delay": seconds}` (not streamed): answer after `delay` seconds, health checks passing meanwhile;
+- `{"hang": true}`: never answer this or any later request, and stop answering health checks too;
+- `{"drop": true}`: read the whole request, then close the connection without answering.
+
+`GET /arrivals` answers how many chat requests arrived.
+
+    python tests/standin_engine.py SOCKET_PATH
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any
+
+from aiohttp import web
+
+ARRIVALS = web.AppKey("arrivals", list)
+HUNG = web.AppKey("hung", asyncio.Event)
+
+
+def _chunk(i: int) -> bytes:
+    event = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": f"t{i} "}}]}
+    return f"data: {json.dumps(event)}\n\n".encode()
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    body: dict[str, Any] = await request.json()
+    request.app[ARRIVALS].append(1)
+    plan: dict[str, Any] = body.get("standin", {})
+    if plan.get("drop"):
+        assert request.transport is not None
+        request.transport.close()
+        await asyncio.sleep(3600)
+    if plan.get("hang") or request.app[HUNG].is_set():
+        request.app[HUNG].set()
+        await asyncio.sleep(3600)
+    if not body.get("stream"):
+        await asyncio.sleep(float(plan.get("delay", 0)))
+        return web.json_response({"object": "chat.completion", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "done"}, "finish_reason": "stop"}]})
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    silent_after = plan.get("silent_after")
+    events = int(plan.get("events", 3)) if silent_after is None else int(silent_after)
+    for i in range(events):
+        if i:
+            await asyncio.sleep(float(plan.get("pace", 0)))
+        await response.write(_chunk(i))
+    if silent_after is not None:
+        await asyncio.sleep(3600)
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def health(request: web.Request) -> web.Response:
+    if request.app[HUNG].is_set():
+        await asyncio.sleep(3600)
+    return web.json_response({"status": "ok"})
+
+
+async def arrivals(request: web.Request) -> web.Response:
+    return web.json_response({"chat": len(request.app[ARRIVALS])})
+
+
+def main() -> None:
+    app = web.Application()
+    app[ARRIVALS] = []
+    app[HUNG] = asyncio.Event()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/health", health)
+    app.router.add_get("/arrivals", arrivals)
+    web.run_app(app, path=sys.argv[1], print=None, handle_signals=True)
+
+
+if __name__ == "__main__":
+    main()
