@@ -45,4 +45,5 @@ bench: engine
 	$(BIN)/python bench/proxy.py --model gemma
 	$(BIN)/python bench/gguf_parse.py
 	$(BIN)/python bench/load.py
+	$(BIN)/python bench/loop_stall.py
 	$(BIN)/python bench/memory.py

@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from backends.endpoint import Endpoint, EndpointKind
+from backends.formats.kind import ModelFormat as ModelFormat
+
+if TYPE_CHECKING:
+    from backends.flags import FlagTable
+    from backends.formats.summary import ModelSummary
 
 
 class Mode(StrEnum):
@@ -35,11 +43,6 @@ class Capability(StrEnum):
     TOOLS = "tools"
 
 
-class ModelFormat(StrEnum):
-    GGUF = "gguf"
-    SAFETENSORS = "safetensors"
-
-
 class ModelRef(BaseModel):
     """A model as a backend sees it: a name for logs and a path on disk."""
 
@@ -49,19 +52,6 @@ class ModelRef(BaseModel):
     path: Path
     format: ModelFormat = ModelFormat.GGUF
     mmproj: Path | None = None  # multimodal projector loaded beside the model (llama.cpp)
-
-
-class LlamaCppOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    reasoning_budget: int | None = Field(default=None, ge=-1)
-
-
-class VllmOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
-    hf_overrides: dict[str, object] | None = None
 
 
 class SpeculativeOptions(BaseModel):
@@ -89,16 +79,38 @@ class SpeculativeOptions(BaseModel):
 
 
 class BackendConfiguration(BaseModel):
-    """Per (model, mode) settings. `runtime_flags` must already have passed flag validation."""
+    """Per (model, mode) settings. `runtime_flags` must already have passed flag validation.
 
-    model_config = ConfigDict(extra="forbid")
+    Engine-specific options are extra keys, one table per engine named by its `options_key`
+    (`{"llamacpp": {"reasoning_budget": 0}}`): the daemon stores and merges them without knowing
+    them; each backend validates its own table with its `options_model`."""
+
+    model_config = ConfigDict(extra="allow")
 
     context_size: int | None = Field(default=None, gt=0)
     runtime_flags: list[str] = Field(default_factory=list)
     keep_alive: str | None = None
-    llamacpp: LlamaCppOptions = Field(default_factory=LlamaCppOptions)
-    vllm: VllmOptions = Field(default_factory=VllmOptions)
     speculative: SpeculativeOptions | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tables_as_dicts(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v.model_dump(exclude_unset=True) if isinstance(v, BaseModel) and k not in cls.model_fields
+                    else v for k, v in data.items()}
+        return data
+
+    @model_validator(mode="after")
+    def _tables_only(self) -> BackendConfiguration:
+        for key, value in (self.model_extra or {}).items():
+            if not isinstance(value, dict):
+                raise ValueError(f"{key}: engine options must be an object, not {type(value).__name__}")
+        return self
+
+    def engine_table(self, key: str) -> dict[str, Any]:
+        """The raw options table an engine keeps under `key` (empty when none was configured)."""
+        table = (self.model_extra or {}).get(key)
+        return dict(table) if isinstance(table, dict) else {}
 
 
 class MemoryBreakdown(BaseModel):
@@ -187,31 +199,229 @@ class RunnerOutput:
         self.on_spawn: Callable[[int], None] | None = None
 
 
-@runtime_checkable
-class Backend(Protocol):
-    """An engine adapter. See DESIGN.md, "The Backend protocol"."""
+class Api(StrEnum):
+    """HTTP APIs an engine may serve itself; the daemon translates the ones it does not."""
 
-    name: str
-    capabilities: frozenset[Capability]
-    model_formats: frozenset[ModelFormat]
+    CHAT_COMPLETIONS = "chat_completions"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+    RERANK = "rerank"
+    MESSAGES = "messages"  # Anthropic
+    RESPONSES = "responses"  # OpenAI Responses
 
+
+class BackendState(StrEnum):
+    NOT_INSTALLED = "not_installed"
+    INSTALLING = "installing"
+    INSTALLED = "installed"
+    ERROR = "error"
+
+
+class BackendStatus(BaseModel):
+    """Whether an engine can run, as a value: the state, the engine's own version, and what is going on."""
+
+    state: BackendState
+    version: str | None = None
+    product: str | None = None  # what the version is of, when the version does not say
+    detail: str = ""
+
+    @property
+    def installed(self) -> bool:
+        return self.state is BackendState.INSTALLED
+
+    @property
+    def text(self) -> str:
+        """The one-line form: ``Not Installed``, ``Installing: <phase>``, ``Running: <version>``, ``Error: …``."""
+        if self.state is BackendState.INSTALLED:
+            version = self.version or "unknown version"
+            return f"Running: {self.product} {version}" if self.product else f"Running: {version}"
+        if self.state is BackendState.INSTALLING:
+            return f"Installing: {self.detail}"
+        if self.state is BackendState.ERROR:
+            return f"Error: {self.detail}"
+        return "Not Installed"
+
+
+class HostGpu(BaseModel):
+    """One GPU of the host as NVML numbers it (the daemon samples them; backends pick their view)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int
+    uuid: str = ""
+    name: str = ""
+    memory_total_bytes: int
+    memory_free_bytes: int
+
+
+GpuProvider = Callable[[], Sequence[HostGpu]]
+
+
+def _no_gpus() -> Sequence[HostGpu]:
+    return ()
+
+
+class EngineContext(BaseModel):
+    """What the daemon tells every backend it builds: where its files go and the daemon-wide defaults."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    cache_dir: Path
+    default_context_size: int = 4096
+    stop_grace: float = 5.0
+    gpu_count: int = 0
+    gpus: GpuProvider = _no_gpus  # called when a backend needs the GPUs now (free memory changes)
+
+
+class NoOptions(BaseModel):
+    """An engine with nothing to configure here: any key is refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# Ollama option -> the engine's body field, for the sampling options whose names differ among engines
+# (temperature, top_p, top_k, min_p, seed, the penalties and stop are the same everywhere).
+SamplingDialect = Mapping[str, str]
+OPENAI_SAMPLING: SamplingDialect = {}
+
+
+class Backend(ABC):
+    """An engine adapter: everything the daemon may ask of an engine. See DESIGN.md, "The Backend protocol".
+
+    Subclasses set the class attributes and implement the abstract methods; the others have defaults
+    that suit an OpenAI-compatible engine serving every model of its formats the same way."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[frozenset[Capability]]
+    model_formats: ClassVar[frozenset[ModelFormat]]
+    # Runtime flags callers may pass (None: none at all), per-model options (`_configure`, under
+    # `options_key`) and daemon-wide settings (`[engines.<name>]`).
+    flag_table: ClassVar[FlagTable | None] = None
+    options_model: ClassVar[type[BaseModel]] = NoOptions
+    options_key: ClassVar[str | None] = None  # None: the backend's name
+    settings_model: ClassVar[type[BaseModel]] = NoOptions
+    # Older top-level names of the settings table (`[llamacpp]` for `[engines."llama.cpp"]`).
+    settings_aliases: ClassVar[tuple[str, ...]] = ()
+    # Short environment variables for single settings (`RUNNERD_LLAMA_SERVER` -> `server`).
+    settings_env: ClassVar[Mapping[str, str]] = {}
+    sampling_dialect: ClassVar[SamplingDialect] = OPENAI_SAMPLING
+    readiness_path: ClassVar[str] = "/health"
+    endpoint_kind: ClassVar[EndpointKind] = EndpointKind.UNIX
+    native_apis: ClassVar[frozenset[Api]] = frozenset(
+        {Api.CHAT_COMPLETIONS, Api.COMPLETIONS, Api.EMBEDDINGS, Api.RERANK})
+    # The engine refuses a request whose `model` is not the name it serves (the daemon rewrites it).
+    checks_model_name: ClassVar[bool] = False
+    # The estimate's tuning parameters this engine understands (`/models/{m}/estimate?parallel=4`) and
+    # the runtime flag each stands for.
+    estimate_parameters: ClassVar[Mapping[str, str]] = {}
+
+    @classmethod
+    def create(cls, context: EngineContext, settings: BaseModel) -> Self:
+        """Build the backend from the daemon's context and its validated `settings_model`."""
+        return cls()
+
+    # --- install ---------------------------------------------------------------------------------
+
+    @abstractmethod
     async def install(self, progress: ProgressCallback | None = None) -> None:
         """Make the engine runnable. Idempotent; cancellable (cancel the awaiting task)."""
 
+    @abstractmethod
     async def uninstall(self) -> None: ...
 
-    def status(self) -> str:
-        """``Not Installed``, ``Installing: <phase>``, ``Running: <engine> <version>`` or ``Error: …``."""
+    @abstractmethod
+    def status(self) -> BackendStatus:
+        """Blocking (may run the engine's --version once): call it off the event loop."""
 
+    @abstractmethod
     def disk_usage(self) -> int: ...
 
-    async def run(self, socket_path: Path, model: ModelRef, mode: Mode,
+    @property
+    def installable_version(self) -> str | None:
+        """The version `install` would install, when there is a choice to report."""
+        return None
+
+    def installed_versions(self) -> list[str]:
+        """Blocking, like `status`."""
+        status = self.status()
+        return [status.version] if status.installed and status.version else []
+
+    # --- models and requests -----------------------------------------------------------------------
+
+    def model_capabilities(self, model: ModelRef) -> frozenset[Capability]:
+        """What this backend serves for `model` (some serve a capability only for some models)."""
+        return self.capabilities
+
+    def request_problem(self, model: ModelRef, config: BackendConfiguration,
+                        payload: Mapping[str, Any]) -> str | None:
+        """Why the engine, run with `config`, would accept this request but answer it wrongly."""
+        return None
+
+    def validate_flags(self, flags: Sequence[str]) -> list[str]:
+        """The flags normalised, or FlagError naming the one refused."""
+        from backends.flags import FlagError
+
+        if self.flag_table is None:
+            if flags:
+                raise FlagError(flags[0], f"the {self.name} backend accepts no runtime flags", index=0)
+            return []
+        return self.flag_table.validate(list(flags))
+
+    def estimate_flags(self, parameters: Mapping[str, str]) -> list[str]:
+        """Estimate parameters as validated runtime flags; FlagError names one this engine does not take."""
+        from backends.flags import FlagError
+
+        flags: list[str] = []
+        for parameter, value in parameters.items():
+            flag = self.estimate_parameters.get(parameter)
+            if flag is None:
+                raise FlagError(parameter, f"the {self.name} backend's estimate does not take it",
+                                subject="estimate parameter")
+            try:
+                flags += self.validate_flags([flag, value])
+            except FlagError as exc:
+                raise FlagError(parameter, exc.reason, subject="estimate parameter") from exc
+        return flags
+
+    @property
+    def options_table(self) -> str:
+        return self.options_key or self.name
+
+    def validate_options(self, table: Mapping[str, Any]) -> dict[str, Any]:
+        """This engine's per-model options table, checked (pydantic's ValidationError otherwise)."""
+        return self.options_model.model_validate(dict(table)).model_dump(exclude_unset=True)
+
+    def options(self, config: BackendConfiguration) -> Any:
+        """The engine's options from a configuration, as its `options_model`."""
+        try:
+            return self.options_model.model_validate(config.engine_table(self.options_table))
+        except ValidationError as exc:
+            raise RunnerError(f"stored {self.options_table} options are invalid: {exc.errors()[0]['msg']}",
+                              reason="bad_config") from exc
+
+    def describe(self, model: ModelRef) -> ModelSummary:
+        """Blocking: the header summary `inspect`, `/api/show`, `/api/tags` and `GET /models/{m}` show
+        (raises one of backends.formats.FORMAT_ERRORS, or OSError, for a file it cannot read)."""
+        from backends.formats import describe
+
+        return describe(model.path, model.format)
+
+    def default_chat_template(self, model: ModelRef) -> str | None:
+        """The chat template the engine uses for a model whose file has none (None: it has no default)."""
+        return None
+
+    # --- run ---------------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def run(self, endpoint: Endpoint, model: ModelRef, mode: Mode,
                   config: BackendConfiguration, output: RunnerOutput) -> None:
-        """Start one engine process serving `model` on `socket_path`; return when it exits.
+        """Start one engine process serving `model` on `endpoint`; return when it exits.
 
         One-shot: never restarts. Cancelling the awaiting task stops the process (SIGTERM, then
-        SIGKILL after a grace period) and removes the socket. An unexpected exit raises RunnerError.
+        SIGKILL after a grace period) and removes a socket it leaves. An unexpected exit raises
+        RunnerError.
         """
 
+    @abstractmethod
     def required_memory(self, model: ModelRef, mode: Mode, config: BackendConfiguration) -> MemoryEstimate:
         """RAM/VRAM the runner would take, from the model's header alone (never loads weights)."""

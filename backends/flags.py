@@ -1,4 +1,4 @@
-"""Runtime-flag validation: the shared rules and the allowlist types every engine declares.
+"""Runtime-flag validation: an engine-free library of the rules and the table type engines declare.
 
 Callers tune engines per model with runtime flags, and every flag they send ends up on an engine's
 command line. The rules here make sure nothing a caller sends can make an engine read or write a
@@ -14,6 +14,11 @@ which model it serves, in which mode):
   NFKC normal form;
 - the result is rewritten in one canonical spelling per flag (long name, engine-specific value
   placement), so the daemon can place its own flags after the caller's and know they win.
+
+This module knows no engine: each engine package builds its ``FlagTable`` from the builders here
+(``backends/llamacpp/flags.py``, ``backends/vllm/flags.py``) and validates through it
+(``table.validate(flags)``, ``table.values(flags)``). Engine packages import this module, never the
+reverse.
 """
 
 from __future__ import annotations
@@ -25,40 +30,38 @@ import math
 import re
 import shlex
 import unicodedata
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import StrEnum
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
+from pydantic import BaseModel, ConfigDict
 
 __all__ = [
-    "LLAMACPP_BACKEND",
     "MAX_ELEMENTS",
     "MAX_ELEMENT_BYTES",
     "MAX_FLAGS",
     "MAX_RAW_BYTES",
-    "VLLM_BACKEND",
     "FlagError",
     "FlagSpec",
     "FlagTable",
+    "KeyRule",
     "Refusal",
     "RefusalKind",
     "ValueKind",
-    "flag_table",
+    "choice",
+    "integer",
+    "json_object",
+    "number",
+    "owned",
+    "refused",
     "split_raw_flags",
-    "validate_hf_overrides",
+    "switch",
+    "text",
     "validate_json_object",
-    "validate_raw_runtime_flags",
-    "validate_runtime_flags",
-    "validated_flag_values",
+    "validate_json_option",
 ]
-
-LLAMACPP_BACKEND = "llama.cpp"
-VLLM_BACKEND = "vllm"
 
 MAX_FLAGS = 64
 """At most this many flags (a flag and its value count as one)."""
@@ -75,7 +78,7 @@ _SHOWN_CHARS = 80
 
 
 class FlagError(ValueError):
-    """A runtime flag (or an HF override, or the raw flag string) was refused.
+    """A runtime flag (or a JSON option such as vLLM's HF overrides, or the raw flag string) was refused.
 
     ``element`` is the offending element as the caller sent it, ``reason`` says why in words meant
     for the caller, ``index`` is its position in the flag list when there is one. A ValueError, so a
@@ -192,27 +195,35 @@ class Refusal(BaseModel):
 
 
 ValueStyle = Literal["separate", "joined"]
+_VALUE_STYLES: tuple[ValueStyle, ...] = ("separate", "joined")
 
 
-class FlagTable(BaseModel):
+@dataclass(frozen=True, eq=False)
+class FlagTable:
     """An engine's allowlist, its known-but-refused flags, and how it wants values placed.
 
+    ``backend`` is the engine's name, used in messages ("not on the llama.cpp allowlist").
     ``value_style`` is ``separate`` (``--flag value``: llama.cpp, which does not understand
     ``--flag=value``) or ``joined`` (``--flag=value``: vLLM, whose argument parser misreads a
     separate value such as ``-0.5`` as a dotted option).
-    """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    ``validate`` gives the flags to put on a command line; ``values`` gives what they set, by
+    canonical name. Both parse with the same parser and raise FlagError naming the offending flag.
+    """
 
     backend: str
     value_style: ValueStyle
     flags: tuple[FlagSpec, ...]
     refusals: tuple[Refusal, ...]
 
-    _allowed: dict[str, tuple[FlagSpec, bool]] = PrivateAttr(default_factory=dict)
-    _refused: dict[str, Refusal] = PrivateAttr(default_factory=dict)
+    _allowed: dict[str, tuple[FlagSpec, bool]] = field(default_factory=dict, init=False, repr=False)
+    _refused: dict[str, Refusal] = field(default_factory=dict, init=False, repr=False)
 
-    def model_post_init(self, context: object, /) -> None:
+    def __post_init__(self) -> None:
+        if self.value_style not in _VALUE_STYLES:
+            raise ValueError(f"{self.backend}: value_style must be one of {_VALUE_STYLES}")
+        object.__setattr__(self, "flags", tuple(self.flags))
+        object.__setattr__(self, "refusals", tuple(self.refusals))
         for spec in self.flags:
             _check_spec(spec)
             for spelling in spec.positive_spellings:
@@ -263,6 +274,34 @@ class FlagTable(BaseModel):
         if self.value_style == "joined":
             return [f"{spec.name}={value}"]
         return [spec.name, value]
+
+    def validate(self, flags: Sequence[str]) -> list[str]:
+        """The flags to append to the engine's command line, in canonical form, or FlagError.
+
+        Canonical form: the long spelling of each flag, values placed as ``value_style`` says
+        (``--flag value`` or ``--flag=value``); numbers are rewritten in one spelling; JSON values
+        are compacted. The error names the offending flag (its ``element`` and ``index``).
+        """
+        result: list[str] = []
+        for parsed in _parse(self, flags):
+            result += self.render(parsed.spec, parsed.value, parsed.negated)
+        return result
+
+    def values(self, flags: Sequence[str], *, strict: bool = True) -> dict[str, str | bool]:
+        """Canonical flag name -> value (``True``/``False`` for a switch and its negation).
+
+        For code that needs a tuned value (the memory estimates read ``--cache-type-k``). Strict, it
+        validates exactly as ``validate`` does. With ``strict=False`` nothing is refused: a flag
+        that is unknown or refused, misses its value or holds a value that fails its check is
+        skipped (a bare element or one failing the character rules too), a flag may repeat and its
+        last valid occurrence wins, as in the engines' own parsers, and the count limits do not
+        apply. That form is for estimates over flag lists the daemon assembles (stored flags plus
+        tuned ones); it never yields argv. A repeatable flag keeps its last value in both forms.
+        """
+        values: dict[str, str | bool] = {}
+        for parsed in _parse(self, flags, strict=strict):
+            values[parsed.spec.name] = parsed.value if parsed.value is not None else not parsed.negated
+        return values
 
 
 def _check_spec(spec: FlagSpec) -> None:
@@ -320,31 +359,6 @@ def owned(*names: str, use: str | None = None, why: str = "") -> Refusal:
 
 def refused(kind: RefusalKind, *names: str, why: str = "") -> Refusal:
     return Refusal(names=names, kind=kind, detail=why)
-
-
-# --------------------------------------------------------------------------------------------
-# Registry
-# --------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _tables() -> dict[str, FlagTable]:
-    # Imported here, not at module top: the engine packages import this module, and importing them
-    # from here at import time would be a cycle through their package __init__.
-    from backends.llamacpp.flags import LLAMACPP_FLAGS
-    from backends.vllm.flags import VLLM_FLAGS
-
-    return {table.backend: table for table in (LLAMACPP_FLAGS, VLLM_FLAGS)}
-
-
-def flag_table(backend_name: str) -> FlagTable:
-    """The allowlist of a backend by its name (``llama.cpp``, ``vllm``)."""
-    tables = _tables()
-    table = tables.get(backend_name)
-    if table is None:
-        known = ", ".join(sorted(tables))
-        raise FlagError(backend_name, f"unknown backend (known: {known})", subject="backend")
-    return table
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,23 +507,28 @@ _JSON_INT_LIMIT = 2**63
 # Keys that only matter for loading remote code; refused even though remote code is off.
 _JSON_DENIED_KEYS = frozenset({"auto_map", "trust_remote_code"})
 
+KeyRule = Callable[[str], str | None]
+"""An engine's extra rule for the keys of a JSON option: why a key (already an identifier) is refused,
+or None."""
 
-def validate_json_object(obj: object, *, subject: str) -> str:
+
+def validate_json_object(obj: object, *, subject: str, key_rule: KeyRule | None = None) -> str:
     """Check a JSON object and return it serialised compactly (ASCII, no spaces).
 
-    Keys are identifiers at every depth (inside lists too); values are JSON scalars, lists and
-    objects; strings pass the free-text rules. Errors name the offending path.
+    Keys are identifiers at every depth (inside lists too), and pass ``key_rule`` when one is given;
+    values are JSON scalars, lists and objects; strings pass the free-text rules. Errors name the
+    offending path.
     """
     if not isinstance(obj, Mapping):
         raise FlagError(subject, "must be a JSON object", subject=subject)
-    _check_json_node(obj, path="", depth=0, subject=subject)
+    _check_json_node(obj, path="", depth=0, subject=subject, key_rule=key_rule)
     serialised = json.dumps(obj, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     if len(serialised) > MAX_ELEMENT_BYTES:
         raise FlagError(subject, f"serialised, longer than {MAX_ELEMENT_BYTES} bytes", subject=subject)
     return serialised
 
 
-def _check_json_node(node: object, *, path: str, depth: int, subject: str) -> None:
+def _check_json_node(node: object, *, path: str, depth: int, subject: str, key_rule: KeyRule | None) -> None:
     def fail(reason: str) -> FlagError:
         return FlagError(path or "(top level)", reason, subject=subject)
 
@@ -530,23 +549,27 @@ def _check_json_node(node: object, *, path: str, depth: int, subject: str) -> No
         return
     if isinstance(node, list):
         for position, item in enumerate(node):
-            _check_json_node(item, path=f"{path}[{position}]", depth=depth + 1, subject=subject)
+            _check_json_node(item, path=f"{path}[{position}]", depth=depth + 1, subject=subject,
+                             key_rule=key_rule)
         return
     if isinstance(node, Mapping):
         for key, item in node.items():
-            child = _check_json_key(key, path=path, subject=subject)
-            _check_json_node(item, path=child, depth=depth + 1, subject=subject)
+            child = _check_json_key(key, path=path, subject=subject, key_rule=key_rule)
+            _check_json_node(item, path=child, depth=depth + 1, subject=subject, key_rule=key_rule)
         return
     raise fail(f"{type(node).__name__} is not a JSON value")
 
 
-def _check_json_key(key: object, *, path: str, subject: str) -> str:
+def _check_json_key(key: object, *, path: str, subject: str, key_rule: KeyRule | None) -> str:
     shown = key if isinstance(key, str) else repr(key)
     child = f"{path}.{shown}" if path else shown
     if not isinstance(key, str) or not _JSON_KEY.fullmatch(key) or len(key) > MAX_JSON_KEY_CHARS:
         raise FlagError(child, "keys must be identifiers ([A-Za-z_][A-Za-z0-9_]*)", subject=subject)
     if key in _JSON_DENIED_KEYS:
         raise FlagError(child, "this key only serves remote code", subject=subject)
+    reason = key_rule(key) if key_rule is not None else None
+    if reason is not None:
+        raise FlagError(child, reason, subject=subject)
     return child
 
 
@@ -578,12 +601,10 @@ def _parse_json_text(raw: str, *, subject: str) -> object:
         raise FlagError(raw, f"not valid JSON ({exc})", subject=subject) from None
 
 
-def validate_hf_overrides(obj: object) -> str:
-    """Check ``vllm.hf_overrides`` and return the compact JSON for ``--hf-overrides``.
-
-    Accepts the decoded object (a dict) or JSON text. Raises FlagError naming the offending key path.
-    """
-    subject = "hf_overrides"
+def validate_json_option(obj: object, *, subject: str, key_rule: KeyRule | None = None) -> str:
+    """Check a JSON-object option given as the decoded object (a dict) or as JSON text, and return
+    the compact JSON (``validate_json_object``). Text is bounded, passes the character rules and is
+    parsed strictly first. Raises FlagError with ``subject`` naming the offending key path."""
     if isinstance(obj, str):
         if len(obj.encode("utf-8", "surrogatepass")) > MAX_ELEMENT_BYTES:
             raise FlagError(obj, f"longer than {MAX_ELEMENT_BYTES} bytes", subject=subject)
@@ -591,7 +612,7 @@ def validate_hf_overrides(obj: object) -> str:
         if reason is not None:
             raise FlagError(obj, reason, subject=subject)
         obj = _parse_json_text(obj, subject=subject)
-    return validate_json_object(obj, subject=subject)
+    return validate_json_object(obj, subject=subject, key_rule=key_rule)
 
 
 # --------------------------------------------------------------------------------------------
@@ -753,29 +774,52 @@ def _take_value(flags: Sequence[str], index: int, element: str) -> str:
     return value
 
 
-def _parse(table: FlagTable, flags: Sequence[str]) -> Iterator[ParsedFlag]:
+def _parse(table: FlagTable, flags: Sequence[str], *, strict: bool = True) -> Iterator[ParsedFlag]:
+    """The flags one by one. Strict, the first problem raises FlagError; not strict, a flag (or bare
+    element) with a problem is skipped and parsing goes on with the next element."""
     if isinstance(flags, str):
         raise FlagError(flags[:_SHOWN_CHARS], "runtime flags must be a list of strings")
-    if len(flags) > MAX_ELEMENTS:
-        raise FlagError(f"{len(flags)} elements", f"more than {MAX_ELEMENTS} elements")
-    for index, element in enumerate(flags):
-        _check_element(element, index)
+    if strict:
+        if len(flags) > MAX_ELEMENTS:
+            raise FlagError(f"{len(flags)} elements", f"more than {MAX_ELEMENTS} elements")
+        for index, element in enumerate(flags):
+            _check_element(element, index)
     seen: set[str] = set()
     index = 0
     count = 0
     while index < len(flags):
         element = flags[index]
-        name, joined = _split_flag(element, index)
-        spec, negated = _lookup(table, name, element, index)
-        value, used = _flag_value(spec, negated, flags, index, joined)
-        if spec.name in seen and not spec.repeatable:
-            raise FlagError(element, f"{spec.name} is given more than once", index=index)
-        seen.add(spec.name)
-        count += 1
-        if count > MAX_FLAGS:
-            raise FlagError(element, f"more than {MAX_FLAGS} flags", index=index)
+        try:
+            spec, negated, value, used = _parse_one(table, flags, index, strict=strict)
+        except FlagError:
+            if strict:
+                raise
+            index += 1
+            continue
+        if strict:
+            if spec.name in seen and not spec.repeatable:
+                raise FlagError(element, f"{spec.name} is given more than once", index=index)
+            seen.add(spec.name)
+            count += 1
+            if count > MAX_FLAGS:
+                raise FlagError(element, f"more than {MAX_FLAGS} flags", index=index)
         yield ParsedFlag(spec, value, negated)
         index += used
+
+
+def _parse_one(table: FlagTable, flags: Sequence[str], index: int, *,
+               strict: bool) -> tuple[FlagSpec, bool, str | None, int]:
+    """The flag at ``index``: its spec, whether negated, its checked value, how many elements it used.
+    Strict parsing has checked every element already; otherwise the ones used are checked here."""
+    element = flags[index]
+    if not strict:
+        _check_element(element, index)
+    name, joined = _split_flag(element, index)
+    spec, negated = _lookup(table, name, element, index)
+    if not strict and spec.takes_value and joined is None and index + 1 < len(flags):
+        _check_element(flags[index + 1], index + 1)
+    value, used = _flag_value(spec, negated, flags, index, joined)
+    return spec, negated, value, used
 
 
 def _flag_value(spec: FlagSpec, negated: bool, flags: Sequence[str], index: int,
@@ -795,33 +839,8 @@ def _flag_value(spec: FlagSpec, negated: bool, flags: Sequence[str], index: int,
 
 
 # --------------------------------------------------------------------------------------------
-# Public entry points
+# Raw flag strings
 # --------------------------------------------------------------------------------------------
-
-
-def validate_runtime_flags(backend_name: str, flags: Sequence[str]) -> list[str]:
-    """The flags to append to the engine's command line, in canonical form, or FlagError.
-
-    Canonical form: the long spelling of each flag; llama.cpp gets ``--flag value``, vLLM gets
-    ``--flag=value``; numbers are rewritten in one spelling; JSON values are compacted.
-    """
-    table = flag_table(backend_name)
-    result: list[str] = []
-    for parsed in _parse(table, flags):
-        result += table.render(parsed.spec, parsed.value, parsed.negated)
-    return result
-
-
-def validated_flag_values(backend_name: str, flags: Sequence[str]) -> dict[str, str | bool]:
-    """Canonical flag name -> value (``True``/``False`` for switches) of a flag list.
-
-    For code that needs a tuned value (the memory estimate reads ``--cache-type-k``). Validates
-    as ``validate_runtime_flags`` does; a repeatable flag keeps its last value.
-    """
-    values: dict[str, str | bool] = {}
-    for parsed in _parse(flag_table(backend_name), flags):
-        values[parsed.spec.name] = parsed.value if parsed.value is not None else not parsed.negated
-    return values
 
 
 def split_raw_flags(raw: str) -> list[str]:
@@ -843,8 +862,3 @@ def split_raw_flags(raw: str) -> list[str]:
     except ValueError as exc:
         raise FlagError(raw, f"cannot be split like a shell command line: {str(exc).lower()}",
                         subject=subject) from None
-
-
-def validate_raw_runtime_flags(backend_name: str, raw: str) -> list[str]:
-    """``split_raw_flags`` then ``validate_runtime_flags``."""
-    return validate_runtime_flags(backend_name, split_raw_flags(raw))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from backends.base import InstallError, RunnerError, RunnerOutput
+from backends.endpoint import Endpoint
 
 if TYPE_CHECKING:
     import aiohttp
@@ -40,13 +41,6 @@ def _child_setup(parent_pid: int) -> None:
     # The parent may have died between fork and prctl: then nobody would ever signal us.
     if os.getppid() != parent_pid:
         os._exit(1)
-
-
-def remove_socket(path: Path) -> None:
-    """Remove a socket file left at `path`; never removes anything that is not a socket."""
-    with contextlib.suppress(FileNotFoundError):
-        if path.is_socket():
-            path.unlink()
 
 
 async def _pump_output(stream: asyncio.StreamReader, output: RunnerOutput, log: IO[bytes] | None) -> None:
@@ -127,15 +121,15 @@ async def run_process(
     argv: Sequence[str],
     *,
     env: Mapping[str, str],
-    socket_path: Path,
+    endpoint: Endpoint,
     output: RunnerOutput,
     grace: float = 5.0,
     cwd: Path | None = None,
     exit_patterns: ExitPatterns = (),
 ) -> None:
     """Run one engine process until it exits (raises RunnerError) or the caller cancels us
-    (stops the process group, then re-raises CancelledError). The socket is removed either way."""
-    remove_socket(socket_path)
+    (stops the process group, then re-raises CancelledError). A socket is removed either way."""
+    endpoint.remove()
     log = _open_log(output.log_path)
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -175,7 +169,7 @@ async def run_process(
             await pump
         if log is not None:
             log.close()
-        remove_socket(socket_path)
+        endpoint.remove()
 
 
 def _open_log(path: Path | None) -> IO[bytes] | None:
@@ -185,12 +179,12 @@ def _open_log(path: Path | None) -> IO[bytes] | None:
     return path.open("ab")
 
 
-async def probe_health(session: aiohttp.ClientSession, timeout: float = 2.0) -> int | None:
-    """GET /health on the runner's socket: the HTTP status, or None if nothing answers yet."""
+async def probe_health(session: aiohttp.ClientSession, url: str, timeout: float = 2.0) -> int | None:
+    """GET the engine's readiness `url`: the HTTP status, or None if nothing answers yet."""
     import aiohttp  # lazily: importing this module (as `runnerd inspect` does) must stay cheap
 
     try:
-        async with session.get("http://runner/health", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             await resp.read()
             return resp.status
     except (aiohttp.ClientError, TimeoutError, OSError):
@@ -198,12 +192,13 @@ async def probe_health(session: aiohttp.ClientSession, timeout: float = 2.0) -> 
 
 
 async def wait_until_ready(
-    socket_path: Path,
+    endpoint: Endpoint,
     output: RunnerOutput,
     process_task: asyncio.Task[None],
     timeout: float,
+    readiness_path: str = "/health",
 ) -> None:
-    """Poll GET /health over the unix socket until it answers 200.
+    """Poll GET `readiness_path` on the endpoint until it answers 200.
 
     Polls start 5 ms apart and back off to 50 ms; any new engine output wakes the poller at once,
     since engines log the moment they start listening. Raises the engine's RunnerError if it exits
@@ -213,7 +208,8 @@ async def wait_until_ready(
 
     deadline = time.monotonic() + timeout
     interval = 0.005
-    connector = aiohttp.UnixConnector(path=str(socket_path), force_close=True)
+    connector = endpoint.connector(force_close=True)
+    url = endpoint.url(readiness_path)
     # Each probe carries its own short timeout; the polling itself is bounded by `timeout`.
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
         while True:
@@ -221,7 +217,7 @@ async def wait_until_ready(
                 process_task.result()  # raises the engine's error
                 raise RunnerError("the engine exited before it was ready", reason="exited",
                                   tail=list(output.tail))
-            if socket_path.exists() and await probe_health(session) == 200:
+            if endpoint.exists() and await probe_health(session, url) == 200:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:

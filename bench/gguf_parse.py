@@ -1,7 +1,7 @@
 """Header parse time on Gemma 3 270M (262,144-token vocabulary): runnerd's reader vs gguf.GGUFReader.
 
 Both read the same file in one run, in the same process, page cache warm. runnerd's reader
-(backends/gguf.py read_header) is timed over --runs calls, gguf.GGUFReader over --reference-runs
+(backends/formats/gguf.py read_header) is timed over --runs calls, gguf.GGUFReader over --reference-runs
 (it takes seconds each). Target: runnerd's median <= 20 ms. The load average is printed because the
 figures mean little on a busy machine.
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from gguf import GGUFReader  # noqa: E402
 
-from backends.gguf import read_header  # noqa: E402
+from backends.formats.gguf import read_header  # noqa: E402
 
 TARGET_MS = 20.0
 

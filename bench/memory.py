@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backends.base import BackendConfiguration, Mode  # noqa: E402
-from backends.gguf import read_header  # noqa: E402
+from backends.formats.gguf import read_header  # noqa: E402
 from backends.llamacpp import LlamaCppBackend  # noqa: E402
 from backends.llamacpp.memory import estimate, host_repack_types, settings_from_config  # noqa: E402
 from bench.llama_measure import WARMUP, measure, runtime_flags  # noqa: E402

@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=50)
     args = parser.parse_args()
     settings = load_settings()
-    backend = VllmBackend(cache_dir=settings.cache_dir, python=settings.vllm.python)
+    backend = VllmBackend(cache_dir=settings.cache_dir, python=settings.engine("vllm").python)
     if backend.locate() is None:
         asyncio.run(backend.install())
     python = backend.python()
@@ -50,7 +50,8 @@ def main() -> None:
         root = Path(tmp)
         model = root / "tiny-hf"
         subprocess.run([str(python), str(ROOT / "tests" / "hf_tiny.py"), str(model)], check=True, capture_output=True)
-        server = settings.llamacpp.server or Path("/nonexistent/llama-server")  # not used: no GGUF model here
+        # Not used: there is no GGUF model here.
+        server = settings.engine("llama.cpp").server or Path("/nonexistent/llama-server")
         (root / "d").mkdir()
         d = Daemon(root / "d", server, {}, {"RUNNERD_VLLM": str(python)}, [])
         try:

@@ -131,30 +131,12 @@ def read_host_ram() -> HostMemory:
 
 
 def read_host_memory_per_gpu() -> HostMemory:
-    """RAM from psutil and each GPU NVML sees, one by one: the daemon's admission probe."""
+    """RAM from psutil and each GPU NVML sees, one by one, read now (blocking; NVML opened and shut down
+    here). The daemon's admission probe is its host sampler's snapshot (runnerd.sampler) instead."""
     vm = psutil.virtual_memory()
     gpus, _ = read_gpus()
     return HostMemory.with_gpus(vm.total, vm.available,
                                 (GpuMemory(g.index, g.memory_total_bytes, g.memory_free_bytes) for g in gpus))
-
-
-def process_tree(pid: int | None) -> tuple[int | None, set[int]]:
-    """Resident bytes of a process and its descendants, and their pids; (None, {}) if it is gone."""
-    if pid is None:
-        return None, set()
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return None, set()
-    rss, pids = 0, set()
-    for proc in procs:
-        try:
-            rss += proc.memory_info().rss
-            pids.add(proc.pid)
-        except psutil.Error:
-            continue  # exited between listing and reading
-    return rss, pids
 
 
 _CUDA_DEVICE = re.compile(r"^cuda:(\d+)$")

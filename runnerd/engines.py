@@ -1,68 +1,117 @@
-"""The backends this daemon offers, built from its settings (the seam where new engines plug in)."""
+"""The registry of engines: the built-in backends, those other packages add through the
+`runnerd.backends` entry-point group, and how each is built from the daemon's settings.
+
+This is the only module of the daemon that names a built-in engine. Everything else asks the
+Backend protocol (backends/base.py).
+"""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
+import importlib
+import logging
+from collections.abc import Iterable, Mapping
+from functools import cache
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
 
-from backends.base import Backend
-from backends.llamacpp import GpuDevice, LaunchOptions, LlamaCppBackend
-from backends.llamacpp.install import cuda_available
-from backends.vllm import VllmBackend, VllmLaunch
-from backends.vllm.install import default_plan
-from runnerd.config import Settings
-from runnerd.gpus import GpuInfo, gpu_count, read_gpus
+from pydantic import BaseModel, ValidationError
 
+from backends.base import Backend, EngineContext, GpuProvider, HostGpu, ModelFormat
 
-def default_backends(settings: Settings) -> dict[str, Backend]:
-    gpus = gpu_count()
-    llama = settings.llamacpp
-    cuda = llama.cuda == "on" or (llama.cuda == "auto" and cuda_available(gpus))
-    launch = LaunchOptions(threads=llama.threads, gpu_layers=llama.gpu_layers, use_gpu=cuda and gpus > 0,
-                           default_context_size=settings.default_context_size,
-                           prompt_cache_mib=llama.prompt_cache_mib)
-    backend = LlamaCppBackend(cache_dir=settings.cache_dir, binary=llama.server, launch=launch, cuda=cuda,
-                              stop_grace=settings.stop_grace, gpus=llamacpp_gpus if launch.use_gpu else None)
-    vllm = vllm_backend(settings, gpus)
-    return {backend.name: backend, vllm.name: vllm}
+if TYPE_CHECKING:
+    from runnerd.config import Settings
+    from runnerd.gpus import GpuInfo
 
+log = logging.getLogger("runnerd.engines")
 
-def visible(gpus: Sequence[GpuInfo], spec: str | None) -> list[GpuInfo]:
-    """The GPUs a runner sees, in CUDA's order: CUDA_VISIBLE_DEVICES (passed on to engines, see
-    backends/llamacpp/argv.py build_env) lists NVML indices or UUID prefixes; unset means all of them.
-    An entry that names no GPU ends the list, as in CUDA."""
-    if spec is None:
-        return list(gpus)
-    found: list[GpuInfo] = []
-    for entry in (e.strip() for e in spec.split(",")):
-        match = next((g for g in gpus if (entry.isdigit() and g.index == int(entry))
-                      or (entry.startswith("GPU-") and g.uuid.startswith(entry))), None)
-        if match is None:
-            break
-        found.append(match)
-    return found
+ENTRY_POINT_GROUP = "runnerd.backends"
+
+# name -> "module:Class", imported on first use. The order is the order of preference when a request
+# names no backend: the first that serves a model's format serves it.
+BUILTIN: dict[str, str] = {
+    "llama.cpp": "backends.llamacpp:LlamaCppBackend",
+    "vllm": "backends.vllm:VllmBackend",
+}
 
 
-def llamacpp_gpus() -> list[GpuDevice]:
-    """llama.cpp's view of the GPUs now: NVML index and free memory (its default layer split follows
-    free memory), in the order llama-server numbers them."""
-    gpus, _ = read_gpus()
-    return [GpuDevice(index=g.index, free_bytes=g.memory_free_bytes)
-            for g in visible(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))]
+class EngineRegistryError(Exception):
+    """An engine cannot be registered or configured; the message names it and the key."""
 
 
-def vllm_backend(settings: Settings, gpus: int) -> VllmBackend:
-    cfg = settings.vllm
-    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
-    gpu_total = None
-    if use_gpu:
-        found, _ = read_gpus()
-        gpu_total = found[0].memory_total_bytes if found else None
-    launch = VllmLaunch(use_gpu=use_gpu, default_context_size=settings.default_context_size,
-                        gpu_memory_utilization=cfg.gpu_memory_utilization,
-                        kv_cache_space=int(cfg.kv_cache_space) if cfg.kv_cache_space is not None else None,
-                        kv_cache_sequences=cfg.kv_cache_sequences, enforce_eager=cfg.enforce_eager,
-                        cache_root=settings.cache_dir / "vllm" / "cache")
-    plan = default_plan(use_gpu, package=cfg.package, version=cfg.version, torch=cfg.torch)
-    return VllmBackend(cache_dir=settings.cache_dir, python=cfg.python, launch=launch, plan=plan,
-                       stop_grace=settings.stop_grace, gpu_total=gpu_total)
+def _load(target: str) -> type[Backend]:
+    module, _, attr = target.partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise EngineRegistryError(f"{target} is not a backends.base.Backend subclass")
+    return cls
+
+
+@cache
+def engine_classes() -> dict[str, type[Backend]]:
+    """Every engine this daemon can offer: the built-ins, then entry-point plug-ins (which can neither
+    replace a built-in nor each other)."""
+    classes = {name: _load(target) for name, target in BUILTIN.items()}
+    for point in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda p: p.name):
+        try:
+            cls = point.load()
+        except Exception as exc:  # a broken plug-in must not take the daemon down
+            log.error("engine plug-in %s (%s) cannot be loaded: %s", point.name, point.value, exc)
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, Backend)):
+            log.error("engine plug-in %s (%s) is not a backends.base.Backend subclass: ignored", point.name,
+                      point.value)
+            continue
+        if cls.name in classes:
+            log.error("engine plug-in %s names itself %r, which is taken: ignored", point.value, cls.name)
+            continue
+        classes[cls.name] = cls
+    return classes
+
+
+def settings_aliases() -> dict[str, str]:
+    """Older top-level table names -> engine name (`llamacpp` -> `llama.cpp`)."""
+    return {alias: name for name, cls in engine_classes().items() for alias in cls.settings_aliases}
+
+
+def engine_settings(tables: Mapping[str, Mapping[str, Any]]) -> dict[str, BaseModel]:
+    """Each engine's `[engines.<name>]` table validated by that engine's settings model; an unknown
+    engine or key raises EngineRegistryError naming it."""
+    classes = engine_classes()
+    unknown = sorted(set(tables) - set(classes))
+    if unknown:
+        raise EngineRegistryError(f"engines.{unknown[0]}: no such engine (known: {', '.join(classes)})")
+    validated: dict[str, BaseModel] = {}
+    for name, cls in classes.items():
+        try:
+            validated[name] = cls.settings_model.model_validate(dict(tables.get(name, {})))
+        except ValidationError as exc:
+            where = "; ".join(f"engines.{name}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+                              for err in exc.errors())
+            raise EngineRegistryError(where) from exc
+    return validated
+
+
+def as_host_gpus(gpus: Iterable[GpuInfo]) -> list[HostGpu]:
+    return [HostGpu(index=g.index, uuid=g.uuid, name=g.name, memory_total_bytes=g.memory_total_bytes,
+                    memory_free_bytes=g.memory_free_bytes) for g in gpus]
+
+
+def host_gpus() -> list[HostGpu]:
+    """The host's GPUs now, read once (for callers without the daemon's sampler)."""
+    from runnerd.gpus import read_gpus
+
+    return as_host_gpus(read_gpus()[0])
+
+
+def default_backends(settings: Settings, gpus: GpuProvider = host_gpus) -> dict[str, Backend]:
+    """Every registered engine, built from its settings; `gpus` tells them the host's GPUs when they ask."""
+    from runnerd.gpus import gpu_count
+
+    context = EngineContext(cache_dir=settings.cache_dir, default_context_size=settings.default_context_size,
+                            stop_grace=settings.stop_grace, gpu_count=gpu_count(), gpus=gpus)
+    return {name: cls.create(context, settings.engine(name)) for name, cls in engine_classes().items()}
+
+
+def backend_for_format(backends: Mapping[str, Backend], model_format: ModelFormat) -> Backend | None:
+    return next((b for b in backends.values() if model_format in b.model_formats), None)
+

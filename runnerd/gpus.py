@@ -1,9 +1,11 @@
 """The host's NVIDIA GPUs through NVML: how many, their memory, and GPU memory per process.
 
 No NVML library, no driver or no GPU all mean "no GPUs" here, never an error: most hosts that run
-runnerd have none. NVML is imported on each use (never at module load), which is also the seam
-tests use to put a fake GPU in its place (`sys.modules["pynvml"]`). Kept apart from runnerd.node so
-that choosing backends (CLI commands included) does not import the scheduler.
+runnerd have none. NVML is imported when a session opens (never at module load), which is also the
+seam tests use to put a fake GPU in its place (`sys.modules["pynvml"]`). The daemon keeps one
+`NvmlSession` open for its life (runnerd.sampler reads it from a worker thread); the one-shot
+functions below open and shut their own. Kept apart from runnerd.node so that choosing backends (CLI
+commands included) does not import the scheduler.
 """
 
 from __future__ import annotations
@@ -93,32 +95,76 @@ def _gpu_processes(nvml: ModuleType, handle: Any) -> dict[int, int]:
     return used
 
 
+class NvmlSession:
+    """NVML initialised once (on the first read), read any number of times, shut down by `close`.
+
+    Not thread-safe: one reader at a time (the sampler reads from one worker thread at a time). No
+    library, driver or device reads as no GPUs; the attempt is not repeated until `close`. A failure
+    that repeats every read is logged once, not every second."""
+
+    def __init__(self) -> None:
+        self._nvml: ModuleType | None = None
+        self._opened = False
+        self._versions: tuple[str | None, str | None] = (None, None)
+        self._warned: set[str] = set()
+
+    @property
+    def available(self) -> bool:
+        return self._nvml is not None
+
+    def _open(self) -> ModuleType | None:
+        if not self._opened:
+            self._opened = True
+            self._nvml = _nvml()
+            if self._nvml is not None:
+                self._versions = (_driver_version(self._nvml), _cuda_version(self._nvml))
+        return self._nvml
+
+    def _warn(self, text: str) -> None:
+        if text not in self._warned:
+            self._warned.add(text)
+            log.warning("%s", text)
+
+    def read(self) -> tuple[list[GpuInfo], dict[int, dict[int, int]]]:
+        """Every GPU NVML sees, and GPU memory per process id on each of them (by GPU index)."""
+        nvml = self._open()
+        if nvml is None:
+            return [], {}
+        driver, cuda = self._versions
+        gpus: list[GpuInfo] = []
+        per_device: dict[int, dict[int, int]] = {}
+        try:
+            for index in range(int(nvml.nvmlDeviceGetCount())):
+                try:
+                    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+                    gpus.append(GpuInfo(index=index, uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+                                        name=_text(nvml.nvmlDeviceGetName(handle)),
+                                        memory_total_bytes=int(memory.total), memory_used_bytes=int(memory.used),
+                                        memory_free_bytes=int(memory.free), driver_version=driver,
+                                        cuda_version=cuda))
+                except Exception as exc:  # one GPU that cannot be read (fallen off the bus) hides no other
+                    self._warn(f"cannot read GPU {index}: {exc}")
+                    continue
+                per_device[index] = _gpu_processes(nvml, handle)
+        except Exception as exc:
+            self._warn(f"cannot list GPUs: {exc}")
+        return gpus, per_device
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            _nvml_shutdown(self._nvml)
+        self._nvml = None
+        self._opened = False
+
+
 def _read_all() -> tuple[list[GpuInfo], dict[int, dict[int, int]]]:
-    """Every GPU NVML sees, and GPU memory per process id on each of them (by GPU index)."""
-    nvml = _nvml()
-    if nvml is None:
-        return [], {}
-    gpus: list[GpuInfo] = []
-    per_device: dict[int, dict[int, int]] = {}
+    """One-shot: every GPU NVML sees, and GPU memory per process id on each of them (by GPU index)."""
+    session = NvmlSession()
     try:
-        driver, cuda = _driver_version(nvml), _cuda_version(nvml)
-        for index in range(int(nvml.nvmlDeviceGetCount())):
-            try:
-                handle = nvml.nvmlDeviceGetHandleByIndex(index)
-                memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-                gpus.append(GpuInfo(index=index, uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
-                                    name=_text(nvml.nvmlDeviceGetName(handle)),
-                                    memory_total_bytes=int(memory.total), memory_used_bytes=int(memory.used),
-                                    memory_free_bytes=int(memory.free), driver_version=driver, cuda_version=cuda))
-            except Exception as exc:  # one GPU that cannot be read (fallen off the bus) hides no other
-                log.warning("cannot read GPU %d: %s", index, exc)
-                continue
-            per_device[index] = _gpu_processes(nvml, handle)
-    except Exception as exc:
-        log.warning("cannot list GPUs: %s", exc)
+        return session.read()
     finally:
-        _nvml_shutdown(nvml)
-    return gpus, per_device
+        session.close()
 
 
 def read_gpus() -> tuple[list[GpuInfo], dict[int, int]]:
@@ -129,9 +175,3 @@ def read_gpus() -> tuple[list[GpuInfo], dict[int, int]]:
         for pid, used in used_by.items():
             per_pid[pid] = per_pid.get(pid, 0) + used
     return gpus, per_pid
-
-
-def gpu_usage_per_device() -> dict[int, dict[int, int]]:
-    """GPU index -> pid -> GPU memory bytes: where each process's GPU memory is (admission counts it
-    per device)."""
-    return _read_all()[1]

@@ -14,15 +14,18 @@ from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from runnerd.scheduler import Runner, RunnerState, Scheduler, spawn
+from runnerd.scheduler import Runner, RunnerState, Scheduler
 
 # Requests: from sub-millisecond answers to long generations.
 _REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# Event-loop lag: a healthy loop wakes within a millisecond; anything near 100 ms is felt by every request.
+_LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+LAG_PERIOD = 0.05
 _RUNNER = ("backend", "model", "mode")
 # Set on a request by the proxy once it knows which registered model serves it.
 REQUEST_MODEL = web.RequestKey("model", str)
@@ -49,6 +52,11 @@ class Metrics:
                                  [*_RUNNER, "reason"], registry=r)
         self.crashes = Counter("runnerd_runner_crashes", "Loaded runners whose engine died on its own",
                                [*_RUNNER, "reason"], registry=r)
+        self.loop_lag = Histogram("runnerd_event_loop_lag_seconds",
+                                  f"How late a timer asked to fire every {LAG_PERIOD:g} s woke: time the event loop "
+                                  "spent on something else", buckets=_LAG_BUCKETS, registry=r)
+        self.loop_lag_max = Gauge("runnerd_event_loop_lag_max_seconds",
+                                  "The largest event-loop lag since the daemon started", registry=r)
 
         # labels() takes a lock and builds a key each call; the request path looks children up here instead.
         self._counted: dict[tuple[str, str, str], Any] = {}
@@ -74,6 +82,39 @@ class Metrics:
 
     def observe_scheduler(self, scheduler: Scheduler) -> None:
         self.registry.register(SchedulerCollector(scheduler))
+
+
+class LoopLagMonitor:
+    """A timer that asks to wake every `period` seconds and records how late it woke: how long the event
+    loop was busy with something else (a blocking call, a long computation) while requests waited."""
+
+    def __init__(self, metrics: Metrics, period: float = LAG_PERIOD) -> None:
+        self.metrics = metrics
+        self.period = period
+        self.max_lag = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + self.period
+            await asyncio.sleep(self.period)
+            lag = max(0.0, loop.time() - due)
+            self.metrics.loop_lag.observe(lag)
+            if lag > self.max_lag:
+                self.max_lag = lag
+                self.metrics.loop_lag_max.set(lag)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="event loop lag")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
 
 
 class SchedulerCollector(Collector):
@@ -112,7 +153,7 @@ class RunnerWatcher:
         self.metrics = metrics
 
     def __call__(self, runner: Runner) -> None:
-        spawn(self._watch(runner), name=f"watch {runner.key.slug}")
+        runner.spawn(self._watch, runner)
 
     async def _watch(self, runner: Runner) -> None:
         labels = (runner.key.backend, runner.key.model, runner.key.mode)

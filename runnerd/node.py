@@ -1,6 +1,7 @@
 """What the host has: CPU and RAM (psutil), GPUs (NVML), and what runnerd's runners hold.
 
-GPUs come from runnerd.gpus (NVML); no GPU is never an error here.
+RAM, GPUs and the runners' process trees come from a host sampler's snapshot (runnerd.sampler); the
+daemon passes its latest one. No GPU is never an error here.
 """
 
 from __future__ import annotations
@@ -8,13 +9,14 @@ from __future__ import annotations
 import platform
 import socket
 from collections.abc import Iterable, Mapping
+from functools import cache
 
 import psutil
 from pydantic import BaseModel, Field
 
 from runnerd import __version__
-from runnerd.admission import process_tree
-from runnerd.gpus import GpuInfo, read_gpus
+from runnerd.gpus import GpuInfo
+from runnerd.sampler import HostSnapshot, read_host_once
 from runnerd.scheduler import RunnerInfo
 
 # --- the inventory's shape -----------------------------------------------------------------------
@@ -61,6 +63,7 @@ class NodeInfo(BaseModel):
 
 # --- reading the host ----------------------------------------------------------------------------
 
+@cache
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -74,10 +77,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def _usage(runner: RunnerInfo, gpu_per_pid: Mapping[int, int], have_gpus: bool) -> RunnerUsage:
-    rss, pids = process_tree(runner.pid)
-    gpu = sum(gpu_per_pid.get(p, 0) for p in pids) if have_gpus else None
-    return RunnerUsage(**runner.model_dump(), rss_bytes=rss, gpu_memory_bytes=gpu)
+@cache
+def _cpu() -> CpuInfo:
+    return CpuInfo(model=cpu_model(), logical_cores=psutil.cpu_count(logical=True) or 1,
+                   physical_cores=psutil.cpu_count(logical=False))
+
+
+def _usage(runner: RunnerInfo, snapshot: HostSnapshot, gpu_per_pid: Mapping[int, int]) -> RunnerUsage:
+    """A runner and what its process tree held in the snapshot (None: gone, or not read yet)."""
+    tree = snapshot.trees.get(runner.pid) if runner.pid is not None else None
+    rss = tree.rss if tree is not None else None
+    gpu = sum(gpu_per_pid.get(p, 0) for p in tree.pids) if tree is not None else 0
+    return RunnerUsage(**runner.model_dump(), rss_bytes=rss, gpu_memory_bytes=gpu if snapshot.gpus else None)
 
 
 def _reserved(runners: Iterable[RunnerUsage]) -> Reserved:
@@ -91,18 +102,21 @@ def _reserved(runners: Iterable[RunnerUsage]) -> Reserved:
                     measured_gpu_memory_bytes=sum(r.gpu_memory_bytes or 0 for r in runners))
 
 
-def collect(runners: Iterable[RunnerInfo], backends: Mapping[str, str]) -> NodeInfo:
-    """The whole inventory. Blocking (psutil, NVML): call it from a worker thread."""
-    gpus, gpu_per_pid = read_gpus()
-    usages = [_usage(r, gpu_per_pid, bool(gpus)) for r in runners]
-    memory = psutil.virtual_memory()
+def collect(runners: Iterable[RunnerInfo], backends: Mapping[str, str],
+            snapshot: HostSnapshot | None = None) -> NodeInfo:
+    """The whole inventory from a host snapshot; without one, from a reading taken here (blocking:
+    psutil and NVML, so from a worker thread). The first call reads the CPU's model from /proc."""
+    runners = list(runners)
+    if snapshot is None:
+        snapshot = read_host_once(r.pid for r in runners if r.pid is not None)
+    gpu_per_pid = snapshot.gpu_memory_per_pid()
+    usages = [_usage(r, snapshot, gpu_per_pid) for r in runners]
     return NodeInfo(
         hostname=socket.gethostname(),
         runnerd_version=__version__,
-        cpu=CpuInfo(model=cpu_model(), logical_cores=psutil.cpu_count(logical=True) or 1,
-                    physical_cores=psutil.cpu_count(logical=False)),
-        memory=MemoryInfo(total_bytes=memory.total, available_bytes=memory.available),
-        gpus=gpus,
+        cpu=_cpu(),
+        memory=MemoryInfo(total_bytes=snapshot.ram_total, available_bytes=snapshot.ram_available),
+        gpus=list(snapshot.gpus),
         reserved=_reserved(usages),
         backends=dict(backends),
         runners=usages,

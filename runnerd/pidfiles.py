@@ -29,12 +29,12 @@ class PidRecord(BaseModel):
     socket: str
 
 
-def write_pid_file(path: Path, pid: int, socket: Path) -> None:
+def write_pid_file(path: Path, pid: int, socket: Path | None) -> None:
     try:
         created = psutil.Process(pid).create_time()
     except psutil.Error:
         return  # already gone: nothing to clean up later
-    record = PidRecord(pid=pid, create_time=created, daemon_pid=os.getpid(), socket=str(socket))
+    record = PidRecord(pid=pid, create_time=created, daemon_pid=os.getpid(), socket=str(socket or ""))
     tmp = path.with_suffix(".tmp")
     tmp.write_text(record.model_dump_json())
     os.replace(tmp, path)
@@ -86,9 +86,9 @@ def clean_up_previous_runners(directory: Path, grace: float) -> list[int]:
             log.warning("stopping runner pid=%s left by a previous runnerd (pid %s)", record.pid, record.daemon_pid)
             _stop_group(proc, grace)
             stopped.append(record.pid)
-        socket = Path(record.socket)
+        socket = Path(record.socket) if record.socket else None
         with contextlib.suppress(OSError):
-            if socket.is_socket():
+            if socket is not None and socket.is_socket():
                 socket.unlink()
         remove_pid_file(pid_file)
     _remove_leftovers(directory)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -16,6 +17,7 @@ from backends.base import RunnerError
 from runnerd.api.errors import ApiError
 from runnerd.metrics import REQUEST_MODEL
 from runnerd.scheduler import Runner
+from runnerd.sse import error_text, parse_sse_line
 
 log = logging.getLogger("runnerd.proxy")
 
@@ -82,7 +84,7 @@ async def send_to_runner(runner: Runner, path: str, body: bytes, headers: dict[s
     session = runner.session
     if session is None or session.closed:
         raise await engine_failure(runner, RuntimeError("runner is not ready"))
-    url = f"http://runner{path}"
+    url = runner.endpoint.url(path)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=runner.idle_timeout if stream else None)
     first = _RequestBody(body)
     try:
@@ -91,8 +93,8 @@ async def send_to_runner(runner: Runner, path: str, body: bytes, headers: dict[s
         if first.delivered or isinstance(exc, TimeoutError):
             raise
         log.debug("request to %s was not written (%s); sending it on a new connection", runner.model.name, exc)
-    fresh = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(runner.socket_path), force_close=True),
-                                  auto_decompress=False, timeout=session.timeout)
+    fresh = aiohttp.ClientSession(connector=runner.endpoint.connector(force_close=True), auto_decompress=False,
+                                  timeout=session.timeout)
     try:
         return await fresh.post(url, data=_RequestBody(body), headers=headers, timeout=timeout), fresh
     except BaseException:
@@ -194,3 +196,62 @@ async def _relay_stream(request: web.Request, runner: Runner, path: str, body: b
         await response.write(error.sse_event())
         await response.write_eof()
         return response
+
+
+async def call_engine(runner: Runner, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """POST a JSON body to the runner and return its JSON answer, for routes that translate it; an engine's
+    error keeps its status (ApiError)."""
+    try:
+        async with answer_watch(runner):
+            upstream, one_off = await send_to_runner(runner, path, json.dumps(body).encode(),
+                                                     {"Content-Type": "application/json"}, stream=False)
+            try:
+                raw = await upstream.read()
+                status = upstream.status
+            finally:
+                upstream.release()
+                if one_off is not None:
+                    await one_off.close()
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise await engine_failure(runner, exc) from exc
+    try:
+        answer = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        answer = {"error": raw.decode(errors="replace")[:500]}
+    if status >= 400 or not isinstance(answer, dict):
+        raise ApiError(status if status >= 400 else 502, error_text(answer))
+    return answer
+
+
+async def engine_events(runner: Runner, path: str, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+    """The runner's streamed answer, one parsed SSE event at a time, for routes that translate it. Errors
+    before the first event raise ApiError; a failure mid-stream is yielded as {"error": ...} for the
+    caller to end its own stream with."""
+    try:
+        upstream, one_off = await send_to_runner(runner, path, json.dumps(body).encode(),
+                                                 {"Content-Type": "application/json", "Accept": "text/event-stream"},
+                                                 stream=True)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise await engine_failure(runner, exc) from exc
+    try:
+        if upstream.status >= 400:
+            raw = await upstream.read()
+            try:
+                message = error_text(json.loads(raw))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                message = raw.decode(errors="replace")[:500]
+            raise ApiError(upstream.status, message)
+        try:
+            async for line in upstream.content:
+                event = parse_sse_line(line)
+                if event == "done":
+                    return
+                if event is not None:
+                    yield event
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            failure = await engine_failure(runner, exc)
+            yield {"error": failure.message}
+    finally:
+        upstream.release()
+        if one_off is not None:
+            await one_off.close()

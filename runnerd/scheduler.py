@@ -18,20 +18,34 @@ import logging
 import secrets
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
+import anyio.abc
 from pydantic import BaseModel
 
-from backends.base import Backend, BackendConfiguration, MemoryEstimate, Mode, ModelRef, RunnerError, RunnerOutput
+from backends.base import (
+    Backend,
+    BackendConfiguration,
+    BackendError,
+    MemoryEstimate,
+    Mode,
+    ModelRef,
+    RunnerError,
+    RunnerOutput,
+)
+from backends.endpoint import Endpoint, EndpointKind
 from backends.process import probe_health, wait_until_ready
-from runnerd.admission import Amount, Budget, Holding, needed, process_tree
+from runnerd.admission import Amount, Budget, Holding, needed
 from runnerd.durations import KeepAlive, parse_keep_alive
 from runnerd.pidfiles import remove_pid_file, write_pid_file
+from runnerd.ports import free_loopback_port
+from runnerd.sampler import HostSampler, HostSnapshot
 
 log = logging.getLogger("runnerd.scheduler")
 
@@ -41,15 +55,16 @@ FAILURES_BEFORE_BACKOFF = 3
 MAX_BACKOFF_SECONDS = 300.0
 _CONNECT_TIMEOUT = 10.0  # a local socket that takes longer to accept is an engine in trouble
 
-# The event loop keeps only weak references to tasks: hold fire-and-forget ones until they finish.
-_background: set[asyncio.Task[Any]] = set()
+# Starts background work (a coroutine function and its arguments) in the scheduler's task group.
+Spawner = Callable[..., None]
 
 
-def spawn(coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
-    task = asyncio.create_task(coro, name=name)
-    _background.add(task)
-    task.add_done_callback(_background.discard)
-    return task
+async def _logged_failures(work: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+    """Background work that fails is a bug to log, never a reason to take the scheduler's task group down."""
+    try:
+        await work(*args)
+    except Exception:
+        log.exception("background task %r failed", work)
 
 
 class SchedulingError(Exception):
@@ -80,6 +95,10 @@ class RunnerKey:
     model: str
     mode: Mode
 
+    def log_path(self, log_dir: Path) -> Path:
+        """Where this runner's engine output is kept (one file per backend, model and mode)."""
+        return log_dir / f"{self.slug}.log"
+
     @property
     def slug(self) -> str:
         digest = hashlib.sha256(f"{self.backend}\0{self.model}\0{self.mode}".encode()).hexdigest()[:12]
@@ -109,7 +128,8 @@ class RunnerInfo(BaseModel):
     mode: Mode
     state: RunnerState
     pid: int | None
-    socket: str
+    socket: str | None  # the unix socket, when the runner listens on one
+    endpoint: Endpoint
     log_path: str | None
     started_at: float | None
     last_used: float
@@ -125,16 +145,17 @@ class Runner:
     """One engine process and what the daemon knows about it."""
 
     def __init__(self, key: RunnerKey, backend: Backend, model: ModelRef, config: BackendConfiguration,
-                 socket_path: Path, log_path: Path | None, pid_path: Path, keep_alive: KeepAlive,
-                 estimate: MemoryEstimate, idle_timeout: float = 600.0) -> None:
+                 endpoint: Endpoint, log_path: Path | None, pid_path: Path, keep_alive: KeepAlive,
+                 estimate: MemoryEstimate, spawn: Spawner, idle_timeout: float = 600.0) -> None:
         self.key = key
+        self.spawn = spawn  # background work belongs to the scheduler's task group
         self.backend = backend
         self.model = model
         self.config = config
-        self.socket_path = socket_path
+        self.endpoint = endpoint
         self.pid_path = pid_path
         self.output = RunnerOutput(log_path)
-        self.output.on_spawn = lambda pid: write_pid_file(pid_path, pid, socket_path)
+        self.output.on_spawn = lambda pid: write_pid_file(pid_path, pid, endpoint.path)
         self.keep_alive = keep_alive
         self.estimate = estimate
         self.idle_timeout = idle_timeout  # seconds of silence on a streamed answer before it fails
@@ -148,22 +169,22 @@ class Runner:
         self.stop_requested = False
         self.stop_reason: str | None = None  # why runnerd stopped it: idle, unload, memory, abandoned, ...
         self.session: aiohttp.ClientSession | None = None
-        self._expiry: asyncio.TimerHandle | None = None
+        self._expiry: anyio.CancelScope | None = None
         self._process: asyncio.Task[None] | None = None
         self._loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._exited = asyncio.Event()
 
     def start(self, readiness_timeout: float) -> None:
         self._process = asyncio.create_task(
-            self.backend.run(self.socket_path, self.model, self.key.mode, self.config, self.output),
+            self.backend.run(self.endpoint, self.model, self.key.mode, self.config, self.output),
             name=f"runner {self.key.slug}")
-        self._process.add_done_callback(self._on_process_done)
-        spawn(self._load(self._process, readiness_timeout), name=f"load {self.key.slug}")
+        self.spawn(self._supervise, self._process)
+        self.spawn(self._load, self._process, readiness_timeout)
 
     async def _load(self, process: asyncio.Task[None], timeout: float) -> None:
         started = time.monotonic()
         try:
-            await wait_until_ready(self.socket_path, self.output, process, timeout)
+            await wait_until_ready(self.endpoint, self.output, process, timeout, self.backend.readiness_path)
         except TimeoutError as exc:
             self._fail_load(RunnerError(f"{self.model.name} did not become ready within {timeout:g} s "
                                         f"(readiness_timeout; raise it for big models): {exc}", reason="timeout",
@@ -173,11 +194,13 @@ class Runner:
         except RunnerError as exc:
             self._fail_load(exc)
             return
+        except BackendError:
+            return  # the engine could not start at all: its supervisor reports why
         except asyncio.CancelledError:
             self._fail_load(RunnerError("the load was cancelled", reason="cancelled"))
             raise
-        # Idle connections are dropped before llama-server's own 5 s keep-alive timeout closes them.
-        connector = aiohttp.UnixConnector(path=str(self.socket_path), limit=0, keepalive_timeout=3.0)
+        # Idle connections are dropped before the engine's own keep-alive timeout (5 s is common) closes them.
+        connector = self.endpoint.connector(limit=0, keepalive_timeout=3.0)
         # No total deadline: a healthy answer may take hours. Each request bounds the engine's silence.
         timeouts = aiohttp.ClientTimeout(total=None, sock_connect=_CONNECT_TIMEOUT, sock_read=None)
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False, timeout=timeouts)
@@ -195,10 +218,20 @@ class Runner:
             self._loaded.set_exception(error)
             self._loaded.exception()  # mark retrieved: nobody may be waiting any more
 
+    async def _supervise(self, process: asyncio.Task[None]) -> None:
+        """Wait for the engine process to end, then record how and release what it held."""
+        await asyncio.wait({process})
+        self._on_process_done(process)
+        if self.session is not None:
+            await self.session.close()
+
     def _on_process_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and isinstance(task.exception(), RunnerError):
-            err = task.exception()
-            assert isinstance(err, RunnerError)
+        failure = None if task.cancelled() else task.exception()
+        if isinstance(failure, BackendError) and not isinstance(failure, RunnerError):
+            # e.g. the engine is not installed: nothing was started.
+            failure = RunnerError(str(failure), reason="backend_unavailable")
+        if isinstance(failure, RunnerError):
+            err = failure
             self.error = err
             if self.state is not RunnerState.STOPPING:
                 log.warning("runner exited model=%s pid=%s reason=%s", self.model.name, self.output.pid,
@@ -212,8 +245,6 @@ class Runner:
                                             reason="cancelled"))
             else:
                 self._fail_load(self.error or RunnerError("the engine exited before it was ready"))
-        if self.session is not None:
-            spawn(self.session.close())
         self._exited.set()
 
     @property
@@ -237,9 +268,9 @@ class Runner:
         connection of its own: the pooled ones may all be busy with long answers)."""
         if self._exited.is_set():
             return False
-        connector = aiohttp.UnixConnector(path=str(self.socket_path), force_close=True)
+        connector = self.endpoint.connector(force_close=True)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as probe:
-            return await probe_health(probe, timeout) == 200
+            return await probe_health(probe, self.endpoint.url(self.backend.readiness_path), timeout) == 200
 
     async def stop(self, reason: str) -> None:
         if self._process is None or self._process.done():
@@ -260,17 +291,28 @@ class Runner:
             self._expiry = None
         self.expires_at = None
 
-    def set_expiry(self, delay: float, callback: Callable[[], object]) -> None:
+    def set_expiry(self, delay: float, expire: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """Run `expire` after `delay` seconds unless the expiry is cancelled or set again first."""
         self.cancel_expiry()
-        self._expiry = asyncio.get_running_loop().call_later(delay, callback)
+        self._expiry = anyio.CancelScope()
+        self.spawn(self._expire_later, self._expiry, delay, expire)
         self.expires_at = time.time() + delay
 
-    def measure(self, per_device: Mapping[int, Mapping[int, int]]) -> None:
-        """Resident memory of the engine's process tree, and the GPU memory NVML reports for it on each
-        GPU (GPU index -> pid -> bytes): admission checks every GPU on its own."""
-        rss, pids = process_tree(self.output.pid)
-        gpus = {index: sum(used.get(pid, 0) for pid in pids) for index, used in per_device.items()}
-        self.measured = Amount(ram=rss or 0, vram=sum(gpus.values()), gpus={i: n for i, n in gpus.items() if n})
+    async def _expire_later(self, scope: anyio.CancelScope, delay: float,
+                            expire: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        with scope:
+            await anyio.sleep(delay)
+        # Outside the scope: expiring stops the runner, which cancels the expiry it is running from.
+        if not scope.cancel_called:
+            await expire()
+
+    def measure(self, snapshot: HostSnapshot) -> None:
+        """What the host sampler measured of the engine's process tree: resident memory, and the GPU
+        memory NVML reports for it on each GPU (admission checks every GPU on its own). A reading begun
+        before the engine was watched changes nothing."""
+        measured = snapshot.measured(self.output.pid)
+        if measured is not None:
+            self.measured = measured
 
     def holding(self) -> Holding:
         return Holding(estimate=needed(self.estimate), measured=self.measured,
@@ -284,7 +326,8 @@ class Runner:
         state = RunnerState.IDLE if self.state is RunnerState.READY and self.active == 0 else self.state
         return RunnerInfo(
             backend=self.key.backend, model=self.model.name, mode=self.key.mode, state=state,
-            pid=self.output.pid, socket=str(self.socket_path),
+            pid=self.output.pid, socket=str(self.endpoint.path) if self.endpoint.path else None,
+            endpoint=self.endpoint,
             log_path=str(self.output.log_path) if self.output.log_path else None,
             started_at=self.output.started_at, last_used=self.last_used, active_requests=self.active,
             keep_alive=self.keep_alive, expires_at=self.expires_at, memory=self.estimate,
@@ -326,8 +369,7 @@ class SchedulerLimits:
 class Scheduler:
     def __init__(self, backends: Mapping[str, Backend], *, runtime_dir: Path, log_dir: Path | None,
                  default_keep_alive: KeepAlive, budget: Budget, limits: SchedulerLimits | None = None,
-                 on_start: Sequence[Callable[[Runner], object]] = (),
-                 gpu_usage_per_device: Callable[[], Mapping[int, Mapping[int, int]]] = dict) -> None:
+                 on_start: Sequence[Callable[[Runner], object]] = (), sampler: HostSampler | None = None) -> None:
         self.backends = backends
         self.runtime_dir = runtime_dir
         self.log_dir = log_dir
@@ -335,8 +377,11 @@ class Scheduler:
         self.budget = budget
         self.limits = limits or SchedulerLimits()
         self.on_start = list(on_start)  # observers (metrics) told of every runner it starts
-        # GPU index -> pid -> GPU memory bytes (NVML); empty without GPUs.
-        self.gpu_usage_per_device = gpu_usage_per_device
+        # What runners hold is read from the host sampler's snapshot, never measured on the event loop.
+        # One given is the daemon's (it starts and stops it); without one the scheduler has its own.
+        self.sampler = sampler or HostSampler()
+        self._own_sampler = sampler is None
+        self.sampler.watch(self._engine_pids)
         self.evictions = 0
         self._runners: dict[RunnerKey, Runner] = {}
         # Runners replaced in `_runners` by a new one for the same key while they were still stopping:
@@ -345,6 +390,7 @@ class Scheduler:
         self._failures: dict[RunnerKey, _Failures] = {}
         self._short_socket_dir: Path | None = None
         self._closing = False
+        self._tasks: anyio.abc.TaskGroup | None = None
         self._admission = asyncio.Lock()
         self._waiting = 0
         self._change = asyncio.Event()
@@ -353,12 +399,14 @@ class Scheduler:
     def runner_dir(self) -> Path:
         return self.runtime_dir / "runners"
 
-    def _instance_paths(self, key: RunnerKey) -> tuple[Path, Path]:
-        """Socket and pid file of a new runner. Each instance gets its own names: a model asked for again
+    def _instance_paths(self, key: RunnerKey, kind: EndpointKind) -> tuple[Endpoint, Path]:
+        """Endpoint and pid file of a new runner. Each instance gets its own names: a model asked for again
         while its previous runner is still stopping starts a second one, and the old one removes its own
         socket and pid file when it exits, which must not be the new one's."""
         name = f"{key.slug}-{secrets.token_hex(3)}"
-        return self._socket_path(name), self.runner_dir / f"{name}.pid"
+        endpoint = Endpoint.unix(self._socket_path(name)) if kind is EndpointKind.UNIX else \
+            Endpoint.tcp(free_loopback_port())
+        return endpoint, self.runner_dir / f"{name}.pid"
 
     def _socket_path(self, name: str) -> Path:
         path = self.runner_dir / f"{name}.sock"
@@ -427,6 +475,7 @@ class Scheduler:
         backend = self.backends[key.backend]
         estimate = await asyncio.to_thread(backend.required_memory, model, key.mode, config)
         need = needed(estimate)
+        await self.sampler.current()  # the host's totals, read once (the daemon's sampler has read them)
         self._check_capacity(key, need)
         existing = self.runner(key)  # another request may have started it while we estimated
         if existing is not None:
@@ -466,10 +515,16 @@ class Scheduler:
     def _retry_after(self) -> float:
         return max(1.0, self.limits.queue_timeout / 4)
 
+    def _engine_pids(self) -> list[int]:
+        """Roots of the process trees the sampler measures: every engine process still running."""
+        return [r.output.pid for r in self._all_runners()
+                if r.output.pid is not None and r.state is not RunnerState.EXITED]
+
     def _measure(self) -> None:
-        per_device = self.gpu_usage_per_device()
+        """Each runner's measurement from the sampler's latest snapshot (cheap: no psutil, no NVML)."""
+        snapshot = self.sampler.snapshot
         for runner in self._all_runners():
-            runner.measure(per_device)
+            runner.measure(snapshot)
 
     def _holdings(self) -> list[Holding]:
         self._measure()
@@ -483,6 +538,8 @@ class Scheduler:
         self._check_capacity(key, need)  # the limits could have been lowered while this load queued
         while True:
             change = self._change
+            # Never admit on an old view: a reading of the host (free GPU memory, what runners hold) begun now.
+            await self.sampler.fresh()
             room = await asyncio.to_thread(self.budget.room, self._holdings())
             if need.fits_in(room) and not self._too_many():
                 return
@@ -509,11 +566,11 @@ class Scheduler:
     def _start(self, key: RunnerKey, backend: Backend, model: ModelRef, config: BackendConfiguration,
                estimate: MemoryEstimate) -> Runner:
         keep_alive = self.default_keep_alive if config.keep_alive is None else parse_keep_alive(config.keep_alive)
-        log_path = self.log_dir / f"{key.slug}.log" if self.log_dir else None
+        log_path = key.log_path(self.log_dir) if self.log_dir else None
         self.runner_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        socket_path, pid_path = self._instance_paths(key)
-        runner = Runner(key, backend, model, config, socket_path, log_path, pid_path, keep_alive, estimate,
-                        self.limits.engine_idle_timeout)
+        endpoint, pid_path = self._instance_paths(key, backend.endpoint_kind)
+        runner = Runner(key, backend, model, config, endpoint, log_path, pid_path, keep_alive, estimate,
+                        self.spawn, self.limits.engine_idle_timeout)
         previous = self._runners.get(key)
         if previous is not None and previous.state is not RunnerState.EXITED:
             log.info("previous runner of model=%s mode=%s still stopping (pid=%s); starting another beside it",
@@ -523,16 +580,21 @@ class Scheduler:
         log.info("runner starting model=%s mode=%s backend=%s estimate=%s", model.name, key.mode, key.backend,
                  needed(estimate).describe() if estimate.known else "unknown")
         runner.start(self.limits.readiness_timeout)
-        spawn(self._follow(runner))
+        self.spawn(self._follow, runner)
         for observer in self.on_start:
             observer(runner)
         return runner
 
     async def _follow(self, runner: Runner) -> None:
-        """Count start failures for the back-off, then forget the runner once it exits."""
+        """Count start failures for the back-off, measure a runner that loaded, then forget the runner
+        once it exits."""
         with contextlib.suppress(RunnerError, asyncio.CancelledError):
             await runner.wait_loaded()
         self._record_start(runner)
+        if runner.loaded_ok:
+            # Read the new engine now rather than at the sampler's next tick: ps() after a load shows it.
+            with contextlib.suppress(Exception):
+                await self.sampler.fresh()
         await runner.wait_exited()
         if self._runners.get(runner.key) is runner:
             del self._runners[runner.key]
@@ -563,7 +625,7 @@ class Scheduler:
         if runner.state is RunnerState.LOADING:
             # Every client waiting for this load hung up: nobody wants it any more.
             log.info("cancelling load of model=%s: no one is waiting", runner.model.name)
-            spawn(runner.stop("abandoned"))
+            self.spawn(runner.stop, "abandoned")
             return
         if runner.state is not RunnerState.READY:
             return
@@ -572,9 +634,9 @@ class Scheduler:
         if keep_alive is None:
             return
         if keep_alive == 0:
-            spawn(self._expire(runner))
+            self.spawn(self._expire, runner)
         else:
-            runner.set_expiry(keep_alive, lambda: spawn(self._expire(runner)))
+            runner.set_expiry(keep_alive, lambda: self._expire(runner))
 
     async def _expire(self, runner: Runner) -> None:
         if runner.active == 0 and runner.state is RunnerState.READY:
@@ -610,6 +672,29 @@ class Scheduler:
         self._measure()
         return [r.info() for r in self._all_runners()]
 
+    def spawn(self, work: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        """Run `work(*args)` in the background, owned by the scheduler: shutdown cancels and awaits what
+        is left of it, so nothing outlives the scheduler or is dropped half-done."""
+        if self._tasks is None:
+            raise RuntimeError("the scheduler is not running: use `async with scheduler.running()`")
+        self._tasks.start_soon(_logged_failures, work, *args)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Scheduler]:
+        """The scheduler's lifetime: its background work runs in a task group that ends, after every runner
+        is stopped, when the block does."""
+        async with anyio.create_task_group() as tasks:
+            self._tasks = tasks
+            try:
+                yield self
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self.shutdown()
+                tasks.cancel_scope.cancel()
+        self._tasks = None
+
     async def shutdown(self) -> None:
         self._closing = True
         await self.unload(reason="shutdown")
+        if self._own_sampler:
+            await self.sampler.stop()

@@ -10,7 +10,8 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from aiohttp import web
 
 from backends.base import Backend, ModelRef
 from runnerd import __version__
-from runnerd.admission import Budget, read_host_memory_per_gpu
+from runnerd.admission import Budget
 from runnerd.api import backends as backend_routes
 from runnerd.api import configure, cors, engines, models, ollama
 from runnerd.api import jobs as job_routes
@@ -30,10 +31,10 @@ from runnerd.api.errors import error_middleware
 from runnerd.config import Settings, parse_listen
 from runnerd.configs import ConfigStore
 from runnerd.durations import parse_keep_alive
-from runnerd.engines import default_backends
-from runnerd.gpus import gpu_usage_per_device
-from runnerd.metrics import Metrics, RunnerWatcher
+from runnerd.engines import as_host_gpus, default_backends
+from runnerd.metrics import LoopLagMonitor, Metrics, RunnerWatcher
 from runnerd.pidfiles import clean_up_previous_runners
+from runnerd.sampler import HostSampler
 from runnerd.scheduler import RunnerState, Scheduler, SchedulerLimits
 from runnerd.store import ModelNotFound, ModelStore
 from runnerd.systemd import Notifier, SocketActivationError, listen_fds
@@ -64,8 +65,41 @@ def _model_ref(store: ModelStore, name: str) -> ModelRef | None:
         return None
 
 
+class HeldOpen:
+    """An async context held open in a task of its own from `start` to `stop`: aiohttp runs startup and
+    cleanup in different tasks, and a task group must be entered and left by one task."""
+
+    def __init__(self, context: Callable[[], AbstractAsyncContextManager[object]]) -> None:
+        self._context = context
+        self._entered = asyncio.Event()
+        self._leave = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _hold(self) -> None:
+        async with self._context():
+            self._entered.set()
+            await self._leave.wait()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._hold(), name="held open")
+        entered = asyncio.create_task(self._entered.wait())
+        await asyncio.wait({self._task, entered}, return_when=asyncio.FIRST_COMPLETED)
+        entered.cancel()
+        if self._task.done():
+            self._task.result()  # it failed to enter: raise why
+
+    async def stop(self) -> None:
+        self._leave.set()
+        if self._task is not None:
+            await self._task
+
+
 def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None) -> web.Application:
-    backends = dict(backends) if backends is not None else default_backends(settings)
+    # One reading of the host (RAM, GPUs, the runners' process trees) every second, off the event loop:
+    # admission, ps, /node, /metrics, the service status and the engines' estimates read its snapshot.
+    sampler = HostSampler()
+    if backends is None:
+        backends = default_backends(settings, gpus=lambda: as_host_gpus(sampler.snapshot.gpus))
     metrics = Metrics()
     limits = SchedulerLimits(readiness_timeout=settings.readiness_timeout, queue_timeout=settings.queue_timeout,
                              queue_size=settings.queue_size, max_runners=settings.max_runners,
@@ -73,8 +107,9 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
                              engine_idle_timeout=settings.engine_idle_timeout)
     scheduler = Scheduler(backends, runtime_dir=settings.runtime_dir, log_dir=settings.runner_log_dir,
                           default_keep_alive=parse_keep_alive(settings.keep_alive),
-                          budget=Budget(settings.memory, read_host_memory_per_gpu), limits=limits,
-                          on_start=[RunnerWatcher(metrics)], gpu_usage_per_device=gpu_usage_per_device)
+                          budget=Budget(settings.memory, sampler.host_memory), limits=limits,
+                          on_start=[RunnerWatcher(metrics)], sampler=sampler)
+    loop_lag = LoopLagMonitor(metrics)
     metrics.observe_scheduler(scheduler)
     # Outermost first: metrics see every answer (401s included); auth runs before any handler.
     app = web.Application(client_max_size=settings.max_body_bytes,
@@ -100,11 +135,24 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     ollama.add_routes(app)
     app.on_response_prepare.append(cors.add_headers)
 
-    async def stop_runners(app: web.Application) -> None:
-        await app[DAEMON].scheduler.shutdown()
+    scheduling = HeldOpen(scheduler.running)
 
+    async def start_sampling(app: web.Application) -> None:
+        loop_lag.start()
+        await sampler.start()  # the first reading is taken before any request is served
+        await scheduling.start()
+
+    async def stop_runners(app: web.Application) -> None:
+        await scheduling.stop()  # every runner stopped, every background task of the scheduler done
+
+    async def stop_sampling(app: web.Application) -> None:
+        await sampler.stop()
+        await loop_lag.stop()
+
+    app.on_startup.append(start_sampling)
     # on_cleanup runs after in-flight requests have drained (or the drain timeout passed).
     app.on_cleanup.append(stop_runners)
+    app.on_cleanup.append(stop_sampling)
     return app
 
 

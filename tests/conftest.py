@@ -30,6 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """Async tests (`@pytest.mark.anyio`) run on asyncio only: aiohttp, which serves the daemon, needs it."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
 def llama_server() -> Path:
     """The real llama-server: RUNNERD_LLAMA_SERVER, else the cached build, else build it now.
 

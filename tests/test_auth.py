@@ -3,7 +3,6 @@ shape of a refusal."""
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 
 import httpx2 as httpx
@@ -72,28 +71,28 @@ def test_bearer_header(header, token):
     assert bearer_token(header) == token
 
 
-def test_refusals_over_tcp_take_the_shape_of_the_route(tmp_path):
+@pytest.mark.anyio
+async def test_refusals_over_tcp_take_the_shape_of_the_route(tmp_path):
     """401s (and the CORS 403) come from middlewares outside error_middleware: they too must be
     {"error": "..."} under /api/, where Ollama's clients read a string, and OpenAI's shape elsewhere."""
-    async def scenario() -> list[httpx.Response]:
-        settings = load_settings(runtime_dir=tmp_path / "run", data_dir=tmp_path / "data")
-        app = create_app(settings, backends={})
-        app[HTTP_TOKEN] = "s3cret"
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        port = runner.addresses[0][1]
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
-                return [await c.get("/api/tags"),
-                        await c.get("/api/tags", headers={"Authorization": "Bearer wrong"}),
-                        await c.get("/v1/models"),
-                        await c.get("/api/tags", headers={"Origin": "https://evil.example"}),
-                        await c.get("/v1/models", headers={"Origin": "https://evil.example"})]
-        finally:
-            await runner.cleanup()
+    settings = load_settings(runtime_dir=tmp_path / "run", data_dir=tmp_path / "data")
+    app = create_app(settings, backends={})
+    app[HTTP_TOKEN] = "s3cret"
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+            ollama_missing, ollama_wrong, openai_missing, ollama_origin, openai_origin = [
+                await c.get("/api/tags"),
+                await c.get("/api/tags", headers={"Authorization": "Bearer wrong"}),
+                await c.get("/v1/models"),
+                await c.get("/api/tags", headers={"Origin": "https://evil.example"}),
+                await c.get("/v1/models", headers={"Origin": "https://evil.example"})]
+    finally:
+        await runner.cleanup()
 
-    ollama_missing, ollama_wrong, openai_missing, ollama_origin, openai_origin = asyncio.run(scenario())
     for resp, fragment in ((ollama_missing, "Authorization: Bearer"), (ollama_wrong, "invalid bearer token")):
         assert resp.status_code == 401
         assert set(resp.json()) == {"error"} and fragment in resp.json()["error"]

@@ -24,8 +24,8 @@ import pytest
 from aiohttp import web
 
 from backends.llamacpp import LlamaCppBackend, install
-from runnerd.cli_service import follow_job
-from runnerd.client import DaemonClient
+from runnerd.cli.client import DaemonClient
+from runnerd.cli.service import follow_job
 from runnerd.config import load_settings
 from runnerd.server import bind_unix_socket, create_app
 
@@ -127,81 +127,79 @@ def build_processes() -> list[str]:
     return names
 
 
-def test_install_job_lifecycle(monkeypatch, tmp_path, capsys):
+@pytest.mark.anyio
+async def test_install_job_lifecycle(monkeypatch, tmp_path, capsys):
     cache = tmp_path / "cache"
     sock_path = Path("/tmp") / f"rd-jobs-{os.getpid()}.sock"
     settings = load_settings(runtime_dir=tmp_path / "run", data_dir=tmp_path / "data", socket=sock_path)
     app = create_app(settings, backends={"llama.cpp": LlamaCppBackend(cache_dir=cache)})
 
-    async def scenario() -> None:
-        async with served(app, sock_path) as client:
-            [before] = (await client.get("/engines/backends")).json()
-            assert (before["status"], before["installed"], before["installable_version"]) == (
-                "Not Installed", False, install.SOURCE_VERSION)
-            assert set(before["capabilities"]) >= {"chat", "embeddings"} and before["disk_usage"] == 0
+    async with served(app, sock_path) as client:
+        [before] = (await client.get("/engines/backends")).json()
+        assert (before["status"], before["installed"], before["installable_version"]) == (
+            "Not Installed", False, install.SOURCE_VERSION)
+        assert set(before["capabilities"]) >= {"chat", "embeddings"} and before["disk_usage"] == 0
 
-            # Two requests, one job.
-            use_source(monkeypatch, slow=False)
-            first = await client.post("/engines/install-backend", json={"backend": "llama.cpp"})
-            assert first.status_code == 202, first.text
-            job = first.json()
-            assert first.headers["Location"] == job["status_url"] == f"/jobs/{job['id']}"
-            second = await client.post("/engines/install-backend",
-                                       json={"backend": "llama.cpp", "version": install.SOURCE_VERSION})
-            assert second.status_code == 202 and second.json()["id"] == job["id"]
-            [listed] = (await client.get("/engines/backends")).json()
-            assert listed["install_job"] == job["id"] and listed["status"].startswith("Installing: ")
+        # Two requests, one job.
+        use_source(monkeypatch, slow=False)
+        first = await client.post("/engines/install-backend", json={"backend": "llama.cpp"})
+        assert first.status_code == 202, first.text
+        job = first.json()
+        assert first.headers["Location"] == job["status_url"] == f"/jobs/{job['id']}"
+        second = await client.post("/engines/install-backend",
+                                   json={"backend": "llama.cpp", "version": install.SOURCE_VERSION})
+        assert second.status_code == 202 and second.json()["id"] == job["id"]
+        [listed] = (await client.get("/engines/backends")).json()
+        assert listed["install_job"] == job["id"] and listed["status"].startswith("Installing: ")
 
-            # Two watchers: the raw NDJSON stream, and the CLI's progress bar (`runnerd backends install`).
-            async with DaemonClient(sock_path) as cli:
-                snapshots, cli_final = await asyncio.gather(follow(client, job["status_url"]),
-                                                            follow_job(cli, job, show_progress=True))
-            assert cli_final == snapshots[-1]
-            bar = capsys.readouterr().err
-            assert "llama.cpp" in bar and "100%|" in bar, bar
-            final = snapshots[-1]
-            assert (final["state"], final["phase"], final["percent"]) == ("succeeded", "done", 100)
-            assert final["error"] is None
-            assert final["message"] == "Running: llama.cpp 4242 (stand-in build for tests)"
-            build = [s["percent"] for s in snapshots if s["phase"] == "build" and s["percent"] is not None]
-            assert build and all(0 <= p <= 100 for p in build), snapshots  # cmake's own [ NN%] numbers
+        # Two watchers: the raw NDJSON stream, and the CLI's progress bar (`runnerd backends install`).
+        async with DaemonClient(sock_path) as cli:
+            snapshots, cli_final = await asyncio.gather(follow(client, job["status_url"]),
+                                                        follow_job(cli, job, show_progress=True))
+        assert cli_final == snapshots[-1]
+        bar = capsys.readouterr().err
+        assert "llama.cpp" in bar and "100%|" in bar, bar
+        final = snapshots[-1]
+        assert (final["state"], final["phase"], final["percent"]) == ("succeeded", "done", 100)
+        assert final["error"] is None
+        assert final["message"] == "Running: llama.cpp 4242 (stand-in build for tests)"
+        build = [s["percent"] for s in snapshots if s["phase"] == "build" and s["percent"] is not None]
+        assert build and all(0 <= p <= 100 for p in build), snapshots  # cmake's own [ NN%] numbers
 
-            [after] = (await client.get("/engines/backends")).json()
-            assert after["installed"] and after["version"] == "4242 (stand-in build for tests)"
-            assert after["disk_usage"] > 0 and after["install_job"] is None
+        [after] = (await client.get("/engines/backends")).json()
+        assert after["installed"] and after["version"] == "4242 (stand-in build for tests)"
+        assert after["disk_usage"] > 0 and after["install_job"] is None
 
-            again = await client.post("/engines/install-backend", json={"backend": "llama.cpp"})
-            assert again.status_code == 200 and again.json()["state"] == "succeeded"
-            assert again.json()["message"].startswith("already installed")
-            async with client.stream("POST", "/engines/install-backend", json={"backend": "llama.cpp"},
-                                     headers={"Accept": "application/x-ndjson"}) as streamed:
-                lines = [json.loads(line) async for line in streamed.aiter_lines() if line]
-            assert streamed.status_code == 200 and [j["state"] for j in lines] == ["succeeded"]
-            listed_jobs = {j["id"] for j in (await client.get("/jobs")).json()}
-            assert listed_jobs == {job["id"], again.json()["id"], lines[0]["id"]}
-            finished = await client.delete(job["status_url"])
-            assert finished.status_code == 409 and finished.json()["error"]["code"] == "job_finished"
+        again = await client.post("/engines/install-backend", json={"backend": "llama.cpp"})
+        assert again.status_code == 200 and again.json()["state"] == "succeeded"
+        assert again.json()["message"].startswith("already installed")
+        async with client.stream("POST", "/engines/install-backend", json={"backend": "llama.cpp"},
+                                 headers={"Accept": "application/x-ndjson"}) as streamed:
+            lines = [json.loads(line) async for line in streamed.aiter_lines() if line]
+        assert streamed.status_code == 200 and [j["state"] for j in lines] == ["succeeded"]
+        listed_jobs = {j["id"] for j in (await client.get("/jobs")).json()}
+        assert listed_jobs == {job["id"], again.json()["id"], lines[0]["id"]}
+        finished = await client.delete(job["status_url"])
+        assert finished.status_code == 409 and finished.json()["error"]["code"] == "job_finished"
 
-            removed = await client.post("/engines/uninstall-backend", json={"backend": "llama.cpp"})
-            assert removed.json() == {"backend": "llama.cpp", "status": "Not Installed"}
+        removed = await client.post("/engines/uninstall-backend", json={"backend": "llama.cpp"})
+        assert removed.json() == {"backend": "llama.cpp", "status": "Not Installed"}
 
-            # A build cancelled half-way: its processes die, nothing is installed, nothing is left over.
-            use_source(monkeypatch, slow=True)
-            slow = (await client.post("/engines/install-backend", json={"backend": "llama.cpp"})).json()
-            assert (await wait_for_phase(client, slow["status_url"], "build"))["state"] == "running"
-            await wait_until(lambda: "sleep" in build_processes())  # the slow build step runs
-            cancelled = await client.delete(slow["status_url"])
-            assert cancelled.status_code == 200
-            assert (cancelled.json()["state"], cancelled.json()["error"]) == ("cancelled", "cancelled")
-            assert (await client.delete(slow["status_url"])).json()["state"] == "cancelled"
-            await wait_until(lambda: build_processes() == [], timeout=10)  # the build's process group is gone
-            assert (await client.get("/engines/status")).json()["llama.cpp"] == "Not Installed"
-            assert list((cache / "llama.cpp").iterdir()) == []
+        # A build cancelled half-way: its processes die, nothing is installed, nothing is left over.
+        use_source(monkeypatch, slow=True)
+        slow = (await client.post("/engines/install-backend", json={"backend": "llama.cpp"})).json()
+        assert (await wait_for_phase(client, slow["status_url"], "build"))["state"] == "running"
+        await wait_until(lambda: "sleep" in build_processes())  # the slow build step runs
+        cancelled = await client.delete(slow["status_url"])
+        assert cancelled.status_code == 200
+        assert (cancelled.json()["state"], cancelled.json()["error"]) == ("cancelled", "cancelled")
+        assert (await client.delete(slow["status_url"])).json()["state"] == "cancelled"
+        await wait_until(lambda: build_processes() == [], timeout=10)  # the build's process group is gone
+        assert (await client.get("/engines/status")).json()["llama.cpp"] == "Not Installed"
+        assert list((cache / "llama.cpp").iterdir()) == []
 
-            assert (await client.get("/jobs/nope")).status_code == 404
-            bad = await client.post("/engines/install-backend", json={"backend": "llama.cpp", "version": "9.9"})
-            assert bad.status_code == 400 and bad.json()["error"]["param"] == "version"
-            unknown = await client.post("/engines/install-backend", json={"backend": "nope"})
-            assert unknown.status_code == 404
-
-    asyncio.run(scenario())
+        assert (await client.get("/jobs/nope")).status_code == 404
+        bad = await client.post("/engines/install-backend", json={"backend": "llama.cpp", "version": "9.9"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "version"
+        unknown = await client.post("/engines/install-backend", json={"backend": "nope"})
+        assert unknown.status_code == 404

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from runnerd.cli import build_parser, ps_table
-from runnerd.estimate_params import FLAG_PARAMS
+from runnerd.cli.commands import ps_table
+from runnerd.cli.parser import build_parser
+from runnerd.estimate_params import ESTIMATE_PARAMS
 from tests.tinymodels import write_tiny_llama
 
 MiB = 1 << 20
@@ -76,12 +77,14 @@ def test_ps_long_durations_stay_narrow():
 
 
 def test_cli_estimate_options_are_the_daemons_query_parameters():
-    from runnerd.api.estimate import FLAG_PARAMS as daemon_params
+    from backends.llamacpp import LlamaCppBackend
+    from runnerd.api.estimate import ESTIMATE_PARAMS as daemon_params
 
-    assert FLAG_PARAMS is daemon_params  # one table for both
+    assert ESTIMATE_PARAMS is daemon_params  # one table for both
     args = build_parser().parse_args(["estimate", "m"])
-    offered = {"parallel", "cache_type_k", "cache_type_v", "gpu_layers", "flash_attn"}
-    assert offered <= set(vars(args)) and offered <= set(FLAG_PARAMS)
+    assert set(ESTIMATE_PARAMS) <= set(vars(args))
+    # The GGUF engine understands every one of them.
+    assert set(ESTIMATE_PARAMS) <= set(LlamaCppBackend.estimate_parameters)
 
 
 @pytest.fixture(scope="module")

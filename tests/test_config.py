@@ -36,17 +36,17 @@ def test_file_then_env_then_flags(monkeypatch, tmp_path):
     cfg = tmp_path / "runnerd.toml"
     cfg.write_text('keep_alive = "10m"\nstop_grace = 2\n[llamacpp]\nthreads = 3\n')
     s = load_settings(cfg)
-    assert (s.keep_alive, s.stop_grace, s.llamacpp.threads) == ("10m", 2.0, 3)
+    assert (s.keep_alive, s.stop_grace, s.engine("llama.cpp").threads) == ("10m", 2.0, 3)
     monkeypatch.setenv("RUNNERD_KEEP_ALIVE", "0")
     monkeypatch.setenv("RUNNERD_LLAMACPP__THREADS", "1")
     s = load_settings(cfg)
-    assert (s.keep_alive, s.llamacpp.threads) == ("0", 1)
+    assert (s.keep_alive, s.engine("llama.cpp").threads) == ("0", 1)
     assert load_settings(cfg, socket=tmp_path / "x.sock").socket_path == tmp_path / "x.sock"
 
 
 def test_short_llama_server_variable(monkeypatch):
     monkeypatch.setenv("RUNNERD_LLAMA_SERVER", "/opt/llama/llama-server")
-    assert load_settings().llamacpp.server == Path("/opt/llama/llama-server")
+    assert load_settings().engine("llama.cpp").server == Path("/opt/llama/llama-server")
 
 
 @pytest.mark.parametrize(("text", "fragment"), [
@@ -54,7 +54,12 @@ def test_short_llama_server_variable(monkeypatch):
     ('keep_alive = "whenever"', "keep_alive"),
     ("stop_grace = -1", "stop_grace"),
     ("no_such_setting = 1", "no_such_setting"),
-    ("[llamacpp]\ncuda = 'maybe'", "llamacpp.cuda"),
+    ("[llamacpp]\ncuda = 'maybe'", r"engines\.llama\.cpp\.cuda"),
+    # A misspelt engine setting is refused by name, in the old table and in the new one.
+    ("[llamacpp]\nthread = 4", r"engines\.llama\.cpp\.thread: Extra inputs"),
+    ('[engines."llama.cpp"]\nthread = 4', r"engines\.llama\.cpp\.thread: Extra inputs"),
+    ("[engines.vllm]\ndevice = 'tpu'", r"engines\.vllm\.device"),
+    ("[engines.sglang]\nthreads = 1", "engines.sglang: no such engine"),
 ])
 def test_bad_config_is_named(tmp_path, text, fragment):
     cfg = tmp_path / "bad.toml"
@@ -73,7 +78,19 @@ def test_short_variable_merges_with_the_file_and_leaves_the_environment_alone(mo
     cfg.write_text('[llamacpp]\nthreads = 3\nserver = "/from/file"\n')
     monkeypatch.setenv("RUNNERD_LLAMA_SERVER", "/from/env")
     s = load_settings(cfg)
-    assert (s.llamacpp.server, s.llamacpp.threads) == (Path("/from/env"), 3)
+    assert (s.engine("llama.cpp").server, s.engine("llama.cpp").threads) == (Path("/from/env"), 3)
     import os
 
     assert "RUNNERD_LLAMACPP__SERVER" not in os.environ
+
+
+def test_engine_tables_new_and_old_spellings_merge(monkeypatch, tmp_path):
+    cfg = tmp_path / "runnerd.toml"
+    cfg.write_text('[llamacpp]\nthreads = 3\n[engines."llama.cpp"]\ngpu_layers = 7\n[engines.vllm]\n'
+                   'kv_cache_sequences = 2\n')
+    s = load_settings(cfg)
+    assert (s.engine("llama.cpp").threads, s.engine("llama.cpp").gpu_layers) == (3, 7)
+    assert s.engine("vllm").kv_cache_sequences == 2
+    # The environment beats the file, in either spelling of the table.
+    monkeypatch.setenv("RUNNERD_VLLM__KV_CACHE_SEQUENCES", "5")
+    assert load_settings(cfg).engine("vllm").kv_cache_sequences == 5

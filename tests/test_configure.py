@@ -9,7 +9,8 @@ import httpx2 as httpx
 import psutil
 import pytest
 
-from backends.base import BackendConfiguration, LlamaCppOptions, Mode
+from backends.base import BackendConfiguration, Mode
+from backends.llamacpp import LlamaCppBackend, LlamaCppOptions
 from runnerd.configs import ConfigStore, StoredConfiguration, effective_configuration
 
 CHAT = [{"role": "user", "content": "hello"}]
@@ -63,6 +64,9 @@ def test_refused_input_stores_nothing(daemon):
         ({"mode": "dreaming"}, "mode", "mode"),
         ({"vllm": {"gpu_memory_utilization": 0.5}}, "vllm", "vllm options do not apply"),
         ({"llamacpp": {"reasoning_budget": -2}}, "llamacpp.reasoning_budget", "greater than or equal to -1"),
+        ({"options": {"reasoning_budget": -2}}, "llamacpp.reasoning_budget", "greater than or equal to -1"),
+        ({"llamacpp": {"reasoning_budgte": 1}}, "llamacpp.reasoning_budgte", "Extra inputs"),
+        ({"llamacpp": 3}, "llamacpp", "must be an object"),
         ({"speculative": {"draft_model": "ghost"}}, "speculative.draft_model", "'ghost' is not in the store"),
         # The daemon resolves the draft's path itself: a caller cannot hand the engine a file.
         ({"speculative": {"draft_model": "tiny", "draft": {"name": "x", "path": "/etc/passwd"}}},
@@ -135,7 +139,8 @@ def test_configurations_survive_a_restart_and_merge_over_defaults(tmp_path):
     assert again.get("m:latest", Mode.COMPLETION) == item
     defaults = BackendConfiguration(context_size=4096, keep_alive="1m", llamacpp=LlamaCppOptions(reasoning_budget=0))
     merged = effective_configuration(defaults, again.get("m:latest", Mode.COMPLETION))
-    assert (merged.context_size, merged.keep_alive, merged.llamacpp.reasoning_budget) == (1024, "1m", 0)
+    assert (merged.context_size, merged.keep_alive) == (1024, "1m")
+    assert LlamaCppBackend(cache_dir=tmp_path).options(merged).reasoning_budget == 0
 
 
 def test_a_corrupt_file_is_set_aside_and_reported(tmp_path):

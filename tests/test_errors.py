@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import httpx2 as httpx
 import pytest
 from aiohttp import web
 
-from backends.base import BackendConfiguration, Capability, MemoryEstimate, Mode, ModelFormat, ModelRef
+from backends.base import (
+    Backend,
+    BackendConfiguration,
+    BackendState,
+    BackendStatus,
+    Capability,
+    MemoryEstimate,
+    Mode,
+    ModelFormat,
+    ModelRef,
+)
 from runnerd import server
 from runnerd.api import ollama
 from tests.conftest import app_on_socket
@@ -98,7 +107,7 @@ def test_model_the_engine_cannot_load_gives_its_reason(daemon, tmp_path):
     assert all(r["model"] != "alien:latest" for r in daemon.ps())
 
 
-class RerankLessBackend:
+class RerankLessBackend(Backend):
     """A backend without rerank support, to exercise the 501 path; it never starts a process
     because the capability check comes first."""
 
@@ -112,8 +121,8 @@ class RerankLessBackend:
     async def uninstall(self) -> None:
         return None
 
-    def status(self) -> str:
-        return "Running: none"
+    def status(self) -> BackendStatus:
+        return BackendStatus(state=BackendState.INSTALLED, version="none")
 
     def disk_usage(self) -> int:
         return 0
@@ -125,24 +134,21 @@ class RerankLessBackend:
         return MemoryEstimate.unknown("test backend")
 
 
-def test_capability_the_backend_lacks_is_501(tmp_path, tiny_model):
-    async def scenario() -> list[httpx.Response]:
-        async with app_on_socket(tmp_path, {"norerank": RerankLessBackend()}, {"tiny": tiny_model}) as client:
-            return [
-                await client.post("/engines/norerank/rerank", json={"model": "tiny", "query": "q",
-                                                                    "documents": ["a"]}),
-                await client.post("/v1/embeddings", json={"model": "tiny", "input": "a"}),
-                await client.post("/v1/chat/completions", json={"model": "tiny", "messages": [], "stream": True}),
-            ]
-
-    rerank, embeddings, stream = asyncio.run(scenario())
+@pytest.mark.anyio
+async def test_capability_the_backend_lacks_is_501(tmp_path, tiny_model):
+    async with app_on_socket(tmp_path, {"norerank": RerankLessBackend()}, {"tiny": tiny_model}) as client:
+        rerank = await client.post("/engines/norerank/rerank", json={"model": "tiny", "query": "q",
+                                                                     "documents": ["a"]})
+        embeddings = await client.post("/v1/embeddings", json={"model": "tiny", "input": "a"})
+        stream = await client.post("/v1/chat/completions", json={"model": "tiny", "messages": [], "stream": True})
     err = assert_openai_error(rerank, 501, "capability_not_supported")
     assert "norerank" in err["message"] and "rerank" in err["message"]
     assert "embeddings" in assert_openai_error(embeddings, 501)["message"]
     assert "streaming" in assert_openai_error(stream, 501)["message"]
 
 
-def test_a_bug_in_a_handler_is_a_json_500_in_the_route_shape(tmp_path, monkeypatch, caplog):
+@pytest.mark.anyio
+async def test_a_bug_in_a_handler_is_a_json_500_in_the_route_shape(tmp_path, monkeypatch, caplog):
     secret = "/secret/path/in/the/message"
 
     async def broken(request: web.Request) -> web.Response:
@@ -159,17 +165,14 @@ def test_a_bug_in_a_handler_is_a_json_500_in_the_route_shape(tmp_path, monkeypat
     monkeypatch.setattr(ollama, "version", broken)
     monkeypatch.setattr(ollama, "tags", broken_mid_stream)
 
-    async def scenario() -> tuple[httpx.Response, httpx.Response, Exception | None]:
+    cut: Exception | None = None
+    with caplog.at_level(logging.ERROR, logger="runnerd.api"):
         async with app_on_socket(tmp_path, {}) as client:
             openai_shape, ollama_shape = await client.get("/version"), await client.get("/api/version")
             try:
                 await client.get("/api/tags")
             except httpx.HTTPError as exc:
-                return openai_shape, ollama_shape, exc
-            return openai_shape, ollama_shape, None
-
-    with caplog.at_level(logging.ERROR, logger="runnerd.api"):
-        openai_shape, ollama_shape, cut = asyncio.run(scenario())
+                cut = exc
     err = assert_openai_error(openai_shape, 500, "internal_error")
     assert err["type"] == "server_error" and secret not in openai_shape.text
     assert ollama_shape.status_code == 500 and set(ollama_shape.json()) == {"error"}

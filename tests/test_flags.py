@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,24 +20,20 @@ from backends.flags import (
     FlagSpec,
     FlagTable,
     ValueKind,
-    flag_table,
     integer,
     split_raw_flags,
-    validate_hf_overrides,
-    validate_raw_runtime_flags,
-    validate_runtime_flags,
-    validated_flag_values,
 )
 from backends.llamacpp.flags import LLAMACPP_DAEMON_FLAGS, LLAMACPP_FLAGS
 from backends.vllm.flags import VLLM_DAEMON_FLAGS, VLLM_FLAGS
+from backends.vllm.overrides import validate_hf_overrides
 
-LLAMA = "llama.cpp"
-VLLM = "vllm"
+LLAMA = LLAMACPP_FLAGS
+VLLM = VLLM_FLAGS
 
 
-def refusal(backend: str, flags: list[str]) -> FlagError:
+def refusal(table: FlagTable, flags: list[str]) -> FlagError:
     with pytest.raises(FlagError) as caught:
-        validate_runtime_flags(backend, flags)
+        table.validate(flags)
     return caught.value
 
 
@@ -75,7 +72,7 @@ def refusal(backend: str, flags: list[str]) -> FlagError:
     (["-np", "-1", "--cache-ram", "0"], ["--parallel", "-1", "--cache-ram", "0"]),
 ])
 def test_llamacpp_flags_are_accepted_in_canonical_form(flags: list[str], expected: list[str]) -> None:
-    assert validate_runtime_flags(LLAMA, flags) == expected
+    assert LLAMA.validate(flags) == expected
 
 
 @pytest.mark.parametrize(("flags", "expected"), [
@@ -95,12 +92,28 @@ def test_llamacpp_flags_are_accepted_in_canonical_form(flags: list[str], expecte
     (["--max-logprobs", "-1"], ["--max-logprobs=-1"]),
 ])
 def test_vllm_flags_are_accepted_in_canonical_form(flags: list[str], expected: list[str]) -> None:
-    assert validate_runtime_flags(VLLM, flags) == expected
+    assert VLLM.validate(flags) == expected
 
 
-def test_validated_flag_values_map_canonical_names() -> None:
-    values = validated_flag_values(LLAMA, ["-ctk", "q8_0", "-nkvo", "--jinja", "-ngl", "all"])
+def test_flag_values_map_canonical_names() -> None:
+    values = LLAMA.values(["-ctk", "q8_0", "-nkvo", "--jinja", "-ngl", "all"])
     assert values == {"--cache-type-k": "q8_0", "--kv-offload": False, "--jinja": True, "--gpu-layers": "all"}
+    with pytest.raises(FlagError, match="set by runnerd"):
+        LLAMA.values(["--jinja", "--host", "x"])
+
+
+def test_lenient_flag_values_skip_what_validation_refuses() -> None:
+    # For estimates over flag lists the daemon assembles (stored flags plus tuned ones): nothing is
+    # refused, what would be refused is skipped, and the last valid occurrence wins.
+    flags = ["--parallel", "2", "--host", "h", "--tempp", "1", "--batch-size", "lots", "-ctk", "q3_k",
+             "--parallel", "3", "--ubatch-size", "--jinja", "-ts", "1,x", "bare", "-ngl", "7", "--no-repack",
+             "-r", "a\nb", "--top-k"]
+    assert LLAMA.values(flags, strict=False) == {"--parallel": "3", "--jinja": True, "--gpu-layers": "7",
+                                                 "--repack": False}
+    assert LLAMA.values([1, "-ngl", "\x00", "-ngl", "2"], strict=False) == {"--gpu-layers": "2"}  # type: ignore[list-item]
+    assert LLAMA.values(["-r", "x"] * (MAX_FLAGS + 1), strict=False) == {"--reverse-prompt": "x"}
+    with pytest.raises(FlagError):
+        LLAMA.values("--jinja", strict=False)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +159,7 @@ def test_vllm_daemon_owned_flags_point_to_their_setting(flags: list[str], settin
     *((VLLM, f) for f in ("--uds", "--host", "--port", "--model", "--served-model-name", "--api-key",
                           "--runner", "--task", "--convert", "--root-path", "--headless", "-dp")),
 ])
-def test_flags_that_set_where_the_engine_listens_or_what_it_serves_are_refused(backend: str, flag: str) -> None:
+def test_flags_that_set_where_the_engine_listens_or_what_it_serves_are_refused(backend: FlagTable, flag: str) -> None:
     assert refusal(backend, [flag, "x"]).reason.startswith("set by runnerd")
 
 
@@ -172,7 +185,7 @@ def test_flags_that_set_where_the_engine_listens_or_what_it_serves_are_refused(b
                                                       "--config", "--chat-template", "--compilation-config",
                                                       "-O")),
 ])
-def test_flags_that_touch_files_fetch_or_run_code_are_refused(backend: str, flag: str, lead: str) -> None:
+def test_flags_that_touch_files_fetch_or_run_code_are_refused(backend: FlagTable, flag: str, lead: str) -> None:
     assert refusal(backend, [flag]).reason.startswith(lead)
 
 
@@ -201,7 +214,7 @@ def test_flags_that_touch_files_fetch_or_run_code_are_refused(backend: str, flag
     (LLAMA, ["--temp", "1", "--temperature", "2"], "--temp is given more than once"),
     (LLAMA, ["--jinja", "--no-jinja"], "--jinja is given more than once"),
 ])
-def test_structural_refusals(backend: str, flags: list[str], reason: str) -> None:
+def test_structural_refusals(backend: FlagTable, flags: list[str], reason: str) -> None:
     assert refusal(backend, flags).reason == reason
 
 
@@ -306,19 +319,18 @@ def test_lookalikes_in_flag_names_are_refused(flag: str) -> None:
 
 
 def test_limits() -> None:
-    assert len(validate_runtime_flags(LLAMA, ["-r", "x"] * MAX_FLAGS)) == 2 * MAX_FLAGS
+    assert len(LLAMA.validate(["-r", "x"] * MAX_FLAGS)) == 2 * MAX_FLAGS
     assert refusal(LLAMA, ["-r", "x"] * MAX_FLAGS + ["-r", "x"]).reason == "more than 128 elements"
     too_many = ["--jinja", *["-r", "x"] * (MAX_FLAGS - 1), "--special"]
     assert refusal(LLAMA, too_many).reason == f"more than {MAX_FLAGS} flags"
     long_value = "x" * (MAX_ELEMENT_BYTES + 1)
     assert refusal(LLAMA, ["-r", long_value]).reason == f"longer than {MAX_ELEMENT_BYTES} bytes"
-    assert validate_runtime_flags(LLAMA, ["-r", "x" * MAX_ELEMENT_BYTES])[1] == "x" * MAX_ELEMENT_BYTES
+    assert LLAMA.validate(["-r", "x" * MAX_ELEMENT_BYTES])[1] == "x" * MAX_ELEMENT_BYTES
 
 
 def test_wrong_shapes_are_refused() -> None:
     assert refusal(LLAMA, "--temp 1").reason == "runtime flags must be a list of strings"  # type: ignore[arg-type]
     assert refusal(LLAMA, ["--temp", 1]).reason == "every element must be a string"  # type: ignore[list-item]
-    assert refusal("ollama", []).reason == "unknown backend (known: llama.cpp, vllm)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +361,7 @@ def test_raw_flags_split_like_a_posix_shell(raw: str, expected: list[str]) -> No
 def test_raw_flags_with_unbalanced_quotes_or_control_characters_are_refused(raw: str, reason: str | None) -> None:
     if reason is None:
         with pytest.raises(FlagError):
-            validate_raw_runtime_flags(LLAMA, raw)
+            LLAMA.validate(split_raw_flags(raw))
         return
     with pytest.raises(FlagError) as caught:
         split_raw_flags(raw)
@@ -358,11 +370,11 @@ def test_raw_flags_with_unbalanced_quotes_or_control_characters_are_refused(raw:
 
 
 def test_raw_flags_are_validated_after_splitting() -> None:
-    assert validate_raw_runtime_flags(LLAMA, "-ctk q8_0 --temp=-0.5") == ["--cache-type-k", "q8_0", "--temp", "-0.5"]
+    assert LLAMA.validate(split_raw_flags("-ctk q8_0 --temp=-0.5")) == ["--cache-type-k", "q8_0", "--temp", "-0.5"]
     with pytest.raises(FlagError, match="set by runnerd"):
-        validate_raw_runtime_flags(LLAMA, "--temp 1 --host '/tmp/x.sock'")
+        LLAMA.validate(split_raw_flags("--temp 1 --host '/tmp/x.sock'"))
     with pytest.raises(FlagError, match="bare value"):
-        validate_raw_runtime_flags(LLAMA, "--temp 1 ; rm -rf ~")
+        LLAMA.validate(split_raw_flags("--temp 1 ; rm -rf ~"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,6 +433,25 @@ def test_hf_overrides_depth_and_size_are_bounded() -> None:
         validate_hf_overrides({f"k{i}": "x" * 100 for i in range(50)})
 
 
+@pytest.mark.parametrize(("overrides", "element"), [
+    # vLLM 0.32 walked overrides into the config with getattr/setattr: `__class__`, `__dict__`, `__init__`
+    # led out of the config object into a module's globals.
+    ({"__class__": {"__init__": {"__globals__": {}}}}, "__class__"),
+    ({"text_config": {"__dict__": {"x": 1}}}, "text_config.__dict__"),
+    ({"a": [0, {"_private": 1}]}, "a[1]._private"),
+    ({"ok": 1, "_": 2}, "_"),
+    ('{"__init__": {"__globals__": {}}}', "__init__"),
+])
+def test_hf_overrides_refuse_keys_starting_with_an_underscore(overrides: object, element: str) -> None:
+    with pytest.raises(FlagError) as caught:
+        validate_hf_overrides(overrides)
+    assert caught.value.element == element
+    assert caught.value.reason.startswith("keys starting with '_' are refused")
+    assert str(caught.value).startswith(f"hf_overrides {element!a} refused: ")
+    # The shared JSON rules still allow them elsewhere (a JSON-valued runtime flag): the rule is vLLM's overrides'.
+    assert validate_hf_overrides({"a_b": {"c_": 1}}) == '{"a_b":{"c_":1}}'
+
+
 # ---------------------------------------------------------------------------------------------
 # The tables themselves
 # ---------------------------------------------------------------------------------------------
@@ -440,7 +471,7 @@ def test_allowlisted_words_are_safe_text(table: FlagTable) -> None:
     # Enum values and INT words go to argv as they are: they must pass the free-text rules too.
     for spec in table.flags:
         for word in spec.choices:
-            assert validate_runtime_flags(table.backend, [spec.name, word])[-1].endswith(word)
+            assert table.validate([spec.name, word])[-1].endswith(word)
         assert spec.name.isascii() and spec.name.startswith("--")
 
 
@@ -450,9 +481,19 @@ def test_a_table_refuses_a_spelling_declared_twice() -> None:
                   flags=(integer("--a", "-x"), integer("--b", "-x")), refusals=())
 
 
-def test_flag_table_by_backend_name() -> None:
-    assert flag_table(LLAMA) is LLAMACPP_FLAGS
-    assert flag_table(VLLM) is VLLM_FLAGS
+def test_the_flag_library_imports_no_engine() -> None:
+    """backends/flags.py is the engine-free library the engines' tables are built with: importing it
+    must not import an engine package (which imports it back) or the daemon."""
+    code = ("import sys, backends.flags; print(' '.join(sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('backends', 'runnerd'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["backends", "backends.flags"]
+
+
+def test_flag_table_lookup() -> None:
+    assert (LLAMACPP_FLAGS.backend, VLLM_FLAGS.backend) == ("llama.cpp", "vllm")
     spec = LLAMACPP_FLAGS.lookup("-ctk")
     assert isinstance(spec, tuple) and isinstance(spec[0], FlagSpec) and spec[0].kind is ValueKind.ENUM
 
@@ -492,7 +533,7 @@ def test_caller_text_in_a_reason_is_escaped() -> None:
 
 
 @pytest.mark.parametrize(("backend", "flags", "reason"), REGRESSIONS)
-def test_regressions(backend: str, flags: list[str], reason: str) -> None:
+def test_regressions(backend: FlagTable, flags: list[str], reason: str) -> None:
     assert reason in refusal(backend, flags).reason
 
 
@@ -532,7 +573,7 @@ def test_every_canonical_llamacpp_flag_parses_in_the_real_engine(llama_server: P
         batches.append(positive)
     batches.append([spelling for spec in specs for spelling in spec.negative_spellings[-1:]])
     for flags in batches:
-        argv = [str(llama_server), *validate_runtime_flags(LLAMA, flags), "--version"]
+        argv = [str(llama_server), *LLAMA.validate(flags), "--version"]
         # --version exits during parsing, after every earlier argument went through its handler.
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60,
                               env={"LD_LIBRARY_PATH": str(llama_server.parent), "HOME": "/nonexistent"})

@@ -7,7 +7,8 @@ Properties, for both engines:
 - every allowlisted flag accepts its values in every spelling and yields one canonical form;
 - free text and JSON strings with a hostile fragment anywhere are refused;
 - raw flag strings split like a shell and round-trip through shlex.join;
-- HF overrides round-trip through JSON, and a bad key at any depth is refused by path.
+- HF overrides round-trip through JSON, and a bad key at any depth (a key starting with `_` too) is
+  refused by path.
 
 Inputs that broke something are kept as regression cases in test_flags.py.
 """
@@ -32,11 +33,10 @@ from backends.flags import (
     FlagTable,
     ValueKind,
     split_raw_flags,
-    validate_hf_overrides,
-    validate_runtime_flags,
 )
 from backends.llamacpp.flags import LLAMACPP_FLAGS
 from backends.vllm.flags import VLLM_FLAGS
+from backends.vllm.overrides import validate_hf_overrides
 
 TABLES = (LLAMACPP_FLAGS, VLLM_FLAGS)
 # Backend names, not tables, go through @given: a failing example then prints one short word.
@@ -127,7 +127,7 @@ def assert_safe_output(table: FlagTable, output: list[str]) -> None:
             continue
         assert "/" not in value and "\\" not in value and "://" not in value and ".." not in value, value
         assert value.isascii() or spec.kind is ValueKind.STRING, value
-    assert validate_runtime_flags(table.backend, output) == output
+    assert table.validate(output) == output
 
 
 def _is_number(text: str) -> bool:
@@ -148,7 +148,7 @@ def test_any_flag_list_is_validated_or_refused(data: st.DataObject, backend: str
     table = BY_NAME[backend]
     flags = data.draw(st.lists(element_strategy(table), max_size=8))
     try:
-        output = validate_runtime_flags(table.backend, flags)
+        output = table.validate(flags)
     except FlagError as error:
         assert error.reason and str(error).startswith("runtime flag ")
         assert error.index is None or 0 <= error.index < len(flags)
@@ -161,7 +161,7 @@ def test_any_flag_list_is_validated_or_refused(data: st.DataObject, backend: str
 def test_arbitrary_text_never_escapes_as_another_exception(flags: list[str], backend: str) -> None:
     table = BY_NAME[backend]
     with contextlib.suppress(FlagError):
-        assert_safe_output(table, validate_runtime_flags(table.backend, flags))
+        assert_safe_output(table, table.validate(flags))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,12 +224,12 @@ def test_every_allowlisted_flag_accepts_its_values_in_every_spelling(data: st.Da
     negated = bool(spec.negation) and data.draw(st.booleans())
     spelling = data.draw(spelling_strategy(spec, negated))
     if negated or not spec.takes_value:
-        assert validate_runtime_flags(table.backend, [spelling]) == table.render(spec, None, negated)
+        assert table.validate([spelling]) == table.render(spec, None, negated)
         return
     written, canonical = data.draw(value_strategy(spec))
     joined = data.draw(st.booleans())
     flags = [f"{spelling}={written}"] if joined else [spelling, written]
-    output = validate_runtime_flags(table.backend, flags)
+    output = table.validate(flags)
     assert output == table.render(spec, canonical, False)
     assert_safe_output(table, output)
 
@@ -244,7 +244,7 @@ def test_negative_numbers_are_values_not_flags(data: st.DataObject, backend: str
     low = int(spec.minimum) if spec.minimum is not None else -(2**31)
     value = data.draw(st.integers(low, -1)) if spec.kind is ValueKind.INT else data.draw(
         st.floats(max(spec.minimum or -1e12, -1e12), -1e-30, allow_nan=False))
-    output = validate_runtime_flags(table.backend, [spec.name, str(value)])
+    output = table.validate([spec.name, str(value)])
     assert output == table.render(spec, str(value) if spec.kind is ValueKind.INT else repr(float(str(value))), False)
 
 
@@ -276,7 +276,7 @@ def test_free_text_with_a_hostile_fragment_is_refused(data: st.DataObject, picke
     value = hostile_value(data)
     for flags in ([spec.name, value], [f"{spec.name}={value}"]):
         try:
-            output = validate_runtime_flags(table.backend, flags)
+            output = table.validate(flags)
         except FlagError:
             continue
         raise AssertionError(f"{flags!r} passed as {output!r}")
@@ -290,7 +290,7 @@ def test_json_strings_with_a_hostile_fragment_are_refused(data: st.DataObject, k
         return  # inside JSON a leading '-' or '@' means nothing
     value = json.dumps({key: [1, {"k": text}]})
     try:
-        validate_runtime_flags(LLAMACPP_FLAGS.backend, ["--chat-template-kwargs", value])
+        LLAMACPP_FLAGS.validate(["--chat-template-kwargs", value])
     except FlagError as error:
         assert f"{key}[1].k" in error.reason or "not valid JSON" in error.reason or "character" in error.reason
     else:
@@ -311,7 +311,7 @@ def test_lookalike_dashes_in_any_flag_name_are_refused(data: st.DataObject, back
     dash = data.draw(st.sampled_from(LOOKALIKE_DASHES))
     spoofed = spelling[:position] + dash + spelling[position + 1:]
     try:
-        validate_runtime_flags(table.backend, [spoofed, "1"])
+        table.validate([spoofed, "1"])
     except FlagError as error:
         assert "look-alike" in error.reason or "invisible" in error.reason
     else:
@@ -337,7 +337,7 @@ def test_raw_flags_round_trip_through_shlex_join(tokens: list[str]) -> None:
 def test_any_raw_string_is_split_and_validated_or_refused(raw: str, backend: str) -> None:
     table = BY_NAME[backend]
     try:
-        output = validate_runtime_flags(table.backend, split_raw_flags(raw))
+        output = table.validate(split_raw_flags(raw))
     except FlagError:
         return
     assert_safe_output(table, output)
@@ -349,9 +349,11 @@ def test_any_raw_string_is_split_and_validated_or_refused(raw: str, backend: str
 
 JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1),
                          st.floats(allow_nan=False, allow_infinity=False), SAFE_TEXT)
+# HF override keys: identifiers that do not start with `_` (vLLM's overrides refuse those).
+OVERRIDE_KEY = st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,12}", fullmatch=True)
 VALID_JSON = st.recursive(JSON_SCALARS, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(IDENTIFIER, inner, max_size=3)), max_leaves=12)
-VALID_OVERRIDES = st.dictionaries(IDENTIFIER.filter(lambda k: k not in ("auto_map", "trust_remote_code")),
+    st.lists(inner, max_size=3), st.dictionaries(OVERRIDE_KEY, inner, max_size=3)), max_leaves=12)
+VALID_OVERRIDES = st.dictionaries(OVERRIDE_KEY.filter(lambda k: k not in ("auto_map", "trust_remote_code")),
                                   VALID_JSON, max_size=4)
 
 
@@ -377,7 +379,8 @@ def test_valid_hf_overrides_round_trip(overrides: dict[str, object]) -> None:
     assert validate_hf_overrides(compact) == compact
 
 
-BAD_KEYS = st.sampled_from(["a-b", "", "1x", "a.b", "a b", "ключ", "a\x00", "a/b", "__import__('os')"])
+BAD_KEYS = st.sampled_from(["a-b", "", "1x", "a.b", "a b", "ключ", "a\x00", "a/b", "__import__('os')", "__class__",
+                           "_x"])
 
 
 @FEW

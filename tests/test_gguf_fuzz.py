@@ -20,8 +20,8 @@ from gguf.constants import GGUFValueType
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import backends.gguf as reader
-from backends.gguf import GGUFHeader, GGUFParseError, LazyArray, read_header
+import backends.formats.gguf as reader
+from backends.formats.gguf import GGUFHeader, GGUFParseError, LazyArray, read_header
 from tests.gguf_bytes import SCALAR_FORMATS, Builder, Typed, array, text, u32
 from tests.memory_models import TinySpec, write_model
 from tests.tinymodels import write_tiny_llama

@@ -1,4 +1,4 @@
-"""backends/gguf.py on headers written by gguf.GGUFWriter, and on hand-built broken ones."""
+"""backends/formats/gguf.py on headers written by gguf.GGUFWriter, and on hand-built broken ones."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from gguf.constants import GGMLQuantizationType, GGUFValueType
 
-import backends.gguf as reader
-from backends.gguf import GGUFParseError, LazyArray, iter_scalars, read_header, shard_paths, tensor_nbytes
-from backends.llamacpp.summary import summarize
+import backends.formats.gguf as reader
+from backends.formats.gguf import GGUFParseError, LazyArray, iter_scalars, read_header, shard_paths, tensor_nbytes
+from backends.formats.gguf_summary import summarize
 from tests.gguf_bytes import Builder, Typed, array, text, u32
 from tests.memory_models import TinySpec, write_model
 from tests.tinymodels import write_tiny_llama

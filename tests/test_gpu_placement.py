@@ -7,7 +7,6 @@ the CPU llama-server, so the GPU memory they hold is their estimate (the fake NV
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from pathlib import Path
@@ -15,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from backends.base import BackendConfiguration, MemoryEstimate, Mode, ModelRef
-from backends.llamacpp import GpuDevice, LaunchOptions, LlamaCppBackend, offload_devices
+from backends.llamacpp import GpuDevice, LaunchOptions, LlamaCppBackend, offload_devices, visible_devices
 from runnerd.admission import Amount, Budget, GpuMemory, Holding, HostMemory, needed, read_host_memory_per_gpu
 from runnerd.config import MemorySettings
-from runnerd.engines import llamacpp_gpus
-from runnerd.gpus import gpu_usage_per_device
+from runnerd.engines import host_gpus
+from runnerd.sampler import HostSampler
 from runnerd.scheduler import DoesNotFit, QueueTimeout, RunnerKey, Scheduler, SchedulerLimits
 from tests.fake_nvml_gpu import FakeGpu, FakeGpuNvml, GiB
 from tests.memory_models import TinySpec, write_model
@@ -28,6 +27,11 @@ from tests.tinymodels import write_tiny_llama
 MiB = 1 << 20
 RESERVE = 512 * MiB  # memory.vram_reserve's default
 SINGLE_GPU = ["--split-mode", "none", "--main-gpu", "1"]
+
+
+def llamacpp_gpus() -> list[GpuDevice]:
+    """What the daemon hands llama.cpp: its view of the host's GPUs now."""
+    return visible_devices(host_gpus())
 
 
 def fake_gpus(monkeypatch: pytest.MonkeyPatch, *gpus: FakeGpu) -> FakeGpuNvml:
@@ -114,13 +118,15 @@ def test_split_mode_none_puts_the_whole_model_on_the_main_gpu(monkeypatch, tmp_p
 
 
 def scheduler_for(backend: LlamaCppBackend, tmp_path: Path, **limits: float) -> Scheduler:
+    """Wired as the daemon wires it: admission reads the GPUs from the host sampler (the FAKE NVML)."""
+    sampler = HostSampler()
     return Scheduler({backend.name: backend}, runtime_dir=Path("/tmp") / f"rd-gpu-{os.getpid()}-{id(tmp_path)}",
-                     log_dir=None, default_keep_alive=60.0,
-                     budget=Budget(MemorySettings(), read_host_memory_per_gpu),
-                     limits=SchedulerLimits(**limits), gpu_usage_per_device=gpu_usage_per_device)
+                     log_dir=None, default_keep_alive=60.0, budget=Budget(MemorySettings(), sampler.host_memory),
+                     limits=SchedulerLimits(**limits), sampler=sampler)
 
 
-def test_a_model_that_fits_the_pooled_vram_but_no_single_gpu_is_refused(monkeypatch, tmp_path, big_model):
+@pytest.mark.anyio
+async def test_a_model_that_fits_the_pooled_vram_but_no_single_gpu_is_refused(monkeypatch, tmp_path, big_model):
     # Sizes come from the estimates: each FAKE GPU holds the layer-split share, not the whole model.
     fake_gpus(monkeypatch, FakeGpu(total=80 * GiB, used=0), FakeGpu(total=80 * GiB, used=0))
     backend = cuda_backend(tmp_path, gpus=llamacpp_gpus)
@@ -135,18 +141,15 @@ def test_a_model_that_fits_the_pooled_vram_but_no_single_gpu_is_refused(monkeypa
     assert whole.vram <= cap.vram, "the GPUs together would have room: pooling would admit it"
     assert not whole.fits_in(cap) and split.fits_in(cap)
 
-    async def scenario() -> DoesNotFit:
-        scheduler = scheduler_for(backend, tmp_path)
-        try:
-            with pytest.raises(DoesNotFit) as caught:
-                await scheduler.acquire(RunnerKey(backend.name, big_model.name, Mode.COMPLETION), big_model,
-                                        BackendConfiguration(runtime_flags=SINGLE_GPU))
-            assert scheduler.ps() == []
-            return caught.value
-        finally:
-            await scheduler.shutdown()
+    scheduler = scheduler_for(backend, tmp_path)
+    async with scheduler.running():
+        with pytest.raises(DoesNotFit) as caught:
+            await scheduler.acquire(RunnerKey(backend.name, big_model.name, Mode.COMPLETION), big_model,
+                                    BackendConfiguration(runtime_flags=SINGLE_GPU))
+        assert scheduler.ps() == []
+        error = caught.value
+    await scheduler.sampler.stop()
 
-    error = asyncio.run(scenario())
     assert error.status == 507
     assert f"needs {whole.gpus[1] / GiB:.1f} GiB on GPU 1, which has {(per_gpu - RESERVE) / GiB:.1f} GiB usable" \
         in str(error)
@@ -166,8 +169,9 @@ class CpuRunnerGpuEstimate(LlamaCppBackend):
 
 
 @pytest.mark.engine
-def test_a_runner_holding_gpu_0_makes_the_next_model_wait_then_evict(monkeypatch, tmp_path, llama_server,
-                                                                      models_dir):
+@pytest.mark.anyio
+async def test_a_runner_holding_gpu_0_makes_the_next_model_wait_then_evict(monkeypatch, tmp_path, llama_server,
+                                                                            models_dir):
     models = {name: ModelRef(name=f"{name}:latest",
                              path=write_tiny_llama(models_dir / f"gpu-{name}.gguf", seed=20 + i))
               for i, name in enumerate("ab")}
@@ -181,20 +185,17 @@ def test_a_runner_holding_gpu_0_makes_the_next_model_wait_then_evict(monkeypatch
     backend = CpuRunnerGpuEstimate(estimator, cache_dir=tmp_path, binary=llama_server,
                                    launch=LaunchOptions(threads=1))
 
-    async def scenario() -> tuple[QueueTimeout, list[str], int]:
-        scheduler = scheduler_for(backend, tmp_path, queue_timeout=1.0)
-        key = {n: RunnerKey(backend.name, m.name, Mode.COMPLETION) for n, m in models.items()}
-        try:
-            lease = await scheduler.acquire(key["a"], models["a"], BackendConfiguration())  # busy: not evictable
-            with pytest.raises(QueueTimeout) as waited:
-                await scheduler.acquire(key["b"], models["b"], BackendConfiguration())
-            lease.release()  # idle now: the next load evicts it
-            (await scheduler.acquire(key["b"], models["b"], BackendConfiguration())).release()
-            return waited.value, [r.model for r in scheduler.ps()], scheduler.evictions
-        finally:
-            await scheduler.shutdown()
+    scheduler = scheduler_for(backend, tmp_path, queue_timeout=1.0)
+    key = {n: RunnerKey(backend.name, m.name, Mode.COMPLETION) for n, m in models.items()}
+    async with scheduler.running():
+        lease = await scheduler.acquire(key["a"], models["a"], BackendConfiguration())  # busy: not evictable
+        with pytest.raises(QueueTimeout) as caught:
+            await scheduler.acquire(key["b"], models["b"], BackendConfiguration())
+        lease.release()  # idle now: the next load evicts it
+        (await scheduler.acquire(key["b"], models["b"], BackendConfiguration())).release()
+        waited, running, evictions = caught.value, [r.model for r in scheduler.ps()], scheduler.evictions
+    await scheduler.sampler.stop()
 
-    waited, running, evictions = asyncio.run(scenario())
     assert waited.status == 503 and waited.retry_after
     free = gpu0 - RESERVE - need["a"].gpus[0]
     assert f"needs {need['b'].gpus[0] / GiB:.1f} GiB on GPU 0, which has {free / GiB:.1f} GiB free" in str(waited)

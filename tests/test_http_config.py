@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from runnerd import config
-from runnerd.cli import _http_overrides as http_overrides
-from runnerd.cli import build_parser
+from runnerd.cli.parser import build_parser
+from runnerd.cli.serve import _http_overrides as http_overrides
 from runnerd.config import ConfigError, load_settings, parse_listen
 
 

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
+import anyio
 import pytest
 
 from backends.base import Progress
 from runnerd.jobs import JobManager, JobNotFound, JobState
 
 
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 10))
-
-
-def test_progress_then_success():
-    async def scenario():
+@pytest.mark.anyio
+async def test_progress_then_success():
+    with anyio.fail_after(10):
         jobs = JobManager()
         release = asyncio.Event()
 
@@ -34,31 +32,30 @@ def test_progress_then_success():
         assert again.id == job.id and not new
         release.set()
         states = [j async for j in jobs.watch(job.id)]
-        return jobs, job.id, states
 
-    jobs, job_id, states = run(scenario())
     final = states[-1]
     assert (final.state, final.phase, final.percent, final.message) == (JobState.SUCCEEDED, "done", 100, "installed v1")
-    assert final.finished_at is not None and final.status_url == f"/jobs/{job_id}"
+    assert final.finished_at is not None and final.status_url == f"/jobs/{job.id}"
     assert jobs.active("install:x") is None, "a finished job no longer absorbs new requests"
 
 
-def test_failure_is_recorded():
-    async def scenario():
+@pytest.mark.anyio
+async def test_failure_is_recorded():
+    with anyio.fail_after(10):
         jobs = JobManager()
 
         async def work(progress):
             raise RuntimeError("cmake failed with exit code 2\nlast lines...")
 
         job, _ = jobs.start("install-backend", "x", work)
-        return [j async for j in jobs.watch(job.id)][-1]
+        final = [j async for j in jobs.watch(job.id)][-1]
 
-    final = run(scenario())
     assert final.state is JobState.FAILED and final.error.startswith("cmake failed with exit code 2")
 
 
-def test_progress_from_a_worker_thread():
-    async def scenario():
+@pytest.mark.anyio
+async def test_progress_from_a_worker_thread():
+    with anyio.fail_after(10):
         jobs = JobManager()
 
         async def work(progress):
@@ -68,15 +65,14 @@ def test_progress_from_a_worker_thread():
 
         job, _ = jobs.start("pull", "m", work)
         snapshots = [j async for j in jobs.watch(job.id)]
-        return snapshots
 
-    snapshots = run(scenario())
     assert any(s.phase == "download" and s.percent == 12 for s in snapshots)
     assert snapshots[-1].state is JobState.SUCCEEDED
 
 
-def test_cancel_cancels_the_task():
-    async def scenario():
+@pytest.mark.anyio
+async def test_cancel_cancels_the_task():
+    with anyio.fail_after(10):
         jobs = JobManager()
         cleaned = asyncio.Event()
 
@@ -90,28 +86,25 @@ def test_cancel_cancels_the_task():
         job, _ = jobs.start("install-backend", "x", work, key="k")
         await asyncio.sleep(0)
         cancelled = await jobs.cancel(job.id)
-        return cancelled, cleaned.is_set(), jobs.active("k"), await jobs.cancel(job.id)
+        was_cleaned, active, again = cleaned.is_set(), jobs.active("k"), await jobs.cancel(job.id)
 
-    cancelled, cleaned, active, again = run(scenario())
     assert cancelled.state is JobState.CANCELLED and cancelled.error == "cancelled"
-    assert cleaned and active is None
+    assert was_cleaned and active is None
     assert again.state is JobState.CANCELLED
 
 
-def test_finished_jobs_are_kept_up_to_a_bound():
-    async def scenario():
-        jobs = JobManager(keep_finished=3)
-        ids = [jobs.finished("install-backend", f"b{i}", "already installed").id for i in range(5)]
-        return jobs, ids
-
-    jobs, ids = run(scenario())
+@pytest.mark.anyio
+async def test_finished_jobs_are_kept_up_to_a_bound():
+    jobs = JobManager(keep_finished=3)  # nothing awaited: no timeout needed
+    ids = [jobs.finished("install-backend", f"b{i}", "already installed").id for i in range(5)]
     assert [j.id for j in jobs.list()] == ids[-3:]
     with pytest.raises(JobNotFound):
         jobs.get(ids[0])
 
 
-def test_shutdown_cancels_running_jobs():
-    async def scenario():
+@pytest.mark.anyio
+async def test_shutdown_cancels_running_jobs():
+    with anyio.fail_after(10):
         jobs = JobManager()
 
         async def work(progress):
@@ -121,6 +114,6 @@ def test_shutdown_cancels_running_jobs():
         job, _ = jobs.start("install-backend", "x", work)
         await asyncio.sleep(0)
         await jobs.shutdown()
-        return jobs.get(job.id)
+        final = jobs.get(job.id)
 
-    assert run(scenario()).state is JobState.CANCELLED
+    assert final.state is JobState.CANCELLED

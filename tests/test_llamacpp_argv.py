@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backends.base import BackendConfiguration, LlamaCppOptions, Mode, ModelRef
+from backends.base import BackendConfiguration, Mode, ModelRef
 from backends.llamacpp.argv import LaunchOptions, build_argv, build_env
+from backends.llamacpp.options import LlamaCppOptions
 
 MODEL = ModelRef(name="m:latest", path=Path("/models/m.gguf"))
 SOCK = Path("/run/r.sock")
@@ -63,7 +64,7 @@ def test_environment_is_built_not_inherited():
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from backends.flags import FlagError, validate_runtime_flags  # noqa: E402
+from backends.flags import FlagError  # noqa: E402
 from backends.llamacpp.flags import LLAMACPP_FLAGS  # noqa: E402
 
 OWNED_VALUES = {"--model": str(MODEL.path), "--host": str(SOCK), "--alias": MODEL.name, "--ctx-size": "4096"}
@@ -76,7 +77,7 @@ ELEMENT = st.one_of(st.sampled_from(SPELLINGS), st.sampled_from(["-1", "0.5", "2
 @given(flags=st.lists(ELEMENT, max_size=10), mode=st.sampled_from(list(Mode)))
 def test_accepted_flags_never_override_the_daemons_own(flags, mode):
     try:
-        accepted = validate_runtime_flags("llama.cpp", flags)
+        accepted = LLAMACPP_FLAGS.validate(flags)
     except FlagError:
         return
     argv = build_argv(Path("/bin/llama-server"), SOCK, MODEL, mode, BackendConfiguration(runtime_flags=accepted),

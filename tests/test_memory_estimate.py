@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends.base import BackendConfiguration, Mode
-from backends.gguf import GGUFHeader, read_header
+from backends.formats.gguf import GGUFHeader, read_header
 from backends.llamacpp.memory import (
     CPU_BASE_HEAP,
     CPU_LIBRARIES,

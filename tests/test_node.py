@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
+from pathlib import Path
 
-import httpx2 as httpx
 import psutil
 import pytest
 
 from backends.base import MemoryEstimate, Mode
+from backends.endpoint import Endpoint
 from backends.llamacpp import LlamaCppBackend
 from runnerd import gpus, node
 from runnerd.scheduler import RunnerInfo, RunnerState
@@ -22,8 +22,9 @@ pytestmark = pytest.mark.engine
 
 def runner_info(pid: int | None) -> RunnerInfo:
     return RunnerInfo(backend="llama.cpp", model="tiny:latest", mode=Mode.COMPLETION, state=RunnerState.READY,
-                      pid=pid, socket="/run/x.sock", log_path=None, started_at=None, last_used=0, active_requests=0,
-                      keep_alive=None, expires_at=None, memory=MemoryEstimate(ram_bytes=100, vram_bytes=7),
+                      pid=pid, socket="/run/x.sock", endpoint=Endpoint.unix(Path("/run/x.sock")), log_path=None,
+                      started_at=None, last_used=0, active_requests=0, keep_alive=None, expires_at=None,
+                      memory=MemoryEstimate(ram_bytes=100, vram_bytes=7),
                       measured_ram_bytes=0, measured_vram_bytes=0)
 
 
@@ -78,14 +79,13 @@ def test_fake_gpu_answer(monkeypatch):
     assert info.reserved.estimated_vram_bytes == 7
 
 
-def test_node_route_with_a_fake_gpu(monkeypatch, tmp_path, llama_server):
+@pytest.mark.anyio
+async def test_node_route_with_a_fake_gpu(monkeypatch, tmp_path, llama_server):
     monkeypatch.setitem(sys.modules, "pynvml", FakeGpuNvml([FakeGpu()]))
-    async def scenario() -> httpx.Response:
-        backends = {"llama.cpp": LlamaCppBackend(cache_dir=tmp_path, binary=llama_server)}
-        async with app_on_socket(tmp_path, backends) as client:
-            return await client.get("/node")
+    backends = {"llama.cpp": LlamaCppBackend(cache_dir=tmp_path, binary=llama_server)}
+    async with app_on_socket(tmp_path, backends) as client:
+        resp = await client.get("/node")
 
-    resp = asyncio.run(scenario())
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert [g["name"] for g in body["gpus"]] == ["FAKE NVIDIA GPU (test double)"]

@@ -3,7 +3,6 @@ surface), unmodified, against a real daemon serving the real llama-server."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import http.server
@@ -19,7 +18,7 @@ import ollama
 import pytest
 
 from backends.base import Capability, ModelFormat
-from runnerd.api import ollama as ollama_routes
+from runnerd.api.ollama import models as ollama_routes
 from runnerd.store import ModelEntry
 
 pytestmark = pytest.mark.engine
@@ -275,49 +274,45 @@ def test_gemma_chat_through_the_ollama_client(make_daemon, gemma_model):
     assert json.loads(answer.choices[0].message.content or "")["color"] in {"red", "green", "blue"}
 
 
-def test_capability_the_backend_lacks_is_501_in_ollama_shape(tmp_path, tiny_model):
+@pytest.mark.anyio
+async def test_capability_the_backend_lacks_is_501_in_ollama_shape(tmp_path, tiny_model):
     from tests.conftest import app_on_socket
     from tests.test_errors import RerankLessBackend
 
-    async def scenario() -> list[httpx.Response]:
-        async with app_on_socket(tmp_path, {"norerank": RerankLessBackend()}, {"tiny": tiny_model}) as c:
-            return [await c.post("/api/embed", json={"model": "tiny", "input": "a"}),
-                    await c.post("/api/chat", json={"model": "tiny", "messages": CHAT})]
-
-    embed, chat = asyncio.run(scenario())
+    async with app_on_socket(tmp_path, {"norerank": RerankLessBackend()}, {"tiny": tiny_model}) as c:
+        embed = await c.post("/api/embed", json={"model": "tiny", "input": "a"})
+        chat = await c.post("/api/chat", json={"model": "tiny", "messages": CHAT})
     assert embed.status_code == 501 and embed.json() == {"error": "backend norerank does not support embeddings"}
     assert chat.status_code == 501 and "streaming" in chat.json()["error"]
 
 
-def test_preflight_over_tcp_needs_no_token_and_origins_are_configurable(tmp_path):
+@pytest.mark.anyio
+async def test_preflight_over_tcp_needs_no_token_and_origins_are_configurable(tmp_path):
     from aiohttp import web
 
     from runnerd.api.auth import HTTP_TOKEN
     from runnerd.config import load_settings
     from runnerd.server import create_app
 
-    async def scenario() -> list[httpx.Response]:
-        settings = load_settings(runtime_dir=tmp_path / "run", data_dir=tmp_path / "data",
-                                 allowed_origins=["https://chat.example"])
-        app = create_app(settings, backends={})
-        app[HTTP_TOKEN] = "s3cret"
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
-                preflight = {"Origin": "https://chat.example:444", "Access-Control-Request-Method": "GET"}
-                return [await c.options("/api/tags", headers=preflight),
-                        await c.get("/api/tags", headers={"Origin": "https://chat.example"}),
-                        await c.get("/api/tags", headers={"Origin": "https://chat.example",
-                                                          "Authorization": "Bearer s3cret"}),
-                        await c.get("/api/tags", headers={"Origin": "http://localhost"})]
-        finally:
-            await runner.cleanup()
+    settings = load_settings(runtime_dir=tmp_path / "run", data_dir=tmp_path / "data",
+                             allowed_origins=["https://chat.example"])
+    app = create_app(settings, backends={})
+    app[HTTP_TOKEN] = "s3cret"
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+            preflight_headers = {"Origin": "https://chat.example:444", "Access-Control-Request-Method": "GET"}
+            preflight = await c.options("/api/tags", headers=preflight_headers)
+            no_token = await c.get("/api/tags", headers={"Origin": "https://chat.example"})
+            ok = await c.get("/api/tags", headers={"Origin": "https://chat.example", "Authorization": "Bearer s3cret"})
+            localhost = await c.get("/api/tags", headers={"Origin": "http://localhost"})
+    finally:
+        await runner.cleanup()
 
-    preflight, no_token, ok, localhost = asyncio.run(scenario())
     assert preflight.status_code == 204
     assert preflight.headers["Access-Control-Allow-Origin"] == "https://chat.example:444"
     # The browser may read the 401, so the page can tell the user what is wrong.

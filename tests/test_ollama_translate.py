@@ -1,4 +1,4 @@
-"""The pure Ollama <-> OpenAI mapping (runnerd.ollama_translate) and the CORS origin rules."""
+"""The pure Ollama <-> OpenAI mapping (runnerd.api.ollama.translate) and the CORS origin rules."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ import json
 
 import pytest
 
-from runnerd import ollama_translate as tr
+from backends.base import OPENAI_SAMPLING
+from backends.llamacpp import LlamaCppBackend
+from backends.vllm import VllmBackend
 from runnerd.api.cors import origin_allowed
+from runnerd.api.ollama import translate as tr
 from runnerd.config import DEFAULT_ALLOWED_ORIGINS
+from runnerd.sse import error_text, parse_sse_line
 
 
 def test_sampling_options_map_to_engine_fields():
@@ -18,18 +22,18 @@ def test_sampling_options_map_to_engine_fields():
         "stop": "###", "repeat_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": 0.25,
         "mirostat": 2,  # unknown to the engine: ignored
     })
-    assert tr.sampling_fields(options) == {
+    assert tr.sampling_fields(options, LlamaCppBackend.sampling_dialect) == {
         "max_tokens": 12, "temperature": 0.2, "top_p": 0.9, "top_k": 40, "seed": 7, "stop": ["###"],
         "repeat_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": 0.25,
     }
     # num_predict -1 (unlimited) and -2 (fill the context) set no limit.
-    assert "max_tokens" not in tr.sampling_fields(tr.OllamaOptions(num_predict=-1))
-    assert tr.sampling_fields(None) == {}
+    assert "max_tokens" not in tr.sampling_fields(tr.OllamaOptions(num_predict=-1), OPENAI_SAMPLING)
+    assert tr.sampling_fields(None, OPENAI_SAMPLING) == {}
 
 
 def test_llama_server_names_for_llama_cpp_models():
     options = tr.OllamaOptions(repeat_penalty=1.1, repeat_last_n=32, typical_p=0.7, num_keep=5, min_p=0.05)
-    assert tr.sampling_fields(options, "llama.cpp") == {
+    assert tr.sampling_fields(options, LlamaCppBackend.sampling_dialect) == {
         "repeat_penalty": 1.1, "repeat_last_n": 32, "typical_p": 0.7, "n_keep": 5, "min_p": 0.05}
 
 
@@ -40,7 +44,7 @@ def test_vllm_names_and_dropped_options(caplog):
         "repeat_penalty": 1.1, "repeat_last_n": 32, "typical_p": 0.7, "num_keep": 5,
     })
     with caplog.at_level("DEBUG", logger="runnerd.ollama"):
-        fields = tr.sampling_fields(options, tr.VLLM)
+        fields = tr.sampling_fields(options, VllmBackend.sampling_dialect)
     assert fields == {
         "max_tokens": 8, "temperature": 0.2, "top_k": 40, "min_p": 0.05, "seed": 7, "stop": ["###"],
         "presence_penalty": 0.5, "frequency_penalty": 0.25, "ignore_eos": True, "repetition_penalty": 1.1,
@@ -143,12 +147,12 @@ def test_stream_chunks_join_tool_call_fragments():
 
 
 def test_sse_lines_and_errors():
-    assert tr.parse_sse_line(b'data: {"a": 1}\n') == {"a": 1}
-    assert tr.parse_sse_line(b"data: [DONE]\n") == "done"
-    assert tr.parse_sse_line(b'error: {"code": 500, "message": "boom"}') == {"error": {"code": 500, "message": "boom"}}
-    assert tr.parse_sse_line(b"\n") is None and tr.parse_sse_line(b": comment") is None
-    assert tr.error_text({"error": {"message": "boom", "code": 400}}) == "boom"
-    assert tr.error_text({"error": "plain"}) == "plain"
+    assert parse_sse_line(b'data: {"a": 1}\n') == {"a": 1}
+    assert parse_sse_line(b"data: [DONE]\n") == "done"
+    assert parse_sse_line(b'error: {"code": 500, "message": "boom"}') == {"error": {"code": 500, "message": "boom"}}
+    assert parse_sse_line(b"\n") is None and parse_sse_line(b": comment") is None
+    assert error_text({"error": {"message": "boom", "code": 400}}) == "boom"
+    assert error_text({"error": "plain"}) == "plain"
 
 
 def test_embeddings_order_and_dimensions():

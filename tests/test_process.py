@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from backends.base import BackendConfiguration, Mode, ModelRef, RunnerError, RunnerOutput
+from backends.endpoint import Endpoint
 from backends.llamacpp import LaunchOptions, LlamaCppBackend
 from backends.llamacpp.argv import build_env
 from backends.llamacpp.errors import LLAMACPP_EXIT_PATTERNS
@@ -30,24 +31,22 @@ def sock(tmp_path_factory):
 
 
 @pytest.mark.engine
-def test_llama_server_runs_becomes_ready_and_stops_cleanly(llama_server, tiny_model, sock, tmp_path):
+@pytest.mark.anyio
+async def test_llama_server_runs_becomes_ready_and_stops_cleanly(llama_server, tiny_model, sock, tmp_path):
     backend = LlamaCppBackend(cache_dir=tmp_path, binary=llama_server, launch=LaunchOptions(threads=1))
     model = ModelRef(name="tiny", path=tiny_model)
     output = RunnerOutput(tmp_path / "runner.log")
 
-    async def scenario() -> float:
-        task = asyncio.create_task(backend.run(sock, model, Mode.COMPLETION, BackendConfiguration(context_size=256),
-                                               output))
-        started = time.monotonic()
-        await wait_until_ready(sock, output, task, timeout=30)
-        ready_after = time.monotonic() - started
-        assert psutil.Process(output.pid).is_running()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return ready_after
+    task = asyncio.create_task(backend.run(Endpoint.unix(sock), model, Mode.COMPLETION,
+                                           BackendConfiguration(context_size=256), output))
+    started = time.monotonic()
+    await wait_until_ready(Endpoint.unix(sock), output, task, timeout=30)
+    ready_after = time.monotonic() - started
+    assert psutil.Process(output.pid).is_running()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
 
-    ready_after = asyncio.run(scenario())
     assert ready_after < 10
     assert not psutil.pid_exists(output.pid) or psutil.Process(output.pid).status() == psutil.STATUS_ZOMBIE
     assert not sock.exists()
@@ -56,30 +55,26 @@ def test_llama_server_runs_becomes_ready_and_stops_cleanly(llama_server, tiny_mo
 
 
 @pytest.mark.engine
-def test_unvalidated_flag_never_reaches_the_engine(llama_server, tiny_model, sock, tmp_path):
+@pytest.mark.anyio
+async def test_unvalidated_flag_never_reaches_the_engine(llama_server, tiny_model, sock, tmp_path):
     backend = LlamaCppBackend(cache_dir=tmp_path, binary=llama_server)
     output = RunnerOutput()
 
-    async def scenario() -> None:
-        await backend.run(sock, ModelRef(name="tiny", path=tiny_model), Mode.COMPLETION,
-                          BackendConfiguration(runtime_flags=["--model", "/etc/passwd"]), output)
-
     with pytest.raises(RunnerError) as info:
-        asyncio.run(scenario())
+        await backend.run(Endpoint.unix(sock), ModelRef(name="tiny", path=tiny_model), Mode.COMPLETION,
+                          BackendConfiguration(runtime_flags=["--model", "/etc/passwd"]), output)
     assert info.value.reason == "bad_flag" and "--model" in str(info.value)
     assert output.pid is None
 
 
 @pytest.mark.engine
-def test_engine_refusing_a_flag_is_translated(llama_server, tiny_model, sock):
+@pytest.mark.anyio
+async def test_engine_refusing_a_flag_is_translated(llama_server, tiny_model, sock):
     argv = [str(llama_server), "--model", str(tiny_model), "--host", str(sock), "--no-such-flag"]
 
-    async def scenario() -> None:
-        await run_process(argv, env=build_env(llama_server), socket_path=sock, output=RunnerOutput(),
-                          exit_patterns=LLAMACPP_EXIT_PATTERNS)
-
     with pytest.raises(RunnerError) as info:
-        asyncio.run(scenario())
+        await run_process(argv, env=build_env(llama_server), endpoint=Endpoint.unix(sock), output=RunnerOutput(),
+                          exit_patterns=LLAMACPP_EXIT_PATTERNS)
     assert info.value.reason == "bad_flag"
     assert any("--no-such-flag" in line for line in info.value.tail)
 
@@ -93,49 +88,44 @@ time.sleep(60)
 """
 
 
-def test_stop_escalates_to_sigkill_and_takes_the_whole_group(sock):
+@pytest.mark.anyio
+async def test_stop_escalates_to_sigkill_and_takes_the_whole_group(sock):
     output = RunnerOutput()
 
-    async def scenario() -> float:
-        task = asyncio.create_task(run_process([sys.executable, "-c", CHILD_IGNORING_SIGTERM], env={},
-                                               socket_path=sock, output=output, grace=0.3))
-        while not output.tail:
-            await asyncio.sleep(0.01)
-        started = time.monotonic()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return time.monotonic() - started
+    task = asyncio.create_task(run_process([sys.executable, "-c", CHILD_IGNORING_SIGTERM], env={},
+                                           endpoint=Endpoint.unix(sock), output=output, grace=0.3))
+    while not output.tail:
+        await asyncio.sleep(0.01)
+    started = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    took = time.monotonic() - started
 
-    took = asyncio.run(scenario())
     grandchild = int(output.tail[0])
     assert 0.25 < took < 3
     assert output.exit_code == -9
     deadline = time.monotonic() + 2
     while psutil.pid_exists(grandchild) and psutil.Process(grandchild).status() != psutil.STATUS_ZOMBIE:
         assert time.monotonic() < deadline, "grandchild outlived the stop"
-        time.sleep(0.02)
+        await asyncio.sleep(0.02)
 
 
-def test_unexpected_exit_raises_with_the_last_output(sock):
+@pytest.mark.anyio
+async def test_unexpected_exit_raises_with_the_last_output(sock):
     output = RunnerOutput()
     script = "import sys; print('loading'); print('error loading model: bad tensor'); sys.exit(3)"
 
-    async def scenario() -> None:
-        await run_process([sys.executable, "-c", script], env={}, socket_path=sock, output=output)
-
     with pytest.raises(RunnerError) as info:
-        asyncio.run(scenario())
+        await run_process([sys.executable, "-c", script], env={}, endpoint=Endpoint.unix(sock), output=output)
     assert info.value.reason == "model_load_failed" and info.value.exit_code == 3
     assert "error loading model: bad tensor" in str(info.value)
 
 
-def test_spawn_failure_is_a_runner_error(sock):
-    async def scenario() -> None:
-        await run_process(["/nonexistent/engine"], env={}, socket_path=sock, output=RunnerOutput())
-
+@pytest.mark.anyio
+async def test_spawn_failure_is_a_runner_error(sock):
     with pytest.raises(RunnerError, match="cannot start /nonexistent/engine"):
-        asyncio.run(scenario())
+        await run_process(["/nonexistent/engine"], env={}, endpoint=Endpoint.unix(sock), output=RunnerOutput())
 
 
 @pytest.mark.parametrize(("code", "lines", "reason"), [
@@ -161,29 +151,28 @@ time.sleep(60)
 """
 
 
-def test_a_stale_socket_is_removed_before_the_engine_binds(sock):
+@pytest.mark.anyio
+async def test_a_stale_socket_is_removed_before_the_engine_binds(sock):
     stale = socket.socket(socket.AF_UNIX)  # what a killed engine leaves behind: nobody listens on it
     stale.bind(str(sock))
     stale.close()
     output = RunnerOutput()
 
-    async def scenario() -> None:
-        task = asyncio.create_task(run_process([sys.executable, "-c", CHILD_BINDING, str(sock)], env={},
-                                               socket_path=sock, output=output, grace=0.3))
-        while "bound" not in output.tail and not task.done():
-            await asyncio.sleep(0.01)
-        assert not task.done(), list(output.tail)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    asyncio.run(scenario())
+    task = asyncio.create_task(run_process([sys.executable, "-c", CHILD_BINDING, str(sock)], env={},
+                                           endpoint=Endpoint.unix(sock), output=output, grace=0.3))
+    while "bound" not in output.tail and not task.done():
+        await asyncio.sleep(0.01)
+    assert not task.done(), list(output.tail)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
     assert not sock.exists()
 
 
-def test_a_regular_file_at_the_socket_path_is_never_removed(sock):
+@pytest.mark.anyio
+async def test_a_regular_file_at_the_socket_path_is_never_removed(sock):
     sock.write_text("not a socket")
     with pytest.raises(RunnerError):
-        asyncio.run(run_process([sys.executable, "-c", CHILD_BINDING, str(sock)], env={}, socket_path=sock,
-                                output=RunnerOutput()))
+        await run_process([sys.executable, "-c", CHILD_BINDING, str(sock)], env={}, endpoint=Endpoint.unix(sock),
+                          output=RunnerOutput())
     assert sock.read_text() == "not a socket"

@@ -202,10 +202,11 @@ def test_runner_pid_file_lives_as_long_as_the_runner(make_daemon, tiny_model):
     assert not pid_file.exists()
 
 
-def test_gpu_memory_of_a_runner_is_measured_and_held(llama_server, tiny_model, tmp_path):
-    """FAKE GPU usage: NVML cannot exist on a CPU host, so a stand-in reports 1 GiB for every process.
+@pytest.mark.anyio
+async def test_gpu_memory_of_a_runner_is_measured_and_held(monkeypatch, llama_server, tiny_model, tmp_path):
+    """FAKE NVML: NVML cannot exist on a CPU host, so a stand-in GPU reports 1 GiB for every process.
     The runner's tree is a real llama-server; what is checked is that the scheduler counts it."""
-    import asyncio
+    import sys
 
     import psutil as ps
 
@@ -214,27 +215,23 @@ def test_gpu_memory_of_a_runner_is_measured_and_held(llama_server, tiny_model, t
     from runnerd.admission import Budget
     from runnerd.config import MemorySettings
     from runnerd.scheduler import RunnerKey, Scheduler
+    from tests.fake_nvml_gpu import FakeGpu, FakeGpuNvml
 
     gib = 1 << 30
+    gpu = FakeGpu()
+    monkeypatch.setitem(sys.modules, "pynvml", FakeGpuNvml([gpu]))
 
-    def fake_gpu_usage():  # GPU 0 -> pid -> bytes
-        return {0: {pid: gib for pid in ps.pids()}}
-
-    async def scenario():
-        backend = LlamaCppBackend(cache_dir=tmp_path, binary=llama_server, launch=LaunchOptions(threads=1))
-        scheduler = Scheduler({backend.name: backend}, runtime_dir=Path("/tmp") / f"rd-gpu-{os.getpid()}",
-                              log_dir=None, default_keep_alive=60.0, budget=Budget(MemorySettings()),
-                              gpu_usage_per_device=fake_gpu_usage)
+    backend = LlamaCppBackend(cache_dir=tmp_path, binary=llama_server, launch=LaunchOptions(threads=1))
+    scheduler = Scheduler({backend.name: backend}, runtime_dir=Path("/tmp") / f"rd-gpu-{os.getpid()}",
+                          log_dir=None, default_keep_alive=60.0, budget=Budget(MemorySettings()))
+    async with scheduler.running():
         lease = await scheduler.acquire(RunnerKey(backend.name, "tiny:latest", Mode.COMPLETION),
                                         ModelRef(name="tiny:latest", path=tiny_model), BackendConfiguration())
         lease.release()
-        try:
-            (info,) = scheduler.ps()
-            holding = scheduler._holdings()[0]
-            return info, holding
-        finally:
-            await scheduler.shutdown()
+        gpu.processes = {pid: gib for pid in ps.pids()}  # GPU 0 -> pid -> bytes, the engine's included
+        await scheduler.sampler.fresh()  # what runners hold comes from the sampler's readings
+        (info,) = scheduler.ps()
+        holding = scheduler._holdings()[0]
 
-    info, holding = asyncio.run(scenario())
     assert info.measured_vram_bytes == gib and info.measured_ram_bytes > 0
     assert holding.held.vram == gib

@@ -3,7 +3,6 @@ command line and in the memory estimate."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import psutil
 import pytest
 
 from backends.base import BackendConfiguration, Mode, ModelFormat, RunnerError, RunnerOutput
+from backends.endpoint import Endpoint
 from backends.llamacpp import LlamaCppBackend
 from backends.vllm import VllmBackend
 from runnerd.api.context import DAEMON
@@ -34,7 +34,8 @@ def stored(draft_model: str = "small") -> StoredConfiguration:
                                config=BackendConfiguration(speculative={"draft_model": draft_model}))
 
 
-def test_drafts_are_kept_by_name_and_resolved_on_read(tmp_path: Path, tiny_model: Path) -> None:
+@pytest.mark.anyio
+async def test_drafts_are_kept_by_name_and_resolved_on_read(tmp_path: Path, tiny_model: Path) -> None:
     where = {"small": tiny_model}
     configs = ConfigStore(tmp_path, resolve_model=lambda name: ModelEntry(
         name=name, path=where[name], size=1).ref() if name in where else None)
@@ -51,7 +52,7 @@ def test_drafts_are_kept_by_name_and_resolved_on_read(tmp_path: Path, tiny_model
     backend = LlamaCppBackend(cache_dir=tmp_path, binary=tmp_path / "no-llama-server")
     ref = ModelEntry(name="big:latest", path=tiny_model, size=1).ref()
     with pytest.raises(RunnerError, match="'small' is not in the store"):
-        asyncio.run(backend.run(tmp_path / "r.sock", ref, Mode.COMPLETION, gone.config, RunnerOutput()))
+        await backend.run(Endpoint.unix(tmp_path / "r.sock"), ref, Mode.COMPLETION, gone.config, RunnerOutput())
     assert any("not counted" in n for n in backend.required_memory(ref, Mode.COMPLETION, gone.config).notes)
 
 
@@ -63,14 +64,11 @@ def _hf_entry(tmp_path: Path, name: str) -> ModelEntry:
     return ModelEntry(name=f"{name}:latest", path=path, format=ModelFormat.SAFETENSORS, size=1)
 
 
-def test_configure_checks_the_draft_against_the_store_and_the_backend(tmp_path: Path, tiny_model: Path,
-                                                                    daemons: list[Any]) -> None:
+@pytest.mark.anyio
+async def test_configure_checks_the_draft_against_the_store_and_the_backend(tmp_path: Path, tiny_model: Path,
+                                                                          daemons: list[Any]) -> None:
     backends = {"llama.cpp": LlamaCppBackend(cache_dir=tmp_path, binary=tmp_path / "no-llama-server"),
                 "vllm": VllmBackend(cache_dir=tmp_path / "vllm")}
-    asyncio.run(_configure_flow(tmp_path, backends, tiny_model, daemons))
-
-
-async def _configure_flow(tmp_path: Path, backends: dict[str, Any], tiny_model: Path, daemons: list[Any]) -> None:
     async with app_on_socket(tmp_path, backends, {"tiny": tiny_model}) as client:
         (app_daemon,) = daemons
         # Safetensors models enter the store by pulling a directory; registering the entry directly keeps

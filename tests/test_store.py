@@ -19,11 +19,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from backends.base import ModelFormat
-from runnerd import pull as pull_module
-from runnerd import store as store_module
 from runnerd.config import HuggingFaceSettings, StoreSettings
-from runnerd.pull import PullError, PullProgress, parse_source
 from runnerd.store import ModelInUse, ModelNotFound, ModelStore, StoreError, canonical_name
+from runnerd.store import blobs as store_module
+from runnerd.store import pull as pull_module
+from runnerd.store.pull import PullError, PullProgress, parse_source
 from tests.fileserver import FileServer
 
 BASE = "https://hub.example"
@@ -49,9 +49,9 @@ def make_store(tmp_path: Path, server: FileServer | None = None, **settings: Any
     return ModelStore(tmp_path / "data", StoreSettings(**opts), hf)
 
 
-def pull(store: ModelStore, source: str, name: str | None = None, sha256: str | None = None,
-         reports: list[PullProgress] | None = None) -> Any:
-    return asyncio.run(store.pull(source, name, sha256, (reports if reports is not None else []).append))
+async def pull(store: ModelStore, source: str, name: str | None = None, sha256: str | None = None,
+               reports: list[PullProgress] | None = None) -> Any:
+    return await store.pull(source, name, sha256, (reports if reports is not None else []).append)
 
 
 def leftovers(store: ModelStore) -> tuple[list[str], list[str]]:
@@ -60,12 +60,13 @@ def leftovers(store: ModelStore) -> tuple[list[str], list[str]]:
     return blobs, parts
 
 
-def test_pull_resumes_with_range_after_a_dropped_connection(tmp_path, server, gguf):
+@pytest.mark.anyio
+async def test_pull_resumes_with_range_after_a_dropped_connection(tmp_path, server, gguf):
     url = server.add("/files/tiny.gguf", gguf)
     server.drop_after["/files/tiny.gguf"] = [200_000]
     reports: list[PullProgress] = []
     store = make_store(tmp_path, server)
-    entry = pull(store, url, "tiny", reports=reports)
+    entry = await pull(store, url, "tiny", reports=reports)
     assert entry.name == "tiny:latest" and entry.stored and entry.size == len(gguf)
     assert entry.digest == hashlib.sha256(gguf).hexdigest()
     assert entry.path == store.blobs / f"sha256-{entry.digest}" and entry.path.read_bytes() == gguf
@@ -82,123 +83,123 @@ def test_pull_resumes_with_range_after_a_dropped_connection(tmp_path, server, gg
     assert again == entry
 
 
-def test_failed_pull_leaves_only_the_part_and_the_next_pull_resumes(tmp_path, server, gguf):
+@pytest.mark.anyio
+async def test_failed_pull_leaves_only_the_part_and_the_next_pull_resumes(tmp_path, server, gguf):
     url = server.add("/tiny.gguf", gguf)
     server.drop_after["/tiny.gguf"] = [300_000]
     store = make_store(tmp_path, server, retries=0)
     with pytest.raises(StoreError) as err:
-        pull(store, url, "tiny")
+        await pull(store, url, "tiny")
     assert err.value.status == 502 and "pull again to resume" in str(err.value)
     assert store.list() == []
     blobs, parts = leftovers(store)
     assert blobs == [] and len([p for p in parts if p.endswith(".part")]) == 1
     part_size = next(store.partial.glob("*.part")).stat().st_size
     assert 0 < part_size <= 300_000
-    entry = pull(store, url, "tiny")
+    entry = await pull(store, url, "tiny")
     assert entry.path.read_bytes() == gguf
     assert server.gets("/tiny.gguf")[-1] == f"bytes={part_size}-"
     assert leftovers(store)[1] == []
 
 
-def test_sha256_mismatch_registers_nothing_and_keeps_no_part(tmp_path, server, gguf):
+@pytest.mark.anyio
+async def test_sha256_mismatch_registers_nothing_and_keeps_no_part(tmp_path, server, gguf):
     url = server.add("/tiny.gguf", gguf)
     store = make_store(tmp_path, server)
     with pytest.raises(StoreError) as err:
-        pull(store, url, "tiny", sha256="0" * 64)
+        await pull(store, url, "tiny", sha256="0" * 64)
     assert err.value.status == 502 and err.value.code == "digest_mismatch"
     assert store.list() == [] and leftovers(store) == ([], [])
-    good = pull(store, url, "tiny", sha256="sha256:" + hashlib.sha256(gguf).hexdigest().upper())
+    good = await pull(store, url, "tiny", sha256="sha256:" + hashlib.sha256(gguf).hexdigest().upper())
     assert good.size == len(gguf)
     with pytest.raises(StoreError) as bad:
-        pull(store, url, "tiny", sha256="xyz")
+        await pull(store, url, "tiny", sha256="xyz")
     assert bad.value.status == 400
 
 
-def test_hub_sha256_is_verified(tmp_path, server, gguf):
+@pytest.mark.anyio
+async def test_hub_sha256_is_verified(tmp_path, server, gguf):
     ref = server.add_hf("org", "repo", "tiny-Q8_0.gguf", gguf)
     store = make_store(tmp_path, server)
-    entry = pull(store, ref)
+    entry = await pull(store, ref)
     assert entry.name == "org/repo:tiny-Q8_0" and entry.source == ref
     server.files["/org/repo/resolve/main/tiny-Q8_0.gguf"].linked_etag = "1" * 64
     with pytest.raises(StoreError) as err:
-        pull(store, ref, "other")
+        await pull(store, ref, "other")
     assert err.value.code == "digest_mismatch" and "1111" in str(err.value)
     with pytest.raises(StoreError) as err:
-        pull(store, ref + "@v2", "other")
+        await pull(store, ref + "@v2", "other")
     assert err.value.status == 404
 
 
 @pytest.mark.parametrize(("status", "expected"), [(404, 404), (500, 502), (403, 502)])
-def test_upstream_errors(tmp_path, server, status, expected):
+@pytest.mark.anyio
+async def test_upstream_errors(tmp_path, server, status, expected):
     server.status["/x.gguf"] = status
     store = make_store(tmp_path, server)
     with pytest.raises(StoreError) as err:
-        pull(store, server.url("/x.gguf"), "x")
+        await pull(store, server.url("/x.gguf"), "x")
     assert err.value.status == expected
     assert store.list() == [] and leftovers(store)[0] == []
 
 
-def test_slow_server_times_out(tmp_path, server, gguf):
+@pytest.mark.anyio
+async def test_slow_server_times_out(tmp_path, server, gguf):
     url = server.add("/slow.gguf", gguf)
     server.delay = 1.0
     store = make_store(tmp_path, server, read_timeout=0.3, retries=1)
     with pytest.raises(StoreError) as err:
-        pull(store, url, "slow")
+        await pull(store, url, "slow")
     assert err.value.status == 502 and store.list() == []
 
 
-def test_content_length_lie_is_caught(tmp_path, server, gguf):
+@pytest.mark.anyio
+async def test_content_length_lie_is_caught(tmp_path, server, gguf):
     url = server.add("/lie.gguf", gguf)
     server.short_by["/lie.gguf"] = 1000  # announces 1000 bytes more than it sends, then closes
     store = make_store(tmp_path, server, retries=0)
     with pytest.raises(StoreError) as err:
-        pull(store, url, "lie")
+        await pull(store, url, "lie")
     assert err.value.status == 502 and store.list() == []
     # Resuming asks for the rest; the server says (416) the file ends where our part does: done, and right.
     entry = make_store(tmp_path, server, retries=2).pull
-    got = asyncio.run(entry(url, "lie", hashlib.sha256(gguf).hexdigest(), lambda p: None))
+    got = await entry(url, "lie", hashlib.sha256(gguf).hexdigest(), lambda p: None)
     assert got.path.read_bytes() == gguf
 
 
-def test_concurrent_pulls_of_one_url_download_once(tmp_path, server, gguf):
+@pytest.mark.anyio
+async def test_concurrent_pulls_of_one_url_download_once(tmp_path, server, gguf):
     url = server.add("/tiny.gguf", gguf)
     server.delay = 0.02
     store = make_store(tmp_path, server)
 
-    async def both() -> list[Any]:
-        return await asyncio.gather(*(store.pull(url, n, None, lambda p: None) for n in ("a", "b", "c")))
-
-    a, b, c = asyncio.run(both())
+    a, b, c = await asyncio.gather(*(store.pull(url, n, None, lambda p: None) for n in ("a", "b", "c")))
     assert len(server.gets("/tiny.gguf")) == 1
     assert a.path == b.path == c.path and {m.name for m in store.list()} == {"a:latest", "b:latest", "c:latest"}
     assert leftovers(store) == ([f"sha256-{a.digest}"], [])
 
 
-def test_at_most_two_downloads_at_once(tmp_path, server, gguf):
+@pytest.mark.anyio
+async def test_at_most_two_downloads_at_once(tmp_path, server, gguf):
     urls = [server.add(f"/m{i}.gguf", gguf) for i in range(4)]
     server.delay = 0.02
     store = make_store(tmp_path, server)
 
-    async def four() -> list[Any]:
-        return await asyncio.gather(*(store.pull(u, f"m{i}", None, lambda p: None) for i, u in enumerate(urls)))
-
-    asyncio.run(four())
+    await asyncio.gather(*(store.pull(u, f"m{i}", None, lambda p: None) for i, u in enumerate(urls)))
     assert server.max_active == 2 and len(store.list()) == 4
 
 
-def test_cancelled_pull_registers_nothing(tmp_path, server, gguf):
+@pytest.mark.anyio
+async def test_cancelled_pull_registers_nothing(tmp_path, server, gguf):
     url = server.add("/tiny.gguf", gguf)
     server.delay = 0.1  # about 1 s for the whole file
     store = make_store(tmp_path, server)
 
-    async def cancel_midway() -> None:
-        task = asyncio.create_task(store.pull(url, "t", None, lambda p: None))
-        await asyncio.sleep(0.3)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-
-    asyncio.run(cancel_midway())
+    task = asyncio.create_task(store.pull(url, "t", None, lambda p: None))
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
     assert store.list() == []
     blobs, parts = leftovers(store)
     assert blobs == [] and any(p.endswith(".part") for p in parts)
@@ -231,40 +232,44 @@ def test_cancelled_local_import_registers_nothing(tmp_path, tiny_model):
     assert leftovers(store) == ([], [])
 
 
-def test_disk_full_is_507(tmp_path, server, gguf, monkeypatch):
+@pytest.mark.anyio
+async def test_disk_full_is_507(tmp_path, server, gguf, monkeypatch):
     url = server.add("/tiny.gguf", gguf)
     monkeypatch.setattr(pull_module.shutil, "disk_usage", lambda p: SimpleNamespace(free=10))
     with pytest.raises(StoreError) as err:
-        pull(make_store(tmp_path, server), url, "t")
+        await pull(make_store(tmp_path, server), url, "t")
     assert err.value.status == 507 and err.value.code == "disk_full"
 
 
-def test_redirects_only_to_http(tmp_path, server, gguf):
+@pytest.mark.anyio
+async def test_redirects_only_to_http(tmp_path, server, gguf):
     server.add("/real.gguf", gguf)
     server.redirects["/moved.gguf"] = "/real.gguf"
     server.redirects["/evil.gguf"] = "file:///etc/passwd"
     store = make_store(tmp_path, server)
-    assert pull(store, server.url("/moved.gguf"), "m").size == len(gguf)
+    assert (await pull(store, server.url("/moved.gguf"), "m")).size == len(gguf)
     with pytest.raises(StoreError) as err:
-        pull(store, server.url("/evil.gguf"), "e")
+        await pull(store, server.url("/evil.gguf"), "e")
     assert err.value.status == 502 and err.value.code == "bad_redirect"
 
 
-def test_not_a_model_is_refused_and_its_blob_removed(tmp_path, server):
+@pytest.mark.anyio
+async def test_not_a_model_is_refused_and_its_blob_removed(tmp_path, server):
     url = server.add("/notes.gguf", b"hello, not a gguf" * 100)
     store = make_store(tmp_path, server)
     with pytest.raises(StoreError) as err:
-        pull(store, url, "n")
+        await pull(store, url, "n")
     assert err.value.status == 400 and "not a usable GGUF" in str(err.value)
     assert store.list() == [] and leftovers(store) == ([], [])
 
 
-def test_tag_remove_and_reference_counts(tmp_path, server, gguf):
+@pytest.mark.anyio
+async def test_tag_remove_and_reference_counts(tmp_path, server, gguf):
     url = server.add("/tiny.gguf", gguf)
     in_use: set[str] = set()
     store = make_store(tmp_path, server)
     store.in_use = in_use.__contains__
-    a = pull(store, url, "a")
+    a = await pull(store, url, "a")
     b = store.tag("a", "team/b:v1")
     assert b.name == "team/b:v1" and b.path == a.path and b.digest == a.digest
     in_use.add("a:latest")
@@ -282,17 +287,18 @@ def test_tag_remove_and_reference_counts(tmp_path, server, gguf):
         store.tag("a", "c")
 
 
-def test_local_import_links_and_never_deletes_the_users_file(tmp_path, tiny_model):
+@pytest.mark.anyio
+async def test_local_import_links_and_never_deletes_the_users_file(tmp_path, tiny_model):
     store = make_store(tmp_path)
     reports: list[PullProgress] = []
-    entry = pull(store, str(tiny_model), None, reports=reports)
+    entry = await pull(store, str(tiny_model), None, reports=reports)
     assert entry.name == "tiny:latest" and entry.stored and entry.source == str(tiny_model)
     assert entry.path.read_bytes() == tiny_model.read_bytes()
     assert reports[-1].phase == "success" and any(r.phase == "import" for r in reports)
     store.remove("tiny")
     assert tiny_model.exists() and not entry.path.exists()
     with pytest.raises(StoreError) as err:
-        pull(store, str(tmp_path / "missing.gguf"), "m")
+        await pull(store, str(tmp_path / "missing.gguf"), "m")
     assert err.value.status == 400
 
 
@@ -304,7 +310,8 @@ def test_add_registers_in_place(tmp_path, tiny_model):
     assert tiny_model.exists()
 
 
-def test_split_gguf_pull_materialises_shard_names(tmp_path, server):
+@pytest.mark.anyio
+async def test_split_gguf_pull_materialises_shard_names(tmp_path, server):
     from tests.tinymodels import write_tiny_llama
 
     (tmp_path / "src").mkdir()
@@ -314,7 +321,7 @@ def test_split_gguf_pull_materialises_shard_names(tmp_path, server):
     for shard in shards:
         server.add(f"/split/{shard.name}", shard.read_bytes())
     store = make_store(tmp_path, server)
-    entry = pull(store, server.url(f"/split/{shards[1].name}"), "split")  # any shard names the set
+    entry = await pull(store, server.url(f"/split/{shards[1].name}"), "split")  # any shard names the set
     assert entry.path.name == shards[0].name and len(entry.files) == len(shards)
     assert sorted(p.name for p in entry.path.parent.iterdir()) == [s.name for s in shards]
     assert entry.architecture == "llama" and entry.size == sum(s.stat().st_size for s in shards)
@@ -323,20 +330,21 @@ def test_split_gguf_pull_materialises_shard_names(tmp_path, server):
     assert not links.exists() and leftovers(store) == ([], [])
 
 
-def test_hf_repository_directory_pull(tmp_path, server):
+@pytest.mark.anyio
+async def test_hf_repository_directory_pull(tmp_path, server):
     config = json.dumps({"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 2048}).encode()
     server.add_hf("org", "llm", "config.json", config, lfs=False)
     server.add_hf("org", "llm", "model.safetensors", b"\0" * 5000)
     server.add_hf("org", "llm", "tokenizer.json", b"{}", lfs=False)
     server.add_hf("org", "llm", "README.md", b"# ignored", lfs=False)
     store = make_store(tmp_path, server)
-    entry = pull(store, "hf://org/llm")
+    entry = await pull(store, "hf://org/llm")
     assert entry.name == "org/llm:latest" and entry.format is ModelFormat.SAFETENSORS
     assert entry.path.is_dir() and sorted(p.name for p in entry.path.iterdir()) == [
         "config.json", "model.safetensors", "tokenizer.json"]
     assert entry.architecture == "LlamaForCausalLM" and entry.context_length == 2048
     with pytest.raises(StoreError) as err:
-        pull(store, "hf://org/missing")
+        await pull(store, "hf://org/missing")
     assert err.value.status == 404
 
 
@@ -407,34 +415,36 @@ def test_fuzzed_sources_either_refused_or_safe(text):
         assert not any(c.isspace() or ord(c) < 32 for c in f.url)
 
 
-def test_multimodal_projector_is_stored_with_the_model(tmp_path, server, gguf, tiny_model):
+@pytest.mark.anyio
+async def test_multimodal_projector_is_stored_with_the_model(tmp_path, server, gguf, tiny_model):
     from tests.tinymodels import write_tiny_llama
 
     projector = write_tiny_llama(tmp_path / "proj.gguf", seed=7).read_bytes()
     url = server.add("/vlm/model.gguf", gguf)
     proj_url = server.add("/vlm/mmproj-f16.gguf", projector)
     store = make_store(tmp_path, server)
-    entry = asyncio.run(store.pull(url, "vlm", None, lambda p: None, mmproj=proj_url))
+    entry = await store.pull(url, "vlm", None, lambda p: None, mmproj=proj_url)
     assert entry.mmproj is not None and entry.mmproj.read_bytes() == projector
     assert entry.path.read_bytes() == gguf and entry.size == len(gguf)
     assert [f.role for f in entry.files] == ["model", "mmproj"]
-    plain = pull(store, url, "plain")
+    plain = await pull(store, url, "plain")
     assert plain.mmproj is None and plain.path == entry.path and plain.digest != entry.digest
     store.remove("vlm")
     assert not entry.mmproj.exists() and plain.path.exists()
     with pytest.raises(StoreError) as err:  # mixed kinds of source
-        asyncio.run(store.pull(url, "x", None, lambda p: None, mmproj=str(tiny_model)))
+        await store.pull(url, "x", None, lambda p: None, mmproj=str(tiny_model))
     assert err.value.status == 400
     server.add("/vlm/bad.gguf", b"not a projector" * 10)
     with pytest.raises(StoreError) as err:
-        asyncio.run(store.pull(url, "x", None, lambda p: None, mmproj=server.url("/vlm/bad.gguf")))
+        await store.pull(url, "x", None, lambda p: None, mmproj=server.url("/vlm/bad.gguf"))
     assert err.value.status == 400 and "projector" in str(err.value)
     assert {m.name for m in store.list()} == {"plain:latest"}
-    local = asyncio.run(store.pull(str(tiny_model), "loc", None, lambda p: None, mmproj=str(tmp_path / "proj.gguf")))
+    local = await store.pull(str(tiny_model), "loc", None, lambda p: None, mmproj=str(tmp_path / "proj.gguf"))
     assert local.mmproj is not None and local.mmproj.read_bytes() == projector
 
 
-def test_hub_token_goes_to_the_hub_only(tmp_path, server, gguf):
+@pytest.mark.anyio
+async def test_hub_token_goes_to_the_hub_only(tmp_path, server, gguf):
     token = tmp_path / "hf-token"
     token.write_text("hf_secret\n")
     server.add("/cdn/x.gguf", gguf)
@@ -442,7 +452,7 @@ def test_hub_token_goes_to_the_hub_only(tmp_path, server, gguf):
     server.redirects["/org/repo/resolve/main/x.gguf"] = f"http://localhost:{server.port}/cdn/x.gguf"
     store = ModelStore(tmp_path / "data", StoreSettings(read_timeout=2.0),
                        HuggingFaceSettings(base_url=server.base_url, token_file=token))
-    pull(store, "hf://org/repo/x.gguf")
+    await pull(store, "hf://org/repo/x.gguf")
     sent = {path: (auth, host) for path, auth, host in server.authorization}
     assert sent["/org/repo/resolve/main/x.gguf"][0] == "Bearer hf_secret"
     assert sent["/cdn/x.gguf"] == (None, f"localhost:{server.port}")
@@ -480,7 +490,8 @@ def hf_dir(root: Path, config: dict[str, Any]) -> Path:
     return root
 
 
-def test_manifest_write_failure_leaves_no_orphan_blob(tmp_path, tiny_model, monkeypatch):
+@pytest.mark.anyio
+async def test_manifest_write_failure_leaves_no_orphan_blob(tmp_path, tiny_model, monkeypatch):
     store = make_store(tmp_path)
 
     def broken(entry: Any) -> None:
@@ -488,12 +499,13 @@ def test_manifest_write_failure_leaves_no_orphan_blob(tmp_path, tiny_model, monk
 
     monkeypatch.setattr(store, "_write_manifest", broken)
     with pytest.raises(StoreError) as err:
-        pull(store, str(tiny_model), "t")
+        await pull(store, str(tiny_model), "t")
     assert err.value.status == 500 and err.value.code == "store_io"
     assert store.list() == [] and leftovers(store) == ([], []) and tiny_model.exists()
 
 
-def test_links_failure_leaves_no_orphan_blobs(tmp_path, monkeypatch):
+@pytest.mark.anyio
+async def test_links_failure_leaves_no_orphan_blobs(tmp_path, monkeypatch):
     source = hf_dir(tmp_path / "llm", {"torch_dtype": "bfloat16"})
     store = make_store(tmp_path)
 
@@ -502,16 +514,17 @@ def test_links_failure_leaves_no_orphan_blobs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(store, "_materialise", broken)
     with pytest.raises(StoreError):
-        pull(store, str(source), "llm")
+        await pull(store, str(source), "llm")
     assert store.list() == [] and blob_names(store) == [] and link_names(store) == []
 
 
-def test_a_commit_failing_half_way_collects_the_blobs_already_committed(tmp_path, tiny_model, monkeypatch):
+@pytest.mark.anyio
+async def test_a_commit_failing_half_way_collects_the_blobs_already_committed(tmp_path, tiny_model, monkeypatch):
     from tests.tinymodels import write_tiny_llama
 
     projector = write_tiny_llama(tmp_path / "proj.gguf", seed=7)
     store = make_store(tmp_path)
-    keep = pull(store, str(projector), "keep")  # shares the projector's blob: it must survive
+    keep = await pull(store, str(projector), "keep")  # shares the projector's blob: it must survive
     commit, calls = store._commit_blob, []
 
     def second_fails(src: Path, digest: str, **kw: Any) -> Path:
@@ -522,20 +535,21 @@ def test_a_commit_failing_half_way_collects_the_blobs_already_committed(tmp_path
 
     monkeypatch.setattr(store, "_commit_blob", second_fails)
     with pytest.raises(StoreError):
-        asyncio.run(store.pull(str(tiny_model), "vlm", None, lambda p: None, mmproj=str(projector)))
+        await store.pull(str(tiny_model), "vlm", None, lambda p: None, mmproj=str(projector))
     assert [m.name for m in store.list()] == ["keep:latest"] and keep.path.exists()
     assert blob_names(store) == [keep.path.name] and leftovers(store)[1] == []
 
 
-def test_start_up_sweep_removes_only_unreferenced_blobs(tmp_path, tiny_model, monkeypatch):
+@pytest.mark.anyio
+async def test_start_up_sweep_removes_only_unreferenced_blobs(tmp_path, tiny_model, monkeypatch):
     store = make_store(tmp_path)
-    stored = pull(store, str(tiny_model), "stored")
+    stored = await pull(store, str(tiny_model), "stored")
     split = tmp_path / "src"
     split.mkdir()
     from tests.tinymodels import write_tiny_llama
 
     write_tiny_llama(split / "m.gguf", split_max_tensors=12)
-    shards = pull(store, str(next(split.glob("m-00001-of-*.gguf"))), "split")
+    shards = await pull(store, str(next(split.glob("m-00001-of-*.gguf"))), "split")
     orphan = store.blobs / f"sha256-{'a' * 64}"
     orphan.write_bytes(b"left by a failed commit")
     in_place = store.blobs / f"sha256-{'b' * 64}"  # odd, but a user may register any file in place
@@ -568,17 +582,18 @@ def test_start_up_sweep_removes_only_unreferenced_blobs(tmp_path, tiny_model, mo
     assert again.get("split").path.read_bytes()[:4] == b"GGUF"
 
 
-def test_hf_directory_gets_parameter_count_and_quantization(tmp_path):
+@pytest.mark.anyio
+async def test_hf_directory_gets_parameter_count_and_quantization(tmp_path):
     store = make_store(tmp_path)
-    plain = pull(store, str(hf_dir(tmp_path / "plain", {"torch_dtype": "bfloat16"})), "plain")
+    plain = await pull(store, str(hf_dir(tmp_path / "plain", {"torch_dtype": "bfloat16"})), "plain")
     assert plain.format is ModelFormat.SAFETENSORS
     assert plain.parameter_count == 64 * 32 + 64 + 16 * 8 and plain.quantization == "bfloat16"
-    gptq = pull(store, str(hf_dir(tmp_path / "gptq", {"torch_dtype": "float16",
-                                                      "quantization_config": {"quant_method": "gptq", "bits": 4}})))
+    gptq_config = {"torch_dtype": "float16", "quantization_config": {"quant_method": "gptq", "bits": 4}}
+    gptq = await pull(store, str(hf_dir(tmp_path / "gptq", gptq_config)))
     assert gptq.quantization == "gptq"
-    newer = pull(store, str(hf_dir(tmp_path / "newer", {"dtype": "float32"})), "newer")
+    newer = await pull(store, str(hf_dir(tmp_path / "newer", {"dtype": "float32"})), "newer")
     assert newer.quantization == "float32"
     bad = hf_dir(tmp_path / "bad", {})
     (bad / "model-00002-of-00002.safetensors").write_bytes(b"\xff" * 16)  # header length beyond the file
-    entry = pull(store, str(bad), "bad")
+    entry = await pull(store, str(bad), "bad")
     assert entry.parameter_count is None and entry.quantization is None

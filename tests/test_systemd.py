@@ -8,6 +8,7 @@ import os
 import socket
 import uuid
 
+import anyio
 import pytest
 
 from runnerd.systemd import Notifier, listen_fds
@@ -66,11 +67,13 @@ def test_watchdog_belongs_to_the_named_pid_only(receiver):
     assert mine.watchdog_interval == 0.05
 
 
-def test_nothing_happens_without_a_notify_socket():
+@pytest.mark.anyio
+async def test_nothing_happens_without_a_notify_socket():
     notifier = Notifier.from_environment({"WATCHDOG_USEC": "1000000"})
     assert not notifier.enabled and notifier.watchdog_interval is None
     assert not notifier.ready("x")
-    asyncio.run(asyncio.wait_for(notifier.run(), 1))  # returns at once
+    with anyio.fail_after(1):
+        await notifier.run()  # returns at once
 
 
 def test_an_unreachable_manager_is_not_an_error(tmp_path):
@@ -78,16 +81,16 @@ def test_an_unreachable_manager_is_not_an_error(tmp_path):
     assert not Notifier("vsock:2:1234").enabled
 
 
-def test_watchdog_pings_at_half_the_timeout(receiver):
+@pytest.mark.anyio
+async def test_watchdog_pings_at_half_the_timeout(receiver):
     path, sock = receiver
     notifier = Notifier(path, watchdog_usec=100_000)
 
-    async def run_for(seconds: float) -> None:
-        task = asyncio.create_task(notifier.run(lambda: "fine"))
-        await asyncio.sleep(seconds)
-        task.cancel()
-
-    asyncio.run(run_for(0.5))
+    task = asyncio.create_task(notifier.run(lambda: "fine"))
+    await asyncio.sleep(0.5)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task  # stopped before the socket is read, as asyncio.run's end left it: no ping comes after
     sock.settimeout(0)
     received = []
     with contextlib.suppress(BlockingIOError):

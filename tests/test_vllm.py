@@ -38,7 +38,7 @@ def vllm_python() -> Path:
     Never skips: a missing engine is fixed by installing it (about 90 s and 3.5 GB, once per machine).
     """
     settings = load_settings()
-    backend = VllmBackend(cache_dir=settings.cache_dir, python=settings.vllm.python)
+    backend = VllmBackend(cache_dir=settings.cache_dir, python=settings.engine("vllm").python)
     if backend.locate() is None:
         asyncio.run(backend.install())
     return backend.python()

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends.base import BackendConfiguration, Mode, ModelFormat, ModelRef
-from backends.flags import FlagError, validate_runtime_flags
+from backends.flags import FlagError
 from backends.vllm.argv import VllmLaunch, build_argv
 from backends.vllm.flags import VLLM_FLAGS
 
@@ -37,7 +37,7 @@ def last_values(argv: list[str]) -> dict[str, str]:
 @given(flags=st.lists(ELEMENT, max_size=10), mode=st.sampled_from(list(Mode)), gpu=st.booleans())
 def test_accepted_flags_never_override_the_daemons_own(flags: list[str], mode: Mode, gpu: bool) -> None:
     try:
-        accepted = validate_runtime_flags("vllm", flags)
+        accepted = VLLM_FLAGS.validate(flags)
     except FlagError:
         return
     assert not {a.partition("=")[0] for a in accepted} & VLLM_FLAGS.daemon_owned

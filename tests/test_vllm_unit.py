@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -20,20 +19,19 @@ from backends.base import (
     ModelRef,
     RunnerError,
     RunnerOutput,
-    VllmOptions,
 )
-from backends.vllm import VllmBackend, VllmLaunch, is_scorer
-from backends.vllm.argv import build_argv, build_env, write_site
-from backends.vllm.install import default_plan, interpreter_of
-from backends.vllm.memory import (
+from backends.endpoint import Endpoint
+from backends.formats.safetensors import (
     MAX_HEADER_BYTES,
     ModelConfigError,
     SafetensorsError,
-    kv_bytes_per_token,
-    model_shape,
     read_safetensors_header,
     weights_bytes,
 )
+from backends.vllm import VllmBackend, VllmLaunch, VllmOptions, is_scorer
+from backends.vllm.argv import build_argv, build_env, write_site
+from backends.vllm.install import default_plan, interpreter_of
+from backends.vllm.memory import kv_bytes_per_token, model_shape
 
 TINY_CONFIG = {
     "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -184,7 +182,8 @@ def test_speculative_config_is_compact_json_in_joined_form(tmp_path: Path) -> No
     assert not any(a.startswith("--speculative-config") for a in plain)
 
 
-def test_estimate_counts_the_draft_weights(tmp_path: Path) -> None:
+@pytest.mark.anyio
+async def test_estimate_counts_the_draft_weights(tmp_path: Path) -> None:
     backend = VllmBackend(cache_dir=tmp_path / "cache")
     model, draft = write_model_dir(tmp_path / "m"), write_model_dir(tmp_path / "d")
     spec = {"draft_model": "d", "num_tokens": 4}
@@ -196,7 +195,7 @@ def test_estimate_counts_the_draft_weights(tmp_path: Path) -> None:
     gguf = BackendConfiguration(speculative={**spec, "draft": _ref(draft, ModelFormat.GGUF)})
     assert backend.required_memory(_ref(model), Mode.COMPLETION, gguf).ram_bytes == plain.ram_bytes
     with pytest.raises(RunnerError, match="gguf format"):
-        asyncio.run(backend.run(tmp_path / "r.sock", _ref(model), Mode.COMPLETION, gguf, RunnerOutput()))
+        await backend.run(Endpoint.unix(tmp_path / "r.sock"), _ref(model), Mode.COMPLETION, gguf, RunnerOutput())
 
 
 def test_env_is_built_explicitly(tmp_path: Path) -> None:
@@ -229,7 +228,7 @@ def test_configured_vllm_script_resolves_to_its_python(tmp_path: Path) -> None:
 
 def test_not_installed_status_and_rerank_needs_a_scorer(tmp_path: Path) -> None:
     backend = VllmBackend(cache_dir=tmp_path)
-    assert backend.status() == "Not Installed" and backend.disk_usage() == 0
+    assert backend.status().text == "Not Installed" and backend.disk_usage() == 0
     model = write_model_dir(tmp_path / "m")
     assert Capability.RERANK not in backend.model_capabilities(_ref(model))
     assert is_scorer({"architectures": ["BertForSequenceClassification"]})

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import functools
+import os
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from backends.base import (
+    Api,
+    Backend,
     BackendConfiguration,
+    BackendState,
+    BackendStatus,
     Capability,
+    EngineContext,
+    HostGpu,
     InstallError,
     MemoryEstimate,
     Mode,
@@ -23,36 +31,77 @@ from backends.base import (
     RunnerError,
     RunnerOutput,
 )
-from backends.flags import FlagError, validate_runtime_flags
-from backends.gguf import GGUFHeader, GGUFParseError, read_header
+from backends.endpoint import Endpoint
+from backends.flags import FlagError
+from backends.formats.gguf import GGUFHeader, GGUFParseError, cached_header
+from backends.gpus import cuda_visible
 from backends.llamacpp.argv import LaunchOptions, build_argv, build_env
 from backends.llamacpp.errors import LLAMACPP_EXIT_PATTERNS
+from backends.llamacpp.flags import LLAMACPP_FLAGS
 from backends.llamacpp.install import (
     SOURCE_VERSION,
     build_key,
     build_llama_server,
     cached_binary,
     cmake_options,
+    cuda_available,
 )
 from backends.llamacpp.memory import GpuDevice, estimate, offload_devices, settings_from_config
+from backends.llamacpp.options import OPTIONS_KEY, LlamaCppOptions, LlamaCppSettings
 from backends.llamacpp.templates import fallback_chat_template
 from backends.process import run_process
 
-__all__ = ["GpuDevice", "GpuProvider", "LaunchOptions", "LlamaCppBackend", "offload_devices"]
+__all__ = ["GpuDevice", "GpuProvider", "LaunchOptions", "LlamaCppBackend", "LlamaCppOptions", "LlamaCppSettings",
+           "offload_devices", "visible_devices"]
 
 # The GPUs llama-server will see, in its own order (CUDA0, CUDA1, ...), each with its NVML index and
-# free memory now. The daemon supplies it (runnerd.engines): backends never import runnerd.
+# free memory now.
 GpuProvider = Callable[[], Sequence[GpuDevice]]
+
+# Ollama option -> llama-server's body field, where Ollama's name is not the OpenAI one.
+LLAMA_SERVER_SAMPLING = {"repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
+                         "typical_p": "typical_p", "num_keep": "n_keep"}
+
+
+def visible_devices(gpus: Sequence[HostGpu]) -> list[GpuDevice]:
+    """llama.cpp's view of the host's GPUs: those CUDA lets it see, in its order, with their free memory
+    (its default layer split follows free memory)."""
+    return [GpuDevice(index=g.index, free_bytes=g.memory_free_bytes)
+            for g in cuda_visible(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))]
 
 
 def _directory_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(Backend):
     name = "llama.cpp"
     capabilities = frozenset(Capability)
     model_formats = frozenset({ModelFormat.GGUF})
+    flag_table = LLAMACPP_FLAGS
+    options_model = LlamaCppOptions
+    options_key = OPTIONS_KEY
+    settings_model = LlamaCppSettings
+    settings_aliases = ("llamacpp",)
+    settings_env = {"RUNNERD_LLAMA_SERVER": "server"}
+    sampling_dialect = LLAMA_SERVER_SAMPLING
+    # The pinned llama-server serves Anthropic Messages and OpenAI Responses itself.
+    native_apis = frozenset(Api)
+    estimate_parameters = {"parallel": "--parallel", "cache_type_k": "--cache-type-k",
+                           "cache_type_v": "--cache-type-v", "gpu_layers": "--gpu-layers",
+                           "flash_attn": "--flash-attn", "batch_size": "--batch-size", "ubatch_size": "--ubatch-size"}
+
+    @classmethod
+    def create(cls, context: EngineContext, settings: BaseModel) -> LlamaCppBackend:
+        assert isinstance(settings, LlamaCppSettings)
+        cuda = settings.cuda == "on" or (settings.cuda == "auto" and cuda_available(context.gpu_count))
+        launch = LaunchOptions(threads=settings.threads, gpu_layers=settings.gpu_layers,
+                               use_gpu=cuda and context.gpu_count > 0,
+                               default_context_size=context.default_context_size,
+                               prompt_cache_mib=settings.prompt_cache_mib)
+        gpus = context.gpus
+        return cls(cache_dir=context.cache_dir, binary=settings.server, launch=launch, cuda=cuda,
+                   stop_grace=context.stop_grace, gpus=(lambda: visible_devices(gpus())) if launch.use_gpu else None)
 
     def __init__(
         self,
@@ -134,16 +183,22 @@ class LlamaCppBackend:
             self._versions[key] = line.removeprefix("version:").strip() or "unknown"
         return self._versions[key]
 
-    def status(self) -> str:
+    def status(self) -> BackendStatus:
         if self._installing is not None:
-            return f"Installing: {self._installing}"
+            return BackendStatus(state=BackendState.INSTALLING, detail=self._installing)
         if self._error is not None:
-            return f"Error: {self._error}"
+            return BackendStatus(state=BackendState.ERROR, detail=self._error)
         try:
             version = self.version()
         except (OSError, subprocess.SubprocessError) as exc:
-            return f"Error: {binary_error(exc)}"
-        return "Not Installed" if version is None else f"Running: llama.cpp {version}"
+            return BackendStatus(state=BackendState.ERROR, detail=binary_error(exc))
+        if version is None:
+            return BackendStatus(state=BackendState.NOT_INSTALLED)
+        return BackendStatus(state=BackendState.INSTALLED, version=version, product="llama.cpp")
+
+    @property
+    def installable_version(self) -> str | None:
+        return self.source_version
 
     def disk_usage(self) -> int:
         binary = self.locate()
@@ -161,20 +216,29 @@ class LlamaCppBackend:
         if config.speculative is not None:
             config.speculative.usable_draft(self.name, self.model_formats)
 
-    async def run(self, socket_path: Path, model: ModelRef, mode: Mode, config: BackendConfiguration,
+    def default_chat_template(self, model: ModelRef) -> str | None:
+        try:
+            header = cached_header(model.path)
+        except (GGUFParseError, OSError):
+            return None
+        return fallback_chat_template(header.architecture, False)
+
+    async def run(self, endpoint: Endpoint, model: ModelRef, mode: Mode, config: BackendConfiguration,
                   output: RunnerOutput) -> None:
+        assert endpoint.path is not None, "llama.cpp runners listen on a unix socket"
+        socket_path = endpoint.path
         self.check_model(model)
         self.check_draft(config)
         binary = self.binary()
         try:
             # Checked again here, not only at configure time: a stored configuration may be old or hand-edited.
-            validate_runtime_flags(self.name, config.runtime_flags)
+            LLAMACPP_FLAGS.validate(config.runtime_flags)
         except FlagError as exc:
             raise RunnerError(str(exc), reason="bad_flag") from exc
         traits = await asyncio.to_thread(model_traits, model.path)
         argv = build_argv(binary, socket_path, model, mode, config, self.launch,
                           pooling_in_file=traits.pooling_in_file, chat_template=traits.fallback_template)
-        await run_process(argv, env=build_env(binary), socket_path=socket_path, output=output,
+        await run_process(argv, env=build_env(binary), endpoint=endpoint, output=output,
                           grace=self.stop_grace, exit_patterns=LLAMACPP_EXIT_PATTERNS)
 
     def required_memory(self, model: ModelRef, mode: Mode, config: BackendConfiguration) -> MemoryEstimate:
@@ -232,17 +296,6 @@ def binary_error(exc: BaseException) -> str:
 class ModelTraits:
     pooling_in_file: bool = False
     fallback_template: str | None = None
-
-
-@functools.lru_cache(maxsize=64)
-def _header(path: Path, mtime_ns: int, size: int) -> GGUFHeader:
-    return read_header(path)
-
-
-def cached_header(path: Path) -> GGUFHeader:
-    """A model's header, read once per version of the file (big vocabularies take tens of ms)."""
-    st = path.stat()
-    return _header(path, st.st_mtime_ns, st.st_size)
 
 
 def model_traits(path: Path) -> ModelTraits:

@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from backends.base import BackendConfiguration, Mode, ModelRef
+from backends.llamacpp.options import llamacpp_options
 
 
 class LaunchOptions(BaseModel):
@@ -96,8 +97,9 @@ def build_argv(
     owned += draft_owned
     if chat_template is not None and "--chat-template" not in config.runtime_flags:
         owned += ["--chat-template", chat_template]
-    if config.llamacpp.reasoning_budget is not None:
-        owned += ["--reasoning-budget", str(config.llamacpp.reasoning_budget)]
+    budget = llamacpp_options(config).reasoning_budget
+    if budget is not None:
+        owned += ["--reasoning-budget", str(budget)]
     return [str(binary), *operator, *config.runtime_flags, *owned]
 
 

@@ -18,7 +18,6 @@ overrides, KV metadata overrides, LoRA/control vectors, grammars, CORS, debuggin
 from __future__ import annotations
 
 from backends.flags import (
-    LLAMACPP_BACKEND,
     FlagTable,
     RefusalKind,
     choice,
@@ -292,7 +291,7 @@ _DANGEROUS = (
 )
 
 LLAMACPP_FLAGS = FlagTable(
-    backend=LLAMACPP_BACKEND,
+    backend="llama.cpp",
     value_style="separate",
     flags=_TUNABLE,
     refusals=(*_DAEMON_OWNED, *_DANGEROUS),

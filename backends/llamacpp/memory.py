@@ -67,13 +67,13 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backends.base import BackendConfiguration, DeviceMemory, MemoryBreakdown, MemoryEstimate, Mode
-from backends.gguf import GGUFHeader, LazyArray, TensorInfo
+from backends.formats.gguf import GGUFHeader, LazyArray, TensorInfo
+from backends.llamacpp.flags import KV_CACHE_TYPES, LLAMACPP_FLAGS
 
 MiB = 1 << 20
 DEFAULT_CTX = 4096  # runnerd's default --ctx-size (backends/llamacpp/argv.py, LaunchOptions)
 AUTO_PARALLEL = 4  # tools/server/server.cpp: n_parallel = -1 (auto) becomes 4 slots, unified KV
 CTX_PAD = 256  # src/llama-context.cpp: n_ctx = GGML_PAD(n_ctx, 256); the SWA cache pads the same
-KV_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")  # common/arg.cpp
 MAX_LAYERS = 512  # src/llama-hparams.h, LLAMA_MAX_LAYERS
 
 # --- measured constants (CPU build 0.3.36-cpu, this host; tests/fixtures/memory_measured.json) ---------
@@ -231,42 +231,41 @@ def settings_from_config(mode: Mode, config: BackendConfiguration, default_ctx: 
                          cache_ram_mib: int | None = None) -> LlamaCppMemorySettings:
     """The settings llama-server ends up with for runnerd's argv: the operator's GPU choice, then the
     caller's validated runtime flags (last one wins, as in llama-server), then runnerd's own flags.
-    A value that does not parse is ignored here: llama-server will refuse it with its own words.
-    gpu_layers and cache_ram_mib are what runnerd itself passes (operator settings), if anything."""
-    flags = _parse_flags(config.runtime_flags)
+    A value that does not pass the flag table is ignored here: llama-server will refuse it with its own
+    words. gpu_layers and cache_ram_mib are what runnerd itself passes (operator settings), if anything."""
+    flags = _flag_values(config.runtime_flags)
     values: dict[str, Any] = {"mode": mode, "ctx_size": config.context_size or default_ctx,
                               "draft": draft, "mmproj": mmproj}
     chosen = _offload(list(gpus), flags) if use_gpu else None
     if chosen is not None:
         values["gpus"] = chosen or [GpuDevice(index=0)]
         values["gpu_layers"] = gpu_layers
-        if "gpu_layers" in flags:
-            values["gpu_layers"] = _layers(flags["gpu_layers"], gpu_layers)
+        if "--gpu-layers" in flags:
+            values["gpu_layers"] = _layers(flags["--gpu-layers"], gpu_layers)
     if draft is not None and config.speculative is not None:
         values["n_draft"] = config.speculative.num_tokens
-    for key in ("parallel", "batch_size", "ubatch_size", "n_draft"):
-        number = _int_or_none(flags.get(key))
-        if number is not None and number >= (0 if key == "n_draft" else 1):
+    for key, flag in (("parallel", "--parallel"), ("batch_size", "--batch-size"), ("ubatch_size", "--ubatch-size")):
+        number = _int_or_none(flags.get(flag))
+        if number is not None and number >= 1:
             values[key] = number
         elif key == "parallel" and number is not None and number < 0:
             values[key] = None  # -np -1: auto
-    for key in ("cache_type_k", "cache_type_v"):
-        if flags.get(key, "").lower() in KV_CACHE_TYPES:
-            values[key] = flags[key].lower()
-    if "flash_attn" in flags:
-        values["flash_attn"] = _switch(flags["flash_attn"])
-    for key in ("kv_unified", "kv_offload", "use_mmap", "repack", "swa_full"):
-        if key in flags:
-            values[key] = flags[key] == "1"
-    if "pooling" in flags:
-        values["pooling"] = flags["pooling"]
-    if flags.get("load_mode") in _MMAP_MODES:  # common/arg.cpp --load-mode: auto/mmap map the file
-        values["use_mmap"] = _MMAP_MODES[flags["load_mode"]]
-    if "tensor_split" in flags:
-        split = [_float_or_none(x) for x in re.split(r"[,/]", flags["tensor_split"]) if x]
+    for key, flag in (("cache_type_k", "--cache-type-k"), ("cache_type_v", "--cache-type-v")):
+        if flags.get(flag, "").lower() in KV_CACHE_TYPES:
+            values[key] = flags[flag].lower()
+    if "--flash-attn" in flags:
+        values["flash_attn"] = _switch(flags["--flash-attn"])
+    for key, flag in (("kv_unified", "--kv-unified"), ("kv_offload", "--kv-offload"), ("repack", "--repack"),
+                      ("swa_full", "--swa-full")):
+        if flag in flags:
+            values[key] = flags[flag] == "1"
+    if flags.get("--load-mode") in _MMAP_MODES:  # common/arg.cpp --load-mode: auto/mmap map the file
+        values["use_mmap"] = _MMAP_MODES[flags["--load-mode"]]
+    if "--tensor-split" in flags:
+        split = [_float_or_none(x) for x in re.split(r"[,/]", flags["--tensor-split"]) if x]
         if split and all(x is not None and x >= 0 for x in split):
             values["tensor_split"] = split
-    cache_ram = _int_or_none(flags.get("cache_ram_mib")) if cache_ram_mib is None else cache_ram_mib
+    cache_ram = _int_or_none(flags.get("--cache-ram")) if cache_ram_mib is None else cache_ram_mib
     if cache_ram is not None and cache_ram >= -1:
         values["cache_ram_mib"] = cache_ram
     if mode is Mode.RERANKING:
@@ -274,60 +273,21 @@ def settings_from_config(mode: Mode, config: BackendConfiguration, default_ctx: 
     return LlamaCppMemorySettings(**values)
 
 
-# long flag -> (settings key, value when the flag takes none)
-_FLAGS: dict[str, tuple[str, str | None]] = {
-    "--parallel": ("parallel", None), "-np": ("parallel", None),
-    "--batch-size": ("batch_size", None), "-b": ("batch_size", None),
-    "--ubatch-size": ("ubatch_size", None), "-ub": ("ubatch_size", None),
-    "--cache-type-k": ("cache_type_k", None), "-ctk": ("cache_type_k", None),
-    "--cache-type-v": ("cache_type_v", None), "-ctv": ("cache_type_v", None),
-    "--flash-attn": ("flash_attn", None), "-fa": ("flash_attn", None),
-    "--n-gpu-layers": ("gpu_layers", None), "-ngl": ("gpu_layers", None), "--gpu-layers": ("gpu_layers", None),
-    "--tensor-split": ("tensor_split", None), "-ts": ("tensor_split", None),
-    "--pooling": ("pooling", None),
-    "--draft-max": ("n_draft", None), "--draft": ("n_draft", None),
-    "--kv-unified": ("kv_unified", "1"), "-kvu": ("kv_unified", "1"),
-    "--no-kv-unified": ("kv_unified", "0"), "-no-kvu": ("kv_unified", "0"),
-    "--kv-offload": ("kv_offload", "1"), "-kvo": ("kv_offload", "1"),
-    "--no-kv-offload": ("kv_offload", "0"), "-nkvo": ("kv_offload", "0"),
-    "--mmap": ("use_mmap", "1"), "--no-mmap": ("use_mmap", "0"),  # older llama.cpp spellings
-    "--load-mode": ("load_mode", None), "-lm": ("load_mode", None),
-    "--repack": ("repack", "1"), "--no-repack": ("repack", "0"), "-nr": ("repack", "0"),
-    "--swa-full": ("swa_full", "1"),
-    "--cache-ram": ("cache_ram_mib", None), "-cram": ("cache_ram_mib", None),
-    "--device": ("device", None), "-dev": ("device", None),
-    "--split-mode": ("split_mode", None), "-sm": ("split_mode", None),
-    "--main-gpu": ("main_gpu", None), "-mg": ("main_gpu", None),
-}
-
-
 _MMAP_MODES = {"auto": True, "mmap": True, "mmap+mlock": True, "none": False, "mlock": False, "dio": False}
 
 
-def _parse_flags(argv: Sequence[str]) -> dict[str, str]:
-    found: dict[str, str] = {}
-    i = 0
-    while i < len(argv):
-        name, _, inline = argv[i].partition("=")
-        spec = _FLAGS.get(name)
-        i += 1
-        if spec is None:
-            continue
-        key, constant = spec
-        if constant is not None:
-            found[key] = constant
-        elif inline:
-            found[key] = inline
-        elif i < len(argv):
-            found[key] = argv[i]
-            i += 1
-    return found
+def _flag_values(argv: Sequence[str]) -> dict[str, str]:
+    """What llama-server reads from these runtime flags, by canonical flag name ("1"/"0" for a switch
+    and its negation), through the same flag table and parser that validated them. Lenient: a flag
+    the table would refuse, or whose value it would refuse, is skipped; the last occurrence wins."""
+    return {name: ("1" if value else "0") if isinstance(value, bool) else value
+            for name, value in LLAMACPP_FLAGS.values(argv, strict=False).items()}
 
 
 def offload_devices(gpus: Sequence[GpuDevice], flags: Sequence[str]) -> list[GpuDevice] | None:
     """Which of `gpus` (the GPUs llama-server sees, in its order) it puts layers on, given runtime flags;
     None when it offloads nothing. An empty result means "GPUs unknown"."""
-    return _offload(list(gpus), _parse_flags(flags))
+    return _offload(list(gpus), _flag_values(flags))
 
 
 def _offload(gpus: list[GpuDevice], flags: dict[str, str]) -> list[GpuDevice] | None:
@@ -337,15 +297,15 @@ def _offload(gpus: list[GpuDevice], flags: dict[str, str]) -> list[GpuDevice] | 
     by free memory or --tensor-split (row is modelled like layer). Values llama-server would refuse are
     left alone here: it reports them itself when it starts."""
     chosen = gpus
-    device = flags.get("device")
+    device = flags.get("--device")
     if device == "none":
         return None
     if device is not None:
         picked = [int(name[4:]) for name in device.split(",") if name.startswith("CUDA") and name[4:].isdigit()]
         if picked and all(n < len(chosen) for n in picked):
             chosen = [chosen[n] for n in picked]
-    if flags.get("split_mode") == "none":
-        main = flags.get("main_gpu")
+    if flags.get("--split-mode") == "none":
+        main = flags.get("--main-gpu")
         position = int(main) if main is not None and main.isdigit() else 0
         if chosen and position < len(chosen):
             chosen = [chosen[position]]

@@ -14,9 +14,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from backends.base import (
+    Api,
+    Backend,
     BackendConfiguration,
+    BackendState,
+    BackendStatus,
     Capability,
+    EngineContext,
     InstallError,
     MemoryEstimate,
     Mode,
@@ -27,9 +34,13 @@ from backends.base import (
     RunnerError,
     RunnerOutput,
 )
-from backends.flags import FlagError, validate_hf_overrides, validate_runtime_flags, validated_flag_values
+from backends.endpoint import Endpoint
+from backends.flags import FlagError
+from backends.formats.safetensors import ModelConfigError, SafetensorsError, read_model_config, weights_bytes
+from backends.gpus import cuda_visible
 from backends.process import ExitPatterns, run_process
 from backends.vllm.argv import VllmLaunch, build_argv, build_env, write_site
+from backends.vllm.flags import VLLM_FLAGS
 from backends.vllm.install import (
     InstallPlan,
     default_plan,
@@ -42,19 +53,21 @@ from backends.vllm.install import (
 )
 from backends.vllm.memory import (
     EstimateInputs,
-    ModelConfigError,
     ModelShape,
-    SafetensorsError,
     estimate,
     kv_bytes_per_token,
     kv_cache_bytes,
     model_shape,
-    read_model_config,
-    weights_bytes,
 )
+from backends.vllm.options import OPTIONS_KEY, VllmOptions, VllmSettings
+from backends.vllm.overrides import validate_hf_overrides
 from backends.vllm.requests import request_problem
 
-__all__ = ["VllmBackend", "VllmLaunch"]
+__all__ = ["VllmBackend", "VllmLaunch", "VllmOptions", "VllmSettings"]
+
+# vLLM has a repetition penalty but no window for it (repeat_last_n), no typical sampling and no n_keep
+# (it never shifts the context): Ollama's options for those are dropped, as Ollama ignores what a runner lacks.
+VLLM_SAMPLING = {"repeat_penalty": "repetition_penalty"}
 
 VLLM_EXIT_PATTERNS: ExitPatterns = (
     ("socket_in_use", re.compile(r"Address already in use", re.I),
@@ -155,13 +168,40 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class VllmBackend:
+class VllmBackend(Backend):
     name = "vllm"
     # Rerank only for scorer models: see `model_capabilities`.
     capabilities = frozenset(Capability)
     model_formats = frozenset({ModelFormat.SAFETENSORS})
+    flag_table = VLLM_FLAGS
+    options_model = VllmOptions
+    options_key = OPTIONS_KEY
+    settings_model = VllmSettings
+    settings_aliases = ("vllm",)
+    # A `vllm` executable or a Python interpreter that can import vllm.
+    settings_env = {"RUNNERD_VLLM": "python"}
+    sampling_dialect = VLLM_SAMPLING
+    native_apis = frozenset({Api.CHAT_COMPLETIONS, Api.COMPLETIONS, Api.EMBEDDINGS, Api.RERANK, Api.RESPONSES})
     # vLLM refuses a request whose `model` is not its --served-model-name (the daemon rewrites it).
     checks_model_name = True
+
+    @classmethod
+    def create(cls, context: EngineContext, settings: BaseModel) -> VllmBackend:
+        assert isinstance(settings, VllmSettings)
+        use_gpu = settings.device == "cuda" or (settings.device == "auto" and context.gpu_count > 0)
+        gpu_total = None
+        if use_gpu:
+            # The first GPU vLLM sees is the one it runs on (one GPU per runner).
+            seen = cuda_visible(context.gpus(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+            gpu_total = seen[0].memory_total_bytes if seen else None
+        kv = int(settings.kv_cache_space) if settings.kv_cache_space is not None else None
+        launch = VllmLaunch(use_gpu=use_gpu, default_context_size=context.default_context_size,
+                            gpu_memory_utilization=settings.gpu_memory_utilization, kv_cache_space=kv,
+                            kv_cache_sequences=settings.kv_cache_sequences, enforce_eager=settings.enforce_eager,
+                            cache_root=context.cache_dir / "vllm" / "cache")
+        plan = default_plan(use_gpu, package=settings.package, version=settings.version, torch=settings.torch)
+        return cls(cache_dir=context.cache_dir, python=settings.python, launch=launch, plan=plan,
+                   stop_grace=context.stop_grace, gpu_total=gpu_total)
 
     def __init__(
         self,
@@ -186,7 +226,11 @@ class VllmBackend:
 
     @property
     def source_version(self) -> str:
-        """The version `install` would install (read by the backends API)."""
+        """The version `install` would install."""
+        return self.plan.version
+
+    @property
+    def installable_version(self) -> str | None:
         return self.plan.version
 
     # --- install -------------------------------------------------------------------------------
@@ -244,18 +288,21 @@ class VllmBackend:
             self._versions[key] = read_version(python)
         return self._versions[key]
 
-    def status(self) -> str:
+    def status(self) -> BackendStatus:
         if self._installing is not None:
-            return f"Installing: {self._installing}"
+            return BackendStatus(state=BackendState.INSTALLING, detail=self._installing)
         if self._error is not None:
-            return f"Error: {self._error}"
+            return BackendStatus(state=BackendState.ERROR, detail=self._error)
         try:
             version = self.version()
         except (OSError, subprocess.SubprocessError, InstallError) as exc:
-            return f"Error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            return BackendStatus(state=BackendState.ERROR,
+                                 detail=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         if version is None:
-            return "Not Installed" if self.explicit is None else f"Error: {self.explicit} has no vllm distribution"
-        return f"Running: {version}"
+            if self.explicit is None:
+                return BackendStatus(state=BackendState.NOT_INSTALLED)
+            return BackendStatus(state=BackendState.ERROR, detail=f"{self.explicit} has no vllm distribution")
+        return BackendStatus(state=BackendState.INSTALLED, version=version)
 
     def disk_usage(self) -> int:
         """Bytes of the private environment; 0 for a vLLM the operator installed elsewhere."""
@@ -284,7 +331,7 @@ class VllmBackend:
         return request_problem(config.runtime_flags, payload)
 
     def _shape(self, model: ModelRef, config: BackendConfiguration) -> ModelShape:
-        return model_shape(model_config(model.path), config.vllm.hf_overrides)
+        return model_shape(model_config(model.path), self.options(config).hf_overrides)
 
     def max_model_len(self, shape: ModelShape, config: BackendConfiguration) -> int:
         """The configured context size; the daemon's default is capped at what the model was trained for."""
@@ -321,18 +368,19 @@ class VllmBackend:
 
     # --- run -----------------------------------------------------------------------------------
 
-    async def run(self, socket_path: Path, model: ModelRef, mode: Mode, config: BackendConfiguration,
+    async def run(self, endpoint: Endpoint, model: ModelRef, mode: Mode, config: BackendConfiguration,
                   output: RunnerOutput) -> None:
+        assert endpoint.path is not None, "vLLM runners listen on a unix socket"
+        socket_path = endpoint.path
         self.check_model(model)
         if config.speculative is not None:
             config.speculative.usable_draft(self.name, self.model_formats)
         python = self.python()
         try:
             # Checked again here, not only at configure time: a stored configuration may be old or hand-edited.
-            flags = validated_flag_values(self.name, config.runtime_flags)
-            validate_runtime_flags(self.name, config.runtime_flags)
-            overrides = (validate_hf_overrides(config.vllm.hf_overrides)
-                         if config.vllm.hf_overrides is not None else None)
+            flags = VLLM_FLAGS.values(config.runtime_flags)  # validates as VLLM_FLAGS.validate does
+            options = self.options(config)  # a RunnerError when the stored options fail today's checks
+            overrides = validate_hf_overrides(options.hf_overrides) if options.hf_overrides is not None else None
         except FlagError as exc:
             raise RunnerError(str(exc), reason="bad_flag") from exc
         try:
@@ -348,7 +396,7 @@ class VllmBackend:
         tmpdir = await asyncio.to_thread(make_runner_tmpdir)
         try:
             write_site(tmpdir)
-            await run_process(argv, env=build_env(self.launch, tmpdir), socket_path=socket_path, output=output,
+            await run_process(argv, env=build_env(self.launch, tmpdir), endpoint=endpoint, output=output,
                               grace=self.stop_grace, cwd=tmpdir, exit_patterns=VLLM_EXIT_PATTERNS)
         finally:
             await asyncio.shield(asyncio.to_thread(shutil.rmtree, tmpdir, True))
@@ -360,7 +408,7 @@ class VllmBackend:
         try:
             shape = self._shape(model, config)
             weights = model_weights(model.path) + draft_weights(config, self.model_formats)
-            flags = validated_flag_values(self.name, config.runtime_flags)
+            flags = VLLM_FLAGS.values(config.runtime_flags)
         except (ModelConfigError, SafetensorsError, FlagError, OSError) as exc:
             return MemoryEstimate.unknown(f"cannot estimate {model.name}: {exc}")
         file_dtype_bytes = shape.dtype_bytes
@@ -373,6 +421,6 @@ class VllmBackend:
         else:
             dtype = flags.get("--kv-cache-dtype")
             kv = kv_bytes_per_token(shape, dtype if isinstance(dtype, str) else None) * max_len
-        utilization = config.vllm.gpu_memory_utilization or self.launch.gpu_memory_utilization
+        utilization = self.options(config).gpu_memory_utilization or self.launch.gpu_memory_utilization
         return estimate(EstimateInputs(weights=weights, shape=shape, max_model_len=max_len, kv_cache=kv,
                                        gpu_total=self.gpu_total, gpu_memory_utilization=utilization))

@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from backends.base import BackendConfiguration, Mode, ModelRef
+from backends.vllm.options import vllm_options
 
 ENTRYPOINT = "vllm.entrypoints.openai.api_server"
 
@@ -87,7 +88,7 @@ def build_argv(
         *mode_flags(mode),
     ]
     if launch.use_gpu:
-        utilization = config.vllm.gpu_memory_utilization or launch.gpu_memory_utilization
+        utilization = vllm_options(config).gpu_memory_utilization or launch.gpu_memory_utilization
         owned.append(f"--gpu-memory-utilization={utilization:g}")
     if hf_overrides is not None:
         owned.append(f"--hf-overrides={hf_overrides}")

@@ -20,7 +20,6 @@ release, a value it does not know makes the engine fail at startup with its own 
 from __future__ import annotations
 
 from backends.flags import (
-    VLLM_BACKEND,
     FlagTable,
     RefusalKind,
     choice,
@@ -163,7 +162,7 @@ _DANGEROUS = (
 )
 
 VLLM_FLAGS = FlagTable(
-    backend=VLLM_BACKEND,
+    backend="vllm",
     value_style="joined",
     flags=_TUNABLE,
     refusals=(*_DAEMON_OWNED, *_DANGEROUS),

@@ -1,10 +1,8 @@
 """What a vLLM runner takes, from a Hugging Face-format directory's headers alone.
 
-- Weights: the sum of the tensors' byte ranges in each ``*.safetensors`` file's JSON header. Only
-  the header is read (8-byte little-endian length, then that many bytes of JSON), never a tensor.
-  Files are untrusted: the length is bounded (by the format's 100 MB header limit and the file's
-  size), every tensor must have a known dtype, a shape of non-negative integers and a byte range
-  that lies inside the file and matches its shape; anything else is one ``SafetensorsError``.
+- Weights: the sum of the tensors' byte ranges in each ``*.safetensors`` file's JSON header
+  (``backends.formats.safetensors.weights_bytes``: only the headers are read, never a tensor, and
+  they are treated as untrusted there).
 - KV cache: 2 (K and V) x layers x KV heads x head dim x bytes per element, per token, from
   config.json (or its ``text_config`` for multimodal wrappers). On CPU hosts runnerd gives vLLM an
   explicit KV-cache size (see ``kv_cache_bytes``) and that is what vLLM allocates; on GPU hosts vLLM
@@ -21,31 +19,19 @@ model needs; that, not the model's own need, is the VRAM figure, and the notes s
 
 from __future__ import annotations
 
-import json
-import math
-import struct
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from backends.base import DeviceMemory, MemoryBreakdown, MemoryEstimate
+from backends.formats.safetensors import ModelConfigError
 
 GiB = 1 << 30
 MiB = 1 << 20
-MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
-MAX_TENSORS = 1_000_000
-MAX_CONFIG_BYTES = 4 * MiB
 CPU_OVERHEAD = int(1.5 * GiB)
 GPU_HOST_OVERHEAD = 2 * GiB
 GPU_DEVICE_OVERHEAD = 512 * MiB
 MIN_CPU_KV_CACHE = 64 * MiB
 
-# Bytes per element of each safetensors dtype (sub-byte types are packed: counted by bits below).
-DTYPE_BITS = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "U16": 16, "I16": 16,
-    "F16": 16, "BF16": 16, "U32": 32, "I32": 32, "F32": 32, "U64": 64, "I64": 64, "F64": 64,
-    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
-}
 # config.json dtype names -> bytes per element (what vLLM keeps activations and KV cache in).
 TORCH_DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "float64": 8}
 # The sub-byte formats (4-bit, 3-bit) are counted as one byte: an upper bound, never an under-count.
@@ -53,81 +39,6 @@ KV_DTYPE_BYTES = {"float16": 2, "bfloat16": 2} | dict.fromkeys((
     "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc", "fp8_ds_mla", "fp8_per_token_head", "int8_per_token_head",
     "int4_per_token_head", "nvfp4", "nvfp4_4over6", "nvfp4_ds_mla", "turboquant_3bit_nc", "turboquant_4bit_nc",
     "turboquant_k3v4_nc", "turboquant_k8v4", "ultraquant_4bit"), 1)
-
-
-class SafetensorsError(ValueError):
-    """A safetensors file whose header cannot be trusted or read; the message names the file."""
-
-
-class ModelConfigError(ValueError):
-    """config.json is missing, unreadable or lacks what the estimate needs."""
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    dtype: str
-    shape: tuple[int, ...]
-    nbytes: int
-
-
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """The tensors listed in one safetensors file's header (``__metadata__`` left out)."""
-    try:
-        with path.open("rb") as f:
-            size = f.seek(0, 2)
-            f.seek(0)
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise SafetensorsError(f"{path.name}: shorter than the 8-byte header length")
-            (length,) = struct.unpack("<Q", prefix)
-            if length > MAX_HEADER_BYTES or length > size - 8:
-                raise SafetensorsError(f"{path.name}: header length {length} exceeds the file or the format's "
-                                       f"{MAX_HEADER_BYTES}-byte limit")
-            raw = f.read(length)
-    except OSError as exc:
-        raise SafetensorsError(f"{path.name}: {exc.strerror or exc}") from exc
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise SafetensorsError(f"{path.name}: header is not valid JSON: {exc}") from exc
-    if not isinstance(header, dict):
-        raise SafetensorsError(f"{path.name}: header is not a JSON object")
-    if len(header) > MAX_TENSORS:
-        raise SafetensorsError(f"{path.name}: more than {MAX_TENSORS} tensors")
-    data_size = size - 8 - length
-    return {name: _tensor(path, name, entry, data_size) for name, entry in header.items() if name != "__metadata__"}
-
-
-def _tensor(path: Path, name: str, entry: Any, data_size: int) -> TensorInfo:
-    def fail(why: str) -> SafetensorsError:
-        return SafetensorsError(f"{path.name}: tensor {name[:100]!r}: {why}")
-
-    if not isinstance(entry, dict):
-        raise fail("entry is not an object")
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
-        raise fail(f"unknown dtype {str(dtype)[:20]!r}")
-    if not isinstance(shape, list) or len(shape) > 16 or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise fail("shape is not a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(
-            isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-        raise fail("data_offsets is not [begin, end]")
-    begin, end = offsets
-    if not 0 <= begin <= end <= data_size:
-        raise fail(f"data_offsets [{begin}, {end}] lie outside the file's {data_size} data bytes")
-    expected = (math.prod(shape) * DTYPE_BITS[dtype] + 7) // 8
-    if end - begin != expected:
-        raise fail(f"holds {end - begin} bytes but {dtype}{shape} needs {expected}")
-    return TensorInfo(dtype=dtype, shape=tuple(shape), nbytes=expected)
-
-
-def weights_bytes(model_dir: Path) -> int:
-    """Bytes of all tensors in the directory's safetensors files (headers only)."""
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise SafetensorsError(f"{model_dir.name}: no *.safetensors files")
-    return sum(t.nbytes for f in files for t in read_safetensors_header(f).values())
 
 
 @dataclass(frozen=True)
@@ -147,24 +58,6 @@ def _int(config: dict[str, Any], *names: str) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
-
-
-def read_model_config(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "config.json"
-    try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ModelConfigError(f"config.json: {exc.strerror or exc}") from exc
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ModelConfigError(f"config.json is larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        config = json.loads(raw)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ModelConfigError(f"config.json is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise ModelConfigError("config.json is not a JSON object")
-    return config
 
 
 def model_shape(config: dict[str, Any], overrides: dict[str, object] | None = None) -> ModelShape:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol, runtime_checkable
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from backends.base import Backend, ProgressCallback
+from backends.base import Backend, BackendState, ProgressCallback
 from runnerd.api.context import Daemon, daemon
 from runnerd.api.engines import read_json_body
 from runnerd.api.errors import ApiError, parse_body
@@ -16,13 +15,6 @@ from runnerd.api.jobs import job_json, stream_job, wants_stream
 from runnerd.scheduler import RunnerState
 
 INSTALL = "install-backend"
-
-
-@runtime_checkable
-class _Versioned(Protocol):
-    """Backends that can say which engine version is installed (llama.cpp asks the binary)."""
-
-    def version(self) -> str | None: ...
 
 
 class InstallBackendRequest(BaseModel):
@@ -41,6 +33,7 @@ class UninstallBackendRequest(BaseModel):
 class BackendView(BaseModel):
     name: str
     status: str
+    state: BackendState
     installed: bool
     version: str | None = Field(description="the installed engine's own version string")
     installable_version: str | None = Field(description="the version `install-backend` would install")
@@ -51,23 +44,12 @@ class BackendView(BaseModel):
 
 
 
-
-def installable_version(backend: Backend) -> str | None:
-    version = getattr(backend, "source_version", None)
-    return version if isinstance(version, str) else None
-
-
-def _installed(status: str) -> bool:
-    return status.startswith("Running:")
-
-
 def _describe(d: Daemon, backend: Backend) -> BackendView:
     """Blocking (status may run the engine's --version, disk usage walks a directory)."""
     status = backend.status()
-    version = backend.version() if isinstance(backend, _Versioned) and _installed(status) else None
     job = d.jobs.active(f"{INSTALL}:{backend.name}")
-    return BackendView(name=backend.name, status=status, installed=_installed(status), version=version,
-                       installable_version=installable_version(backend),
+    return BackendView(name=backend.name, status=status.text, state=status.state, installed=status.installed,
+                       version=status.version, installable_version=backend.installable_version,
                        capabilities=sorted(backend.capabilities), model_formats=sorted(backend.model_formats),
                        disk_usage=backend.disk_usage(), install_job=job.id if job else None)
 
@@ -79,7 +61,7 @@ async def list_backends(request: web.Request) -> web.Response:
 
 
 def _check_version(backend: Backend, wanted: str | None) -> None:
-    available = installable_version(backend)
+    available = backend.installable_version
     if wanted is not None and wanted != available:
         offer = f"only version {available}" if available else "no choice of version"
         raise ApiError(400, f"{backend.name} offers {offer}; asked for {wanted}", code="version_not_available",
@@ -97,12 +79,12 @@ async def install_backend(request: web.Request) -> web.StreamResponse:
     job = d.jobs.active(key)
     if job is None:
         status = await asyncio.to_thread(backend.status)
-        if _installed(status):
-            job = d.jobs.finished(INSTALL, backend.name, f"already installed: {status}")
+        if status.installed:
+            job = d.jobs.finished(INSTALL, backend.name, f"already installed: {status.text}")
         else:
             async def work(progress: ProgressCallback) -> str:
                 await backend.install(progress)
-                return await asyncio.to_thread(backend.status)
+                return (await asyncio.to_thread(backend.status)).text
 
             job, _ = d.jobs.start(INSTALL, backend.name, work, key=key)
     status_code = 200 if job.done else 202
@@ -125,7 +107,7 @@ async def uninstall_backend(request: web.Request) -> web.Response:
                        code="backend_installing")
     await backend.uninstall()
     status = await asyncio.to_thread(backend.status)
-    return web.json_response({"backend": backend.name, "status": status})
+    return web.json_response({"backend": backend.name, "status": status.text})
 
 
 def add_routes(app: web.Application) -> None:

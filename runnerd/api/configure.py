@@ -13,21 +13,14 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from backends.base import (
-    Backend,
-    BackendConfiguration,
-    LlamaCppOptions,
-    Mode,
-    SpeculativeOptions,
-    VllmOptions,
-)
-from backends.flags import FlagError, split_raw_flags, validate_hf_overrides, validate_runtime_flags
+from backends.base import Backend, BackendConfiguration, Mode, SpeculativeOptions
+from backends.flags import FlagError, split_raw_flags
 from runnerd.api.context import Daemon, daemon
 from runnerd.api.engines import choose_backend, find_model, read_json_body
 from runnerd.api.errors import ApiError, validation_error
 from runnerd.configs import StoredConfiguration, effective_configuration
 from runnerd.durations import parse_keep_alive
-from runnerd.scheduler import RunnerKey, spawn
+from runnerd.scheduler import RunnerKey
 from runnerd.store import ModelEntry, ModelNotFound
 
 log = logging.getLogger("runnerd.configure")
@@ -43,7 +36,10 @@ class SpeculativeRequest(BaseModel):
 
 
 class ConfigureRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Engine options come as `options` (for whichever backend serves the model) or under the engine's own
+    options key (Backend.options_key): extra keys here, checked against the serving backend."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1, max_length=300)
     mode: Mode = Mode.COMPLETION
@@ -51,8 +47,7 @@ class ConfigureRequest(BaseModel):
     runtime_flags: list[str] | None = Field(default=None, max_length=1024)
     raw_runtime_flags: str | None = None
     keep_alive: str | int | float | None = None
-    llamacpp: LlamaCppOptions | None = None
-    vllm: VllmOptions | None = None
+    options: dict[str, Any] | None = None
     speculative: SpeculativeRequest | None = None
 
 
@@ -61,31 +56,37 @@ def _flags(backend: Backend, spec: ConfigureRequest) -> list[str] | None:
         raise ApiError(400, "send either runtime_flags or raw_runtime_flags, not both", param="runtime_flags")
     try:
         if spec.raw_runtime_flags is not None:
-            return validate_runtime_flags(backend.name, split_raw_flags(spec.raw_runtime_flags))
+            return backend.validate_flags(split_raw_flags(spec.raw_runtime_flags))
         if spec.runtime_flags is not None:
-            return validate_runtime_flags(backend.name, spec.runtime_flags)
+            return backend.validate_flags(spec.runtime_flags)
     except FlagError as exc:
         param = "raw_runtime_flags" if spec.raw_runtime_flags is not None else "runtime_flags"
         raise ApiError(400, str(exc), code="flag_refused", param=param) from exc
     return None
 
 
-def _engine_options(backend: Backend, spec: ConfigureRequest) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    if spec.llamacpp is not None:
-        if backend.name != "llama.cpp":
-            raise ApiError(400, f"llamacpp options do not apply to the {backend.name} backend", param="llamacpp")
-        options["llamacpp"] = spec.llamacpp
-    if spec.vllm is not None:
-        if backend.name != "vllm":
-            raise ApiError(400, f"vllm options do not apply to the {backend.name} backend", param="vllm")
-        if spec.vllm.hf_overrides is not None:
-            try:
-                validate_hf_overrides(spec.vllm.hf_overrides)
-            except FlagError as exc:
-                raise ApiError(400, str(exc), code="flag_refused", param="vllm.hf_overrides") from exc
-        options["vllm"] = spec.vllm
-    return options
+def _engine_options(d: Daemon, backend: Backend, spec: ConfigureRequest) -> dict[str, Any]:
+    """The serving backend's options table, validated by the backend; a table meant for another engine,
+    or a key that is nobody's, is refused by name."""
+    tables: dict[str, Any] = dict(spec.model_extra or {})
+    if spec.options is not None:
+        own = tables.get(backend.options_table, {})
+        tables[backend.options_table] = {**own, **spec.options} if isinstance(own, dict) else own
+    others = {b.options_table: b.name for b in d.backends.values() if b is not backend}
+    validated: dict[str, Any] = {}
+    for key, table in tables.items():
+        if key in others:
+            raise ApiError(400, f"{key} options do not apply to the {backend.name} backend", param=key)
+        if key != backend.options_table:
+            raise ApiError(400, f"invalid configure request: {key}: Extra inputs are not permitted (it is no "
+                                f"option table of the {backend.name} backend)", param=key)
+        if not isinstance(table, dict):
+            raise ApiError(400, f"{key} must be an object of {backend.name} options", param=key)
+        try:
+            validated[key] = backend.validate_options(table)
+        except ValidationError as exc:
+            raise validation_error(exc, "configuration", prefix=key) from exc
+    return validated
 
 
 def _speculative(d: Daemon, backend: Backend, spec: SpeculativeRequest) -> SpeculativeOptions:
@@ -106,7 +107,7 @@ def _speculative(d: Daemon, backend: Backend, spec: SpeculativeRequest) -> Specu
 
 def build_configuration(d: Daemon, backend: Backend, spec: ConfigureRequest) -> BackendConfiguration:
     """Validate every part of the request into a configuration holding only what was sent."""
-    fields: dict[str, Any] = _engine_options(backend, spec)
+    fields: dict[str, Any] = _engine_options(d, backend, spec)
     if spec.context_size is not None:
         fields["context_size"] = spec.context_size
     flags = _flags(backend, spec)
@@ -160,7 +161,7 @@ async def configure(request: web.Request) -> web.Response:
     d.configs.put(item)
     if restart and runner is not None:
         await runner.stop("reconfigure")
-    spawn(_preload(d, key, model, new), name=f"preload {model.name}")
+    d.scheduler.spawn(_preload, d, key, model, new)
     return web.json_response(_shown(item, restarted=restart), status=202)
 
 

@@ -96,11 +96,8 @@ def required_capabilities(kind: RequestKind, payload: dict[str, Any]) -> list[Ca
 
 
 def check_capabilities(backend: Backend, needed: list[Capability], model: ModelEntry | None = None) -> None:
-    available = backend.capabilities
-    # Some backends serve a capability only for some models (vLLM reranks only with a scorer model).
-    per_model = getattr(backend, "model_capabilities", None)
-    if model is not None and callable(per_model):
-        available = per_model(model.ref())
+    # Some backends serve a capability only for some models (e.g. rerank only with a scorer model).
+    available = backend.model_capabilities(model.ref()) if model is not None else backend.capabilities
     for capability in needed:
         if capability not in available:
             which = f" for {model.name}" if model is not None and capability in backend.capabilities else ""
@@ -109,10 +106,9 @@ def check_capabilities(backend: Backend, needed: list[Capability], model: ModelE
 
 
 def check_request(backend: Backend, model: ModelEntry, config: BackendConfiguration, payload: dict[str, Any]) -> None:
-    """400 for a request the backend, run with `config`, would accept but answer wrongly (optional
-    backend hook `request_problem`: the daemon knows nothing of engines' flags)."""
-    problem = getattr(backend, "request_problem", None)
-    why = problem(model.ref(), config, payload) if callable(problem) else None
+    """400 for a request the backend, run with `config`, would accept but answer wrongly (the daemon
+    knows nothing of engines' flags: the backend says)."""
+    why = backend.request_problem(model.ref(), config, payload)
     if why:
         raise ApiError(400, f"{model.name} on {backend.name}: {why}", code="engine_not_configured")
 
@@ -154,8 +150,9 @@ async def inference(kind: RequestKind, request: web.Request) -> web.StreamRespon
     backend = choose_backend(d, explicit, model)
     check_capabilities(backend, required_capabilities(kind, payload), model)
     keep_alive = take_keep_alive(payload)
-    # vLLM answers 404 unless `model` is its served name: give it the store's canonical one (`x` -> `x:latest`).
-    renamed = getattr(backend, "checks_model_name", False) and payload.get("model") != model.name
+    # Some engines answer 404 unless `model` is their served name: give them the store's canonical one
+    # (`x` -> `x:latest`).
+    renamed = backend.checks_model_name and payload.get("model") != model.name
     if renamed:
         payload["model"] = model.name
     body = json.dumps(payload).encode() if keep_alive is not UNSET or renamed else await request.read()
@@ -201,7 +198,7 @@ async def engines_status(request: web.Request) -> web.Response:
     d = daemon(request)
     # status() may run the engine's --version once; keep it off the event loop.
     statuses = await asyncio.gather(*(asyncio.to_thread(b.status) for b in d.backends.values()))
-    return web.json_response(dict(zip(d.backends, statuses, strict=True)))
+    return web.json_response({name: status.text for name, status in zip(d.backends, statuses, strict=True)})
 
 
 async def engines_ps(request: web.Request) -> web.Response:

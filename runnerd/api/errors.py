@@ -97,10 +97,10 @@ def render_error(request: web.Request, exc: ApiError) -> web.Response:
     return exc.ollama_response() if request.path.startswith("/api/") else exc.response()
 
 
-def validation_error(exc: ValidationError, what: str) -> ApiError:
-    """A 400 naming the first field pydantic refused, as `param`."""
+def validation_error(exc: ValidationError, what: str, prefix: str | None = None) -> ApiError:
+    """A 400 naming the first field pydantic refused, as `param` (under `prefix` for a nested table)."""
     err = exc.errors()[0]
-    field = ".".join(str(p) for p in err["loc"]) or None
+    field = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(err["loc"])) or None
     return ApiError(400, f"invalid {what}: {field}: {err['msg']}", param=field)
 
 

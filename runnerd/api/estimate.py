@@ -9,18 +9,16 @@ from typing import Any
 from aiohttp import web
 
 from backends.base import Backend, BackendConfiguration, MemoryEstimate, Mode, ModelFormat
-from backends.flags import FlagError, validate_runtime_flags
-from backends.gguf import GGUFParseError
-from backends.llamacpp import cached_header
-from backends.llamacpp.summary import summarize
+from backends.flags import FlagError
+from backends.formats.gguf import GGUFParseError
 from runnerd.api.context import Daemon, daemon
 from runnerd.api.engines import choose_backend, find_model
 from runnerd.api.errors import ApiError
 from runnerd.configs import effective_configuration
-from runnerd.estimate_params import FLAG_PARAMS
+from runnerd.estimate_params import ESTIMATE_PARAMS
 from runnerd.store import ModelEntry
 
-_KNOWN = frozenset({"ctx", "mode", *FLAG_PARAMS})
+_KNOWN = frozenset({"ctx", "mode", *ESTIMATE_PARAMS})
 
 
 def _mode(query: Any) -> Mode:
@@ -42,14 +40,11 @@ def _ctx(query: Any) -> int | None:
 
 
 def _flags(backend: Backend, query: Any) -> list[str]:
-    flags: list[str] = []
-    for param, flag in FLAG_PARAMS.items():
-        if param in query:
-            try:
-                flags += validate_runtime_flags(backend.name, [flag, query[param]])
-            except FlagError as exc:
-                raise ApiError(400, f"{param}: {exc.reason}", param=param) from exc
-    return flags
+    given = {param: query[param] for param in ESTIMATE_PARAMS if param in query}
+    try:
+        return backend.estimate_flags(given)
+    except FlagError as exc:
+        raise ApiError(400, f"{exc.element}: {exc.reason}", param=exc.element) from exc
 
 
 def requested_configuration(d: Daemon, backend: Backend, model: ModelEntry, query: Any) -> \
@@ -90,9 +85,9 @@ async def describe(d: Daemon, model: ModelEntry) -> dict[str, Any]:
     backend = choose_backend(d, None, model)
     config = effective_configuration(model.config, d.configs.get(model.name, Mode.COMPLETION))
     try:
-        header = await asyncio.to_thread(cached_header, model.path)
+        summary = await asyncio.to_thread(backend.describe, model.ref())
     except (GGUFParseError, OSError) as exc:
         return {"summary": None, "estimate": MemoryEstimate.unknown(str(exc)).model_dump(mode="json")}
     result = await asyncio.to_thread(backend.required_memory, model.ref(), Mode.COMPLETION, config)
-    return {"summary": summarize(header).model_dump(mode="json"),
+    return {"summary": summary.model_dump(mode="json"),
             "estimate": estimate_json(model, Mode.COMPLETION, config, result)}

@@ -74,12 +74,11 @@ async def _on_response_prepare(request: web.Request, response: web.StreamRespons
 # --- /metrics ----------------------------------------------------------------------------------
 
 async def scrape_runner(info: RunnerInfo, timeout: float = _SCRAPE_TIMEOUT) -> str | None:
-    """The runner's own /metrics text over its unix socket, or None if it did not answer in time."""
+    """The runner's own /metrics text from its endpoint, or None if it did not answer in time."""
     try:
-        connector = aiohttp.UnixConnector(path=info.socket)
         timeouts = aiohttp.ClientTimeout(total=timeout)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeouts) as session, \
-                session.get("http://runner/metrics") as resp:
+        async with aiohttp.ClientSession(connector=info.endpoint.connector(), timeout=timeouts) as session, \
+                session.get(info.endpoint.url("/metrics")) as resp:
             return await resp.text() if resp.status == 200 else None
     except (aiohttp.ClientError, TimeoutError, OSError):
         return None
@@ -157,7 +156,7 @@ def _runner_logs(d: Daemon, name: str, mode: Mode | None) -> list[tuple[str, Pat
     log_dir = d.settings.runner_log_dir
     for backend in d.backends:
         for m in [mode] if mode is not None else list(Mode):
-            path = log_dir / f"{RunnerKey(backend, model, m).slug}.log"
+            path = RunnerKey(backend, model, m).log_path(log_dir)
             if path.is_file():
                 found.setdefault(path, str(m))
     if not found:

@@ -4,7 +4,7 @@ POST /models/create streams NDJSON progress. The response is only started when t
 report arrives, so a failure before any byte came (bad source, upstream 404, disk full up front) is a
 plain error response with its status; a failure after that is the stream's last line, {"error": ...}.
 The pull belongs to the request: a client that hangs up cancels it (its part file stays, so the next
-pull resumes). Concurrent pulls of the same URL share one download.
+pull resumes; runnerd.api.pulling). Concurrent pulls of the same URL share one download.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from runnerd.api.context import daemon, over_unix_socket
 from runnerd.api.engines import find_model, read_json_body
 from runnerd.api.errors import ApiError, parse_body
 from runnerd.api.estimate import describe, model_estimate
+from runnerd.api.pulling import RequestPull
 from runnerd.durations import parse_keep_alive
-from runnerd.pull import PullProgress
 from runnerd.store import ModelEntry, StoreError
 
 NDJSON = "application/x-ndjson"
@@ -106,23 +106,10 @@ async def create_model(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "'from' must be an absolute path, an http(s):// URL or hf://org/repo[/file][@revision]",
                        code="invalid_source", param="from")
     store = daemon(request).store
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[PullProgress] = asyncio.Queue()
-
-    def progress(p: PullProgress) -> None:
-        # Local imports report from a worker thread; the queue lives on the loop.
-        loop.call_soon_threadsafe(queue.put_nowait, p)
-
-    task = asyncio.create_task(store.pull(spec.source, spec.name, spec.sha256, progress, mmproj=spec.mmproj))
     response: web.StreamResponse | None = None
-    try:
-        while True:
-            getter = asyncio.ensure_future(queue.get())
-            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                break
-            report = getter.result()
+    async with RequestPull(lambda progress: store.pull(spec.source, spec.name, spec.sha256, progress,
+                                                       mmproj=spec.mmproj)) as pulling:
+        while (report := await pulling.next_report()) is not None:
             if report.phase == "success":
                 continue  # the final line carries the model instead
             if response is None:
@@ -130,7 +117,7 @@ async def create_model(request: web.Request) -> web.StreamResponse:
                 await response.prepare(request)
             await response.write(report.model_dump_json(exclude_none=True).encode() + b"\n")
         try:
-            entry = task.result()
+            entry = pulling.task.result()
         except StoreError as exc:
             if response is None:
                 raise _api_error(exc, "from") from exc
@@ -144,11 +131,6 @@ async def create_model(request: web.Request) -> web.StreamResponse:
         await response.write(json.dumps(final).encode() + b"\n")
         await response.write_eof()
         return response
-    finally:
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
 
 
 async def delete_model(request: web.Request) -> web.Response:

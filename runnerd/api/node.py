@@ -12,9 +12,13 @@ from runnerd.api.context import daemon
 
 async def get_node(request: web.Request) -> web.Response:
     d = daemon(request)
-    # status() may run an engine's --version; psutil and NVML block: all of it off the event loop.
+    # status() may run an engine's --version: off the event loop. The host and the runners' memory come
+    # from the sampler's latest snapshot (ps() measures from the same one).
     statuses = await asyncio.gather(*(asyncio.to_thread(b.status) for b in d.backends.values()))
-    info = await asyncio.to_thread(node.collect, d.scheduler.ps(), dict(zip(d.backends, statuses, strict=True)))
+    runners = d.scheduler.ps()
+    shown = {name: status.text for name, status in zip(d.backends, statuses, strict=True)}
+    info = await asyncio.to_thread(node.collect, runners, shown,
+                                   d.scheduler.sampler.snapshot)
     return web.json_response(info.model_dump(mode="json"))
 
 

@@ -1,8 +1,8 @@
-"""Downloading model files: sources, HTTP with resume (Range), sha256 verification, atomic commit.
+"""Remote pulls: sources, HTTP with resume (Range), sha256 verification, shared downloads.
 
 This module knows nothing of manifests or names: it turns a source reference into a list of remote
-files and fetches one file into a resumable part file, verifying it. `runnerd.store` decides where
-blobs live and registers them.
+files and fetches them into resumable part files, verifying each (`Downloads.fetch_model`). The store
+(`runnerd.store.store`) commits the verified parts as blobs and registers the model.
 
 Resumption: each URL gets a part file `<partial>/<sha256(url)>.part` and a small JSON sidecar with
 the validator (ETag / Last-Modified) the bytes came with. A later attempt sends `Range` and
@@ -23,7 +23,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -32,8 +32,11 @@ import aiohttp
 from pydantic import BaseModel
 from yarl import URL
 
+from backends.formats.names import SplitNameError, gguf_stem, is_model_directory, is_model_repo_file, split_names
+from runnerd.config import HuggingFaceSettings, StoreSettings
+from runnerd.store.errors import StoreError
+
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_SPLIT = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 # A hub path segment (org, repo, file name part, revision): no traversal, no separators, no controls.
 _HF_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _HF_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
@@ -98,21 +101,12 @@ def _name_part(text: str) -> str:
     return cleaned or "model"
 
 
-def _strip_gguf(file_name: str) -> str:
-    m = _SPLIT.match(file_name)
-    stem = m.group("prefix") if m else file_name
-    return stem[:-5] if stem.lower().endswith(".gguf") else stem
-
-
-def split_names(file_name: str) -> list[str]:
+def _shard_names(file_name: str) -> list[str]:
     """All shard names of a split GGUF given any shard's name; [file_name] for other names."""
-    m = _SPLIT.match(file_name)
-    if m is None:
-        return [file_name]
-    count, no = int(m.group("count")), int(m.group("no"))
-    if not 1 <= no <= count or count > _MAX_SHARDS:
-        raise PullError(f"shard {no} of {count} in {file_name!r} is impossible", 400, "invalid_source")
-    return [f"{m.group('prefix')}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+    try:
+        return split_names(file_name, max_count=_MAX_SHARDS)
+    except SplitNameError as exc:
+        raise PullError(str(exc), 400, "invalid_source") from exc
 
 
 def _check_url(url: str) -> str:
@@ -134,7 +128,7 @@ def parse_source(text: str, hf_base_url: str) -> Source:
         raise PullError("'from' must be a non-empty path, http(s):// URL or hf://org/repo[/file][@revision]",
                         400, "invalid_source")
     if text.startswith("/"):
-        return Source(kind="path", path=Path(text), default_name=_name_part(_strip_gguf(Path(text).name)))
+        return Source(kind="path", path=Path(text), default_name=_name_part(gguf_stem(Path(text).name)))
     if text.startswith("hf://"):
         return _parse_hf(text[5:], hf_base_url)
     if text.startswith(("http://", "https://")):
@@ -143,9 +137,9 @@ def parse_source(text: str, hf_base_url: str) -> Source:
         if not _HF_SEGMENT.match(file_name) or ".." in file_name:
             file_name = "model.gguf"
         base = url[: len(url) - len(urlsplit(url).path)] + str(PurePosixPath(urlsplit(url).path).parent).rstrip("/")
-        names = split_names(file_name)
+        names = _shard_names(file_name)
         files = tuple(RemoteFile(url=url if n == file_name else f"{base}/{quote(n)}", name=n) for n in names)
-        return Source(kind="url", files=files, default_name=_name_part(_strip_gguf(file_name)))
+        return Source(kind="url", files=files, default_name=_name_part(gguf_stem(file_name)))
     scheme = text.split(":", 1)[0] if ":" in text else ""
     raise PullError(f"unsupported source {text[:200]!r}" + (f" (scheme {scheme!r})" if scheme else "") +
                     ": use an absolute path, an http(s):// URL or hf://org/repo[/file][@revision]",
@@ -169,14 +163,9 @@ def _parse_hf(ref: str, base_url: str) -> Source:
                       if revision != "main" else f"{_name_part(org)}/{_name_part(repo)}")
     directory, file_name = "/".join(path[:-1]), path[-1]
     prefix = f"{base_url}/{org}/{repo}/resolve/{rev}/" + (f"{directory}/" if directory else "")
-    files = tuple(RemoteFile(url=prefix + quote(n), name=n) for n in split_names(file_name))
+    files = tuple(RemoteFile(url=prefix + quote(n), name=n) for n in _shard_names(file_name))
     return Source(kind="hf", files=files, hf_revision=revision,
-                  default_name=f"{_name_part(org)}/{_name_part(repo)}:{_name_part(_strip_gguf(file_name))}")
-
-
-# Files of a Hugging Face-format repository that a vLLM model directory needs.
-_REPO_FILE = re.compile(r"^(?:.*\.safetensors|.*\.json|tokenizer\.model|.*\.tiktoken|merges\.txt|vocab\.txt|"
-                        r".*\.jinja)$")
+                  default_name=f"{_name_part(org)}/{_name_part(repo)}:{_name_part(gguf_stem(file_name))}")
 
 
 def _safe_relative(path: str) -> bool:
@@ -216,7 +205,7 @@ async def list_hf_repo(session: aiohttp.ClientSession, source: Source, base_url:
         if not isinstance(entry, dict) or entry.get("type") != "file" or not isinstance(entry.get("path"), str):
             continue
         path = entry["path"]
-        if not _REPO_FILE.match(path.rsplit("/", 1)[-1]):
+        if not is_model_repo_file(path):
             continue
         if not _safe_relative(path):
             raise PullError(f"the repository lists an unsafe file path {path[:200]!r}", 502, "unsafe_path")
@@ -225,7 +214,7 @@ async def list_hf_repo(session: aiohttp.ClientSession, source: Source, base_url:
         size = entry.get("size") if isinstance(entry.get("size"), int) else None
         files.append(RemoteFile(url=f"{base_url}/{source.hf_repo}/resolve/{rev}/{quote(path)}", name=path,
                                 sha256=oid, size=size))
-    if not any(f.name.endswith(".safetensors") for f in files) or not any(f.name == "config.json" for f in files):
+    if not is_model_directory(f.name for f in files):
         raise PullError(f"{source.hf_repo} is not a Hugging Face-format model directory (config.json and "
                         "*.safetensors); name a GGUF file instead: hf://org/repo/file.gguf", 400, "invalid_source")
     return tuple(sorted(files, key=lambda f: f.name))
@@ -458,3 +447,125 @@ class Throttle:
             self._last = now
             return True
         return False
+
+
+# --- the store's downloads ---------------------------------------------------------------------
+
+@dataclass
+class _SharedFetch:
+    """One download that several pulls of the same URL wait on."""
+
+    task: asyncio.Task[Downloaded]
+    listeners: list[Callable[[int, int | None], None]] = field(default_factory=list)
+    waiters: int = 0
+
+
+class Downloads:
+    """The downloads of one store: the files of a remote model fetched side by side into `partial`,
+    one download per URL however many pulls wait on it, at most `max_concurrent_downloads` at a time.
+    Cancelling a pull cancels its downloads (unless another pull shares them); part files stay."""
+
+    def __init__(self, partial: Path, settings: StoreSettings, huggingface: HuggingFaceSettings) -> None:
+        self.partial = partial
+        self.settings = settings
+        self.huggingface = huggingface
+        self._fetches: dict[str, _SharedFetch] = {}
+        self._slots: asyncio.Semaphore | None = None
+        self._slots_loop: asyncio.AbstractEventLoop | None = None
+
+    def _token(self) -> str | None:
+        path = self.huggingface.token_file
+        if path is None:
+            return None
+        try:
+            return path.read_text().strip() or None
+        except OSError as exc:
+            raise StoreError(f"cannot read the Hugging Face token file {path}: {exc.strerror}", 500,
+                             "token_unreadable") from exc
+
+    def _options(self) -> FetchOptions:
+        return FetchOptions(read_timeout=self.settings.read_timeout, retries=self.settings.retries,
+                            token=self._token(), token_host=urlsplit(self.huggingface.base_url).hostname)
+
+    async def fetch_model(self, parsed: Source, expected: str | None, progress: PullProgressCallback,
+                          projector: RemoteFile | None = None) -> list[tuple[RemoteFile, Downloaded, str]]:
+        """Download every file of a remote model (and its projector) into verified part files, reporting
+        "download" progress over all of them; returns (file, download, role) for each."""
+        opts = self._options()
+        files = parsed.files
+        if parsed.hf_repo is not None:
+            headers = {"Authorization": f"Bearer {opts.token}"} if opts.token else {}
+            async with download_session(opts) as session:
+                files = await list_hf_repo(session, parsed, self.huggingface.base_url, headers)
+        if expected is not None:
+            if len(files) != 1:
+                raise PullError("sha256 can only be given for a single-file model", 400, "invalid_sha256")
+            files = (RemoteFile(url=files[0].url, name=files[0].name, sha256=expected, size=files[0].size),)
+        roles = ["model"] * len(files)
+        if projector is not None:
+            files, roles = (*files, projector), [*roles, "mmproj"]
+        done: dict[str, tuple[int, int | None]] = {}
+        throttle = Throttle()
+
+        def report(file_name: str, final: bool = False) -> None:
+            if not throttle.ready(final):
+                return
+            totals = [t for _, t in done.values()]
+            total = sum(t for t in totals if t is not None) if totals and None not in totals else None
+            progress(PullProgress(phase="download", total=total, completed=sum(c for c, _ in done.values()),
+                                  file=file_name))
+
+        tasks = [asyncio.create_task(self._join_fetch(f, opts, done, report)) for f in files]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            # One file failed (or the pull was cancelled): stop the others; their part files stay.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return list(zip(files, results, roles, strict=True))
+
+    async def _join_fetch(self, file: RemoteFile, opts: FetchOptions, done: dict[str, tuple[int, int | None]],
+                          report: Callable[[str, bool], None]) -> Downloaded:
+        """Download `file`, or wait for the download of the same URL another pull started."""
+        def on_bytes(completed: int, total: int | None) -> None:
+            done[file.url] = (completed, total)
+            report(file.name, False)
+
+        shared = self._fetches.get(file.url)
+        if shared is None or shared.task.done():
+            shared = _SharedFetch(task=asyncio.create_task(self._fetch(file, opts, file.url)))
+            self._fetches[file.url] = shared
+        shared.listeners.append(on_bytes)
+        shared.waiters += 1
+        try:
+            result = await asyncio.shield(shared.task)
+        finally:
+            shared.waiters -= 1
+            shared.listeners.remove(on_bytes)
+            # The last pull waiting for it went away (cancelled): stop the download, keep its part file.
+            if shared.waiters == 0 and not shared.task.done():
+                shared.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await shared.task
+        report(file.name, True)
+        return result
+
+    async def _fetch(self, file: RemoteFile, opts: FetchOptions, key: str) -> Downloaded:
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._slots_loop is not loop:
+            self._slots, self._slots_loop = asyncio.Semaphore(self.settings.max_concurrent_downloads), loop
+
+        def fan_out(completed: int, total: int | None) -> None:
+            shared = self._fetches.get(key)
+            for listener in list(shared.listeners if shared else []):
+                listener(completed, total)
+
+        try:
+            async with self._slots, download_session(opts) as session:
+                return await fetch(session, file, self.partial, opts, fan_out)
+        finally:
+            shared = self._fetches.get(key)
+            if shared is not None and shared.task is asyncio.current_task():
+                del self._fetches[key]

@@ -2,10 +2,10 @@
 
 Requests: an Ollama chat/generate/embed body becomes an OpenAI body for the engine
 (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`); sampling options take the names of the
-engine that serves the model (llama-server or vLLM). Responses: an OpenAI answer (or its stream of SSE
+engine that serves the model (its backend's sampling dialect). Responses: an OpenAI answer (or its stream of SSE
 chunks) becomes Ollama's objects: `message`/`response`, `thinking`, `tool_calls` with arguments as
-objects, `done`, `done_reason`, and the timing fields in nanoseconds, taken from llama-server's own
-`timings` object or, for an engine without one (vLLM), measured here.
+objects, `done`, `done_reason`, and the timing fields in nanoseconds, taken from the engine's own
+`timings` object or, for an engine without one, measured here.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -23,10 +24,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger("runnerd.ollama")
-
-# The backend name (Backend.name) of vLLM; every other engine here speaks llama-server's dialect.
-VLLM = "vllm"
-
 
 class TranslationError(ValueError):
     """The request cannot be expressed for the engine; the message says which field and why."""
@@ -51,38 +48,34 @@ class OllamaOptions(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     num_keep: int | None = None
-    # Not an Ollama option: llama-server's own switch, passed through so callers (and tests on models with
+    # Not an Ollama option: an engine switch, passed through so callers (and tests on models with
     # random weights) can get exactly num_predict tokens.
     ignore_eos: bool | None = None
 
 
-# Options with the same name and meaning in the OpenAI-compatible body of llama-server and of vLLM
-# (vLLM takes top_k, min_p, seed and ignore_eos as extra sampling parameters).
+# Options with the same name and meaning in the OpenAI-compatible body of the engines (some take top_k,
+# min_p, seed and ignore_eos as extra sampling parameters).
 _SAME_NAME = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
               "ignore_eos")
-# Ollama option -> the engine's body field, for options whose name differs between the engines.
-_LLAMA_SERVER_NAMES = {"repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
-                       "typical_p": "typical_p", "num_keep": "n_keep"}
-# vLLM has a repetition penalty but no window for it (repeat_last_n), no typical sampling and no n_keep
-# (it never shifts the context): those are dropped, as Ollama ignores options a runner lacks.
-_VLLM_NAMES = {"repeat_penalty": "repetition_penalty"}
+# Options whose name in the engine's body depends on the engine: its sampling dialect maps them.
+_DIALECT_OPTIONS = ("repeat_penalty", "repeat_last_n", "typical_p", "num_keep")
 
 
-def sampling_fields(options: OllamaOptions | None, engine: str = "llama.cpp") -> dict[str, Any]:
-    """The OpenAI body fields for the sampling options, in the dialect of `engine` (the serving backend's
-    name). num_ctx is a load option: not here."""
+def sampling_fields(options: OllamaOptions | None, dialect: Mapping[str, str]) -> dict[str, Any]:
+    """The OpenAI body fields for the sampling options, named as the serving engine's `dialect` says
+    (an option the dialect lacks is dropped, as Ollama ignores options a runner lacks). num_ctx is a
+    load option: not here."""
     if options is None:
         return {}
     out: dict[str, Any] = {name: getattr(options, name) for name in _SAME_NAME if getattr(options, name) is not None}
-    names = _VLLM_NAMES if engine == VLLM else _LLAMA_SERVER_NAMES
-    for option in _LLAMA_SERVER_NAMES:
+    for option in _DIALECT_OPTIONS:
         value = getattr(options, option)
         if value is None:
             continue
-        if option in names:
-            out[names[option]] = value
+        if option in dialect:
+            out[dialect[option]] = value
         else:
-            log.debug("option %s has no equivalent in %s: ignored", option, engine)
+            log.debug("option %s has no equivalent in the serving engine: ignored", option)
     # Ollama: -1 = no limit, -2 = fill the context; both mean "no max_tokens" for the engine.
     if options.num_predict is not None and options.num_predict >= 0:
         out["max_tokens"] = options.num_predict
@@ -106,7 +99,7 @@ def response_format(fmt: Format) -> dict[str, Any] | None:
 
 
 def thinking_fields(think: bool | str | None) -> dict[str, Any]:
-    """`think` for llama-server: a boolean toggles the template's thinking switch; a level is an effort."""
+    """`think`: a boolean toggles the chat template's thinking switch; a level is an effort."""
     if think is None:
         return {}
     if isinstance(think, bool):
@@ -252,7 +245,7 @@ class Clock:
 def timing_fields(usage: dict[str, Any] | None, timings: dict[str, Any] | None,
                   clock: Clock | None = None) -> dict[str, int]:
     """prompt_eval_* and eval_* from the engine's counts and `timings` (milliseconds -> nanoseconds).
-    Durations the engine did not report (vLLM has no `timings`) are measured with `clock`."""
+    Durations the engine did not report (not every engine sends `timings`) are measured with `clock`."""
     usage = usage or {}
     timings = timings or {}
     out: dict[str, int] = {}
@@ -300,7 +293,7 @@ def turn_from_completion(body: dict[str, Any]) -> Turn:
 
 
 def _reasoning(message: dict[str, Any]) -> str:
-    # llama-server and older vLLM releases call it reasoning_content; newer vLLM releases call it reasoning.
+    # Engines call it reasoning_content or (newer ones) reasoning.
     return message.get("reasoning_content") or message.get("reasoning") or ""
 
 
@@ -407,39 +400,6 @@ def embeddings_from(body: dict[str, Any], dimensions: int | None = None) -> list
         norm = math.sqrt(sum(x * x for x in short))
         cut.append([x / norm for x in short] if norm > 0 else short)
     return cut
-
-
-def parse_sse_line(line: bytes) -> dict[str, Any] | Literal["done"] | None:
-    """One line of an SSE stream -> the JSON payload of a `data:` line, "done" at `[DONE]`, else None."""
-    text = line.strip()
-    if text.startswith(b"error:"):
-        # llama-server reports a failure inside a stream as an `error:` event.
-        try:
-            error = json.loads(text[6:])
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            error = text[6:].decode(errors="replace").strip()
-        return {"error": error}
-    if not text.startswith(b"data:"):
-        return None
-    payload = text[5:].strip()
-    if payload == b"[DONE]":
-        return "done"
-    try:
-        value = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def error_text(body: Any) -> str:
-    """The message of an engine's error body, whatever its shape."""
-    if isinstance(body, dict):
-        error = body.get("error")
-        if isinstance(error, dict):
-            return str(error.get("message") or error)
-        if error is not None:
-            return str(error)
-    return str(body)
 
 
 def parameter_size(count: int) -> str:

@@ -8,10 +8,11 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from runnerd.cli.output import table
 from runnerd.errors import ClientError
 
 if TYPE_CHECKING:
-    from runnerd.client import DaemonClient
+    from runnerd.cli.client import DaemonClient
 
 GiB = 1024**3
 MiB = 1024**2
@@ -25,16 +26,10 @@ def _size(n: int | None) -> str:
     return f"{n / MiB:.0f} MiB" if n >= MiB else f"{n / 1024:.0f} KiB"
 
 
-def _table(rows: list[list[str]], header: list[str]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-
-
 async def _backends_ls(client: DaemonClient, args: argparse.Namespace) -> Any:
     backends = await client.request("GET", "/engines/backends")
     rows = [[b["name"], b["status"], _size(b["disk_usage"]), ",".join(b["capabilities"])] for b in backends]
-    return backends, lambda: _table(rows, ["BACKEND", "STATUS", "DISK", "CAPABILITIES"])
+    return backends, lambda: table(rows, ["BACKEND", "STATUS", "DISK", "CAPABILITIES"])
 
 
 async def follow_job(client: DaemonClient, job: dict[str, Any], show_progress: bool) -> dict[str, Any]:
@@ -94,7 +89,7 @@ def _print_node(node: dict[str, Any]) -> None:
         print(f"backend   {name}: {status}")
     if node["runners"]:
         print()
-        _table([[r["model"], r["backend"], r["mode"], r["state"], _size(r["rss_bytes"])] for r in node["runners"]],
+        table([[r["model"], r["backend"], r["mode"], r["state"], _size(r["rss_bytes"])] for r in node["runners"]],
                ["MODEL", "BACKEND", "MODE", "STATE", "RSS"])
 
 

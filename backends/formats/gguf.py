@@ -10,12 +10,15 @@ The format is the one ggml/src/gguf.cpp reads, and this reader refuses what that
 (unknown types, misaligned or non-contiguous tensor data, names of 64 bytes or more, ...), so a file
 accepted here is one llama.cpp will at least open. `gguf.GGUFReader` is not used: it materialises
 every array (15-25 s on a 262,144-token vocabulary).
+
+`cached_header` keeps the last 64 headers read, keyed by path, mtime and size: the estimator, the
+API's summaries and the engine's command line ask for the same model's header often.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-import re
 import stat
 import struct
 from collections.abc import Iterator, Mapping
@@ -25,6 +28,8 @@ from typing import Any
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType, Keys
+
+from backends.formats.names import SplitNameError, split_names
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -63,7 +68,6 @@ _MIN_ELEMENT_BYTES: dict[GGUFValueType, int] = {
 }
 _VALUE_TYPES = {int(t): t for t in GGUFValueType}
 _GGML_TYPES = {int(t): t for t in GGMLQuantizationType if t in GGML_QUANT_SIZES}
-_SPLIT = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
 class GGUFParseError(Exception):
@@ -615,13 +619,11 @@ def _check_tensor_data(r: _Reader, tensors: list[TensorInfo], data_offset: int, 
 def shard_paths(path: Path) -> list[Path]:
     """All shards of a split model named `<prefix>-0000i-of-0000N.gguf`, given any of them
     (just [path] for any other name)."""
-    m = _SPLIT.match(path.name)
-    if m is None:
-        return [path]
-    count, no = int(m.group("count")), int(m.group("no"))
-    if count < 1 or not 1 <= no <= count:
-        raise GGUFParseError(path, None, f"shard number {no} of {count} is impossible")
-    return [path.with_name(f"{m.group('prefix')}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    try:
+        names = split_names(path.name)
+    except SplitNameError as exc:
+        raise GGUFParseError(path, None, f"shard number {exc.number} of {exc.count} is impossible") from exc
+    return [path] if names == [path.name] else [path.with_name(n) for n in names]
 
 
 def _split_int(header: GGUFHeader, key: str) -> int | None:
@@ -667,6 +669,18 @@ def read_header(path: Path | str) -> GGUFHeader:
     first.file_size = sum(first.shard_sizes)
     first.shards = shards
     return first
+
+
+@functools.lru_cache(maxsize=64)
+def _cached(path: Path, mtime_ns: int, size: int) -> GGUFHeader:
+    return read_header(path)
+
+
+def cached_header(path: Path) -> GGUFHeader:
+    """A model's header, read once per version of the file (big vocabularies take tens of ms). Callers
+    share the object: never change it."""
+    st = path.stat()
+    return _cached(path, st.st_mtime_ns, st.st_size)
 
 
 def iter_scalars(header: GGUFHeader) -> Iterator[tuple[str, Any]]:

@@ -6,26 +6,9 @@ from collections import Counter
 from typing import Any
 
 from gguf.constants import LlamaFileType, PoolingType
-from pydantic import BaseModel, ConfigDict
 
-from backends.gguf import GGUFHeader, LazyArray
-
-
-class ModelSummary(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    architecture: str | None
-    parameter_count: int
-    quantization: str | None  # llama.cpp's file type name (Q4_K_M, F16, ...); the main tensor type if unset
-    context_length: int | None
-    block_count: int | None
-    head_count: int | list[int] | None
-    head_count_kv: int | list[int] | None
-    embedding_length: int | None
-    vocab_size: int | None
-    pooling_type: str | None
-    sliding_window: int | None
-    size_bytes: int
+from backends.formats.gguf import GGUFHeader, LazyArray
+from backends.formats.summary import ModelSummary
 
 
 def summarize(header: GGUFHeader) -> ModelSummary:

@@ -1,0 +1,36 @@
+"""llama.cpp's daemon-wide settings (`[engines."llama.cpp"]`, also `[llamacpp]`) and per-model options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from backends.base import BackendConfiguration
+
+OPTIONS_KEY = "llamacpp"
+
+
+class LlamaCppSettings(BaseModel):
+    # A misspelt key (`thread = 4`) must not be silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+    server: Path | None = Field(default=None, description="llama-server binary to use instead of a build")
+    cuda: Literal["auto", "on", "off"] = "auto"
+    threads: int | None = Field(default=None, ge=1)
+    gpu_layers: int | None = Field(default=None, description="layers to offload; unset = all when a GPU is there")
+    prompt_cache_mib: int = Field(default=0, ge=0, le=1 << 20,
+                                  description="llama-server's host prompt cache (--cache-ram); 0 = off")
+
+
+class LlamaCppOptions(BaseModel):
+    """Per-model options (`_configure` body: `"llamacpp": {"reasoning_budget": 0}`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reasoning_budget: int | None = Field(default=None, ge=-1)
+
+
+def llamacpp_options(config: BackendConfiguration) -> LlamaCppOptions:
+    return LlamaCppOptions.model_validate(config.engine_table(OPTIONS_KEY))

@@ -1,0 +1,295 @@
+"""Ollama's inference routes: chat, generate, embed and embeddings.
+
+Each request is translated (translate.py) into an OpenAI request to the runner's engine (with that
+engine's option names) and its answer back into Ollama's objects, streamed as NDJSON by default.
+
+`options.num_ctx` is a load-time setting: it is stored as the model's configured context size for
+that mode (what `POST /engines/_configure` stores), so it outlives the request, as a Modelfile
+parameter would; an idle runner with another context is restarted, a busy one keeps serving and the
+new size applies at its next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import Field
+
+from backends.base import Backend, BackendConfiguration, Capability, Mode
+from runnerd.api.context import Daemon, daemon
+from runnerd.api.engines import check_capabilities, check_request, choose_backend, lease_runner
+from runnerd.api.errors import ApiError
+from runnerd.api.ollama import translate as tr
+from runnerd.api.ollama.common import ModelRequest, lookup_model, ndjson_line, read_body, start_ndjson
+from runnerd.configs import StoredConfiguration, effective_configuration
+from runnerd.durations import parse_keep_alive
+from runnerd.metrics import REQUEST_MODEL
+from runnerd.proxy import call_engine, engine_events
+from runnerd.scheduler import UNSET, Lease, RunnerKey, Unset
+from runnerd.sse import error_text
+from runnerd.store import ModelEntry
+
+_R = TypeVar("_R")
+KeepAliveValue = str | int | float | None
+
+
+# ---------------------------------------------------------------- request bodies
+
+
+class _Inference(ModelRequest):
+    options: tr.OllamaOptions | None = None
+    keep_alive: KeepAliveValue = None
+    stream: bool = True
+    format: tr.Format = None
+    think: bool | str | None = None
+
+
+class ChatRequest(_Inference):
+    messages: list[tr.OllamaMessage] = Field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+
+
+class GenerateRequest(_Inference):
+    prompt: str = ""
+    system: str | None = None
+    suffix: str | None = None
+    raw: bool = False
+    images: list[str] | None = None
+
+
+class EmbedRequest(ModelRequest):
+    input: str | list[str] | list[int] | list[list[int]] = ""
+    options: tr.OllamaOptions | None = None
+    keep_alive: KeepAliveValue = None
+    dimensions: int | None = Field(default=None, gt=0)
+
+
+class EmbeddingsRequest(ModelRequest):
+    prompt: str = ""
+    options: tr.OllamaOptions | None = None
+    keep_alive: KeepAliveValue = None
+
+
+def _keep_alive(value: KeepAliveValue) -> float | Unset | None:
+    if value is None:
+        return UNSET
+    try:
+        return parse_keep_alive(value)
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from exc
+
+
+def _translated(fn: Callable[..., _R], *args: Any) -> _R:
+    try:
+        return fn(*args)
+    except tr.TranslationError as exc:
+        raise ApiError(400, str(exc)) from exc
+
+
+# ---------------------------------------------------------------- leasing a runner
+
+
+def _configuration(d: Daemon, backend: Backend, model: ModelEntry, mode: Mode, num_ctx: int | None) -> \
+        BackendConfiguration:
+    """The effective configuration, after storing `num_ctx` as the model's context size when it changes."""
+    stored = d.configs.get(model.name, mode)
+    config = effective_configuration(model.config, stored)
+    if num_ctx is None or config.context_size == num_ctx:
+        return config
+    base = stored.config if stored is not None and stored.backend == backend.name else BackendConfiguration()
+    item = StoredConfiguration(model=model.name, mode=mode, backend=backend.name,
+                               config=base.model_copy(update={"context_size": num_ctx}), updated_at=time.time())
+    d.configs.put(item)
+    return effective_configuration(model.config, item)
+
+
+async def _restart_if_idle(d: Daemon, key: RunnerKey, config: BackendConfiguration) -> None:
+    runner = d.scheduler.runner(key)
+    if runner is not None and runner.config != config and runner.active == 0:
+        await runner.stop("reconfigure")
+
+
+class Job:
+    """One leased inference: the model, the backend serving it (whose option names the body uses), its
+    runner, and the request's clock."""
+
+    def __init__(self, model: ModelEntry, backend: Backend, lease: Lease, clock: tr.Clock) -> None:
+        self.model = model
+        self.backend = backend
+        self.lease = lease
+        self.clock = clock
+
+
+async def _lease(request: web.Request, name: str, mode: Mode, needed: list[Capability],
+                 options: tr.OllamaOptions | None, keep_alive: KeepAliveValue) -> Job:
+    clock = tr.Clock()
+    d = daemon(request)
+    model = lookup_model(d, name)
+    backend = choose_backend(d, None, model)
+    check_capabilities(backend, needed, model)
+    ttl = _keep_alive(keep_alive)
+    config = _configuration(d, backend, model, mode, options.num_ctx if options else None)
+    # Ollama has no tool_choice: tools always leave the choice to the model ("auto").
+    check_request(backend, model, config, {"tools": Capability.TOOLS in needed})
+    if options is not None and options.num_ctx is not None:
+        await _restart_if_idle(d, RunnerKey(backend.name, model.name, mode), config)
+    lease = await lease_runner(d, backend, model, mode, config, ttl)
+    clock.mark_loaded()
+    request[REQUEST_MODEL] = model.name
+    return Job(model, backend, lease, clock)
+
+
+# ---------------------------------------------------------------- chat and generate
+
+
+def _openai_body(req: _Inference, job: Job) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": job.model.name, **tr.sampling_fields(req.options, job.backend.sampling_dialect)}
+    fmt = _translated(tr.response_format, req.format)
+    if fmt is not None:
+        body["response_format"] = fmt
+    body.update(_translated(tr.thinking_fields, req.think))
+    return body
+
+
+async def _load_only(request: web.Request, req: _Inference, *, chat: bool) -> web.Response:
+    """An empty chat/generate: load the model, or unload it when keep_alive is 0 (Ollama's idiom)."""
+    d = daemon(request)
+    model = lookup_model(d, req.model)
+    ttl = _keep_alive(req.keep_alive)
+    if ttl == 0:
+        await d.scheduler.unload(models=[model.name], reason="unload")
+        return web.json_response(tr.load_answer(model.name, chat=chat, unloaded=True))
+    job = await _lease(request, req.model, Mode.COMPLETION, [Capability.CHAT], req.options, req.keep_alive)
+    job.lease.release()
+    return web.json_response(tr.load_answer(model.name, chat=chat, unloaded=False))
+
+
+async def _answer(request: web.Request, job: Job, path: str, body: dict[str, Any], stream: bool,
+                  part: Any, final: Any) -> web.StreamResponse:
+    """Run one chat/generate on the leased runner and answer as one object or as NDJSON parts."""
+    name = job.model.name
+    if not stream:
+        turn = tr.turn_from_completion(await call_engine(job.lease.runner, path, body))
+        return web.json_response(final(name, turn, job.clock, streamed=False))
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}  # usage carries the timings
+    async with contextlib.aclosing(engine_events(job.lease.runner, path, body)) as chunks:
+        first = await anext(chunks, None)  # an engine refusal still gets a real status line
+        response = await start_ndjson(request)
+        turn = tr.Turn()
+        async for chunk in _prepend([first] if first is not None else [], chunks):
+            if "error" in chunk and "choices" not in chunk:
+                await response.write(ndjson_line({"error": error_text(chunk)}))
+                await response.write_eof()
+                return response
+            delta = tr.absorb_chunk(turn, chunk)
+            if delta.content or delta.thinking or turn.tool_calls:
+                job.clock.mark_first_token()  # the eval durations of an engine without timings start here
+            if delta.content or delta.thinking:
+                await response.write(ndjson_line(part(name, delta)))
+    if part is tr.chat_part and (calls := tr.chat_tool_part(name, turn)) is not None:
+        await response.write(ndjson_line(calls))
+    await response.write(ndjson_line(final(name, turn, job.clock, streamed=True)))
+    await response.write_eof()
+    return response
+
+
+async def _prepend(first: list[dict[str, Any]], rest: AsyncIterator[dict[str, Any]]) -> \
+        AsyncIterator[dict[str, Any]]:
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    req = await read_body(request, ChatRequest)
+    if not req.messages:
+        return await _load_only(request, req, chat=True)
+    needed = [Capability.CHAT] + ([Capability.STREAMING] if req.stream else []) + \
+        ([Capability.TOOLS] if req.tools else [])
+    messages = _translated(tr.openai_messages, req.messages)
+    job = await _lease(request, req.model, Mode.COMPLETION, needed, req.options, req.keep_alive)
+    try:
+        body = {**_openai_body(req, job), "messages": messages}
+        if req.tools:
+            body["tools"] = req.tools
+        return await _answer(request, job, "/v1/chat/completions", body, req.stream, tr.chat_part, tr.chat_final)
+    finally:
+        job.lease.release()
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    req = await read_body(request, GenerateRequest)
+    if not req.prompt and not req.images:
+        return await _load_only(request, req, chat=False)
+    if req.suffix:
+        raise ApiError(400, f"{req.model} does not support insert (suffix)")
+    if req.raw:
+        if req.images:
+            # A raw prompt goes to the text completion route, which takes no images.
+            raise ApiError(400, "images cannot be sent with raw: true; send them without raw (the model's "
+                                "template places them) or through /api/chat")
+        kind, path = Capability.COMPLETIONS, "/v1/completions"
+        extra: dict[str, Any] = {"prompt": req.prompt}
+    else:
+        # Ollama applies the model's template to a generate prompt: the engine's chat route does that.
+        kind, path = Capability.CHAT, "/v1/chat/completions"
+        messages = [tr.OllamaMessage(role="system", content=req.system)] if req.system else []
+        messages.append(tr.OllamaMessage(role="user", content=req.prompt, images=req.images))
+        extra = {"messages": _translated(tr.openai_messages, messages)}
+    needed = [kind] + ([Capability.STREAMING] if req.stream else [])
+    job = await _lease(request, req.model, Mode.COMPLETION, needed, req.options, req.keep_alive)
+    try:
+        body = {**_openai_body(req, job), **extra}
+        return await _answer(request, job, path, body, req.stream, tr.generate_part, tr.generate_final)
+    finally:
+        job.lease.release()
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+async def _embed(request: web.Request, req: ModelRequest, inputs: Any, options: tr.OllamaOptions | None,
+                 keep_alive: KeepAliveValue, dimensions: int | None = None) -> tuple[Job, list[list[float]], int]:
+    job = await _lease(request, req.model, Mode.EMBEDDING, [Capability.EMBEDDINGS], options, keep_alive)
+    try:
+        answer = await call_engine(job.lease.runner, "/v1/embeddings", {"model": job.model.name, "input": inputs})
+    finally:
+        job.lease.release()
+    usage = answer.get("usage") or {}
+    return job, tr.embeddings_from(answer, dimensions), int(usage.get("prompt_tokens") or 0)
+
+
+async def _load_embedding(request: web.Request, name: str, options: tr.OllamaOptions | None,
+                          keep_alive: KeepAliveValue) -> Job:
+    """Nothing to embed: Ollama's way to load the model (an unknown model is still a 404)."""
+    job = await _lease(request, name, Mode.EMBEDDING, [Capability.EMBEDDINGS], options, keep_alive)
+    job.lease.release()
+    return job
+
+
+async def embed(request: web.Request) -> web.Response:
+    req = await read_body(request, EmbedRequest)
+    if req.input == "" or req.input == []:
+        job = await _load_embedding(request, req.model, req.options, req.keep_alive)
+        return web.json_response({"model": job.model.name, "embeddings": []})
+    job, vectors, prompt_tokens = await _embed(request, req, req.input, req.options, req.keep_alive,
+                                               req.dimensions)
+    return web.json_response({"model": job.model.name, "embeddings": vectors, **job.clock.durations(),
+                              "prompt_eval_count": prompt_tokens})
+
+
+async def embeddings(request: web.Request) -> web.Response:
+    """The older single-prompt route: one vector, as the engine computed it."""
+    req = await read_body(request, EmbeddingsRequest)
+    if not req.prompt:
+        # As Ollama does: load the model, answer an empty vector.
+        await _load_embedding(request, req.model, req.options, req.keep_alive)
+        return web.json_response({"embedding": []})
+    _, vectors, _ = await _embed(request, req, req.prompt, req.options, req.keep_alive)
+    return web.json_response({"embedding": vectors[0] if vectors else []})
+

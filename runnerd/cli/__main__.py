@@ -1,0 +1,7 @@
+"""`python -m runnerd.cli ...`: the same as the `runnerd` command."""
+
+import sys
+
+from runnerd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,44 @@
+"""How the CLI prints results: JSON, aligned tables, short sizes and durations."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def duration(seconds: float) -> str:
+    """12s, 4m05s, 3h07m, 2d04h: two units at most, so a table column stays narrow."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def age(ts: float | None) -> str:
+    return "-" if ts is None else duration(time.time() - ts)
+
+
+def short_size(n: int | None) -> str:
+    """Bytes the way `free -h` writes them (binary units), 4-5 characters wide."""
+    if n is None:
+        return "-"
+    for unit, scale in (("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
+    return f"{n}B" if n else "0"
+
+
+def table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

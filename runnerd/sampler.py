@@ -1,0 +1,271 @@
+"""One reading of the host for the whole daemon: RAM, the GPUs (NVML, initialised once) and what each
+runner's process tree holds, taken every second in a worker thread of its own.
+
+Everything that asks what the host or a runner holds (`Scheduler.ps()`, `/node`, `/metrics`,
+`/api/ps`, the systemd status line, admission) reads `HostSampler.snapshot`: an immutable reading at
+most about a second old, read without blocking. Nothing walks a process tree or calls NVML on the
+event loop. A caller that must not act on an old view awaits `fresh()`: a reading begun after the call
+(admission does, right before it starts an engine on what it believes is free).
+
+No NVML library, driver or GPU means no GPUs, never an error. Tests put a FAKE NVML in place of
+pynvml (`sys.modules["pynvml"]`, see tests/fake_nvml_gpu.py) before the sampler first reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import psutil
+
+from runnerd.admission import Amount, GpuMemory, HostMemory
+from runnerd.gpus import GpuInfo, NvmlSession
+
+log = logging.getLogger("runnerd.sampler")
+
+INTERVAL = 1.0
+
+
+@dataclass(frozen=True)
+class ProcessTree:
+    """A process and its descendants: their resident bytes together, and their pids."""
+
+    rss: int
+    pids: frozenset[int]
+
+
+def _frozen(mapping: Mapping[int, Mapping[int, int]]) -> Mapping[int, Mapping[int, int]]:
+    return MappingProxyType({k: MappingProxyType(dict(v)) for k, v in mapping.items()})
+
+
+@dataclass(frozen=True)
+class HostSnapshot:
+    """One reading of the host. `taken_at` is `time.monotonic()` when the reading began (-inf for the
+    placeholder a sampler holds before its first reading)."""
+
+    taken_at: float
+    ram_total: int = 0
+    ram_available: int = 0
+    gpus: tuple[GpuInfo, ...] = ()
+    # GPU index -> pid -> GPU memory bytes (NVML's compute processes).
+    gpu_usage: Mapping[int, Mapping[int, int]] = field(default_factory=lambda: MappingProxyType({}))
+    # Watched root pid -> its process tree; None: the process was gone.
+    trees: Mapping[int, ProcessTree | None] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def sampled(self) -> bool:
+        return self.taken_at > -math.inf
+
+    def host_memory(self) -> HostMemory:
+        """RAM and each GPU, as admission's Budget reads the host."""
+        return HostMemory.with_gpus(self.ram_total, self.ram_available,
+                                    (GpuMemory(g.index, g.memory_total_bytes, g.memory_free_bytes) for g in self.gpus))
+
+    def gpu_memory_per_pid(self) -> dict[int, int]:
+        """pid -> GPU memory bytes across all GPUs."""
+        per_pid: dict[int, int] = {}
+        for used_by in self.gpu_usage.values():
+            for pid, used in used_by.items():
+                per_pid[pid] = per_pid.get(pid, 0) + used
+        return per_pid
+
+    def measured(self, pid: int | None) -> Amount | None:
+        """What the tree rooted at `pid` held: RAM (RSS), and GPU memory on each GPU. Zero for a process
+        that was gone; None when this reading did not watch `pid` (it began before the process was)."""
+        if pid is None or pid not in self.trees:
+            return None
+        tree = self.trees[pid]
+        if tree is None:
+            return Amount()
+        gpus = {index: sum(used.get(p, 0) for p in tree.pids) for index, used in self.gpu_usage.items()}
+        return Amount(ram=tree.rss, vram=sum(gpus.values()), gpus={i: n for i, n in gpus.items() if n})
+
+
+EMPTY = HostSnapshot(taken_at=-math.inf)
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> child pids of every process on the host. On Linux straight from /proc/<pid>/stat
+    (a few times cheaper than building a psutil.Process for each: this runs every second)."""
+    children: dict[int, list[int]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        names = []
+    if "self" not in names:
+        for proc in psutil.process_iter(["ppid"]):
+            ppid = proc.info.get("ppid")
+            if ppid is not None:
+                children.setdefault(ppid, []).append(proc.pid)
+        return children
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses; the last ')' ends it.
+            ppid = int(stat[stat.rindex(b")") + 2:].split(b" ", 2)[1])
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+        children.setdefault(ppid, []).append(int(name))
+    return children
+
+
+def read_trees(roots: Iterable[int]) -> dict[int, ProcessTree | None]:
+    """The process tree under each root pid, from one listing of the host's processes (psutil's
+    `children()` reads every process's parent once per call: once per runner would multiply that)."""
+    wanted = sorted(set(roots))
+    if not wanted:
+        return {}
+    children = _children()
+    trees: dict[int, ProcessTree | None] = {}
+    for root in wanted:
+        if not psutil.pid_exists(root):
+            trees[root] = None
+            continue
+        rss, pids, todo = 0, set(), [root]
+        while todo:
+            pid = todo.pop()
+            if pid in pids:
+                continue
+            try:
+                rss += psutil.Process(pid).memory_info().rss
+            except psutil.Error:
+                if pid == root:
+                    break  # exited between listing and reading
+                continue
+            pids.add(pid)
+            todo.extend(children.get(pid, ()))
+        trees[root] = ProcessTree(rss, frozenset(pids)) if root in pids else None
+    return trees
+
+
+def read_host(roots: Iterable[int], gpus: NvmlSession, taken_at: float | None = None) -> HostSnapshot:
+    """One reading (blocking: psutil and NVML). `gpus` is read by one thread at a time."""
+    taken_at = time.monotonic() if taken_at is None else taken_at
+    memory = psutil.virtual_memory()
+    devices, usage = gpus.read()
+    return HostSnapshot(taken_at=taken_at, ram_total=int(memory.total), ram_available=int(memory.available),
+                        gpus=tuple(devices), gpu_usage=_frozen(usage),
+                        trees=MappingProxyType(read_trees(roots)))
+
+
+def read_host_once(roots: Iterable[int] = ()) -> HostSnapshot:
+    """One reading with an NVML session of its own, opened and shut down here (blocking)."""
+    session = NvmlSession()
+    try:
+        return read_host(roots, session)
+    finally:
+        session.close()
+
+
+def _no_roots() -> Iterable[int]:
+    return ()
+
+
+class HostSampler:
+    """Reads the host every `interval` seconds in a worker thread of its own, one reading at a time.
+
+    `start()` takes the first reading and starts the ticker; `stop()` ends it and shuts NVML down. A
+    sampler that was never started still answers `fresh()` (each call reads once), which is how a
+    Scheduler built without a daemon (tests) measures its runners."""
+
+    def __init__(self, interval: float = INTERVAL, gpus: NvmlSession | None = None) -> None:
+        self.interval = interval
+        self._gpus = gpus or NvmlSession()
+        self._roots: Callable[[], Iterable[int]] = _no_roots
+        self._snapshot = EMPTY
+        self._reading: asyncio.Task[HostSnapshot] | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    def watch(self, roots: Callable[[], Iterable[int]]) -> None:
+        """Which process trees to measure: `roots` is called on the event loop before each reading and
+        names their root pids (the scheduler's engine processes)."""
+        self._roots = roots
+
+    @property
+    def snapshot(self) -> HostSnapshot:
+        """The latest reading (EMPTY before the first)."""
+        return self._snapshot
+
+    def host_memory(self) -> HostMemory:
+        """The latest reading's RAM and GPUs: the daemon's admission probe (Budget)."""
+        return self._snapshot.host_memory()
+
+    async def fresh(self, since: float | None = None) -> HostSnapshot:
+        """A reading begun at or after `since` (time.monotonic(); default: now), waiting for one if the
+        latest is older. Concurrent callers share a reading."""
+        since = time.monotonic() if since is None else since
+        while self._snapshot.taken_at < since:
+            await self._read()
+        return self._snapshot
+
+    async def current(self) -> HostSnapshot:
+        """The latest reading, or a first one if there is none yet."""
+        if not self._snapshot.sampled:
+            return await self.fresh()
+        return self._snapshot
+
+    async def _read(self) -> None:
+        reading = self._reading
+        if reading is None or reading.done():
+            reading = self._reading = asyncio.create_task(self._take(), name="host sampler reading")
+            reading.add_done_callback(self._done)
+        await asyncio.shield(reading)
+
+    def _done(self, task: asyncio.Task[HostSnapshot]) -> None:
+        self._reading = None
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("cannot read the host: %s", task.exception())
+
+    async def _take(self) -> HostSnapshot:
+        roots = [pid for pid in self._roots() if pid is not None]
+        taken_at = time.monotonic()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="runnerd-sampler")
+        snapshot = await asyncio.get_running_loop().run_in_executor(self._executor, read_host, roots, self._gpus,
+                                                                    taken_at)
+        if snapshot.taken_at >= self._snapshot.taken_at:
+            self._snapshot = snapshot
+        return snapshot
+
+    async def start(self) -> None:
+        await self.fresh()
+        if self._ticker is None:
+            self._ticker = asyncio.create_task(self._tick(), name="host sampler")
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(max(0.0, self._snapshot.taken_at + self.interval - time.monotonic()))
+            try:
+                await self.fresh()
+            except Exception:  # logged by _done; the next tick tries again
+                await asyncio.sleep(self.interval)
+
+    async def stop(self) -> None:
+        """End the ticker, let a reading in progress finish, shut NVML down (a later reading opens it
+        again)."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
+        if self._reading is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._reading)
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await asyncio.get_running_loop().run_in_executor(executor, self._gpus.close)
+            executor.shutdown(wait=False)
+        else:
+            self._gpus.close()
