@@ -147,6 +147,29 @@ async def answer_watch(runner: Runner) -> AsyncIterator[None]:
         watch.close()
 
 
+@contextlib.asynccontextmanager
+async def exchange(runner: Runner, path: str, body: bytes, headers: dict[str, str], *,
+                   stream: bool) -> AsyncIterator[aiohttp.ClientResponse]:
+    """One request to the runner (see send_to_runner), its answer released when the block ends."""
+    upstream, one_off = await send_to_runner(runner, path, body, headers, stream=stream)
+    try:
+        yield upstream
+    finally:
+        upstream.release()
+        if one_off is not None:
+            await one_off.close()
+
+
+async def _whole_answer(runner: Runner, path: str, body: bytes,
+                        headers: dict[str, str]) -> tuple[aiohttp.ClientResponse, bytes]:
+    """A non-streamed answer, read whole; engine failures become ApiError."""
+    try:
+        async with answer_watch(runner), exchange(runner, path, body, headers, stream=False) as upstream:
+            return upstream, await upstream.read()
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise await engine_failure(runner, exc) from exc
+
+
 async def forward(request: web.Request, runner: Runner, path: str, body: bytes, *,
                   stream: bool) -> web.StreamResponse:
     """POST `body` to `path` on the runner and relay the answer; SSE is relayed chunk by chunk."""
@@ -154,17 +177,7 @@ async def forward(request: web.Request, runner: Runner, path: str, body: bytes, 
     headers = {h: request.headers[h] for h in _FORWARDED_REQUEST_HEADERS if h in request.headers}
     if stream:
         return await _relay_stream(request, runner, path, body, headers)
-    try:
-        async with answer_watch(runner):
-            upstream, one_off = await send_to_runner(runner, path, body, headers, stream=False)
-            try:
-                payload = await upstream.read()
-            finally:
-                upstream.release()
-                if one_off is not None:
-                    await one_off.close()
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        raise await engine_failure(runner, exc) from exc
+    upstream, payload = await _whole_answer(runner, path, body, headers)
     return web.Response(status=upstream.status, body=payload, headers=_response_headers(upstream))
 
 
@@ -172,8 +185,7 @@ async def _relay_stream(request: web.Request, runner: Runner, path: str, body: b
                         headers: dict[str, str]) -> web.StreamResponse:
     response: web.StreamResponse | None = None
     try:
-        upstream, one_off = await send_to_runner(runner, path, body, headers, stream=True)
-        try:
+        async with exchange(runner, path, body, headers, stream=True) as upstream:
             if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
                 payload = await upstream.read()  # the engine refused the request: relay its answer
                 return web.Response(status=upstream.status, body=payload, headers=_response_headers(upstream))
@@ -183,10 +195,6 @@ async def _relay_stream(request: web.Request, runner: Runner, path: str, body: b
                 await response.write(chunk)
             await response.write_eof()
             return response
-        finally:
-            upstream.release()
-            if one_off is not None:
-                await one_off.close()
     except (TimeoutError, aiohttp.ClientError) as exc:
         error = await engine_failure(runner, exc)
         if response is None:
@@ -198,28 +206,26 @@ async def _relay_stream(request: web.Request, runner: Runner, path: str, body: b
         return response
 
 
+def _engine_error(status: int, raw: bytes) -> ApiError:
+    try:
+        message = error_text(json.loads(raw))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        message = raw.decode(errors="replace")[:500]
+    return ApiError(status, message)
+
+
 async def call_engine(runner: Runner, path: str, body: dict[str, Any]) -> dict[str, Any]:
     """POST a JSON body to the runner and return its JSON answer, for routes that translate it; an engine's
     error keeps its status (ApiError)."""
-    try:
-        async with answer_watch(runner):
-            upstream, one_off = await send_to_runner(runner, path, json.dumps(body).encode(),
-                                                     {"Content-Type": "application/json"}, stream=False)
-            try:
-                raw = await upstream.read()
-                status = upstream.status
-            finally:
-                upstream.release()
-                if one_off is not None:
-                    await one_off.close()
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        raise await engine_failure(runner, exc) from exc
+    upstream, raw = await _whole_answer(runner, path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    if upstream.status >= 400:
+        raise _engine_error(upstream.status, raw)
     try:
         answer = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        answer = {"error": raw.decode(errors="replace")[:500]}
-    if status >= 400 or not isinstance(answer, dict):
-        raise ApiError(status if status >= 400 else 502, error_text(answer))
+        answer = None
+    if not isinstance(answer, dict):
+        raise ApiError(502, f"the engine serving {runner.model.name} answered something that is not a JSON object")
     return answer
 
 
@@ -227,31 +233,21 @@ async def engine_events(runner: Runner, path: str, body: dict[str, Any]) -> Asyn
     """The runner's streamed answer, one parsed SSE event at a time, for routes that translate it. Errors
     before the first event raise ApiError; a failure mid-stream is yielded as {"error": ...} for the
     caller to end its own stream with."""
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    started = False
     try:
-        upstream, one_off = await send_to_runner(runner, path, json.dumps(body).encode(),
-                                                 {"Content-Type": "application/json", "Accept": "text/event-stream"},
-                                                 stream=True)
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        raise await engine_failure(runner, exc) from exc
-    try:
-        if upstream.status >= 400:
-            raw = await upstream.read()
-            try:
-                message = error_text(json.loads(raw))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                message = raw.decode(errors="replace")[:500]
-            raise ApiError(upstream.status, message)
-        try:
+        async with exchange(runner, path, json.dumps(body).encode(), headers, stream=True) as upstream:
+            if upstream.status >= 400:
+                raise _engine_error(upstream.status, await upstream.read())
             async for line in upstream.content:
                 event = parse_sse_line(line)
                 if event == "done":
                     return
                 if event is not None:
+                    started = True
                     yield event
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            failure = await engine_failure(runner, exc)
-            yield {"error": failure.message}
-    finally:
-        upstream.release()
-        if one_off is not None:
-            await one_off.close()
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        failure = await engine_failure(runner, exc)
+        if not started:
+            raise failure from exc
+        yield {"error": failure.message}

@@ -120,16 +120,24 @@ class _Families(Collector):
         return iter(self.families)
 
 
+def _exposition(own: list[Metric], scraped: list[tuple[RunnerInfo, str | None]], accept: str) -> tuple[bytes, str]:
+    """Blocking (parsing the engines' texts and encoding everything is the costly part of a scrape)."""
+    registry = CollectorRegistry()
+    registry.register(_Families([*own, *runner_families(scraped)]))
+    encode, content_type = choose_encoder(accept)
+    return encode(registry), content_type
+
+
 async def get_metrics(request: web.Request) -> web.Response:
     d = daemon(request)
     # A ready runner with nothing in flight shows as idle: both answer /metrics.
     ready = [r for r in d.scheduler.ps() if r.state in (RunnerState.READY, RunnerState.IDLE)]
     texts = await asyncio.gather(*(scrape_runner(r) for r in ready))
-    registry = CollectorRegistry()
-    registry.register(d.metrics.registry)
-    registry.register(_Families(runner_families(zip(ready, texts, strict=True))))
-    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
-    return web.Response(body=encode(registry), headers={"Content-Type": content_type})
+    # The daemon's own collectors read the scheduler: on the loop. The rest in a thread.
+    own = list(d.metrics.registry.collect())
+    body, content_type = await asyncio.to_thread(_exposition, own, list(zip(ready, texts, strict=True)),
+                                                 request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 # --- /logs -------------------------------------------------------------------------------------
