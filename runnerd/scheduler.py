@@ -439,13 +439,19 @@ class Scheduler:
         keep-alive (Ollama semantics) replaces the runner's for when it next goes idle."""
         if self._closing:
             raise RunnerError("runnerd is shutting down", reason="shutting_down")
-        runner = self.runner(key) or await self._admit(key, model, config)
+        runner = self.runner(key)
+        started = runner is None
+        if runner is None:
+            runner = await self._admit(key, model, config)
         if not isinstance(keep_alive, Unset):
             runner.keep_alive = keep_alive
         runner.active += 1
         runner.cancel_expiry()
         try:
             await runner.wait_loaded()
+            if started:
+                # The new engine's memory is read before its first answer: ps shows it from then on.
+                await self.sampler.fresh()
         except BaseException:
             self._release(runner)
             raise
