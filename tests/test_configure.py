@@ -149,3 +149,72 @@ def test_a_corrupt_file_is_set_aside_and_reported(tmp_path):
     assert store.list() == [] and len(store.problems) == 1 and "could not be read" in store.problems[0]
     kept = list(tmp_path.glob("configurations.json.corrupt-*"))
     assert len(kept) == 1 and json.loads(kept[0].read_text())["configurations"][0]["model"] == 3
+
+
+# --- Docker Model Runner's spelling ------------------------------------------------------------------------
+
+
+def stored_configurations(daemon):
+    return [{k: v for k, v in c.items() if k != "updated_at"}
+            for c in daemon.http.get("/engines/_configure").json()["configurations"]]
+
+
+@pytest.mark.engine
+def test_docker_model_runners_kebab_case_stores_what_snake_case_does(daemon):
+    common = {"model": "tiny", "keep_alive": "10m"}  # keep_alive is snake_case in DMR's body too
+    snake = {**common, "context_size": 1024, "runtime_flags": ["--temp", "0.5"], "llamacpp": {"reasoning_budget": 0},
+             "speculative": {"draft_model": "tiny", "num_tokens": 4}}
+    kebab = {**common, "context-size": 1024, "runtime-flags": ["--temp", "0.5"], "llamacpp": {"reasoning-budget": 0},
+             "speculative": {"draft-model": "tiny", "num-tokens": 4}}
+    # DMR's speculative object is snake_case (draft_model, num_tokens), beside its kebab-case top level.
+    dmr = {**common, "context-size": 1024, "raw-runtime-flags": "--temp 0.5", "llamacpp": {"reasoning-budget": 0},
+           "speculative": {"draft_model": "tiny", "num_tokens": 4}}
+    raw_snake = {**snake, "raw_runtime_flags": "--temp 0.5"}
+    del raw_snake["runtime_flags"]
+    stored = []
+    try:
+        for body in (snake, kebab, dmr, raw_snake):
+            resp = daemon.post("/engines/_configure", body)
+            assert resp.status_code == 202, (body, resp.text)
+            stored.append(stored_configurations(daemon))
+            assert daemon.http.delete("/engines/_configure", params={"model": "tiny"}).status_code == 200
+    finally:
+        daemon.post("/engines/unload", {"all": True})
+    assert stored[0] == [{"model": "tiny:latest", "mode": "completion", "backend": "llama.cpp", "config": {
+        "context_size": 1024, "runtime_flags": ["--temp", "0.5"], "keep_alive": "10m",
+        "speculative": {"draft_model": "tiny:latest", "num_tokens": 4}, "llamacpp": {"reasoning_budget": 0}}}]
+    assert stored[1] == stored[0] and stored[2] == stored[0] and stored[3] == stored[0]
+
+
+@pytest.mark.engine
+def test_a_kebab_case_misspelling_is_still_refused_by_name(daemon):
+    cases = [
+        ({"context-sise": 1024}, "context-sise", "Extra inputs"),
+        ({"context-size": 0}, "context-size", "greater than 0"),
+        ({"runtime-flags": ["--model", "/etc/passwd"]}, "runtime_flags", "--model"),
+        ({"llamacpp": {"reasoning-budgte": 1}}, "llamacpp.reasoning-budgte", "Extra inputs"),
+        ({"llamacpp": {"reasoning-budget": -2}}, "llamacpp.reasoning-budget", "greater than or equal to -1"),
+        ({"speculative": {"draft-model": "tiny", "num-token": 2}}, "speculative.num-token", "Extra inputs"),
+    ]
+    for body, param, fragment in cases:
+        resp = daemon.post("/engines/_configure", {"model": "tiny", **body})
+        assert resp.status_code == 400, (body, resp.text)
+        error = resp.json()["error"]
+        assert error["param"] == param and fragment in error["message"], (body, error)
+    assert daemon.http.get("/engines/_configure").json()["configurations"] == []
+
+
+def test_vllm_options_in_docker_model_runners_spelling(tmp_path):
+    from pydantic import ValidationError
+
+    from backends.vllm import VllmBackend
+
+    backend = VllmBackend(cache_dir=tmp_path)
+    snake = backend.validate_options({"gpu_memory_utilization": 0.5, "hf_overrides": {"rope_theta": 1000}})
+    kebab = backend.validate_options({"gpu-memory-utilization": 0.5, "hf-overrides": {"rope_theta": 1000}})
+    assert kebab == snake == {"gpu_memory_utilization": 0.5, "hf_overrides": {"rope_theta": 1000}}
+    for table, loc in [({"gpu-memory-utilisation": 0.5}, ("gpu-memory-utilisation",)),
+                       ({"hf-overrides": {"rope-theta": 1}}, ("hf-overrides",))]:  # keys inside stay identifiers
+        with pytest.raises(ValidationError) as err:
+            backend.validate_options(table)
+        assert err.value.errors()[0]["loc"] == loc

@@ -84,7 +84,7 @@ def test_register_rejects_bad_paths_and_names(daemon, tmp_path):
     cases = [
         ({"name": "x", "path": "relative/model.gguf"}, "must be absolute"),
         ({"name": "x", "path": str(tmp_path / "missing.gguf")}, "cannot read"),
-        ({"name": "x", "path": str(tmp_path)}, "not a regular file"),
+        ({"name": "x", "path": str(tmp_path)}, "has no config.json"),
         ({"name": "x", "path": str(not_gguf)}, "not a usable GGUF"),
         ({"name": "../etc", "path": str(not_gguf)}, "invalid model name"),
         ({"name": "x", "path": "/tmp/a\u0000b"}, "NUL"),

@@ -155,3 +155,55 @@ def test_local_path_pull_is_unix_socket_only(make_daemon, tiny_model, tmp_path):
         refused = tcp.post("/models/create", json={"from": str(tiny_model)})
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "local_only"
         assert tcp.get("/models").json() == []
+
+
+# --- a Hugging Face-format directory registered in place ----------------------------------------------
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def test_a_model_directory_is_registered_in_place_and_removing_it_leaves_the_folder(hub_daemon, tmp_path):
+    from tests.test_vllm_unit import write_model_dir
+
+    folder = write_model_dir(tmp_path / "tiny-hf")
+    before = snapshot(folder)
+    resp = hub_daemon.post("/models", {"name": "hfdir", "path": str(folder)})
+    assert resp.status_code == 201, resp.text
+    out = subprocess.run([sys.executable, "-m", "runnerd.cli", "models", "add", "hfcli", str(folder), "--socket",
+                          str(hub_daemon.socket)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    listed = {m["name"]: m for m in hub_daemon.http.get("/models").json()}
+    for name in ("hfdir:latest", "hfcli:latest"):
+        model = listed[name]
+        assert (model["format"], model["path"], model["stored"]) == ("safetensors", str(folder), False), model
+        assert model["architecture"] == "LlamaForCausalLM" and model["parameter_count"] == 4 * 8 + 10 + 3 * 3
+        assert model["size"] == sum(len(data) for data, _ in before.values())
+    for name in ("hfdir", "hfcli"):
+        assert hub_daemon.http.delete(f"/models/{name}").status_code == 200
+    names = {m["name"] for m in hub_daemon.http.get("/models").json()}
+    assert not names & {"hfdir:latest", "hfcli:latest"}
+    assert snapshot(folder) == before
+
+
+def test_a_directory_that_is_no_model_is_refused_naming_what_is_missing(hub_daemon, tmp_path):
+    from tests.test_vllm_unit import write_model_dir
+
+    no_config = write_model_dir(tmp_path / "no-config")
+    (no_config / "config.json").unlink()
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    bad_config = write_model_dir(tmp_path / "bad-config")
+    (bad_config / "config.json").write_text("[1, 2]")
+    bad_header = write_model_dir(tmp_path / "bad-header")
+    (bad_header / "model-00002.safetensors").write_bytes(b"\xff" * 16)  # a header length beyond the file
+    before = hub_daemon.http.get("/models").json()
+    for folder, fragment in [(no_config, "has no config.json"), (no_weights, "has no *.safetensors weights"),
+                             (bad_config, "config.json is not a JSON object"),
+                             (bad_header, "model-00002.safetensors: header length")]:
+        resp = hub_daemon.post("/models", {"name": "nomodel", "path": str(folder)})
+        assert resp.status_code == 400, (folder, resp.text)
+        error = resp.json()["error"]
+        assert error["param"] == "path" and str(folder) in error["message"] and fragment in error["message"], error
+    assert hub_daemon.http.get("/models").json() == before

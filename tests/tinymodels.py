@@ -41,8 +41,10 @@ def write_tiny_llama(
     pooling_type: int | None = None,
     name: str = "tiny-llama",
     split_max_tensors: int = 0,
+    chat_template: str | None = CHATML,
 ) -> Path:
-    """Write a 2-layer llama-architecture model with random weights (~600 KB) and return its path."""
+    """Write a 2-layer llama-architecture model with random weights (~600 KB) and return its path.
+    `chat_template=None` writes a base model: no tokenizer.chat_template in the header."""
     rng = np.random.default_rng(seed)
     tokens, scores, types = _vocab()
     n_vocab = len(tokens)
@@ -71,7 +73,8 @@ def write_tiny_llama(
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
     w.add_add_bos_token(True)
-    w.add_chat_template(CHATML)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
 
     def t(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.02).astype(np.float32)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from backends.base import BackendConfiguration
+from backends.base import KEBAB_CASE_TOO, BackendConfiguration
 
 OPTIONS_KEY = "llamacpp"
 
@@ -25,9 +25,10 @@ class LlamaCppSettings(BaseModel):
 
 
 class LlamaCppOptions(BaseModel):
-    """Per-model options (`_configure` body: `"llamacpp": {"reasoning_budget": 0}`)."""
+    """Per-model options (`_configure` body: `"llamacpp": {"reasoning_budget": 0}`, or Docker Model Runner's
+    `"reasoning-budget"`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = KEBAB_CASE_TOO | ConfigDict(extra="forbid")
 
     reasoning_budget: int | None = Field(default=None, ge=-1)
 

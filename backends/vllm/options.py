@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
 
-from backends.base import BackendConfiguration
+from backends.base import KEBAB_CASE_TOO, BackendConfiguration
 from backends.flags import FlagError
 
 OPTIONS_KEY = "vllm"
@@ -35,9 +35,10 @@ class VllmSettings(BaseModel):
 
 
 class VllmOptions(BaseModel):
-    """Per-model options (`_configure` body: `"vllm": {"gpu_memory_utilization": 0.5, "hf_overrides": {...}}`)."""
+    """Per-model options (`_configure` body: `"vllm": {"gpu_memory_utilization": 0.5, "hf_overrides": {...}}`,
+    or in Docker Model Runner's spelling, `gpu-memory-utilization` and `hf-overrides`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = KEBAB_CASE_TOO | ConfigDict(extra="forbid")
 
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     hf_overrides: dict[str, object] | None = None

@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from backends.base import Backend, BackendConfiguration, Mode, SpeculativeOptions
+from backends.base import KEBAB_CASE_TOO, Backend, BackendConfiguration, Mode, SpeculativeOptions
 from backends.flags import FlagError, split_raw_flags
 from runnerd.api.context import Daemon, daemon
 from runnerd.api.engines import choose_backend, find_model, read_json_body
@@ -29,7 +29,7 @@ log = logging.getLogger("runnerd.configure")
 class SpeculativeRequest(BaseModel):
     """What a caller may say about speculative decoding: a draft by its name in the store, never a path."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = KEBAB_CASE_TOO | ConfigDict(extra="forbid")
 
     draft_model: str = Field(min_length=1, max_length=300)
     num_tokens: int | None = Field(default=None, ge=1, le=256)
@@ -37,9 +37,13 @@ class SpeculativeRequest(BaseModel):
 
 class ConfigureRequest(BaseModel):
     """Engine options come as `options` (for whichever backend serves the model) or under the engine's own
-    options key (Backend.options_key): extra keys here, checked against the serving backend."""
+    options key (Backend.options_key): extra keys here, checked against the serving backend.
 
-    model_config = ConfigDict(extra="allow")
+    Docker Model Runner's clients spell the fields in kebab case (`context-size`, `runtime-flags`,
+    `raw-runtime-flags`; `keep_alive` as here): both spellings are accepted, here and in the engines'
+    tables, and what is stored uses the field names."""
+
+    model_config = KEBAB_CASE_TOO | ConfigDict(extra="allow")
 
     model: str = Field(min_length=1, max_length=300)
     mode: Mode = Mode.COMPLETION

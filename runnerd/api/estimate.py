@@ -10,7 +10,7 @@ from aiohttp import web
 
 from backends.base import Backend, BackendConfiguration, MemoryEstimate, Mode, ModelFormat
 from backends.flags import FlagError
-from backends.formats.gguf import GGUFParseError
+from backends.formats.gguf import GGUFParseError, cached_header
 from runnerd.api.context import Daemon, daemon
 from runnerd.api.engines import choose_backend, find_model
 from runnerd.api.errors import ApiError
@@ -77,17 +77,28 @@ async def model_estimate(request: web.Request) -> web.Response:
     return web.json_response(estimate_json(model, mode, config, result))
 
 
+def chat_template_source(backend: Backend, model: ModelEntry) -> str | None:
+    """Blocking: where a chat request's template comes from: "model" (the GGUF header's own
+    tokenizer.chat_template), "engine" (none in the file: the engine's turn format for the architecture),
+    or None (none in the file nor from the engine). Without one of its own the model is most likely a
+    base model, which no turn format makes stop: `runnerd run` answers it as plain completion."""
+    if isinstance(cached_header(model.path).get("tokenizer.chat_template"), str):
+        return "model"
+    return "engine" if backend.default_chat_template(model.ref()) is not None else None
+
+
 async def describe(d: Daemon, model: ModelEntry) -> dict[str, Any]:
-    """What GET /models/{name} adds to the registry entry: the header summary and the estimate for
-    the settings runnerd would use."""
+    """What GET /models/{name} adds to the registry entry: the header summary, where its chat template
+    comes from (chat_template_source) and the estimate for the settings runnerd would use."""
     if model.format is not ModelFormat.GGUF:
         return {}
     backend = choose_backend(d, None, model)
     config = effective_configuration(model.config, d.configs.get(model.name, Mode.COMPLETION))
     try:
         summary = await asyncio.to_thread(backend.describe, model.ref())
+        template = await asyncio.to_thread(chat_template_source, backend, model)
     except (GGUFParseError, OSError) as exc:
         return {"summary": None, "estimate": MemoryEstimate.unknown(str(exc)).model_dump(mode="json")}
     result = await asyncio.to_thread(backend.required_memory, model.ref(), Mode.COMPLETION, config)
-    return {"summary": summary.model_dump(mode="json"),
+    return {"summary": summary.model_dump(mode="json"), "chat_template": template,
             "estimate": estimate_json(model, Mode.COMPLETION, config, result)}

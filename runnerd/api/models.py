@@ -66,8 +66,8 @@ def _validated(payload: dict[str, Any]) -> AddModelRequest:
 
 
 async def add_model(request: web.Request) -> web.Response:
-    """Register a local model file under a name. Only over the unix socket: a remote caller must
-    never make the daemon open an arbitrary host path."""
+    """Register a local model file or directory in place under a name. Only over the unix socket: a
+    remote caller must never make the daemon open an arbitrary host path."""
     if not over_unix_socket(request):
         raise ApiError(403, "registering a model from a local path is only allowed over the unix socket",
                        code="local_only")

@@ -2,7 +2,9 @@
 
     parser.py     every command and option
     serve.py      commands that run here: `serve` (the daemon), `install-backend`
-    commands.py   client commands: models, pull, rm, tag, run, ps, status, unload, configure, estimate, inspect
+    commands.py   client commands: models, pull, rm, tag (cp), ls (list), ps, status, unload, stop, configure,
+                  estimate, inspect, show
+    chat.py       `run`: one answer, or an interactive conversation with Ollama's commands and Ctrl-C
     service.py    client commands for running runnerd as a service: backends, node
     client.py     the daemon's unix-socket client (aiohttp)
     output.py     tables, sizes, durations, JSON

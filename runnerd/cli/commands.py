@@ -1,6 +1,7 @@
-"""The client commands (models, pull, rm, tag, run, ps, status, unload, configure, estimate, inspect),
-each `async (client, args) -> (result, show)`: `result` is what --json prints, `show` prints it for a
-person. `estimate` and `inspect` of a file on this host are answered here, without a daemon.
+"""The client commands (models, pull, rm, tag, run, ps, status, unload, stop, configure, estimate, inspect,
+show; `run` lives in chat.py), each `async (client, args) -> (result, show)`: `result` is what --json
+prints, `show` prints it for a person. `estimate` and `inspect` of a file on this host are answered
+here, without a daemon.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runnerd.cli.output import age, duration, short_size, table
+from runnerd.cli.output import ProgressView, age, duration, short_size, table
 from runnerd.errors import ClientError
 from runnerd.estimate_params import ESTIMATE_PARAMS
 
@@ -38,9 +39,8 @@ async def _models_list(client: DaemonClient, args: argparse.Namespace) -> Any:
 
 
 async def _pull(client: DaemonClient, args: argparse.Namespace) -> Any:
-    """POST /models/create and draw its NDJSON progress as a bar (bytes)."""
-    from tqdm import tqdm
-
+    """POST /models/create and draw its NDJSON progress as a bar (bytes) on a terminal, else as one
+    line per phase."""
     source = args.source
     if not source.startswith(("http://", "https://", "hf://")) and Path(source).exists():
         source = str(Path(source).resolve())  # a local file or directory: the daemon needs an absolute path
@@ -53,16 +53,13 @@ async def _pull(client: DaemonClient, args: argparse.Namespace) -> Any:
         local = not args.mmproj.startswith(("http://", "https://", "hf://")) and Path(args.mmproj).exists()
         body["mmproj"] = str(Path(args.mmproj).resolve()) if local else args.mmproj
     final: dict[str, Any] = {}
-    with tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1024, desc="pulling",
-              disable=args.json or args.quiet) as bar:
+    with ProgressView("pulling", enabled=not (args.json or args.quiet), line_prefix=f"pulling {args.source}: ",
+                      unit="B", unit_scale=True, unit_divisor=1024) as view:
         async for line in client.stream_ndjson("/models/create", body, method="POST", error_lines=True):
             final = line
-            bar.set_description(str(line.get("phase", "")))
-            if isinstance(line.get("total"), int):
-                bar.total = line["total"]
-            if isinstance(line.get("completed"), int):
-                bar.n = line["completed"]
-            bar.refresh()
+            total, completed = line.get("total"), line.get("completed")
+            view.update(str(line.get("phase", "")), completed if isinstance(completed, int) else None,
+                        total if isinstance(total, int) else None)
     model = final.get("model")
     if not isinstance(model, dict):
         raise ClientError("the pull ended without a result (the daemon may have stopped)")
@@ -147,50 +144,23 @@ async def _unload(client: DaemonClient, args: argparse.Namespace) -> Any:
     return result, lambda: print(f"unloaded {result['unloaded']} runner(s)")
 
 
-async def _chat_once(client: DaemonClient, model: str, messages: list[dict[str, str]],
-                     max_tokens: int | None) -> str:
-    parts: list[str] = []
-    body: dict[str, Any] = {"model": model, "messages": messages, "stream": True}
-    if max_tokens is not None:
-        body["max_tokens"] = max_tokens
-    async for event in client.stream_sse("/engines/v1/chat/completions", body):
-        for choice in event.get("choices", []):
-            piece = (choice.get("delta") or {}).get("content") or ""
-            parts.append(piece)
-            print(piece, end="", flush=True)
-    print()
-    return "".join(parts)
+async def _stop(client: DaemonClient, args: argparse.Namespace) -> Any:
+    """Ollama's `stop MODEL`: `unload MODEL`, with its answer."""
+    result = await client.request("POST", "/engines/unload", {"models": [args.model]})
+    return result, lambda: print(f"unloaded {result['unloaded']} runner(s)")
 
 
 async def _run(client: DaemonClient, args: argparse.Namespace) -> Any:
-    if args.prompt:
-        await _chat_once(client, args.model, [{"role": "user", "content": " ".join(args.prompt)}],
-                         args.max_tokens)
-        return None, None
-    history: list[dict[str, str]] = []
-    interactive = sys.stdin.isatty()
-    while True:
-        if interactive:
-            print(">>> ", end="", flush=True)
-        line = await asyncio.to_thread(sys.stdin.readline)
-        if not line:
-            return None, None
-        text = line.strip()
-        if text in ("/bye", "/exit"):
-            return None, None
-        if not text:
-            continue
-        history.append({"role": "user", "content": text})
-        reply = await _chat_once(client, args.model, history, args.max_tokens)
-        history.append({"role": "assistant", "content": reply})
+    from runnerd.cli.chat import run
+
+    return await run(client, args)
 
 
 async def _configure(client: DaemonClient, args: argparse.Namespace) -> Any:
     if args.show:
         query = f"?model={args.model}" if args.model else ""
         shown = await client.request("GET", f"/engines/_configure{query}")
-        rows = [[c["model"], c["mode"], c["backend"], json.dumps(c["config"], separators=(",", ":"))]
-                for c in shown["configurations"]]
+        rows = _configuration_rows(shown["configurations"])
 
         def show_table() -> None:
             table(rows, ["MODEL", "MODE", "BACKEND", "CONFIGURATION"])
@@ -283,6 +253,38 @@ async def _inspect(client: DaemonClient, args: argparse.Namespace) -> Any:
     return shown.get("summary"), lambda: _show_summary(shown["name"], shown.get("summary"))
 
 
+_TEMPLATE_SOURCES = {"model": "the model's own",
+                     "engine": "none of its own, the engine's for its architecture (`run`: plain completion)",
+                     None: "none (a base model: `run` answers it as plain completion)"}
+
+
+def _configuration_rows(configurations: list[dict[str, Any]]) -> list[list[str]]:
+    return [[c["model"], c["mode"], c["backend"], json.dumps(c["config"], separators=(",", ":"))]
+            for c in configurations]
+
+
+async def _show(client: DaemonClient, args: argparse.Namespace) -> Any:
+    """Ollama's `show`: what `inspect` prints, then the model's stored engine configuration."""
+    from urllib.parse import quote, urlencode
+
+    shown = await client.request("GET", f"/models/{quote(args.model)}")
+    stored = await client.request("GET", f"/engines/_configure?{urlencode({'model': shown['name']})}")
+    result = {"name": shown["name"], "summary": shown.get("summary"), "chat_template": shown.get("chat_template"),
+              "configurations": stored["configurations"]}
+
+    def show() -> None:
+        _show_summary(shown["name"], shown.get("summary"))
+        if "chat_template" in shown:
+            print(f"  {'chat template':<16} {_TEMPLATE_SOURCES.get(shown['chat_template'], shown['chat_template'])}")
+        print()
+        if stored["configurations"]:
+            table(_configuration_rows(stored["configurations"]), ["MODEL", "MODE", "BACKEND", "CONFIGURATION"])
+        else:
+            print("no stored configuration (the defaults apply; `runnerd configure` sets one)")
+
+    return result, show
+
+
 async def _inspect_file(args: argparse.Namespace) -> Any:
     from backends.formats.gguf import GGUFParseError, read_header
     from backends.formats.gguf_summary import summarize
@@ -297,4 +299,4 @@ async def _inspect_file(args: argparse.Namespace) -> Any:
 LOCAL_COMMANDS = {"estimate": _estimate_file, "inspect": _inspect_file}
 COMMANDS = {"configure": _configure, "estimate": _estimate, "inspect": _inspect, "models.add": _models_add,
             "models.list": _models_list, "ps": _ps, "status": _status, "unload": _unload, "run": _run,
-            "pull": _pull, "rm": _rm, "tag": _tag}
+            "pull": _pull, "rm": _rm, "tag": _tag, "show": _show, "stop": _stop}

@@ -13,10 +13,13 @@ from runnerd.cli import service
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="runnerd", description="Run local LLM engines for this host.")
     parser.add_argument("--version", action="version", version=f"runnerd {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    # metavar: the commands are listed once, below, rather than again as a {a,b,...} choice list.
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def client(name: str, key: str, help: str, parent: Any = sub) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = parent.add_parser(name, help=help)
+    def client(name: str, key: str, help: str, parent: Any = sub, aliases: tuple[str, ...] = ()) \
+            -> argparse.ArgumentParser:
+        """A client command; `aliases` are Ollama's names for it (`list`, `cp`), shown as "ls (list)"."""
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help, aliases=list(aliases))
         p.add_argument("--socket", type=Path, help="daemon socket (env RUNNERD_SOCKET)")
         p.add_argument("--json", action="store_true", help="print JSON")
         p.set_defaults(command_key=key)
@@ -42,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--context-size", type=int)
     add.add_argument("--keep-alive", help="e.g. 5m, 0 (unload after each request), -1 (never)")
     client("ls", "models.list", "list registered models", msub)
-    client("ls", "models.list", "list models (same as `models ls`)")
+    client("ls", "models.list", "list models (same as `models ls`)", aliases=("list",))
     pull = client("pull", "pull", "pull a model into the store: hf://org/repo/file.gguf[@rev], a URL or a path")
     pull.add_argument("source")
     pull.add_argument("--name", help="name[:tag] to register it under (default: from the source)")
@@ -52,14 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     rm = client("rm", "rm", "remove a model (its blobs go when no other name uses them)")
     rm.add_argument("model")
     rm.add_argument("--force", action="store_true", help="remove even while a runner uses it (stops the runner)")
-    tag = client("tag", "tag", "give a model another name")
+    tag = client("tag", "tag", "give a model another name", aliases=("cp",))
     tag.add_argument("source")
     tag.add_argument("target")
 
-    run = client("run", "run", "chat with a model (interactive without a prompt)")
+    run = client("run", "run", "chat with a model (interactive without a prompt; /? lists its commands)")
     run.add_argument("model")
     run.add_argument("prompt", nargs="*")
-    run.add_argument("--max-tokens", type=int, help="stop each answer after this many tokens")
+    run.add_argument("--max-tokens", type=int, help="stop each answer after this many tokens (a model without "
+                     "a chat template: 256 by default)")
     conf = client("configure", "configure", "set a model's engine configuration (context, flags, keep-alive)")
     conf.add_argument("model", nargs="?")
     conf.add_argument("--mode", default="completion", choices=["completion", "embedding", "reranking"])
@@ -83,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--mode", default="completion", choices=["completion", "embedding", "reranking"])
     insp = client("inspect", "inspect", "a model's header: architecture, parameters, quantization, ...")
     insp.add_argument("model")
+    show = client("show", "show", "a model's header and its stored engine configuration")
+    show.add_argument("model")
     client("ps", "ps", "list running engines")
     client("status", "status", "show each backend's status")
     service.add_parsers(sub, client)
@@ -90,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     unload.add_argument("models", nargs="*")
     unload.add_argument("--backend")
     unload.add_argument("--all", action="store_true")
+    stop = client("stop", "stop", "stop the engines running a model (`unload MODEL`)")
+    stop.add_argument("model")
 
     install = sub.add_parser("install-backend", help="install a backend on this host (no daemon needed)")
     install.add_argument("backend", nargs="?", help="an engine's name; default: the first registered one")

@@ -53,9 +53,9 @@ async def serve_daemon(args: argparse.Namespace) -> int:
 
     async def announce() -> None:
         await ready.wait()
-        if args.print_chat_command:
-            for name, _ in _parse_model_args(args.model):
-                print(f"\nrunnerd is ready. Chat with {name}:\n\n    .venv/bin/runnerd run {name}\n", flush=True)
+        if args.print_chat_command and args.model:
+            name = _parse_model_args(args.model)[0][0]  # the first --model is the one to chat with
+            print(f"\nrunnerd is ready. Chat with {name}:\n\n    .venv/bin/runnerd run {name}\n", flush=True)
 
     task = asyncio.create_task(announce())
     try:
@@ -69,10 +69,10 @@ async def serve_daemon(args: argparse.Namespace) -> int:
 
 
 async def install_backend(args: argparse.Namespace) -> int:
-    """Install a backend in this process (no daemon needed): what `make` uses to prepare a host."""
-    from tqdm import tqdm
-
+    """Install a backend in this process (no daemon needed): what `make` uses to prepare a host. One
+    line when it already is installed; a progress bar on a terminal, else a line per phase."""
     from backends.base import Progress
+    from runnerd.cli.output import ProgressView
     from runnerd.config import load_settings
     from runnerd.engines import default_backends
     from runnerd.logs import setup_logging
@@ -85,13 +85,14 @@ async def install_backend(args: argparse.Namespace) -> int:
         print(f"runnerd: unknown backend {args.backend!r}; known: {', '.join(backends)}", file=sys.stderr)
         return 2
     backend = backends[args.backend]
-    with tqdm(total=100, unit="%", desc=f"{args.backend}", disable=args.quiet) as bar:
+    status = await asyncio.to_thread(backend.status)
+    if status.installed:
+        print(f"{args.backend} is already installed: {status.text}")
+        return 0
+    with ProgressView(args.backend, enabled=not args.quiet, percent=True, unit="%") as view:
         def progress(p: Progress) -> None:
-            bar.set_description(f"{args.backend}: {p.phase}")
-            if p.percent is not None:
-                bar.n = p.percent
-                bar.refresh()
+            view.update(f"{args.backend}: {p.phase}", p.percent)
 
         await backend.install(progress)
-    print(backend.status().text)
+    print((await asyncio.to_thread(backend.status)).text)
     return 0

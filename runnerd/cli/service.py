@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from runnerd.cli.output import table
+from runnerd.cli.output import ProgressView, table
 from runnerd.errors import ClientError
 
 if TYPE_CHECKING:
@@ -33,20 +33,16 @@ async def _backends_ls(client: DaemonClient, args: argparse.Namespace) -> Any:
 
 
 async def follow_job(client: DaemonClient, job: dict[str, Any], show_progress: bool) -> dict[str, Any]:
-    """Watch a job to its end, with a progress bar on a terminal; returns its final state."""
-    from tqdm import tqdm
-
+    """Watch a job to its end, with a progress bar on a terminal (else a line per phase); returns its
+    final state."""
     final = job
     if job["state"] != "running":
         return job  # nothing to watch: it was already installed
-    with tqdm(total=100, desc=job["target"], disable=not show_progress,
-              bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}") as bar:
+    with ProgressView(job["target"], enabled=show_progress, percent=True,
+                      bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}") as view:
         async for snapshot in client.stream_ndjson(job["status_url"]):
             final = snapshot
-            bar.set_description(f"{snapshot['target']} {snapshot['phase']}")
-            if snapshot["percent"] is not None:
-                bar.n = snapshot["percent"]
-            bar.refresh()
+            view.update(f"{snapshot['target']} {snapshot['phase']}", snapshot["percent"])
     return final
 
 

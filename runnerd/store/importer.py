@@ -15,6 +15,13 @@ from pathlib import Path
 from backends.base import ModelFormat
 from backends.formats import format_of, model_files
 from backends.formats.gguf import GGUFParseError
+from backends.formats.safetensors import (
+    ModelConfigError,
+    SafetensorsError,
+    read_model_config,
+    read_safetensors_header,
+    weight_files,
+)
 from runnerd.store.errors import StoreError
 from runnerd.store.manifests import model_summary
 
@@ -35,6 +42,36 @@ def check_local_file(path: Path) -> None:
         raise StoreError(f"model path {path} is not a regular file")
     if not os.access(path, os.R_OK):
         raise StoreError(f"model file {path} is not readable by the daemon")
+
+
+def check_local_directory(path: Path) -> None:
+    """A Hugging Face-format model directory to register in place: readable, with a config.json that is a
+    JSON object and top-level ``*.safetensors`` weights whose headers can be trusted (only the headers are
+    read). StoreError naming what is missing or wrong otherwise."""
+    what = f"{path} is not a Hugging Face-format model directory"
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise StoreError(f"model directory {path} is not readable by the daemon")
+    if not (path / "config.json").is_file():
+        raise StoreError(f"{what}: it has no config.json")
+    weights = weight_files(path)
+    if not weights:
+        raise StoreError(f"{what}: it has no *.safetensors weights")
+    try:
+        read_model_config(path)
+        for weight in weights:
+            read_safetensors_header(weight)
+    except (ModelConfigError, SafetensorsError) as exc:
+        raise StoreError(f"{what}: {exc}") from exc
+
+
+def check_local_model(path: Path) -> ModelFormat:
+    """What registering `path` in place needs (an absolute path to a readable GGUF file or Hugging
+    Face-format directory), and the format it is in; StoreError otherwise."""
+    if path.is_absolute() and path.is_dir():
+        check_local_directory(path)
+        return ModelFormat.SAFETENSORS
+    check_local_file(path)
+    return ModelFormat.GGUF
 
 
 def inspect_model_file(path: Path) -> tuple[int, str | None]:

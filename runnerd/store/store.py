@@ -3,9 +3,11 @@
 API other modules use (names and signatures are kept stable; the Ollama routes call them too):
 
 - ``ModelStore.get(name) -> ModelEntry`` / ``list()`` — from memory, no file is read.
-- ``ModelStore.add(name, path, config=None) -> ModelEntry`` — register a local GGUF IN PLACE (the
-  file stays where it is, nothing is copied): what ``serve --model NAME=PATH`` and
-  ``runnerd models add`` use, fast even for a 70 GB file. Removing such a model never touches the file.
+- ``ModelStore.add(name, path, config=None) -> ModelEntry`` — register a local GGUF file or Hugging
+  Face-format (safetensors) directory IN PLACE (it stays where it is, nothing is copied): what
+  ``serve --model NAME=PATH`` and ``runnerd models add`` use, fast even for a 70 GB file. A directory
+  needs a config.json that is a JSON object and ``*.safetensors`` weights whose headers can be trusted
+  (importer.check_local_directory). Removing such a model never touches the file or the directory.
 - ``async ModelStore.pull(source, name, sha256, progress, *, mmproj=None) -> ModelEntry`` — bring a model INTO the
   store from an absolute local path (hard-linked when on the same filesystem, else copied; the
   caller must allow local paths only over the unix socket), an ``http(s)://`` URL or
@@ -146,11 +148,13 @@ class ModelStore:
     # --- registering in place ------------------------------------------------------------------
 
     def add(self, name: str, path: Path, config: BackendConfiguration | None = None) -> ModelEntry:
-        """Register a local GGUF where it is (see the module docstring for why it is not copied)."""
+        """Register a local GGUF file or model directory where it is (see the module docstring for why it
+        is not copied)."""
         key = canonical_name(name)
-        importer.check_local_file(path)
-        info = model_summary(path, ModelFormat.GGUF)
-        entry = ModelEntry(name=key, path=path, config=config or BackendConfiguration(), source=str(path), **info)
+        fmt = importer.check_local_model(path)
+        info = model_summary(path, fmt)
+        entry = ModelEntry(name=key, path=path, format=fmt, config=config or BackendConfiguration(),
+                           source=str(path), **info)
         self._put(entry)
         return entry
 
