@@ -77,6 +77,17 @@ class HttpSettings(BaseModel):
         return value
 
 
+class NodeSettings(BaseModel):
+    """This node as an orchestrator sees it (runnerd/node_labels.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    labels_file: Path | None = Field(
+        default=None, description="keep the node's labels in this Node Feature Discovery feature file, e.g. "
+        "/etc/kubernetes/node-feature-discovery/features.d/runnerd; unset = off")
+    labels_interval: float = Field(default=30.0, gt=0, description="seconds between checks of the labels")
+
+
 class MemorySettings(BaseModel):
     """What runnerd may use for engines. Sizes are bytes or strings such as "64MiB" or "8GiB"."""
 
@@ -184,6 +195,7 @@ class Settings(BaseSettings):
     min_residency: float = Field(default=0.0, ge=0, description="seconds a runner stays before it may be evicted")
     crash_backoff: float = Field(default=5.0, gt=0, description="first hold-back after 3 failed starts in a row")
     http: HttpSettings = Field(default_factory=HttpSettings)
+    node: NodeSettings = Field(default_factory=NodeSettings)
     allowed_origins: list[str] = Field(default_factory=lambda: list(DEFAULT_ALLOWED_ORIGINS),
                                        description="browser origins allowed to call the API (runnerd/api/cors.py)")
     store: StoreSettings = Field(default_factory=StoreSettings)

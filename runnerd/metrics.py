@@ -48,7 +48,7 @@ class Metrics:
         self.load_seconds = Histogram("runnerd_runner_load_duration_seconds", "Time from start to ready",
                                       _RUNNER, buckets=_LOAD_BUCKETS, registry=r)
         self.evictions = Counter("runnerd_runner_evictions",
-                                 "Loaded runners stopped by runnerd, by reason (idle, unload, memory, shutdown)",
+                                 "Loaded runners stopped by runnerd, by reason (idle, unload, memory, drain, shutdown)",
                                  [*_RUNNER, "reason"], registry=r)
         self.crashes = Counter("runnerd_runner_crashes", "Loaded runners whose engine died on its own",
                                [*_RUNNER, "reason"], registry=r)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from runnerd import __version__
 from runnerd.gpus import GpuInfo
 from runnerd.sampler import HostSnapshot, read_host_once
-from runnerd.scheduler import RunnerInfo
+from runnerd.scheduler import DrainStatus, RunnerInfo, RunnerState
 
 # --- the inventory's shape -----------------------------------------------------------------------
 
@@ -59,6 +59,8 @@ class NodeInfo(BaseModel):
     reserved: Reserved
     backends: dict[str, str]
     runners: list[RunnerUsage]
+    drain: DrainStatus = Field(default_factory=DrainStatus,
+                               description="whether the node is draining (loads nothing new) and what is left")
 
 
 # --- reading the host ----------------------------------------------------------------------------
@@ -102,10 +104,16 @@ def _reserved(runners: Iterable[RunnerUsage]) -> Reserved:
                     measured_gpu_memory_bytes=sum(r.gpu_memory_bytes or 0 for r in runners))
 
 
+def _not_draining(runners: Iterable[RunnerInfo]) -> DrainStatus:
+    live = [r for r in runners if r.state is not RunnerState.EXITED]
+    return DrainStatus(runners_left=len(live), active_requests=sum(r.active_requests for r in live))
+
+
 def collect(runners: Iterable[RunnerInfo], backends: Mapping[str, str],
-            snapshot: HostSnapshot | None = None) -> NodeInfo:
+            snapshot: HostSnapshot | None = None, drain: DrainStatus | None = None) -> NodeInfo:
     """The whole inventory from a host snapshot; without one, from a reading taken here (blocking:
-    psutil and NVML, so from a worker thread). The first call reads the CPU's model from /proc."""
+    psutil and NVML, so from a worker thread). The first call reads the CPU's model from /proc.
+    `drain`: the scheduler's drain status (without it: not draining)."""
     runners = list(runners)
     if snapshot is None:
         snapshot = read_host_once(r.pid for r in runners if r.pid is not None)
@@ -120,4 +128,5 @@ def collect(runners: Iterable[RunnerInfo], backends: Mapping[str, str],
         reserved=_reserved(usages),
         backends=dict(backends),
         runners=usages,
+        drain=drain if drain is not None else _not_draining(runners),
     )

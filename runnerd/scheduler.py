@@ -7,6 +7,10 @@ bounded queue) for busy runners to go idle, at most the queue timeout from when 
 a model that can never fit or is held back after crashing is answered at once. Every request holds
 a lease on its runner; when the last lease is returned the keep-alive starts: 0 stops it at once,
 None (negative) never, else a timer. Each runner instance has its own socket and pid file.
+
+A drained node loads nothing new: a request for a model whose runner is not already loaded or loading
+is refused (NodeDraining, 503 with Retry-After), requests to loaded runners are served, and each runner
+is stopped as soon as it is idle. Resuming lifts that; the runners still left keep their keep-alive.
 """
 
 from __future__ import annotations
@@ -68,9 +72,10 @@ async def _logged_failures(work: Callable[..., Coroutine[Any, Any, Any]], *args:
 
 
 class SchedulingError(Exception):
-    """A load that cannot happen now or ever; `status` and `retry_after` shape the HTTP answer."""
+    """A load that cannot happen now or ever; `status`, `code` and `retry_after` shape the HTTP answer."""
 
     status = 503
+    code = "model_unavailable"
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -79,6 +84,7 @@ class SchedulingError(Exception):
 
 class DoesNotFit(SchedulingError):
     status = 507
+    code = "insufficient_memory"
 
 
 class QueueTimeout(SchedulingError):
@@ -87,6 +93,27 @@ class QueueTimeout(SchedulingError):
 
 class HeldBack(SchedulingError):
     status = 503
+
+
+class NodeDraining(SchedulingError):
+    """The node is draining: it starts no runner (and takes no preload) until it is resumed."""
+
+    status = 503
+    code = "node_draining"
+
+
+# What a refused load is told to wait before asking this node again (an orchestrator goes elsewhere).
+DRAIN_RETRY_AFTER = 30.0
+
+
+class DrainStatus(BaseModel):
+    """Whether the node is draining, and what is left on it: an orchestrator polls until nothing is."""
+
+    draining: bool = False
+    since: float | None = None  # when the drain began (Unix time); None when not draining
+    runners_left: int = 0  # engines still running or stopping
+    active_requests: int = 0  # requests in flight on them
+    drained: bool = False  # draining and nothing left
 
 
 @dataclass(frozen=True)
@@ -390,6 +417,7 @@ class Scheduler:
         self._failures: dict[RunnerKey, _Failures] = {}
         self._short_socket_dir: Path | None = None
         self._closing = False
+        self._drain_since: float | None = None
         self._tasks: anyio.abc.TaskGroup | None = None
         self._admission = asyncio.Lock()
         self._waiting = 0
@@ -434,12 +462,15 @@ class Scheduler:
         event.set()
 
     async def acquire(self, key: RunnerKey, model: ModelRef, config: BackendConfiguration,
-                      keep_alive: KeepAlive | Unset = UNSET) -> Lease:
+                      keep_alive: KeepAlive | Unset = UNSET, *, preload: bool = False) -> Lease:
         """Lease the runner for `key`, starting it if none is loaded or loading. A request's own
-        keep-alive (Ollama semantics) replaces the runner's for when it next goes idle."""
+        keep-alive (Ollama semantics) replaces the runner's for when it next goes idle. A `preload`
+        (load only, nothing to serve) is refused while the node drains, even for a loaded model."""
         if self._closing:
             raise RunnerError("runnerd is shutting down", reason="shutting_down")
         runner = self.runner(key)
+        if self.draining and (runner is None or preload):
+            self._refuse_draining(key, preload)
         started = runner is None
         if runner is None:
             runner = await self._admit(key, model, config)
@@ -456,6 +487,48 @@ class Scheduler:
             self._release(runner)
             raise
         return Lease(self, runner)
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_since is not None
+
+    def _refuse_draining(self, key: RunnerKey, preload: bool = False) -> None:
+        why = "takes no preload" if preload else f"loads no new model ({key.model} is not loaded here)"
+        raise NodeDraining(f"this node is draining: it {why}; send the request to another node, or retry once "
+                           "it is resumed", retry_after=DRAIN_RETRY_AFTER)
+
+    def drain(self) -> DrainStatus:
+        """Load nothing new from now on and stop every runner once it is idle (the idle ones now). Loads
+        queued for memory are refused. Returns at once: `drain_status` tells what is left."""
+        if self._drain_since is None:
+            self._drain_since = time.time()
+            log.info("draining: no new loads; stopping runners as they go idle")
+        for runner in list(self._runners.values()):
+            if runner.state is RunnerState.READY and runner.active == 0:
+                self.spawn(self._stop_drained, runner)
+        self._signal_change()  # queued loads wake and see the drain
+        return self.drain_status()
+
+    def resume(self) -> DrainStatus:
+        """Lift a drain: loads are admitted again; runners still left go back to their keep-alive."""
+        if self._drain_since is not None:
+            self._drain_since = None
+            log.info("resumed: loads admitted again")
+            for runner in self._runners.values():
+                if runner.state is RunnerState.READY and runner.active == 0:
+                    self._start_keep_alive(runner)
+        return self.drain_status()
+
+    def drain_status(self) -> DrainStatus:
+        live = [r for r in self._all_runners() if r.state is not RunnerState.EXITED]
+        active = sum(r.active for r in live)
+        return DrainStatus(draining=self.draining, since=self._drain_since, runners_left=len(live),
+                           active_requests=active, drained=self.draining and not live)
+
+    async def _stop_drained(self, runner: Runner) -> None:
+        if self.draining and runner.active == 0 and runner.state is RunnerState.READY:
+            log.info("draining: stopping idle model=%s mode=%s", runner.model.name, runner.key.mode)
+            await runner.stop("drain")
 
     def _check_backoff(self, key: RunnerKey) -> None:
         failures = self._failures.get(key)
@@ -543,6 +616,8 @@ class Scheduler:
     async def _make_room(self, key: RunnerKey, need: Amount, deadline: float) -> None:
         self._check_capacity(key, need)  # the limits could have been lowered while this load queued
         while True:
+            if self.draining:  # the drain began while this load queued
+                self._refuse_draining(key)
             change = self._change
             # Never admit on an old view: a reading of the host (free GPU memory, what runners hold) begun now.
             await self.sampler.fresh()
@@ -636,6 +711,12 @@ class Scheduler:
         if runner.state is not RunnerState.READY:
             return
         self._signal_change()
+        if self.draining:
+            self.spawn(self._stop_drained, runner)
+            return
+        self._start_keep_alive(runner)
+
+    def _start_keep_alive(self, runner: Runner) -> None:
         keep_alive = runner.keep_alive
         if keep_alive is None:
             return

@@ -18,13 +18,14 @@ from pathlib import Path
 from aiohttp import web
 
 from backends.base import Backend, ModelRef
-from runnerd import __version__
+from runnerd import __version__, node_labels
 from runnerd.admission import Budget
 from runnerd.api import backends as backend_routes
 from runnerd.api import configure, cors, engines, models, ollama
 from runnerd.api import jobs as job_routes
 from runnerd.api import metrics as metrics_routes
 from runnerd.api import node as node_routes
+from runnerd.api import ready as ready_routes
 from runnerd.api.auth import HTTP_TOKEN, TokenError, auth_middleware, load_token
 from runnerd.api.context import DAEMON, Daemon
 from runnerd.api.errors import error_middleware
@@ -125,6 +126,7 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     app.router.add_get("/", root)
     app.router.add_get("/version", version)
     app.router.add_get("/health", health)
+    ready_routes.add_routes(app)
     configure.add_routes(app)
     engines.add_routes(app)
     models.add_routes(app)
@@ -153,6 +155,8 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     # on_cleanup runs after in-flight requests have drained (or the drain timeout passed).
     app.on_cleanup.append(stop_runners)
     app.on_cleanup.append(stop_sampling)
+    # [node] labels_file: the node's labels for Kubernetes (NFD), from the sampler's readings.
+    node_labels.keep_labels_file(app, settings.node, backends, sampler)
     return app
 
 
@@ -298,7 +302,8 @@ def status_line(app: web.Application) -> str:
     ready = sum(1 for r in runners if r.state in (RunnerState.READY, RunnerState.IDLE))
     loading = sum(1 for r in runners if r.state is RunnerState.LOADING)
     jobs = sum(1 for j in d.jobs.list() if not j.done)
-    return f"{ready} runner(s) ready, {loading} loading, {jobs} job(s) running"
+    draining = "draining: " if d.scheduler.draining else ""
+    return f"{draining}{ready} runner(s) ready, {loading} loading, {jobs} job(s) running"
 
 
 async def serve(settings: Settings, app: web.Application | None = None,

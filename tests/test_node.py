@@ -91,7 +91,10 @@ async def test_node_route_with_a_fake_gpu(monkeypatch, tmp_path, llama_server):
     assert [g["name"] for g in body["gpus"]] == ["FAKE NVIDIA GPU (test double)"]
     assert body["backends"]["llama.cpp"].startswith("Running: llama.cpp")
     assert body["runners"] == [] and body["reserved"]["runners"] == 0
-    assert set(body) == {"hostname", "runnerd_version", "cpu", "memory", "gpus", "reserved", "backends", "runners"}
+    assert set(body) == {"hostname", "runnerd_version", "cpu", "memory", "gpus", "reserved", "backends", "runners",
+                         "drain"}
+    assert body["drain"] == {"draining": False, "since": None, "runners_left": 0, "active_requests": 0,
+                             "drained": False}
 
 
 def test_admission_sees_the_fake_gpus_memory(monkeypatch):

@@ -2,7 +2,8 @@
 
 The unix socket is guarded by its file mode (0660, owner and group only), so requests through it
 are trusted. Everything that arrives any other way needs `Authorization: Bearer <token>`, except
-`GET /health`, which load balancers and parent schedulers probe without credentials.
+`GET /health` (liveness) and `GET /ready` (readiness), which load balancers, kubelets and parent
+schedulers probe without credentials.
 """
 
 from __future__ import annotations
@@ -66,8 +67,11 @@ def _unauthenticated(presented: bool) -> ApiError:
     return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": challenge})
 
 
+OPEN_ROUTES = frozenset({"/health", "/ready"})
+
+
 def _open_route(request: web.Request) -> bool:
-    return request.path == "/health" and request.method in ("GET", "HEAD")
+    return request.path in OPEN_ROUTES and request.method in ("GET", "HEAD")
 
 
 @web.middleware

@@ -133,7 +133,7 @@ def build_configuration(d: Daemon, backend: Backend, spec: ConfigureRequest) -> 
 
 async def _preload(d: Daemon, key: RunnerKey, model: ModelEntry, config: BackendConfiguration) -> None:
     try:
-        lease = await d.scheduler.acquire(key, model.ref(), config)
+        lease = await d.scheduler.acquire(key, model.ref(), config, preload=True)
     except Exception as exc:  # the next request reports it with the engine's words
         log.warning("preload of %s failed: %s", model.name, str(exc).splitlines()[0])
         return
@@ -165,7 +165,8 @@ async def configure(request: web.Request) -> web.Response:
     d.configs.put(item)
     if restart and runner is not None:
         await runner.stop("reconfigure")
-    d.scheduler.spawn(_preload, d, key, model, new)
+    if not d.scheduler.draining:  # a draining node loads nothing new: the configuration applies at the next load
+        d.scheduler.spawn(_preload, d, key, model, new)
     return web.json_response(_shown(item, restarted=restart), status=202)
 
 

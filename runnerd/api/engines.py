@@ -125,14 +125,14 @@ def take_keep_alive(payload: dict[str, Any]) -> float | Unset | None:
 
 
 async def lease_runner(d: Daemon, backend: Backend, model: ModelEntry, mode: Mode, config: BackendConfiguration,
-                       keep_alive: float | Unset | None) -> Lease:
+                       keep_alive: float | Unset | None, *, preload: bool = False) -> Lease:
+    """A lease on the model's runner; `preload`: the request only loads it (refused while draining)."""
     key = RunnerKey(backend.name, model.name, mode)
     try:
-        return await d.scheduler.acquire(key, model.ref(), config, keep_alive)
+        return await d.scheduler.acquire(key, model.ref(), config, keep_alive, preload=preload)
     except SchedulingError as exc:
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else None
-        code = {507: "insufficient_memory", 503: "model_unavailable"}.get(exc.status, "scheduling_error")
-        raise ApiError(exc.status, str(exc), code=code, type="server_error", headers=headers) from exc
+        raise ApiError(exc.status, str(exc), code=exc.code, type="server_error", headers=headers) from exc
     except RunnerError as exc:
         raise runner_error(model.name, exc) from exc
     except BackendError as exc:
@@ -158,9 +158,10 @@ async def inference(kind: RequestKind, request: web.Request) -> web.StreamRespon
     body = json.dumps(payload).encode() if keep_alive is not UNSET or renamed else await request.read()
     config = effective_configuration(model.config, d.configs.get(model.name, kind.mode))
     check_request(backend, model, config, payload)
-    lease = await lease_runner(d, backend, model, kind.mode, config, keep_alive)
+    preload = request.headers.get("X-Preload-Only", "").lower() == "true"
+    lease = await lease_runner(d, backend, model, kind.mode, config, keep_alive, preload=preload)
     try:
-        if request.headers.get("X-Preload-Only", "").lower() == "true":
+        if preload:
             return web.Response(status=200)
         return await forward(request, lease.runner, kind.upstream_path, body, stream=payload.get("stream") is True)
     finally:

@@ -5,7 +5,7 @@
     commands.py   client commands: models, pull, rm, tag (cp), ls (list), ps, status, unload, stop, configure,
                   estimate, inspect, show
     chat.py       `run`: one answer, or an interactive conversation with Ollama's commands and Ctrl-C
-    service.py    client commands for running runnerd as a service: backends, node
+    service.py    client commands for running runnerd as a service: backends, node, drain, resume
     client.py     the daemon's unix-socket client (aiohttp)
     output.py     tables, sizes, durations, JSON
 

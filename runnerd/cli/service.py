@@ -1,13 +1,16 @@
-"""Client commands for running runnerd as a service: `backends ls|install|rm` and `node`."""
+"""Client commands for running runnerd as a service: `backends ls|install|rm`, `node`, `drain` and
+`resume`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from runnerd import node_labels
 from runnerd.cli.output import ProgressView, table
 from runnerd.errors import ClientError
 
@@ -83,6 +86,8 @@ def _print_node(node: dict[str, Any]) -> None:
           f"{_size(reserved['measured_gpu_memory_bytes'])} GPU memory")
     for name, status in node["backends"].items():
         print(f"backend   {name}: {status}")
+    if node.get("drain", {}).get("draining"):
+        print(f"drain     {_drain_line(node['drain'])}")
     if node["runners"]:
         print()
         table([[r["model"], r["backend"], r["mode"], r["state"], _size(r["rss_bytes"])] for r in node["runners"]],
@@ -91,12 +96,67 @@ def _print_node(node: dict[str, Any]) -> None:
 
 async def _node(client: DaemonClient, args: argparse.Namespace) -> Any:
     node = await client.request("GET", "/node")
+    if getattr(args, "labels", False):
+        # The labels the daemon writes to [node] labels_file, from the same two answers.
+        labels = node_labels.from_api(node, await client.request("GET", "/engines/backends"))
+        return labels, lambda: print(node_labels.render(labels), end="")
     return node, lambda: _print_node(node)
+
+
+DRAIN_POLL_SECONDS = 0.5
+
+
+def _drain_line(drain: dict[str, Any]) -> str:
+    if not drain["draining"]:
+        return f"not draining: {drain['runners_left']} runner(s) loaded"
+    if drain["runners_left"] == 0:
+        return "drained: no runner left"
+    return f"draining: {drain['runners_left']} runner(s) left, {drain['active_requests']} request(s) in flight"
+
+
+async def _drain(client: DaemonClient, args: argparse.Namespace) -> Any:
+    """POST /node/drain; with --wait (or --timeout), poll GET /node until no runner is left, a line per
+    change, and fail past the timeout (the node stays draining)."""
+    drain = (await client.request("POST", "/node/drain"))["drain"]
+    if not args.wait and args.timeout is None:
+        return drain, lambda: print(_drain_line(drain))
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    shown = None
+    while drain["runners_left"] > 0:
+        if not drain["draining"]:
+            raise ClientError("the drain was lifted (`runnerd resume`) before the node emptied")
+        line = _drain_line(drain)
+        if line != shown and not args.json:
+            print(line, flush=True)
+            shown = line
+        if deadline is not None and time.monotonic() >= deadline:
+            raise ClientError(f"the node still has {drain['runners_left']} runner(s) ({drain['active_requests']} "
+                              f"request(s) in flight) after {args.timeout:g} s; it stays draining "
+                              "(`runnerd resume` lifts it)")
+        await asyncio.sleep(DRAIN_POLL_SECONDS if deadline is None else
+                            max(0.0, min(DRAIN_POLL_SECONDS, deadline - time.monotonic())))
+        drain = (await client.request("GET", "/node"))["drain"]
+    return drain, lambda: print(_drain_line(drain))
+
+
+async def _resume(client: DaemonClient, args: argparse.Namespace) -> Any:
+    drain = (await client.request("POST", "/node/resume"))["drain"]
+    return drain, lambda: print(f"resumed: loading models again ({drain['runners_left']} runner(s) loaded)")
 
 
 COMMANDS: dict[str, Callable[[DaemonClient, argparse.Namespace], Any]] = {
     "backends.ls": _backends_ls, "backends.install": _backends_install, "backends.rm": _backends_rm,
-    "node": _node}
+    "node": _node, "drain": _drain, "resume": _resume}
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"the timeout must be a positive number of seconds, not {text!r}")
+    return value
 
 
 def add_parsers(sub: Any, client: Callable[..., argparse.ArgumentParser]) -> None:
@@ -111,4 +171,12 @@ def add_parsers(sub: Any, client: Callable[..., argparse.ArgumentParser]) -> Non
     install.add_argument("--quiet", action="store_true", help="no progress bar")
     rm = client("rm", "backends.rm", "remove an installed backend (refused while runners use it)", bsub)
     rm.add_argument("backend")
-    client("node", "node", "show this host's inventory: CPU, memory, GPUs, runners")
+    node = client("node", "node", "show this host's inventory: CPU, memory, GPUs, runners")
+    node.add_argument("--labels", action="store_true",
+                      help="print the node's Kubernetes labels instead, as a Node Feature Discovery feature file")
+    drain = client("drain", "drain", "stop taking new models: requests to loaded ones are served, each runner is "
+                   "unloaded once idle (`resume` lifts it)")
+    drain.add_argument("--wait", action="store_true", help="wait until no runner is left, printing progress")
+    drain.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+                       help="with --wait (implied): give up after SECONDS, exiting 1 (the node stays draining)")
+    client("resume", "resume", "take new models again after `drain`")

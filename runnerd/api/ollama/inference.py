@@ -125,7 +125,7 @@ class Job:
 
 
 async def _lease(request: web.Request, name: str, mode: Mode, needed: list[Capability],
-                 options: tr.OllamaOptions | None, keep_alive: KeepAliveValue) -> Job:
+                 options: tr.OllamaOptions | None, keep_alive: KeepAliveValue, preload: bool = False) -> Job:
     clock = tr.Clock()
     d = daemon(request)
     model = lookup_model(d, name)
@@ -137,7 +137,7 @@ async def _lease(request: web.Request, name: str, mode: Mode, needed: list[Capab
     check_request(backend, model, config, {"tools": Capability.TOOLS in needed})
     if options is not None and options.num_ctx is not None:
         await _restart_if_idle(d, RunnerKey(backend.name, model.name, mode), config)
-    lease = await lease_runner(d, backend, model, mode, config, ttl)
+    lease = await lease_runner(d, backend, model, mode, config, ttl, preload=preload)
     clock.mark_loaded()
     request[REQUEST_MODEL] = model.name
     return Job(model, backend, lease, clock)
@@ -163,7 +163,8 @@ async def _load_only(request: web.Request, req: _Inference, *, chat: bool) -> we
     if ttl == 0:
         await d.scheduler.unload(models=[model.name], reason="unload")
         return web.json_response(tr.load_answer(model.name, chat=chat, unloaded=True))
-    job = await _lease(request, req.model, Mode.COMPLETION, [Capability.CHAT], req.options, req.keep_alive)
+    job = await _lease(request, req.model, Mode.COMPLETION, [Capability.CHAT], req.options, req.keep_alive,
+                       preload=True)
     job.lease.release()
     return web.json_response(tr.load_answer(model.name, chat=chat, unloaded=False))
 
@@ -267,7 +268,7 @@ async def _embed(request: web.Request, req: ModelRequest, inputs: Any, options: 
 async def _load_embedding(request: web.Request, name: str, options: tr.OllamaOptions | None,
                           keep_alive: KeepAliveValue) -> Job:
     """Nothing to embed: Ollama's way to load the model (an unknown model is still a 404)."""
-    job = await _lease(request, name, Mode.EMBEDDING, [Capability.EMBEDDINGS], options, keep_alive)
+    job = await _lease(request, name, Mode.EMBEDDING, [Capability.EMBEDDINGS], options, keep_alive, preload=True)
     job.lease.release()
     return job
 
