@@ -12,6 +12,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
 from backends.base import Backend, BackendConfiguration, BackendError, Capability, Mode, RunnerError
+from runnerd.api.body import read_json_body as read_json_body  # re-exported: routes import it from here
 from runnerd.api.context import Daemon, daemon
 from runnerd.api.errors import ApiError, parse_body
 from runnerd.configs import effective_configuration
@@ -41,18 +42,6 @@ INFERENCE_ROUTES = {
     "/v1/rerank": RERANK,
     "/rerank": RERANK,
 }
-
-
-async def read_json_body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object; 413 past the body limit, 400 for anything but a JSON object."""
-    raw = await request.read()
-    try:
-        payload = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
-    if not isinstance(payload, dict):
-        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
-    return payload
 
 
 def requested_model(payload: dict[str, Any]) -> str:
