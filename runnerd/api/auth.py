@@ -1,9 +1,10 @@
 """Bearer-token authentication for requests that arrive over TCP.
 
 The unix socket is guarded by its file mode (0660, owner and group only), so requests through it
-are trusted. Everything that arrives any other way needs `Authorization: Bearer <token>`, except
-`GET /health` (liveness) and `GET /ready` (readiness), which load balancers, kubelets and parent
-schedulers probe without credentials.
+are trusted. Everything that arrives any other way needs the token, in `Authorization: Bearer <token>`
+or in `x-api-key: <token>` (what Anthropic's clients send), except `GET /health` (liveness) and
+`GET /ready` (readiness), which load balancers, kubelets and parent schedulers probe without credentials.
+A header sent twice is refused: proxies and servers disagree on which copy counts.
 """
 
 from __future__ import annotations
@@ -63,15 +64,27 @@ def bearer_token(header: str | None) -> str | None:
 def _unauthenticated(presented: bool) -> ApiError:
     challenge = 'Bearer realm="runnerd"' + (', error="invalid_token"' if presented else "")
     message = ("invalid bearer token" if presented else
-               "this route needs 'Authorization: Bearer <token>' over TCP")
+               "this route needs 'Authorization: Bearer <token>' (or 'x-api-key: <token>') over TCP")
     return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": challenge})
 
 
 OPEN_ROUTES = frozenset({"/health", "/ready"})
+CREDENTIAL_HEADERS = ("Authorization", "x-api-key")
 
 
 def _open_route(request: web.Request) -> bool:
     return request.path in OPEN_ROUTES and request.method in ("GET", "HEAD")
+
+
+def presented_tokens(request: web.Request) -> list[str]:
+    """The tokens the request carries: `Authorization`'s when it is a bearer token, `x-api-key`'s when
+    not empty; ApiError 400 for a credential header sent more than once."""
+    for name in CREDENTIAL_HEADERS:
+        if len(request.headers.getall(name, [])) > 1:
+            raise ApiError(400, f"the {name} header appears more than once; send it once", code="duplicate_header",
+                           param=name)
+    tokens = [bearer_token(request.headers.get("Authorization")), request.headers.get("x-api-key", "").strip()]
+    return [t for t in tokens if t]
 
 
 @web.middleware
@@ -79,9 +92,16 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if over_unix_socket(request) or _open_route(request):
         return await handler(request)
     expected = request.app.get(HTTP_TOKEN)
-    presented = bearer_token(request.headers.get("Authorization"))
+    try:
+        presented = presented_tokens(request)
+    except ApiError as exc:
+        return render_error(request, exc)
     # No token configured cannot happen with a TCP listener (serve refuses to start); fail closed anyway.
-    if expected is None or presented is None or not token_matches(presented, expected):
-        # render_error: Ollama's clients (under /api/) read {"error": "..."}, the rest OpenAI's shape.
-        return render_error(request, _unauthenticated(presented is not None))
+    # Every header that carries a token must carry the right one: two that disagree are refused. Each
+    # is compared (a list, not a short-circuit), so the time taken does not say which one matched.
+    matches = [expected is not None and token_matches(t, expected) for t in presented]
+    if expected is None or not matches or not all(matches):
+        # render_error: the route's error shape (Ollama's under /api/, Anthropic's under its routes,
+        # OpenAI's elsewhere).
+        return render_error(request, _unauthenticated(bool(presented)))
     return await handler(request)

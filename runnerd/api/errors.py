@@ -1,10 +1,12 @@
-"""Errors as JSON: OpenAI's shape {"error": {"message", "type", "code", "param"}}, and Ollama's
-{"error": "..."} under /api/ (render_error picks by path)."""
+"""Errors as JSON: OpenAI's shape {"error": {"message", "type", "code", "param"}}, Ollama's
+{"error": "..."} under /api/, and Anthropic's {"type": "error", "error": {"type", "message"}} under the
+Messages API's paths (render_error picks by path)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -22,6 +24,22 @@ _TYPES = {
     413: "invalid_request_error",
     501: "not_implemented_error",
 }
+
+
+# Anthropic's error types by status (https://docs.anthropic.com/en/api/errors); anything else is api_error.
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+# /v1/messages (and /v1/messages/count_tokens) under every engine prefix, and everything under /anthropic/.
+_ANTHROPIC_PATH = re.compile(r"^/(?:engines/(?:[^/]+/)?)?v1/messages(?:/|$)|^/anthropic/")
 
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -49,6 +67,12 @@ class ApiError(Exception):
     def ollama_response(self) -> web.Response:
         """The same error in Ollama's shape, {"error": "..."}, for the /api/ routes its clients call."""
         return web.json_response({"error": self.message}, status=self.status, headers=self.headers)
+
+    def anthropic_response(self) -> web.Response:
+        """The same error in Anthropic's shape, for the Messages API routes its clients call."""
+        body = {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(self.status, "api_error"),
+                                           "message": self.message}}
+        return web.json_response(body, status=self.status, headers=self.headers)
 
     def sse_event(self) -> bytes:
         """The same error as a server-sent event, for a stream whose status line is already sent."""
@@ -92,9 +116,18 @@ def internal_error() -> ApiError:
                     type="server_error")
 
 
+def anthropic_path(path: str) -> bool:
+    return _ANTHROPIC_PATH.match(path) is not None
+
+
 def render_error(request: web.Request, exc: ApiError) -> web.Response:
-    # Ollama's clients read a plain string under "error"; everything else speaks OpenAI's shape.
-    return exc.ollama_response() if request.path.startswith("/api/") else exc.response()
+    # Ollama's clients read a plain string under "error", Anthropic's an error object under "error" beside
+    # "type": "error"; everything else speaks OpenAI's shape.
+    if request.path.startswith("/api/"):
+        return exc.ollama_response()
+    if anthropic_path(request.path):
+        return exc.anthropic_response()
+    return exc.response()
 
 
 def validation_error(exc: ValidationError, what: str, prefix: str | None = None) -> ApiError:
