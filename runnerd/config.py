@@ -68,6 +68,17 @@ class HttpSettings(BaseModel):
 
     listen: str | None = Field(default=None, description="HOST:PORT; unset = no TCP listener")
     token_file: Path | None = Field(default=None, description="file holding the bearer token")
+    # Counted when accepted, before a byte is read or a token checked; over a cap the connection is reset.
+    max_connections: int = Field(default=1024, ge=1, description="TCP connections open at once; lowered at "
+                                 "start to what the open-file limit leaves after fd_reserve (two per connection)")
+    max_connections_per_peer: int = Field(default=128, ge=1, description="TCP connections open at once from one "
+                                          "peer address")
+    header_timeout: float = Field(default=10.0, gt=0, description="seconds a new TCP connection has to send its "
+                                  "first request's headers")
+    keepalive_timeout: float = Field(default=60.0, gt=0, description="seconds an idle keep-alive connection (TCP "
+                                     "or unix) stays open; also bounds the headers of each later request")
+    fd_reserve: int = Field(default=256, ge=0, description="open files kept back from TCP connections for the "
+                            "unix socket, runners, logs and model files")
 
     @field_validator("listen")
     @classmethod

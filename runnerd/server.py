@@ -39,6 +39,15 @@ from runnerd.sampler import HostSampler
 from runnerd.scheduler import RunnerState, Scheduler, SchedulerLimits
 from runnerd.store import ModelNotFound, ModelStore
 from runnerd.systemd import Notifier, SocketActivationError, listen_fds
+from runnerd.tcp_door import (
+    ACCEPT_ERROR_MESSAGE,
+    DoorLimits,
+    DoorSite,
+    Throttled,
+    fd_room,
+    raise_fd_limit,
+    throttle_accept_errors,
+)
 
 log = logging.getLogger("runnerd")
 
@@ -295,6 +304,20 @@ def http_token(settings: Settings, listeners: list[Listener]) -> str | None:
         raise ListenerError(f"refusing to listen on {', '.join(tcp)}: {exc}") from exc
 
 
+def door_limits(settings: Settings, fd_limit: int) -> DoorLimits:
+    """The TCP listener's caps, the global one lowered to what the open-file limit leaves."""
+    http = settings.http
+    room = fd_room(fd_limit, http.fd_reserve)
+    if room < 1:
+        raise ListenerError(f"the open-file limit ({fd_limit}) leaves no room for TCP connections after fd_reserve "
+                            f"({http.fd_reserve}): raise LimitNOFILE (ulimit -n) or lower [http] fd_reserve")
+    if http.max_connections > room:
+        log.warning("TCP connections capped at %d, not %d: the open-file limit is %d and %d are kept back "
+                    "([http] fd_reserve)", room, http.max_connections, fd_limit, http.fd_reserve)
+    return DoorLimits(max_connections=min(http.max_connections, room),
+                      max_connections_per_peer=http.max_connections_per_peer, header_timeout=http.header_timeout)
+
+
 def status_line(app: web.Application) -> str:
     """One line for `systemctl status`."""
     d = app[DAEMON]
@@ -311,26 +334,36 @@ async def serve(settings: Settings, app: web.Application | None = None,
     """Run the daemon until SIGTERM/SIGINT, then stop accepting, stop every runner and clean up."""
     app = app or create_app(settings)
     notifier = Notifier.from_environment()
+    before, fd_limit = raise_fd_limit()
+    if fd_limit != before:
+        log.info("open-file limit raised from %d to %d", before, fd_limit)
     listeners = open_listeners(settings)
     try:
         if (token := http_token(settings, listeners)) is not None:
             app[HTTP_TOKEN] = token
+        limits = door_limits(settings, fd_limit) if any(lst.tcp for lst in listeners) else None
         # Only now, holding the socket: a second daemon refused above must not touch the first one's runners.
         clean_up_previous_runners(app[DAEMON].scheduler.runner_dir, settings.stop_grace)
     except BaseException:
         close_listeners(listeners)
         raise
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=settings.drain_timeout)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=settings.drain_timeout,
+                           keepalive_timeout=settings.http.keepalive_timeout)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    accept_errors = Throttled(ACCEPT_ERROR_MESSAGE)
+    restore_loop_errors = throttle_accept_errors(loop, accept_errors)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     watchdog: asyncio.Task[None] | None = None
     try:
         await runner.setup()
         for listener in listeners:
-            await web.SockSite(runner, listener.sock).start()
+            # TCP goes through the door (caps, header deadline); the unix socket is trusted and uncounted.
+            if listener.tcp and limits is not None:
+                await DoorSite(runner, listener.sock, limits).start()
+            else:
+                await web.SockSite(runner, listener.sock).start()
             log.info("listening on %s", listener.describe())
         notifier.ready(f"listening on {', '.join(lst.address for lst in listeners)}")
         watchdog = asyncio.create_task(notifier.run(lambda: status_line(app)), name="systemd watchdog")
@@ -347,4 +380,6 @@ async def serve(settings: Settings, app: web.Application | None = None,
         if watchdog is not None:
             watchdog.cancel()
         close_listeners(listeners)
+        restore_loop_errors()
+        accept_errors.close()
         log.info("stopped")
