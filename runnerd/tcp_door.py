@@ -66,7 +66,7 @@ class Throttled:
         self._flush = None
         if self.suppressed:
             self._last = time.monotonic()
-            log.warning("%s: %d more in the last %.0f s", self.what, self.suppressed, self.interval)
+            log.warning("%s: %d more in the last %g s", self.what, self.suppressed, self.interval)
             self.suppressed = 0
 
     def close(self) -> None:

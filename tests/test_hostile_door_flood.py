@@ -263,3 +263,23 @@ def test_accept_errors_on_the_unix_socket_are_one_line_per_interval(make_daemon,
     assert d.http.get("/health", timeout=30).status_code == 200
     lines = d.output().splitlines()
     assert len([line for line in lines if ACCEPT_ERROR in line]) <= 2, lines[-20:]
+
+
+@pytest.mark.anyio
+async def test_a_repeated_warning_is_one_line_and_then_a_count(caplog):
+    import asyncio
+    import logging
+
+    from runnerd.tcp_door import Throttled
+
+    throttled = Throttled("accept failed", interval=0.3)
+    with caplog.at_level(logging.WARNING, logger="runnerd.door"):
+        for _ in range(1000):
+            throttled.note("Too many open files")
+        assert [r.getMessage() for r in caplog.records] == ["accept failed: Too many open files"]
+        for _ in range(100):  # the count comes when the interval is over, with no new event
+            if len(caplog.records) == 2:
+                break
+            await asyncio.sleep(0.05)
+    assert caplog.records[1].getMessage() == "accept failed: 999 more in the last 0.3 s"
+    throttled.close()
