@@ -92,19 +92,24 @@ def throttle_accept_errors(loop: asyncio.AbstractEventLoop, throttled: Throttled
     return lambda: loop.set_exception_handler(previous)
 
 
+# What an unlimited RLIMIT_NOFILE amounts to: the kernel's nr_open, 2^20 by default.
+UNLIMITED_FILES = 1 << 20
+
+
 def raise_fd_limit() -> tuple[int, int]:
-    """Raise the soft RLIMIT_NOFILE to the hard one; returns (before, after)."""
+    """Raise the soft RLIMIT_NOFILE to the hard one; returns (before, after), unlimited as UNLIMITED_FILES."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    # An unlimited hard limit still stops at the kernel's nr_open (2^20 by default).
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
-            return soft, soft
-        return soft, target
-    return soft, soft
+    if soft == resource.RLIM_INFINITY:
+        return UNLIMITED_FILES, UNLIMITED_FILES
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, UNLIMITED_FILES)
+    if soft >= target:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, exc)
+        return soft, soft
+    return soft, target
 
 
 def fd_room(fd_limit: int, reserve: int) -> int:
