@@ -1,5 +1,6 @@
-"""Errors as JSON: OpenAI's shape {"error": {"message", "type", "code", "param"}}, and Ollama's
-{"error": "..."} under /api/ (render_error picks by path)."""
+"""Errors as JSON: OpenAI's shape {"error": {"message", "type", "code", "param"}}, Ollama's
+{"error": "..."} under /api/, and Anthropic's {"type": "error", "error": {"type", "message"}} on the
+Messages routes (render_error picks by path)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,17 @@ _TYPES = {
     409: "conflict_error",
     413: "invalid_request_error",
     501: "not_implemented_error",
+}
+
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
 }
 
 
@@ -49,6 +61,14 @@ class ApiError(Exception):
     def ollama_response(self) -> web.Response:
         """The same error in Ollama's shape, {"error": "..."}, for the /api/ routes its clients call."""
         return web.json_response({"error": self.message}, status=self.status, headers=self.headers)
+
+    def anthropic_body(self) -> dict[str, object]:
+        kind = _ANTHROPIC_TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "api_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+    def anthropic_response(self) -> web.Response:
+        """The same error in Anthropic's shape, for the Messages routes its clients call."""
+        return web.json_response(self.anthropic_body(), status=self.status, headers=self.headers)
 
     def sse_event(self) -> bytes:
         """The same error as a server-sent event, for a stream whose status line is already sent."""
@@ -92,9 +112,18 @@ def internal_error() -> ApiError:
                     type="server_error")
 
 
+def is_anthropic_route(path: str) -> bool:
+    return path.startswith("/anthropic/") or path.endswith(("/v1/messages", "/v1/messages/count_tokens"))
+
+
 def render_error(request: web.Request, exc: ApiError) -> web.Response:
-    # Ollama's clients read a plain string under "error"; everything else speaks OpenAI's shape.
-    return exc.ollama_response() if request.path.startswith("/api/") else exc.response()
+    # Ollama's clients read a plain string under "error", Anthropic's a typed error object; everything else
+    # speaks OpenAI's shape.
+    if request.path.startswith("/api/"):
+        return exc.ollama_response()
+    if is_anthropic_route(request.path):
+        return exc.anthropic_response()
+    return exc.response()
 
 
 def validation_error(exc: ValidationError, what: str, prefix: str | None = None) -> ApiError:
