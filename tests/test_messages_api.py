@@ -1,55 +1,28 @@
 """Anthropic's Messages API through the daemon, with the unmodified `anthropic` SDK and a real llama-server.
 
-Every test runs twice: against a daemon that relays to llama-server's own /v1/messages, and against one
-set to translate Messages through the engine's chat completions (`[apis] translate`), so both paths
-answer the same client the same way. SmolLM2 (an instruct model) answers the semantic checks, the tiny
-random-weights model the shapes.
+Every test runs twice (tests/api_daemons.py): relayed to llama-server's own /v1/messages, and translated
+through its chat completions, so both paths answer the same client the same way.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anthropic
 import httpx
-import httpx2
 import pytest
 
-from tests.conftest import Daemon
-from tests.tinymodels import TOOLS_CHATML, write_tiny_llama
+from tests.api_daemons import WEATHER_SCHEMA, anthropic_client, api_daemon
 
-WEATHER_TOOL = {"name": "get_weather", "description": "The weather in a city",
-                "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+WEATHER_TOOL = {"name": "get_weather", "description": "The weather in a city", "input_schema": WEATHER_SCHEMA}
 ASK = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 
-@pytest.fixture(scope="module", params=["native", "translated"])
-def api_daemon(request: pytest.FixtureRequest, llama_server: Path, tiny_model: Path,
-               smollm2_model: Path) -> Iterator[Daemon]:
-    """`tiny` (shapes), `smollm2` (meaning) and `tools`: the tiny weights with a template that renders
-    tool definitions, so that its prompt token count shows whether they reached the engine."""
-    env = {"RUNNERD_DEFAULT_CONTEXT_SIZE": "2048"}
-    if request.param == "translated":
-        env["RUNNERD_APIS__TRANSLATE"] = '["messages", "responses"]'
-    root = tempfile.mkdtemp(prefix="rd-", dir="/tmp")
-    tools = write_tiny_llama(Path(root) / "tools.gguf", chat_template=TOOLS_CHATML)
-    d = Daemon(Path(root), llama_server, {"tiny": tiny_model, "smollm2": smollm2_model, "tools": tools}, env, [])
-    d.path_kind = request.param  # type: ignore[attr-defined]
-    yield d
-    d.stop()
-    shutil.rmtree(root, ignore_errors=True)
+__all__ = ["api_daemon"]  # the fixture
 
 
-def client(d: Daemon, prefix: str = "") -> anthropic.Anthropic:
-    # The anthropic SDK speaks through httpx2, not httpx.
-    transport = httpx2.HTTPTransport(uds=str(d.socket))
-    return anthropic.Anthropic(base_url=f"http://runnerd{prefix}", api_key="unused", max_retries=0,
-                               http_client=httpx2.Client(transport=transport, timeout=120))
+client = anthropic_client
 
 
 def sse_events(resp: httpx.Response) -> list[tuple[str, dict[str, Any]]]:
@@ -174,10 +147,12 @@ def test_errors_are_in_anthropics_shape(api_daemon):
 
 
 def test_a_client_hanging_up_mid_stream_stops_the_engine(api_daemon):
-    client(api_daemon).messages.create(model="tiny", max_tokens=1, messages=ASK)
-    runner = next(r for r in api_daemon.ps() if r["model"] == "tiny:latest")
+    client(api_daemon).messages.create(model="smollm2", max_tokens=1, messages=ASK)
+    runner = next(r for r in api_daemon.ps() if r["model"] == "smollm2:latest")
     engine = httpx.Client(transport=httpx.HTTPTransport(uds=runner["socket"]), base_url="http://engine")
-    body = {"model": "tiny", "max_tokens": 1500, "messages": ASK, "stream": True, "ignore_eos": True}
+    # A long, deterministic answer: the engine is still generating when the client goes.
+    count = [{"role": "user", "content": "Count from 1 to 1000, one number per line."}]
+    body = {"model": "smollm2", "max_tokens": 2000, "messages": count, "stream": True, "temperature": 0}
     with api_daemon.http.stream("POST", "/v1/messages", json=body) as resp:
         for i, _ in enumerate(resp.iter_lines()):
             if i == 12:

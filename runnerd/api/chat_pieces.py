@@ -88,6 +88,15 @@ def _object(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _finish_reason(choice: dict[str, Any]) -> str | None:
+    reason = choice.get("finish_reason")
+    return reason if isinstance(reason, str) and reason else None
+
+
 def _reasoning(message: dict[str, Any]) -> str:
     value = message.get("reasoning_content") or message.get("reasoning") or ""
     return value if isinstance(value, str) else ""
@@ -98,14 +107,14 @@ def answer_from_completion(body: dict[str, Any]) -> ChatAnswer:
     answer = ChatAnswer(usage=Usage.from_openai(body.get("usage")))
     choices = body.get("choices")
     choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
-    answer.finish_reason = choice.get("finish_reason")
+    answer.finish_reason = _finish_reason(choice)
     message = _object(choice.get("message"))
     if thinking := _reasoning(message):
         answer.pieces.append(Piece(PieceKind.THINKING, thinking))
     content = message.get("content")
     if isinstance(content, str) and content:
         answer.pieces.append(Piece(PieceKind.TEXT, content))
-    for i, call in enumerate(message.get("tool_calls") or []):
+    for i, call in enumerate(_list(message.get("tool_calls"))):
         if not isinstance(call, dict):
             continue
         function = _object(call.get("function"))
@@ -163,8 +172,7 @@ class PieceReader:
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             return []
         choice = choices[0]
-        if choice.get("finish_reason"):
-            self.answer.finish_reason = choice["finish_reason"]
+        self.answer.finish_reason = _finish_reason(choice) or self.answer.finish_reason
         delta = _object(choice.get("delta"))
         changes: list[Change] = []
         if thinking := _reasoning(delta):
@@ -172,7 +180,7 @@ class PieceReader:
         content = delta.get("content")
         if isinstance(content, str) and content:
             changes += self._text(PieceKind.TEXT, content)
-        for call in delta.get("tool_calls") or []:
+        for call in _list(delta.get("tool_calls")):
             if isinstance(call, dict):
                 changes += self._tool(call)
         return changes

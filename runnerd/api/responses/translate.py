@@ -32,10 +32,14 @@ def new_id(prefix: str) -> str:
 
 
 def stored_input(items: list[InputItem]) -> list[dict[str, Any]]:
-    """The request's input items as the input_items route lists them: each with an id."""
+    """The request's input items as the input_items route lists them: each with an id, a message's text
+    as a content part."""
     out = []
     for item in items:
         data = item.model_dump(mode="json", exclude_none=True)
+        if isinstance(item, MessageItem) and isinstance(item.content, str):
+            part = "output_text" if item.role == "assistant" else "input_text"
+            data["content"] = [{"type": part, "text": item.content}]
         data.setdefault("id", new_id("msg" if isinstance(item, MessageItem) else "item"))
         out.append(data)
     return out
