@@ -175,3 +175,13 @@ def test_a_client_hanging_up_mid_stream_stops_the_engine(api_daemon):
                 break
     api_daemon.wait_for(lambda: not any(s["is_processing"] for s in engine.get("/slots").json()), timeout=5,
                         what="engine slot released")
+
+
+def test_the_routes_are_counted_like_chat_completions(api_daemon):
+    client(api_daemon).responses.create(model="tiny", input="hi", max_output_tokens=1)
+    api_daemon.post("/v1/messages", {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]})
+    text = api_daemon.http.get("/metrics").text
+    counted = [line for line in text.splitlines() if line.startswith("runnerd_requests_total{")]
+    for route in ("/v1/responses", "/v1/messages"):
+        assert any(f'route="{route}"' in line and 'model="tiny:latest"' in line and 'status="200"' in line
+                   for line in counted), route
