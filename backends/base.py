@@ -218,7 +218,9 @@ class Api(StrEnum):
     EMBEDDINGS = "embeddings"
     RERANK = "rerank"
     MESSAGES = "messages"  # Anthropic
+    MESSAGES_COUNT_TOKENS = "messages_count_tokens"
     RESPONSES = "responses"  # OpenAI Responses
+    RESPONSES_INPUT_TOKENS = "responses_input_tokens"
 
 
 class BackendState(StrEnum):

@@ -1,11 +1,11 @@
 """Proxy and cold-start overhead of runnerd against llama-server used directly, side by side.
 
-Warm: against the SAME running llama-server (runnerd's runner), N sequential `max_tokens: 1` chat
-completions straight to its socket and through runnerd, interleaved. Cold: first-token time through
-runnerd for an unloaded model, minus llama-server's own spawn-to-ready plus first-token time with
-the same command line.
+Warm: against the SAME running llama-server (runnerd's runner), N sequential one-token requests straight
+to its socket and through runnerd, interleaved, for each route llama-server serves itself: chat
+completions, Anthropic Messages and OpenAI Responses. Cold: first-token time through runnerd for an
+unloaded model, minus llama-server's own spawn-to-ready plus first-token time with the same command line.
 
-    .venv/bin/python bench/proxy.py [--model tiny|gemma] [-n 200] [--cold 5]
+    .venv/bin/python bench/proxy.py [--model tiny|gemma] [-n 200] [--cold 5] [--routes chat,messages,responses]
 """
 
 from __future__ import annotations
@@ -37,6 +37,12 @@ from tests.tinymodels import write_tiny_llama  # noqa: E402
 
 BODY = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 1, "temperature": 0, "ignore_eos": True}
 STREAM_BODY = {**BODY, "stream": True, "max_tokens": 2}
+# route name -> (path on the engine and on runnerd, a one-token request)
+ROUTES: dict[str, tuple[str, dict[str, object]]] = {
+    "chat": ("/v1/chat/completions", BODY),
+    "messages": ("/v1/messages", BODY),
+    "responses": ("/v1/responses", {"input": "hello", "max_output_tokens": 1, "temperature": 0, "ignore_eos": True}),
+}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -83,17 +89,19 @@ def start_daemon(root: Path, model: Path, llama_server: Path) -> tuple[subproces
     raise RuntimeError("runnerd did not start")
 
 
-def warm(daemon: httpx.Client, n: int) -> tuple[list[float], list[float]]:
-    daemon.post("/engines/v1/chat/completions", json={**BODY, "model": "bench"}).raise_for_status()
+def warm(daemon: httpx.Client, n: int, route: str) -> tuple[list[float], list[float]]:
+    path, body = ROUTES[route]
+    proxied_body = {**body, "model": "bench"}
+    daemon.post(path, json=proxied_body).raise_for_status()
     (runner,) = daemon.get("/engines/ps").json()
     direct_c = client(runner["socket"])
     direct, proxied = [], []
     for _ in range(10):  # warm both connection pools and the engine's caches
-        timed_post(direct_c, "/v1/chat/completions", BODY)
-        timed_post(daemon, "/engines/v1/chat/completions", {**BODY, "model": "bench"})
+        timed_post(direct_c, path, body)
+        timed_post(daemon, path, proxied_body)
     for i in range(n):
-        pair = [("direct", lambda: timed_post(direct_c, "/v1/chat/completions", BODY)),
-                ("proxied", lambda: timed_post(daemon, "/engines/v1/chat/completions", {**BODY, "model": "bench"}))]
+        pair = [("direct", lambda: timed_post(direct_c, path, body)),
+                ("proxied", lambda: timed_post(daemon, path, proxied_body))]
         for name, fn in pair if i % 2 == 0 else reversed(pair):
             (direct if name == "direct" else proxied).append(fn())
     direct_c.close()
@@ -140,8 +148,12 @@ def main() -> None:
     parser.add_argument("--model", choices=["tiny", "gemma"], default="tiny")
     parser.add_argument("-n", type=int, default=200)
     parser.add_argument("--cold", type=int, default=5)
+    parser.add_argument("--routes", default=",".join(ROUTES), help="comma-separated: " + ", ".join(ROUTES))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    routes = [r for r in args.routes.split(",") if r]
+    if unknown := set(routes) - set(ROUTES):
+        parser.error(f"unknown route(s): {', '.join(sorted(unknown))}")
 
     backend = LlamaCppBackend(cache_dir=load_settings().cache_dir)
     llama_server = Path(os.environ.get("RUNNERD_LLAMA_SERVER") or backend.binary())
@@ -155,7 +167,7 @@ def main() -> None:
     proc, sock = start_daemon(root, model, llama_server)
     try:
         with client(sock) as daemon:
-            direct, proxied = warm(daemon, args.n)
+            timings = {route: warm(daemon, args.n, route) for route in routes}
             cold_runnerd = [cold_through_runnerd(daemon) for _ in range(args.cold)]
         argv = build_argv(llama_server, root / "direct.sock", ModelRef(name="bench", path=model), Mode.COMPLETION,
                           BackendConfiguration(context_size=2048), LaunchOptions(threads=1))
@@ -165,28 +177,30 @@ def main() -> None:
         proc.wait()
         shutil.rmtree(root, ignore_errors=True)
 
-    med_d, med_p = statistics.median(direct), statistics.median(proxied)
-    result = {
-        "model": args.model, "requests": args.n,
-        "direct_median_ms": med_d, "direct_p99_ms": percentile(direct, 99),
-        "runnerd_median_ms": med_p, "runnerd_p99_ms": percentile(proxied, 99),
-        "median_overhead_ms": med_p - med_d, "ratio": med_p / med_d,
-        "cold_runnerd_first_token_ms": statistics.median(cold_runnerd),
-        "cold_engine_first_token_ms": statistics.median(cold_engine),
-        "cold_overhead_ms": statistics.median(cold_runnerd) - statistics.median(cold_engine),
-    }
+    result: dict[str, object] = {"model": args.model, "requests": args.n}
+    for route, (direct, proxied) in timings.items():
+        med_d, med_p = statistics.median(direct), statistics.median(proxied)
+        result[route] = {"direct_median_ms": med_d, "direct_p99_ms": percentile(direct, 99),
+                         "runnerd_median_ms": med_p, "runnerd_p99_ms": percentile(proxied, 99),
+                         "median_overhead_ms": med_p - med_d, "ratio": med_p / med_d}
+    cold = {"cold_runnerd_first_token_ms": statistics.median(cold_runnerd),
+            "cold_engine_first_token_ms": statistics.median(cold_engine),
+            "cold_overhead_ms": statistics.median(cold_runnerd) - statistics.median(cold_engine)}
+    result.update(cold)
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"warm: {args.n} sequential max_tokens=1 chat completions, interleaved, model={args.model}")
-    print(f"{'path':<10}{'median ms':>12}{'p99 ms':>12}")
-    print(f"{'direct':<10}{med_d:>12.3f}{result['direct_p99_ms']:>12.3f}")
-    print(f"{'runnerd':<10}{med_p:>12.3f}{result['runnerd_p99_ms']:>12.3f}")
-    print(f"median overhead {result['median_overhead_ms']:.3f} ms (target <= 1.5), "
-          f"ratio {result['ratio']:.3f} (target <= 1.05)")
-    print(f"cold start ({args.cold} runs, medians): runnerd first token {result['cold_runnerd_first_token_ms']:.1f} ms,"
-          f" llama-server spawn-to-ready + first token {result['cold_engine_first_token_ms']:.1f} ms, "
-          f"overhead {result['cold_overhead_ms']:.1f} ms (target <= 50)")
+    print(f"warm: {args.n} sequential one-token requests per route, interleaved, model={args.model}")
+    print(f"{'route':<11}{'direct ms':>11}{'p99':>9}{'runnerd ms':>12}{'p99':>9}{'added ms':>10}{'ratio':>8}")
+    for route in timings:
+        r = result[route]
+        assert isinstance(r, dict)
+        print(f"{route:<11}{r['direct_median_ms']:>11.3f}{r['direct_p99_ms']:>9.3f}{r['runnerd_median_ms']:>12.3f}"
+              f"{r['runnerd_p99_ms']:>9.3f}{r['median_overhead_ms']:>10.3f}{r['ratio']:>8.3f}")
+    print("targets: median added <= 1.5 ms, ratio <= 1.05")
+    print(f"cold start ({args.cold} runs, medians): runnerd first token {cold['cold_runnerd_first_token_ms']:.1f} ms,"
+          f" llama-server spawn-to-ready + first token {cold['cold_engine_first_token_ms']:.1f} ms, "
+          f"overhead {cold['cold_overhead_ms']:.1f} ms (target <= 50)")
 
 
 if __name__ == "__main__":

@@ -136,6 +136,20 @@ class StoreSettings(BaseModel):
     retries: int = Field(default=3, ge=0, le=20, description="resumes (HTTP Range) after a dropped connection")
 
 
+class ApiSettings(BaseModel):
+    """The Anthropic Messages and OpenAI Responses routes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    translate: list[Literal["messages", "responses"]] = Field(
+        default_factory=list, description="APIs always translated through the engine's chat completions, even "
+        "for engines that serve them themselves")
+    responses_store_entries: int = Field(default=1000, ge=0, description="responses kept for previous_response_id "
+                                         "(in memory, least recently used dropped first; 0 = none)")
+    responses_store_bytes: ByteSize = Field(default=ByteSize(64 * MiB), ge=0,
+                                            description="memory the stored responses may take")
+
+
 def _env(name: str) -> Path | None:
     value = os.environ.get(name)
     return Path(value.split(":")[0]) if value else None
@@ -211,6 +225,7 @@ class Settings(BaseSettings):
                                        description="browser origins allowed to call the API (runnerd/api/cors.py)")
     store: StoreSettings = Field(default_factory=StoreSettings)
     huggingface: HuggingFaceSettings = Field(default_factory=HuggingFaceSettings)
+    apis: ApiSettings = Field(default_factory=ApiSettings)
 
     @classmethod
     def settings_customise_sources(

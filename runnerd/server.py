@@ -20,8 +20,8 @@ from aiohttp import web
 from backends.base import Backend, ModelRef
 from runnerd import __version__, node_labels
 from runnerd.admission import Budget
+from runnerd.api import anthropic, configure, cors, engines, models, ollama, responses
 from runnerd.api import backends as backend_routes
-from runnerd.api import configure, cors, engines, models, ollama
 from runnerd.api import jobs as job_routes
 from runnerd.api import metrics as metrics_routes
 from runnerd.api import node as node_routes
@@ -144,6 +144,8 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     node_routes.add_routes(app)
     metrics_routes.add_routes(app)
     ollama.add_routes(app)
+    anthropic.add_routes(app)
+    responses.add_routes(app)
     app.on_response_prepare.append(cors.add_headers)
 
     scheduling = HeldOpen(scheduler.running)

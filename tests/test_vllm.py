@@ -24,6 +24,7 @@ from backends.base import Mode
 from backends.vllm import VllmBackend
 from backends.vllm.flags import VLLM_FLAGS
 from runnerd.config import load_settings
+from tests.api_daemons import anthropic_client
 from tests.conftest import ROOT, Daemon
 
 # Part of the normal run (`make test`); the long timeout covers a first install of vLLM (~4 min here)
@@ -171,6 +172,39 @@ def test_auto_tools_without_a_parser_get_a_400_naming_the_fix(vd: Daemon) -> Non
     ok = vd.post("/engines/v1/chat/completions", {"model": "tinyhf", "messages": messages, "tools": tools,
                                                  "tool_choice": "none", "max_tokens": 2})
     assert ok.status_code == 200, ok.text
+
+
+def test_messages_are_relayed_to_vllms_own_implementation(vd: Daemon) -> None:
+    client = anthropic_client(vd)
+    hello = [{"role": "user", "content": "Hello"}]
+    message = client.messages.create(model="tinyhf", max_tokens=6, messages=hello, extra_body={"temperature": 0})
+    assert message.type == "message" and message.model == "tinyhf:latest"
+    assert message.content[0].type == "text" and 0 < message.usage.output_tokens <= 6
+    with client.messages.stream(model="tinyhf", max_tokens=6, messages=hello, extra_body={"temperature": 0}) as s:
+        kinds = [event.type for event in s]
+        streamed = s.get_final_message()
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert streamed.content[0].text == message.content[0].text  # greedy decoding is deterministic
+    counted = client.messages.count_tokens(model="tinyhf", messages=hello).input_tokens
+    assert counted == message.usage.input_tokens
+
+
+def test_responses_are_relayed_to_vllm_with_the_daemons_stored_conversation(vd: Daemon) -> None:
+    client = vd.openai("/v1")
+    first = client.responses.create(model="tinyhf", input="Hello", max_output_tokens=6, temperature=0)
+    assert first.model == "tinyhf:latest" and first.output_text and first.usage is not None
+    with client.responses.stream(model="tinyhf", input="Hello", max_output_tokens=6, temperature=0) as stream:
+        kinds = [event.type for event in stream]
+        streamed = stream.get_final_response()
+    assert kinds[0] == "response.created" and "response.output_text.delta" in kinds
+    assert streamed.output_text == first.output_text
+    second = client.responses.create(model="tinyhf", input="And again", previous_response_id=first.id,
+                                     max_output_tokens=6, temperature=0)
+    assert second.usage is not None and second.usage.input_tokens > first.usage.input_tokens + 2
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    # vLLM has no input_tokens route: a clear 501 rather than its 404.
+    resp = vd.post("/v1/responses/input_tokens", {"model": "tinyhf", "input": "Hello"})
+    assert resp.status_code == 501 and resp.json()["error"]["code"] == "capability_not_supported"
 
 
 def test_sigterm_of_the_daemon_leaves_no_vllm_process(vd: Daemon) -> None:

@@ -181,7 +181,9 @@ class VllmBackend(Backend):
     # A `vllm` executable or a Python interpreter that can import vllm.
     settings_env = {"RUNNERD_VLLM": "python"}
     sampling_dialect = VLLM_SAMPLING
-    native_apis = frozenset({Api.CHAT_COMPLETIONS, Api.COMPLETIONS, Api.EMBEDDINGS, Api.RERANK, Api.RESPONSES})
+    # vLLM 0.32's server routes (its api_router modules); it has no /v1/responses/input_tokens.
+    native_apis = frozenset({Api.CHAT_COMPLETIONS, Api.COMPLETIONS, Api.EMBEDDINGS, Api.RERANK, Api.MESSAGES,
+                             Api.MESSAGES_COUNT_TOKENS, Api.RESPONSES})
     # vLLM refuses a request whose `model` is not its --served-model-name (the daemon rewrites it).
     checks_model_name = True
 

@@ -26,7 +26,8 @@ _TYPES = {
 }
 
 
-# Anthropic's error types by status (https://docs.anthropic.com/en/api/errors); anything else is api_error.
+# Anthropic's error types by status (https://docs.anthropic.com/en/api/errors); another client error is an
+# invalid_request_error, another server error an api_error.
 ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -70,7 +71,8 @@ class ApiError(Exception):
 
     def anthropic_response(self) -> web.Response:
         """The same error in Anthropic's shape, for the Messages API routes its clients call."""
-        body = {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(self.status, "api_error"),
+        fallback = "invalid_request_error" if self.status < 500 else "api_error"
+        body = {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(self.status, fallback),
                                            "message": self.message}}
         return web.json_response(body, status=self.status, headers=self.headers)
 

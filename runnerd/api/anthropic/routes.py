@@ -1,0 +1,118 @@
+"""Anthropic's Messages API: `POST /v1/messages` and `/v1/messages/count_tokens`, relayed to an engine that
+serves it, otherwise translated through the engine's chat completions (translate.py). Errors, before and
+during a stream, are in Anthropic's shape (runnerd/api/errors.py picks it by path)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from aiohttp import web
+
+from backends.base import Api
+from runnerd.api.anthropic import translate as tr
+from runnerd.api.anthropic.schema import CountTokensRequest, MessagesRequest
+from runnerd.api.chat_pieces import PieceReader, answer_from_completion
+from runnerd.api.engines import read_json_body
+from runnerd.api.errors import ApiError, parse_body
+from runnerd.api.leased import (
+    Leased,
+    is_stream_error,
+    lease_for,
+    needed_capabilities,
+    prepend,
+    sse_event,
+    start_sse,
+)
+from runnerd.proxy import call_engine, engine_events
+from runnerd.sse import error_text
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    payload = await read_json_body(request)
+    req = parse_body(MessagesRequest, payload, "Messages request")
+    leased = await lease_for(request, payload, needed_capabilities(stream=req.stream, tools=bool(req.tools)),
+                             Api.MESSAGES)
+    try:
+        if leased.native:
+            if req.stream:
+                return await _relay_stream(request, leased, payload)
+            answer = await call_engine(leased.runner, "/v1/messages", payload)
+            answer["model"] = leased.model.name
+            return web.json_response(answer)
+        body = tr.chat_body(req, leased)
+        if req.stream:
+            return await _translate_stream(request, leased, body)
+        completion = await call_engine(leased.runner, "/v1/chat/completions", body)
+        return web.json_response(tr.message(answer_from_completion(completion), leased.model.name, tr.message_id()))
+    finally:
+        leased.lease.release()
+
+
+async def _relay_stream(request: web.Request, leased: Leased, payload: dict[str, Any]) -> web.StreamResponse:
+    """The engine's own event sequence, with the daemon's model name and a ping after message_start.
+    llama-server leaves message_start out when the whole prompt came from its cache; the SDKs refuse a
+    stream without it, so one is put first."""
+    started = False
+    async with contextlib.aclosing(engine_events(leased.runner, "/v1/messages", payload)) as events:
+        first = await anext(events, None)  # an engine refusal still gets a real status line
+        response = await start_sse(request)
+        async for event in prepend(first, events):
+            if is_stream_error(event):
+                await response.write(tr.error_event("api_error", error_text(event)))
+                break
+            kind = str(event.get("type") or "")
+            if kind == "message_start" and isinstance(event.get("message"), dict):
+                event["message"]["model"] = leased.model.name
+                await response.write(sse_event(kind, event) + sse_event("ping", {"type": "ping"}))
+            elif not started:
+                await response.write(tr.MessageStream(leased.model.name).start() + sse_event(kind, event))
+            else:
+                await response.write(sse_event(kind, event))
+            started = True
+    await response.write_eof()
+    return response
+
+
+async def _translate_stream(request: web.Request, leased: Leased, body: dict[str, Any]) -> web.StreamResponse:
+    stream = tr.MessageStream(leased.model.name)
+    reader = PieceReader()
+    async with contextlib.aclosing(engine_events(leased.runner, "/v1/chat/completions", body)) as chunks:
+        first = await anext(chunks, None)
+        response = await start_sse(request)
+        await response.write(stream.start())
+        async for chunk in prepend(first, chunks):
+            if is_stream_error(chunk):
+                await response.write(tr.error_event("api_error", error_text(chunk)))
+                await response.write_eof()
+                return response
+            await response.write(stream.changes(reader.feed(chunk)))
+    await response.write(stream.finish(reader.answer))
+    await response.write_eof()
+    return response
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    payload = await read_json_body(request)
+    parse_body(CountTokensRequest, payload, "count_tokens request")
+    leased = await lease_for(request, payload, needed_capabilities(stream=False, tools=False), Api.MESSAGES)
+    try:
+        if not leased.native or Api.MESSAGES_COUNT_TOKENS not in leased.backend.native_apis:
+            raise ApiError(501, f"backend {leased.backend.name} cannot count the tokens of a Messages request "
+                                f"for {leased.model.name}", code="capability_not_supported")
+        answer = await call_engine(leased.runner, "/v1/messages/count_tokens", payload)
+    finally:
+        leased.lease.release()
+    tokens = answer.get("input_tokens")
+    if not isinstance(tokens, int):
+        raise ApiError(502, f"the engine serving {leased.model.name} did not say how many tokens the request has")
+    return web.json_response({"input_tokens": tokens})
+
+
+PREFIXES = ("", "/engines", "/engines/{backend}", "/anthropic")
+
+
+def add_routes(app: web.Application) -> None:
+    for prefix in PREFIXES:
+        app.router.add_post(prefix + "/v1/messages", messages)
+        app.router.add_post(prefix + "/v1/messages/count_tokens", count_tokens)
