@@ -7,10 +7,12 @@ through its chat completions, so both paths answer the same client the same way.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import anthropic
 import httpx
+import openai
 import pytest
 
 from tests.api_daemons import WEATHER_SCHEMA, anthropic_client, api_daemon
@@ -160,3 +162,23 @@ def test_a_client_hanging_up_mid_stream_stops_the_engine(api_daemon):
                 break
     api_daemon.wait_for(lambda: not any(s["is_processing"] for s in engine.get("/slots").json()), timeout=5,
                         what="engine slot released")
+
+
+def test_over_tcp_the_sdks_authenticate_their_own_way(make_daemon, tiny_model, tmp_path):
+    """Claude Code and the anthropic SDK send the key as x-api-key, the openai SDK as a bearer token."""
+    token = tmp_path / "token"
+    token.write_text("s3cret-for-agents\n")
+    d = make_daemon({"tiny": tiny_model}, args=["--listen", "127.0.0.1:0", "--token-file", str(token)])
+    port = re.search(r"listening on tcp:127\.0\.0\.1:(\d+)", d.output())
+    assert port is not None, d.output()
+    url = f"http://127.0.0.1:{port.group(1)}"
+    claude = anthropic.Anthropic(base_url=url, api_key="s3cret-for-agents", max_retries=0)
+    message = claude.messages.create(model="tiny", max_tokens=2, messages=ASK)
+    assert message.type == "message" and message.usage.output_tokens > 0
+    response = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret-for-agents", max_retries=0).responses.create(
+        model="tiny", input="hi", max_output_tokens=2)
+    assert response.status in ("completed", "incomplete")
+    with pytest.raises(anthropic.AuthenticationError) as refused:
+        anthropic.Anthropic(base_url=url, api_key="wrong", max_retries=0).messages.create(
+            model="tiny", max_tokens=2, messages=ASK)
+    assert refused.value.body["type"] == "error" and refused.value.body["error"]["type"] == "authentication_error"

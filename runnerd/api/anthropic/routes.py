@@ -12,8 +12,8 @@ from aiohttp import web
 from backends.base import Api
 from runnerd.api.anthropic import translate as tr
 from runnerd.api.anthropic.schema import CountTokensRequest, MessagesRequest
+from runnerd.api.body import read_json_body
 from runnerd.api.chat_pieces import PieceReader, answer_from_completion
-from runnerd.api.engines import read_json_body
 from runnerd.api.errors import ApiError, parse_body
 from runnerd.api.leased import (
     Leased,

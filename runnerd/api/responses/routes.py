@@ -12,9 +12,9 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from backends.base import Api
+from runnerd.api.body import read_json_body
 from runnerd.api.chat_pieces import PieceReader, answer_from_completion
 from runnerd.api.context import DAEMON
-from runnerd.api.engines import read_json_body
 from runnerd.api.errors import ApiError, parse_body, validation_error
 from runnerd.api.leased import Leased, is_stream_error, lease_for, needed_capabilities, prepend, start_sse
 from runnerd.api.responses import translate as tr
