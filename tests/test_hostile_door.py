@@ -192,7 +192,7 @@ async def test_refusals_on_anthropic_paths_take_anthropics_shape(tcp, path):
 @pytest.mark.parametrize(("status", "kind"), [
     (400, "invalid_request_error"), (401, "authentication_error"), (403, "permission_error"),
     (404, "not_found_error"), (413, "request_too_large"), (429, "rate_limit_error"), (500, "api_error"),
-    (503, "overloaded_error"), (529, "overloaded_error"), (502, "api_error"), (409, "api_error"),
+    (503, "overloaded_error"), (529, "overloaded_error"), (502, "api_error"), (409, "invalid_request_error"),
 ])
 def test_anthropic_error_types(status, kind):
     resp = ApiError(status, "why").anthropic_response()
