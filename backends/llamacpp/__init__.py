@@ -277,6 +277,8 @@ class LlamaCppBackend(Backend):
         settings = settings_from_config(mode, config, self.launch.default_context_size, self.launch.use_gpu,
                                         gpu_layers=self.launch.gpu_layers, gpus=self._visible_gpus(),
                                         cache_ram_mib=cache_ram, draft=draft)
+        # Admission counts the prompt cache's whole budget: it fills as prompts change, up to what was set.
+        settings = settings.model_copy(update={"count_prompt_cache": True})
         if model.mmproj is not None:
             try:
                 settings = settings.model_copy(update={"mmproj": cached_header(model.mmproj)})
