@@ -6,9 +6,10 @@ import asyncio
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -50,6 +51,7 @@ from backends.llamacpp.install import (
 )
 from backends.llamacpp.memory import GpuDevice, estimate, offload_devices, settings_from_config
 from backends.llamacpp.options import OPTIONS_KEY, LlamaCppOptions, LlamaCppSettings
+from backends.llamacpp.requests import answer_size_problem
 from backends.llamacpp.templates import fallback_chat_template
 from backends.process import run_process
 
@@ -233,6 +235,11 @@ class LlamaCppBackend(Backend):
     def configuration_problem(self, model: ModelRef, mode: Mode, config: BackendConfiguration) -> str | None:
         context = config.context_size or self.launch.default_context_size
         return slots_problem(LLAMACPP_FLAGS.values(config.runtime_flags, strict=False), context)
+
+    def request_problem(self, model: ModelRef, config: BackendConfiguration,
+                        payload: Mapping[str, Any]) -> str | None:
+        """Fields that would multiply the size of llama-server's answer (backends/llamacpp/requests.py)."""
+        return answer_size_problem(payload)
 
     def default_chat_template(self, model: ModelRef) -> str | None:
         try:
