@@ -126,3 +126,20 @@ def test_fields_that_multiply_the_answer_are_bounded(daemon):
                                          "options": {"num_predict": 2**40}})
     assert resp.status_code == 400 and "options.num_predict" in resp.json()["error"], resp.text
     assert configurations(daemon) == []
+
+
+@pytest.mark.engine
+def test_unloading_a_model_while_configure_preloads_it_leaves_the_daemon_serving(make_daemon, tiny_model):
+    # Each configure preloads in the background; an unload that lands while the engine loads stops it.
+    # That stop must fail the load alone, never the scheduler's background work as a whole.
+    d = make_daemon({"tiny": tiny_model})
+    for size in (512, 768, 1024, 1280, 1536):
+        resp = d.post("/engines/_configure", {"model": "tiny", "context_size": size})
+        # 409 when the previous preload's engine is still loading: it counts as a request being served.
+        assert resp.status_code in (202, 409), resp.text
+        assert d.post("/engines/unload", {"all": True}).status_code == 200
+    resp = d.post("/engines/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2})
+    assert resp.status_code == 200, resp.text
+    d.wait_for(lambda: [r["state"] for r in d.ps()] == ["idle"], what="an idle runner")
+    assert d.post("/engines/_configure", {"model": "tiny", "context_size": 512}).status_code == 202
+    assert "scheduler is not running" not in d.output()
