@@ -64,8 +64,8 @@ def test_a_num_ctx_that_cannot_fit_is_refused_and_leaves_the_model_serving(make_
 def test_configure_refuses_what_the_engine_or_host_cannot_take(daemon):
     cpus = len(os.sched_getaffinity(0))
     cases = [
-        # llama-server reads it with std::stoi and exits at startup.
-        ({"llamacpp": {"reasoning_budget": 2**70}}, "llamacpp.reasoning_budget", "less than or equal to 2147483647"),
+        # llama-server reads it with std::stoi and exits at startup (2^70 is refused as JSON at the door).
+        ({"llamacpp": {"reasoning_budget": 2**40}}, "llamacpp.reasoning_budget", "less than or equal to 2147483647"),
         ({"runtime_flags": ["--cpu-range", "0-999"]}, "runtime_flags", f"this host has CPUs 0-{os.cpu_count() - 1}"),
         ({"runtime_flags": ["--cpu-mask", "0x" + "f" * 64]}, "runtime_flags", "the mask selects CPU 255"),
         ({"raw_runtime_flags": "--cpu-range-batch 3-1"}, "raw_runtime_flags", "from a lower to a higher"),
