@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
@@ -274,6 +275,15 @@ def _no_gpus() -> Sequence[HostGpu]:
     return ()
 
 
+def host_cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask where the platform has one): what an engine
+    it starts inherits."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class EngineContext(BaseModel):
     """What the daemon tells every backend it builds: where its files go and the daemon-wide defaults."""
 
@@ -284,6 +294,7 @@ class EngineContext(BaseModel):
     stop_grace: float = 5.0
     gpu_count: int = 0
     gpus: GpuProvider = _no_gpus  # called when a backend needs the GPUs now (free memory changes)
+    cpu_count: int = Field(default_factory=host_cpu_count, ge=1)
 
 
 class NoOptions(BaseModel):
@@ -368,6 +379,12 @@ class Backend(ABC):
     def request_problem(self, model: ModelRef, config: BackendConfiguration,
                         payload: Mapping[str, Any]) -> str | None:
         """Why the engine, run with `config`, would accept this request but answer it wrongly."""
+        return None
+
+    def configuration_problem(self, model: ModelRef, mode: Mode, config: BackendConfiguration) -> str | None:
+        """Why a runner started with `config` (the effective one: defaults, stored and new parts merged)
+        would fail or overload the host, for what no single flag or option shows on its own (slots
+        against the context, say); None when nothing is wrong. Asked before a configuration is stored."""
         return None
 
     def validate_flags(self, flags: Sequence[str]) -> list[str]:

@@ -214,6 +214,11 @@ async def wait_until_ready(
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
         while True:
             if process_task.done():
+                if process_task.cancelled():
+                    # Stopped (unloaded, reconfigured) while loading: this load failed. Its CancelledError
+                    # would instead cancel whoever waits here, and the task group that runs the wait.
+                    raise RunnerError("the engine was stopped before it was ready", reason="stopped",
+                                      tail=list(output.tail))
                 process_task.result()  # raises the engine's error
                 raise RunnerError("the engine exited before it was ready", reason="exited",
                                   tail=list(output.tail))

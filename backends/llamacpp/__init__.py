@@ -6,9 +6,10 @@ import asyncio
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -30,6 +31,7 @@ from backends.base import (
     ProgressCallback,
     RunnerError,
     RunnerOutput,
+    host_cpu_count,
 )
 from backends.endpoint import Endpoint
 from backends.flags import FlagError
@@ -38,6 +40,7 @@ from backends.gpus import cuda_visible
 from backends.llamacpp.argv import LaunchOptions, build_argv, build_env
 from backends.llamacpp.errors import LLAMACPP_EXIT_PATTERNS
 from backends.llamacpp.flags import LLAMACPP_FLAGS
+from backends.llamacpp.host_limits import HostLimits, check_host_flags, slots_problem
 from backends.llamacpp.install import (
     SOURCE_VERSION,
     build_key,
@@ -48,6 +51,7 @@ from backends.llamacpp.install import (
 )
 from backends.llamacpp.memory import GpuDevice, estimate, offload_devices, settings_from_config
 from backends.llamacpp.options import OPTIONS_KEY, LlamaCppOptions, LlamaCppSettings
+from backends.llamacpp.requests import answer_size_problem
 from backends.llamacpp.templates import fallback_chat_template
 from backends.process import run_process
 
@@ -101,7 +105,8 @@ class LlamaCppBackend(Backend):
                                prompt_cache_mib=settings.prompt_cache_mib)
         gpus = context.gpus
         return cls(cache_dir=context.cache_dir, binary=settings.server, launch=launch, cuda=cuda,
-                   stop_grace=context.stop_grace, gpus=(lambda: visible_devices(gpus())) if launch.use_gpu else None)
+                   stop_grace=context.stop_grace, gpus=(lambda: visible_devices(gpus())) if launch.use_gpu else None,
+                   host=HostLimits.of_host(context.cpu_count))
 
     def __init__(
         self,
@@ -113,9 +118,11 @@ class LlamaCppBackend(Backend):
         stop_grace: float = 5.0,
         source_version: str = SOURCE_VERSION,
         gpus: GpuProvider | None = None,
+        host: HostLimits | None = None,
     ) -> None:
         self.cache_dir = cache_dir
         self.gpus = gpus
+        self.host = host or HostLimits.of_host(host_cpu_count())
         self.explicit_binary = binary
         self.launch = launch or LaunchOptions()
         self.cuda = cuda
@@ -216,6 +223,24 @@ class LlamaCppBackend(Backend):
         if config.speculative is not None:
             config.speculative.usable_draft(self.name, self.model_formats)
 
+    # --- configuration and requests ------------------------------------------------------------
+
+    def validate_flags(self, flags: Sequence[str]) -> list[str]:
+        """The flag table's checks, then this host's bounds (threads and CPU placement by its CPUs, slots;
+        see backends/llamacpp/host_limits.py)."""
+        validated = LLAMACPP_FLAGS.validate(list(flags))
+        check_host_flags(LLAMACPP_FLAGS, validated, self.host)
+        return validated
+
+    def configuration_problem(self, model: ModelRef, mode: Mode, config: BackendConfiguration) -> str | None:
+        context = config.context_size or self.launch.default_context_size
+        return slots_problem(LLAMACPP_FLAGS.values(config.runtime_flags, strict=False), context)
+
+    def request_problem(self, model: ModelRef, config: BackendConfiguration,
+                        payload: Mapping[str, Any]) -> str | None:
+        """Fields that would multiply the size of llama-server's answer (backends/llamacpp/requests.py)."""
+        return answer_size_problem(payload)
+
     def default_chat_template(self, model: ModelRef) -> str | None:
         try:
             header = cached_header(model.path)
@@ -232,9 +257,12 @@ class LlamaCppBackend(Backend):
         binary = self.binary()
         try:
             # Checked again here, not only at configure time: a stored configuration may be old or hand-edited.
-            LLAMACPP_FLAGS.validate(config.runtime_flags)
+            self.validate_flags(config.runtime_flags)
         except FlagError as exc:
             raise RunnerError(str(exc), reason="bad_flag") from exc
+        problem = self.configuration_problem(model, mode, config)
+        if problem is not None:
+            raise RunnerError(problem, reason="bad_config")
         traits = await asyncio.to_thread(model_traits, model.path)
         argv = build_argv(binary, socket_path, model, mode, config, self.launch,
                           pooling_in_file=traits.pooling_in_file, chat_template=traits.fallback_template)
@@ -256,6 +284,8 @@ class LlamaCppBackend(Backend):
         settings = settings_from_config(mode, config, self.launch.default_context_size, self.launch.use_gpu,
                                         gpu_layers=self.launch.gpu_layers, gpus=self._visible_gpus(),
                                         cache_ram_mib=cache_ram, draft=draft)
+        # Admission counts the prompt cache's whole budget: it fills as prompts change, up to what was set.
+        settings = settings.model_copy(update={"count_prompt_cache": True})
         if model.mmproj is not None:
             try:
                 settings = settings.model_copy(update={"mmproj": cached_header(model.mmproj)})

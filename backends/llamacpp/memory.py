@@ -35,7 +35,8 @@ for a runner started with runnerd's command line (backends/llamacpp/argv.py), te
   (bench/memory.py --calibration; figures and command in tests/fixtures/memory_measured.json).
 
 Not counted, and said so in the notes: what llama-server adds later as it is used (its prompt cache,
---cache-ram, 8 GiB by default; checkpoints of sliding-window or recurrent state; compute pages touched
+--cache-ram, 8 GiB by default, unless `count_prompt_cache` asks for its whole budget, as runnerd's
+backend does for admission; checkpoints of sliding-window or recurrent state; compute pages touched
 by long prompts). Measured on this host, the estimate is within 2.5 % of the resident memory after a
 warm-up request on every recorded row (81 rows: Gemma 3 270M and generated models, 2k-32k context,
 f16/q8_0 cache, 1 slot, llama-server's automatic 4 slots with one unified cache, an explicit -np 4
@@ -212,6 +213,10 @@ class LlamaCppMemorySettings(BaseModel):
     mmproj: GGUFHeader | None = None  # multimodal projector, when the runner loads one
     draft: GGUFHeader | None = None  # draft model for speculative decoding
     cache_ram_mib: int = 8192  # --cache-ram: llama-server's prompt cache limit (-1: none, 0: off)
+    # Count the prompt cache's whole budget in RAM: what admission needs, since the cache fills as prompts
+    # change and a caller may ask for up to 1 TiB of it. Off, it is only noted (the calibration measures
+    # memory after a warm-up request, before the cache holds anything).
+    count_prompt_cache: bool = False
     cpu_compute: Literal["resident", "reserved"] = "resident"
 
     @field_validator("cache_type_k", "cache_type_v")
@@ -734,6 +739,7 @@ def _add_model(ledger: _Ledger, header: GGUFHeader, s: LlamaCppMemorySettings, *
         notes.append("the context is larger than the model's training context: slots are capped to it, "
                      "the KV cache is not")
     if primary:
+        notes += _add_prompt_cache(ledger, plan, s)
         notes += _growth_notes(shape, plan, s)
     else:
         notes.append("draft model included (its own weights, KV cache and compute buffers)")
@@ -746,7 +752,7 @@ def _add_model(ledger: _Ledger, header: GGUFHeader, s: LlamaCppMemorySettings, *
 def _growth_notes(shape: ModelShape, plan: ContextPlan, s: LlamaCppMemorySettings) -> list[str]:
     """Memory llama-server takes later, as it is used, that the estimate does not count."""
     notes = []
-    if s.cache_ram_mib != 0 and not plan.embeddings:
+    if s.cache_ram_mib != 0 and not plan.embeddings and not _prompt_cache_counted(plan, s):
         limit = "without limit" if s.cache_ram_mib < 0 else f"up to {s.cache_ram_mib} MiB"
         notes.append(f"llama-server's prompt cache (--cache-ram) can take {limit} more as slots change prompts")
     # tools/server/server-context.cpp: SWA and recurrent state cannot be rolled back, so the server keeps
@@ -760,6 +766,18 @@ def _growth_notes(shape: ModelShape, plan: ContextPlan, s: LlamaCppMemorySetting
         notes.append(f"context checkpoints of the sliding-window/recurrent state take {per_seq / MiB:.1f} MiB each, "
                      "kept per slot as conversations grow")
     return notes
+
+
+def _prompt_cache_counted(plan: ContextPlan, s: LlamaCppMemorySettings) -> bool:
+    return s.count_prompt_cache and s.cache_ram_mib > 0 and not plan.embeddings
+
+
+def _add_prompt_cache(ledger: _Ledger, plan: ContextPlan, s: LlamaCppMemorySettings) -> list[str]:
+    """llama-server's prompt cache (--cache-ram) in host RAM, at its full budget, when asked to count it."""
+    if not _prompt_cache_counted(plan, s):
+        return []
+    ledger.add(CPU, "overhead", s.cache_ram_mib * MiB)
+    return [f"includes llama-server's prompt cache (--cache-ram) at its limit, {s.cache_ram_mib} MiB of RAM"]
 
 
 def _add_weights(ledger: _Ledger, header: GGUFHeader, shape: ModelShape, place: Placement,

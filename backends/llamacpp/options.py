@@ -30,7 +30,8 @@ class LlamaCppOptions(BaseModel):
 
     model_config = KEBAB_CASE_TOO | ConfigDict(extra="forbid")
 
-    reasoning_budget: int | None = Field(default=None, ge=-1)
+    # llama-server reads it with std::stoi: a value beyond a 32-bit int makes it exit at startup.
+    reasoning_budget: int | None = Field(default=None, ge=-1, le=2**31 - 1)
 
 
 def llamacpp_options(config: BackendConfiguration) -> LlamaCppOptions:

@@ -10,7 +10,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from backends.base import (
     ProgressCallback,
     RunnerError,
     RunnerOutput,
+    host_cpu_count,
 )
 from backends.endpoint import Endpoint
 from backends.flags import FlagError
@@ -41,6 +42,7 @@ from backends.gpus import cuda_visible
 from backends.process import ExitPatterns, run_process
 from backends.vllm.argv import VllmLaunch, build_argv, build_env, write_site
 from backends.vllm.flags import VLLM_FLAGS
+from backends.vllm.host_limits import VllmHostLimits, check_host_flags
 from backends.vllm.install import (
     InstallPlan,
     default_plan,
@@ -192,6 +194,7 @@ class VllmBackend(Backend):
         assert isinstance(settings, VllmSettings)
         use_gpu = settings.device == "cuda" or (settings.device == "auto" and context.gpu_count > 0)
         gpu_total = None
+        seen = []
         if use_gpu:
             # The first GPU vLLM sees is the one it runs on (one GPU per runner).
             seen = cuda_visible(context.gpus(), os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -202,8 +205,9 @@ class VllmBackend(Backend):
                             kv_cache_sequences=settings.kv_cache_sequences, enforce_eager=settings.enforce_eager,
                             cache_root=context.cache_dir / "vllm" / "cache")
         plan = default_plan(use_gpu, package=settings.package, version=settings.version, torch=settings.torch)
+        host = VllmHostLimits(gpus=len(seen) or (context.gpu_count if use_gpu else 0), cpus=context.cpu_count)
         return cls(cache_dir=context.cache_dir, python=settings.python, launch=launch, plan=plan,
-                   stop_grace=context.stop_grace, gpu_total=gpu_total)
+                   stop_grace=context.stop_grace, gpu_total=gpu_total, host=host)
 
     def __init__(
         self,
@@ -214,6 +218,7 @@ class VllmBackend(Backend):
         plan: InstallPlan | None = None,
         stop_grace: float = 5.0,
         gpu_total: int | None = None,
+        host: VllmHostLimits | None = None,
     ) -> None:
         self.cache_dir = cache_dir
         self.explicit = python
@@ -222,6 +227,7 @@ class VllmBackend(Backend):
         self.stop_grace = stop_grace
         # Total memory of the GPU vLLM runs on (GPU hosts only): the base of gpu_memory_utilization.
         self.gpu_total = gpu_total if self.launch.use_gpu else None
+        self.host = host or VllmHostLimits(gpus=1 if self.launch.use_gpu else 0, cpus=host_cpu_count())
         self._installing: str | None = None
         self._error: str | None = None
         self._versions: dict[tuple[Path, int], str | None] = {}
@@ -327,6 +333,12 @@ class VllmBackend(Backend):
             scorer = False
         return self.capabilities if scorer else self.capabilities - {Capability.RERANK}
 
+    def validate_flags(self, flags: Sequence[str]) -> list[str]:
+        """The flag table's checks, then this host's bounds on counts (backends/vllm/host_limits.py)."""
+        validated = VLLM_FLAGS.validate(list(flags))
+        check_host_flags(VLLM_FLAGS, validated, self.host)
+        return validated
+
     def request_problem(self, model: ModelRef, config: BackendConfiguration,
                         payload: Mapping[str, Any]) -> str | None:
         """Why vLLM run with `config` would answer this request wrongly (see backends/vllm/requests.py)."""
@@ -381,6 +393,7 @@ class VllmBackend(Backend):
         try:
             # Checked again here, not only at configure time: a stored configuration may be old or hand-edited.
             flags = VLLM_FLAGS.values(config.runtime_flags)  # validates as VLLM_FLAGS.validate does
+            check_host_flags(VLLM_FLAGS, config.runtime_flags, self.host)
             options = self.options(config)  # a RunnerError when the stored options fail today's checks
             overrides = validate_hf_overrides(options.hf_overrides) if options.hf_overrides is not None else None
         except FlagError as exc:

@@ -1,7 +1,8 @@
 """POST/GET/DELETE /engines[/{backend}]/_configure: per-model engine configuration.
 
-Everything is validated before anything is stored; a stored change restarts the model's idle
-runner and preloads it in the background.
+Everything is validated before anything is stored, the whole configuration too: one the engine
+could not run, or that could never fit the host, is refused (runnerd/api/fit.py). A stored change
+restarts the model's idle runner and preloads it in the background.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from backends.flags import FlagError, split_raw_flags
 from runnerd.api.context import Daemon, daemon
 from runnerd.api.engines import choose_backend, find_model, read_json_body
 from runnerd.api.errors import ApiError, validation_error
+from runnerd.api.fit import refuse_unfit
 from runnerd.configs import StoredConfiguration, effective_configuration
 from runnerd.durations import parse_keep_alive
 from runnerd.scheduler import RunnerKey
@@ -156,6 +158,7 @@ async def configure(request: web.Request) -> web.Response:
                                updated_at=time.time())
     # Compared with the running configuration, which was built with the draft resolved.
     new = effective_configuration(model.config, d.configs.resolved(item))
+    await refuse_unfit(d, backend, model, spec.mode, new, param=_sizing_param(spec))
     key = RunnerKey(backend.name, model.name, spec.mode)
     runner = d.scheduler.runner(key)
     restart = runner is not None and runner.config != new
@@ -168,6 +171,13 @@ async def configure(request: web.Request) -> web.Response:
     if not d.scheduler.draining:  # a draining node loads nothing new: the configuration applies at the next load
         d.scheduler.spawn(_preload, d, key, model, new)
     return web.json_response(_shown(item, restarted=restart), status=202)
+
+
+def _sizing_param(spec: ConfigureRequest) -> str:
+    """The part of the request a configuration that cannot run or fit is blamed on."""
+    if spec.context_size is not None:
+        return "context_size"
+    return "raw_runtime_flags" if spec.raw_runtime_flags is not None else "runtime_flags"
 
 
 def _shown(item: StoredConfiguration, **extra: Any) -> dict[str, Any]:

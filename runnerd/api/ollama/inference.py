@@ -6,12 +6,16 @@ engine's option names) and its answer back into Ollama's objects, streamed as ND
 `options.num_ctx` is a load-time setting: it is stored as the model's configured context size for
 that mode (what `POST /engines/_configure` stores), so it outlives the request, as a Modelfile
 parameter would; an idle runner with another context is restarted, a busy one keeps serving and the
-new size applies at its next start.
+new size applies at its next start. Before it is stored it is capped at the model's training context
+(as Ollama caps it) and checked to fit the host (runnerd/api/fit.py): a size that could never fit is
+a 400 for that request alone, and the stored configuration stays as it was.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -20,9 +24,11 @@ from aiohttp import web
 from pydantic import Field
 
 from backends.base import Backend, BackendConfiguration, Capability, Mode
+from backends.formats import FORMAT_ERRORS
 from runnerd.api.context import Daemon, daemon
 from runnerd.api.engines import check_capabilities, check_request, choose_backend, lease_runner
 from runnerd.api.errors import ApiError
+from runnerd.api.fit import refuse_unfit
 from runnerd.api.ollama import translate as tr
 from runnerd.api.ollama.common import ModelRequest, lookup_model, ndjson_line, read_body, start_ndjson
 from runnerd.configs import StoredConfiguration, effective_configuration
@@ -33,7 +39,10 @@ from runnerd.scheduler import UNSET, Lease, RunnerKey, Unset
 from runnerd.sse import error_text
 from runnerd.store import ModelEntry
 
+log = logging.getLogger("runnerd.ollama")
+
 _R = TypeVar("_R")
+_UNREADABLE: tuple[type[Exception], ...] = (*FORMAT_ERRORS, OSError)
 KeepAliveValue = str | int | float | None
 
 
@@ -93,18 +102,38 @@ def _translated(fn: Callable[..., _R], *args: Any) -> _R:
 # ---------------------------------------------------------------- leasing a runner
 
 
-def _configuration(d: Daemon, backend: Backend, model: ModelEntry, mode: Mode, num_ctx: int | None) -> \
+async def _trained_context(backend: Backend, model: ModelEntry) -> int | None:
+    """The context the model was trained for, from its header; None when the header does not say."""
+    try:
+        summary = await asyncio.to_thread(backend.describe, model.ref())
+    except _UNREADABLE:
+        return None
+    return summary.context_length if summary.context_length and summary.context_length > 0 else None
+
+
+async def _configuration(d: Daemon, backend: Backend, model: ModelEntry, mode: Mode, num_ctx: int | None) -> \
         BackendConfiguration:
-    """The effective configuration, after storing `num_ctx` as the model's context size when it changes."""
+    """The effective configuration, after storing `num_ctx` as the model's context size when it changes
+    (capped at the training context, and only when the result can fit the host)."""
     stored = d.configs.get(model.name, mode)
     config = effective_configuration(model.config, stored)
     if num_ctx is None or config.context_size == num_ctx:
         return config
+    trained = await _trained_context(backend, model)
+    if trained is not None and num_ctx > trained:
+        log.info("num_ctx %d for %s is above its training context: capped at %d", num_ctx, model.name, trained)
+        num_ctx = trained
+        if config.context_size == num_ctx:
+            return config
     base = stored.config if stored is not None and stored.backend == backend.name else BackendConfiguration()
     item = StoredConfiguration(model=model.name, mode=mode, backend=backend.name,
                                config=base.model_copy(update={"context_size": num_ctx}), updated_at=time.time())
-    d.configs.put(item)
-    return effective_configuration(model.config, item)
+    candidate = effective_configuration(model.config, d.configs.resolved(item))
+    await refuse_unfit(d, backend, model, mode, candidate, param="options.num_ctx")
+    # Stored again only if nothing else stored this model's configuration while the checks ran.
+    if d.configs.get(model.name, mode) == stored:
+        d.configs.put(item)
+    return effective_configuration(model.config, d.configs.get(model.name, mode))
 
 
 async def _restart_if_idle(d: Daemon, key: RunnerKey, config: BackendConfiguration) -> None:
@@ -132,9 +161,12 @@ async def _lease(request: web.Request, name: str, mode: Mode, needed: list[Capab
     backend = choose_backend(d, None, model)
     check_capabilities(backend, needed, model)
     ttl = _keep_alive(keep_alive)
-    config = _configuration(d, backend, model, mode, options.num_ctx if options else None)
-    # Ollama has no tool_choice: tools always leave the choice to the model ("auto").
-    check_request(backend, model, config, {"tools": Capability.TOOLS in needed})
+    # The request's own fields first: a refused one must not leave a stored context size behind.
+    # Ollama has no tool_choice: tools always leave the choice to the model ("auto"). The sampling options
+    # go to the engine under its names: its backend bounds them as it bounds its own API's fields.
+    payload = {"tools": Capability.TOOLS in needed, **tr.sampling_fields(options, backend.sampling_dialect)}
+    check_request(backend, model, effective_configuration(model.config, d.configs.get(model.name, mode)), payload)
+    config = await _configuration(d, backend, model, mode, options.num_ctx if options else None)
     if options is not None and options.num_ctx is not None:
         await _restart_if_idle(d, RunnerKey(backend.name, model.name, mode), config)
     lease = await lease_runner(d, backend, model, mode, config, ttl, preload=preload)

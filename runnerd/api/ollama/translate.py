@@ -35,7 +35,8 @@ class OllamaOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     num_ctx: int | None = Field(default=None, gt=0, le=1 << 24)
-    num_predict: int | None = None
+    # -1: no limit, -2: fill the context; more than a million tokens is no answer any model gives.
+    num_predict: int | None = Field(default=None, ge=-2, le=1 << 20)
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
