@@ -11,13 +11,13 @@
 Callers import from here; see store.py for the API and the layout on disk.
 """
 
-from runnerd.store.errors import ModelInUse, ModelNotFound, StoreError
+from runnerd.store.errors import ModelExists, ModelInUse, ModelNotFound, StoreError
 from runnerd.store.importer import inspect_model_file
 from runnerd.store.manifests import BlobFile, ModelEntry, manifest_name
 from runnerd.store.names import DEFAULT_TAG, canonical_name
 from runnerd.store.pull import PullError, PullProgress, PullProgressCallback
 from runnerd.store.store import ModelStore
 
-__all__ = ["DEFAULT_TAG", "BlobFile", "ModelEntry", "ModelInUse", "ModelNotFound", "ModelStore", "PullError",
-           "PullProgress", "PullProgressCallback", "StoreError", "canonical_name", "inspect_model_file",
+__all__ = ["DEFAULT_TAG", "BlobFile", "ModelEntry", "ModelExists", "ModelInUse", "ModelNotFound", "ModelStore",
+           "PullError", "PullProgress", "PullProgressCallback", "StoreError", "canonical_name", "inspect_model_file",
            "manifest_name"]

@@ -16,7 +16,8 @@ API other modules use (names and signatures are kept stable; the Ollama routes c
   ``progress`` gets ``PullProgress`` reports (always on the event loop). Raises ``StoreError``
   (``.status`` is the HTTP status, ``.code`` a short kind). Cancelling the call cancels the download
   (unless another pull shares it) and registers nothing.
-- ``ModelStore.tag(source_name, target_name) -> ModelEntry`` — another name for the same blobs.
+- ``ModelStore.tag(source_name, target_name, force=False) -> ModelEntry`` — another name for the same blobs;
+  ``ModelExists`` (409) when the target name is taken, unless ``force`` replaces it.
 - ``ModelStore.remove(name, force=False) -> ModelEntry`` — 409 (``ModelInUse``) when the injected
   ``in_use(name)`` says a runner holds it, unless ``force``; the last reference to a blob deletes it.
 - ``ModelStore.disk_usage() -> int`` — bytes of blobs, part files and in-place models.
@@ -37,10 +38,12 @@ import asyncio
 import builtins
 import contextlib
 import errno
+import functools
 import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +51,7 @@ from backends.base import BackendConfiguration, ModelFormat
 from backends.formats.gguf import GGUFParseError, read_header
 from runnerd.config import HuggingFaceSettings, StoreSettings
 from runnerd.store import blobs, importer, manifests
-from runnerd.store.errors import ModelInUse, ModelNotFound, StoreError, stop_if
+from runnerd.store.errors import ModelExists, ModelInUse, ModelNotFound, StoreError, stop_if
 from runnerd.store.manifests import BlobFile, ModelEntry, files_digest, model_summary
 from runnerd.store.names import canonical_name
 from runnerd.store.pull import (
@@ -64,6 +67,9 @@ from runnerd.store.pull import (
     parse_source,
     valid_sha256,
 )
+
+# Threads for local imports and in-place registrations (the rest wait for one, cancellable).
+LOCAL_THREADS = 2
 
 
 def _store_error(exc: PullError) -> StoreError:
@@ -86,6 +92,9 @@ class ModelStore:
         self.in_use = in_use
         self._lock = threading.RLock()  # manifests and blob reference counts change under it
         self._downloads = Downloads(self.partial, self.settings, self.huggingface)
+        # Local imports and in-place registrations read files a caller names: their own bounded pool, so
+        # that however many of them wait on a slow disk they never take the threads other routes use.
+        self._local_pool = ThreadPoolExecutor(max_workers=LOCAL_THREADS, thread_name_prefix="runnerd-import")
         self._models: dict[str, ModelEntry] = self._load()
 
     # --- manifests -----------------------------------------------------------------------------
@@ -160,12 +169,15 @@ class ModelStore:
 
     # --- tag and remove ------------------------------------------------------------------------
 
-    def tag(self, source_name: str, target_name: str) -> ModelEntry:
+    def tag(self, source_name: str, target_name: str, force: bool = False) -> ModelEntry:
+        """Another name for the model; ModelExists (409) when the name is taken, unless `force` replaces it."""
         with self._lock:
             source = self.get(source_name)
             target = canonical_name(target_name)
             if target == source.name:
                 return source
+            if not force and target in self._models:
+                raise ModelExists(f"model {target} already exists; remove it first or tag with force to replace it")
             entry = source.model_copy(update={"name": target, "added_at": time.time()})
             self._put(entry)
             return entry
@@ -266,7 +278,8 @@ class ModelStore:
             if parsed.kind == "path":
                 assert parsed.path is not None
                 return await self._in_thread(self._import_local, key, parsed.path, expected, on_loop,
-                                             projector.path if projector is not None else None)
+                                             projector.path if projector is not None else None,
+                                             pool=self._local_pool)
             extra = projector.files[0] if projector is not None else None
             return await self._pull_remote(key, source, parsed, expected, progress, extra)
         except PullError as exc:
@@ -286,15 +299,27 @@ class ModelStore:
         progress(PullProgress(phase="success", total=entry.size, completed=entry.size))
         return entry
 
-    async def _in_thread(self, work: Callable[..., ModelEntry], *args: Any) -> ModelEntry:
-        """Run `work` in a thread that stops before registering anything once the pull is cancelled
-        (a cancelled await does not stop a thread; it sees the flag between chunks and before committing)."""
+    async def _in_thread(self, work: Callable[..., ModelEntry], *args: Any,
+                         pool: ThreadPoolExecutor | None = None) -> ModelEntry:
+        """Run `work` in a thread (of `pool`, else the loop's default) that stops before registering
+        anything once the pull is cancelled (a cancelled await does not stop a thread; it sees the flag
+        between entries, between chunks and before committing)."""
         cancelled = threading.Event()
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.to_thread(work, *args, cancelled)
+            return await loop.run_in_executor(pool, functools.partial(work, *args, cancelled))
         except asyncio.CancelledError:
             cancelled.set()
             raise
+
+    def close(self) -> None:
+        """Wait for local imports still running (a cancelled one stops at its next file or chunk)."""
+        self._local_pool.shutdown(wait=True)
+
+    async def add_local(self, name: str, path: Path, config: BackendConfiguration | None = None) -> ModelEntry:
+        """`add`, run on the local-import threads (it reads the caller's files)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._local_pool, functools.partial(self.add, name, path, config))
 
     def _commit_downloads(self, key: str, source: str, results: builtins.list[tuple[RemoteFile, Downloaded, str]],
                           directory_model: bool, cancelled: threading.Event) -> ModelEntry:
@@ -322,8 +347,8 @@ class ModelStore:
     def _import_local(self, key: str, path: Path, expected: str | None, progress: PullProgressCallback,
                       projector: Path | None, cancelled: threading.Event) -> ModelEntry:
         """Hash each file of a local model and hard-link (or copy) it into the blob store."""
-        sources, roles, directory_model = importer.local_sources(path, expected, projector)
-        total = sum(p.stat().st_size for p, _ in sources)
+        model = importer.local_sources(path, expected, projector, cancelled)
+        total = importer.total_size(model)
         completed = 0
         throttle = Throttle()
 
@@ -338,21 +363,22 @@ class ModelStore:
         staged: builtins.list[Path] = []
         self.partial.mkdir(parents=True, exist_ok=True)
         try:
-            for (src, name), role in zip(sources, roles, strict=True):
-                tmp, digest, size = self._stage_local(src, on_bytes)
+            for source in model.files:
+                stop_if(cancelled)
+                tmp, digest, size = self._stage_local(source, on_bytes)
                 staged.append(tmp)
-                if expected is not None and role == "model" and digest != expected:
-                    raise StoreError(f"sha256 mismatch for {name}: expected {expected}, got {digest}", 400,
+                if expected is not None and source.role == "model" and digest != expected:
+                    raise StoreError(f"sha256 mismatch for {source.name}: expected {expected}, got {digest}", 400,
                                      "digest_mismatch")
-                files.append(BlobFile(name=name, digest=digest, size=size,
-                                      role="mmproj" if role == "mmproj" else "model"))
+                files.append(BlobFile(name=source.name, digest=digest, size=size,
+                                      role="mmproj" if source.role == "mmproj" else "model"))
             progress(PullProgress(phase="commit", total=total, completed=total))
             with self._lock:  # blobs and manifest together: a concurrent removal cannot collect them between
                 stop_if(cancelled)
                 try:
                     for tmp, f in zip(staged, files, strict=True):
                         self._commit_blob(tmp, f.digest, read_only=False)
-                    entry = self._register(key, files, str(path), directory_model)
+                    entry = self._register(key, files, str(path), model.directory_model)
                 except BaseException:
                     self._collect_attempt(files)  # the blobs committed before the failure
                     raise
@@ -362,5 +388,5 @@ class ModelStore:
         progress(PullProgress(phase="success", total=entry.size, completed=entry.size))
         return entry
 
-    def _stage_local(self, src: Path, on_bytes: Callable[[int], None]) -> tuple[Path, str, int]:
-        return importer.stage_local(self.partial, src, on_bytes)
+    def _stage_local(self, source: importer.LocalFile, on_bytes: Callable[[int], None]) -> tuple[Path, str, int]:
+        return importer.stage_local(self.partial, source, on_bytes)

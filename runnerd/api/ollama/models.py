@@ -40,6 +40,7 @@ class CopyRequest(BaseModel):
 
     source: str = Field(min_length=1, max_length=300)
     destination: str = Field(min_length=1, max_length=300)
+    force: bool = False  # runnerd extension: replace a model the destination already names (409 otherwise)
 
 
 # ---------------------------------------------------------------- model listing and details
@@ -210,7 +211,7 @@ async def copy(request: web.Request) -> web.Response:
     d = daemon(request)
     lookup_model(d, req.source)
     try:
-        await asyncio.to_thread(d.store.tag, req.source, req.destination)
+        await asyncio.to_thread(d.store.tag, req.source, req.destination, req.force)
     except StoreError as exc:
         raise ApiError(exc.status, str(exc)) from exc
     return web.Response(status=200)
