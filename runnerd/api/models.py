@@ -106,8 +106,9 @@ async def create_model(request: web.Request) -> web.StreamResponse:
                        code="invalid_source", param="from")
     store = daemon(request).store
     response: web.StreamResponse | None = None
+    public_only = not over_unix_socket(request)  # a remote caller must not reach the host's own network
     async with RequestPull(lambda progress: store.pull(spec.source, spec.name, spec.sha256, progress,
-                                                       mmproj=spec.mmproj)) as pulling:
+                                                       mmproj=spec.mmproj, public_only=public_only)) as pulling:
         while (report := await pulling.next_report()) is not None:
             if report.phase == "success":
                 continue  # the final line carries the model instead

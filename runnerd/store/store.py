@@ -39,6 +39,7 @@ import builtins
 import contextlib
 import errno
 import functools
+import logging
 import os
 import threading
 import time
@@ -65,9 +66,11 @@ from runnerd.store.pull import (
     Throttle,
     disk_full,
     parse_source,
+    remove_stale_parts,
     valid_sha256,
 )
 
+log = logging.getLogger("runnerd.store")
 # Threads for local imports and in-place registrations (the rest wait for one, cancellable).
 LOCAL_THREADS = 2
 
@@ -105,6 +108,8 @@ class ModelStore:
     def _load(self) -> dict[str, ModelEntry]:
         models = manifests.read_manifests(self.manifests)
         importer.remove_stale_imports(self.partial)
+        remove_stale_parts(self.partial, set())
+        manifests.remove_temporary_files(self.manifests)
         legacy = manifests.read_legacy(self.index_path)
         if legacy:
             for entry in legacy.values():
@@ -223,7 +228,7 @@ class ModelStore:
                     path, fmt = self._blob(files[0].digest), ModelFormat.GGUF
                 else:
                     path, fmt = self._materialise(digest, files) / files[0].name, ModelFormat.GGUF
-                info = model_summary(path, fmt)
+                info = model_summary(path, fmt, label=files[0].name if files else name)
                 if fmt is ModelFormat.SAFETENSORS:
                     info["size"] = sum(f.size for f in files)  # every file of the directory, not only weights
                 entry = ModelEntry(name=name, path=path, format=fmt, stored=True, digest=digest, files=all_files,
@@ -248,15 +253,18 @@ class ModelStore:
         try:
             read_header(path)
         except GGUFParseError as exc:
-            raise StoreError(f"the multimodal projector {projector.name} is not a usable GGUF: {exc}") from exc
+            raise StoreError(f"the multimodal projector {projector.name} is not a usable GGUF: {exc.what}") from exc
         return path
 
     # --- pulling -------------------------------------------------------------------------------
 
     async def pull(self, source: str, name: str | None, sha256: str | None,
-                   progress: PullProgressCallback, *, mmproj: str | None = None) -> ModelEntry:
+                   progress: PullProgressCallback, *, mmproj: str | None = None,
+                   public_only: bool = False) -> ModelEntry:
         """Bring a model into the store and register it; see the module docstring. `mmproj` names a
-        multimodal projector GGUF stored with it (same kind of source: both local or both remote)."""
+        multimodal projector GGUF stored with it (same kind of source: both local or both remote).
+        `public_only`: the caller is remote (TCP), so only public addresses, and the hosts
+        `store.pull_allowed_hosts` names, may be fetched from (runnerd.store.targets)."""
         try:
             parsed = parse_source(source, self.huggingface.base_url)
             expected = valid_sha256(sha256) if sha256 else None
@@ -281,18 +289,21 @@ class ModelStore:
                                              projector.path if projector is not None else None,
                                              pool=self._local_pool)
             extra = projector.files[0] if projector is not None else None
-            return await self._pull_remote(key, source, parsed, expected, progress, extra)
+            return await self._pull_remote(key, source, parsed, expected, progress, extra, public_only)
         except PullError as exc:
             raise _store_error(exc) from exc
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise _store_error(disk_full(exc)) from exc
-            raise StoreError(f"the model store could not write {exc.filename or 'a file'}: {exc.strerror or exc}",
-                             500, "store_io") from exc
+            # The daemon's own paths stay in its log, not in the answer.
+            log.error("pull of %s: %s", source[:200], exc)
+            raise StoreError(f"the model store could not write a file: {exc.strerror or 'I/O error'}", 500,
+                             "store_io") from exc
 
     async def _pull_remote(self, key: str, source: str, parsed: Source, expected: str | None,
-                           progress: PullProgressCallback, projector: RemoteFile | None = None) -> ModelEntry:
-        results = await self._downloads.fetch_model(parsed, expected, progress, projector)
+                           progress: PullProgressCallback, projector: RemoteFile | None = None,
+                           public_only: bool = False) -> ModelEntry:
+        results = await self._downloads.fetch_model(parsed, expected, progress, projector, public_only=public_only)
         progress(PullProgress(phase="commit", total=sum(d.size for _, d, _ in results),
                               completed=sum(d.size for _, d, _ in results)))
         entry = await self._in_thread(self._commit_downloads, key, source, results, parsed.hf_repo is not None)
@@ -329,8 +340,8 @@ class ModelStore:
             try:
                 for remote, got, role in results:
                     if remote.sha256 is not None and got.sha256 != remote.sha256:
-                        raise StoreError(f"sha256 mismatch for {remote.name}: expected {remote.sha256}, got "
-                                         f"{got.sha256}", 502, "digest_mismatch")
+                        raise StoreError(f"sha256 mismatch for {remote.name}: the content is not the expected "
+                                         f"{remote.sha256}", 502, "digest_mismatch")
                     # Listed before it is committed: a failure half-way through the commit collects it too.
                     blob_files.append(BlobFile(name=remote.name, digest=got.sha256, size=got.size,
                                                role="mmproj" if role == "mmproj" else "model"))

@@ -250,7 +250,9 @@ async def pull(request: web.Request) -> web.StreamResponse:
     req = await read_body(request, PullRequest)
     d = daemon(request)
     source, name = _pull_source(request, req)
-    async with RequestPull(lambda progress: d.store.pull(source, name, req.sha256, progress),
+    public_only = not over_unix_socket(request)  # a remote caller must not reach the host's own network
+    async with RequestPull(lambda progress: d.store.pull(source, name, req.sha256, progress,
+                                                         public_only=public_only),
                            name=f"pull {source[:80]}") as pulling:
         if not req.stream:
             await _pulled(pulling.task)
