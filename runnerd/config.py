@@ -122,7 +122,8 @@ _HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0
 
 
 class StoreSettings(BaseModel):
-    """Model downloads (`runnerd pull`, POST /models/create)."""
+    """Model downloads (`runnerd pull`, POST /models/create). Over TCP a pull reaches public addresses
+    only; `pull_allowed_hosts` names the mirrors on the host's own network that it may reach too."""
 
     model_config = ConfigDict(extra="forbid")
 
