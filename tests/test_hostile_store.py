@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import struct
@@ -406,3 +407,33 @@ def test_temporary_files_of_cut_writes_are_swept_at_start(tmp_path, tiny_model):
     manifest_tmp.write_text("{")
     restarted = ModelStore(data)
     assert not manifest_tmp.exists() and [m.name for m in restarted.list()] == ["tiny:latest"]
+
+
+async def downloads_over(store: ModelStore) -> None:
+    while store._downloads._fetches:  # the download tasks unregister themselves as they end
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.anyio
+async def test_a_pull_whose_client_hangs_up_leaves_no_task_behind(tmp_path, gguf_bytes):
+    slow = FileServer(chunk=4096, delay=0.1).start()
+    problems: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: problems.append(context))
+    try:
+        url = slow.add("/slow.gguf", gguf_bytes)
+        async with daemon_app(tmp_path) as (client, d):
+            for path, body in [("/models/create", {"from": url}), ("/api/pull", {"model": url})]:
+                async with client.stream("POST", path, json=body) as resp:
+                    async for _ in resp.aiter_lines():
+                        break  # the client hangs up once the pull has begun
+                # The request's pull ends with it: the download is cancelled (its part file stays).
+                await asyncio.wait_for(downloads_over(d.store), 10)
+            leftover = [t for t in asyncio.all_tasks() if "pull" in repr(t.get_coro()) or "fetch" in repr(t.get_coro())]
+            assert leftover == []
+            assert d.store.list() == [] and list(d.store.partial.glob("*.part"))
+        gc.collect()
+        assert [c for c in problems if "destroyed" in str(c.get("message"))] == []
+    finally:
+        loop.set_exception_handler(None)
+        slow.stop()

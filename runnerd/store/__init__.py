@@ -6,6 +6,7 @@
     blobs.py      content-addressed blobs, link folders for multi-file models, sweeping orphans
     importer.py   importing a local file or directory: which files, hashing, hard-linking or copying
     pull.py       remote pulls: sources (URLs, hf://), resumable verified downloads shared between pulls
+    targets.py    where a pull asked for over TCP may connect (public addresses, the operator's allowlist)
     errors.py     StoreError and its kinds (each with the HTTP status that fits)
 
 Callers import from here; see store.py for the API and the layout on disk.
