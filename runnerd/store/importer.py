@@ -212,7 +212,9 @@ def _check_markers(root: Path, what: str) -> None:
     try:
         fd = _open_in(root, "config.json", f"{root}/config.json")
     except StoreError as exc:
-        raise StoreError(f"{what}: it has no readable config.json ({exc})") from exc
+        missing = isinstance(exc.__cause__, FileNotFoundError)
+        raise StoreError(f"{what}: it has no config.json" if missing else
+                         f"{what}: its config.json is not a readable regular file") from exc
     with os.fdopen(fd, "rb") as f:
         raw = f.read(MAX_CONFIG_BYTES + 1)
     if len(raw) > MAX_CONFIG_BYTES:
