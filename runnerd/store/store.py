@@ -15,7 +15,10 @@ API other modules use (names and signatures are kept stable; the Ollama routes c
   ``mmproj`` optionally names a multimodal projector GGUF stored with it (``ModelEntry.mmproj``).
   ``progress`` gets ``PullProgress`` reports (always on the event loop). Raises ``StoreError``
   (``.status`` is the HTTP status, ``.code`` a short kind). Cancelling the call cancels the download
-  (unless another pull shares it) and registers nothing.
+  (unless another pull shares it) and registers nothing. ``public_only=True`` (a caller over TCP)
+  limits where it may connect (runnerd.store.targets). A local import runs on the store's own two
+  threads (``LOCAL_THREADS``), never the loop's default pool; ``add_local`` runs ``add`` there too,
+  and ``close()`` waits for them.
 - ``ModelStore.tag(source_name, target_name, force=False) -> ModelEntry`` — another name for the same blobs;
   ``ModelExists`` (409) when the target name is taken, unless ``force`` replaces it.
 - ``ModelStore.remove(name, force=False) -> ModelEntry`` — 409 (``ModelInUse``) when the injected
