@@ -7,7 +7,9 @@ directories. Every one can be set explicitly.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -126,14 +128,38 @@ class HuggingFaceSettings(BaseModel):
         return value.rstrip("/")
 
 
+_HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+
+
 class StoreSettings(BaseModel):
-    """Model downloads (`runnerd pull`, POST /models/create)."""
+    """Model downloads (`runnerd pull`, POST /models/create). Over TCP a pull reaches public addresses
+    only; `pull_allowed_hosts` names the mirrors on the host's own network that it may reach too."""
 
     model_config = ConfigDict(extra="forbid")
 
     max_concurrent_downloads: int = Field(default=2, ge=1, le=16)
     read_timeout: float = Field(default=60.0, gt=0, description="seconds without a byte before a download fails")
     retries: int = Field(default=3, ge=0, le=20, description="resumes (HTTP Range) after a dropped connection")
+    max_download_size: ByteSize = Field(default=ByteSize(512 * 1024 * MiB), gt=0,
+                                        description="largest file a pull may download")
+    min_download_rate: ByteSize = Field(default=ByteSize(32 * 1024), ge=0,
+                                        description="bytes per second a download must average over min_rate_window")
+    min_rate_window: float = Field(default=60.0, gt=0, description="seconds over which min_download_rate is measured")
+    pull_allowed_hosts: list[str] = Field(
+        default_factory=list, max_length=256,
+        description="host names or CIDRs TCP clients may pull from although loopback, private or link-local")
+
+    @field_validator("pull_allowed_hosts")
+    @classmethod
+    def _valid_hosts(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                if not _HOST_NAME.match(entry):
+                    raise ValueError(f"pull_allowed_hosts: {entry[:100]!r} is neither a host name nor a CIDR") from None
+        return [entry.lower() for entry in value]
 
 
 class ApiSettings(BaseModel):

@@ -1,14 +1,17 @@
 """Stored per-(model, mode) backend configurations, kept across restarts.
 
 The file is written atomically (temp file, fsync, rename). A file that cannot be read back is never
-silently dropped: it is moved aside under a name that says so, and the problem is reported.
+silently dropped: it is moved aside under a name that says so, and the problem is reported. A
+temporary file a crash left mid-write is removed at start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,12 +44,26 @@ class ConfigStore:
     def __init__(self, data_dir: Path, resolve_model: ModelResolver | None = None) -> None:
         self.path = data_dir / "configurations.json"
         self.problems: list[str] = []
+        self._remove_temporary_files()
         # How a speculative draft's name becomes a path (the model store). Without one, drafts stay
         # unresolved and a backend refuses to start them: never a silent run without the draft.
         self.resolve_model = resolve_model
         self._items: dict[tuple[str, Mode], StoredConfiguration] = {}
         for item in self._load().configurations:
             self._items[(item.model, item.mode)] = item
+
+    def _remove_temporary_files(self) -> None:
+        """write_atomically's temporaries ("." + the name + "-" + tempfile's 8 random characters) that a
+        crash left: never read, only renamed into place once complete."""
+        pattern = re.compile(rf"^\.{re.escape(self.path.name)}-[a-z0-9_]{{8}}$")
+        if not self.path.parent.is_dir():
+            return
+        for path in self.path.parent.iterdir():
+            if pattern.match(path.name):
+                with contextlib.suppress(OSError):
+                    if path.is_file() and not path.is_symlink():
+                        path.unlink()
+                        log.info("removed %s: a write of the configurations cut short", path.name)
 
     def _load(self) -> _ConfigFile:
         try:

@@ -227,7 +227,8 @@ def test_cancelled_local_import_registers_nothing(tmp_path, tiny_model):
             await task
         cancelled.set()
 
-    asyncio.run(cancel_midway())  # asyncio.run waits for the worker thread before it returns
+    asyncio.run(cancel_midway())
+    store.close()  # waits for the import thread, which stops once it sees the cancellation
     assert store.list() == [] and make_store(tmp_path).list() == []
     assert leftovers(store) == ([], [])
 

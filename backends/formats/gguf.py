@@ -492,7 +492,7 @@ def _read_one(path: Path) -> GGUFHeader:
         i = r.ensure(24)
         magic = r.buf[i:i + 4]
         if magic != GGUF_MAGIC:
-            raise r.fail(f"not a GGUF file (magic {magic!r})", 0)
+            raise r.fail("not a GGUF file", 0)
         r.pos = 4
         version = r.u32()
         if version not in SUPPORTED_VERSIONS:

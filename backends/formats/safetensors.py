@@ -62,21 +62,26 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
                 raise SafetensorsError(f"{path.name}: shorter than the 8-byte header length")
             (length,) = struct.unpack("<Q", prefix)
             if length > MAX_HEADER_BYTES or length > size - 8:
-                raise SafetensorsError(f"{path.name}: header length {length} exceeds the file or the format's "
-                                       f"{MAX_HEADER_BYTES}-byte limit")
+                raise SafetensorsError(f"{path.name}: header length exceeds the file or the format's "
+                                       f"{MAX_HEADER_BYTES}-byte limit (not a safetensors file?)")
             raw = f.read(length)
     except OSError as exc:
         raise SafetensorsError(f"{path.name}: {exc.strerror or exc}") from exc
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise SafetensorsError(f"{path.name}: header is not valid JSON: {exc}") from exc
+        raise SafetensorsError(f"{path.name}: header is not valid JSON{_where(exc)}") from exc
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path.name}: header is not a JSON object")
     if len(header) > MAX_TENSORS:
         raise SafetensorsError(f"{path.name}: more than {MAX_TENSORS} tensors")
     data_size = size - 8 - length
     return {name: _tensor(path, name, entry, data_size) for name, entry in header.items() if name != "__metadata__"}
+
+
+def _where(exc: Exception) -> str:
+    """Where a JSON text broke, without quoting it (a decode error would quote the file's bytes)."""
+    return f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
 
 
 def _tensor(path: Path, name: str, entry: Any, data_size: int) -> TensorInfo:
@@ -139,7 +144,7 @@ def read_model_config(model_dir: Path) -> dict[str, Any]:
     try:
         config = json.loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ModelConfigError(f"config.json is not valid JSON: {exc}") from exc
+        raise ModelConfigError(f"config.json is not valid JSON{_where(exc)}") from exc
     if not isinstance(config, dict):
         raise ModelConfigError("config.json is not a JSON object")
     return config

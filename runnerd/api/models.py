@@ -9,7 +9,6 @@ pull resumes; runnerd.api.pulling). Concurrent pulls of the same URL share one d
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from pathlib import Path
@@ -75,7 +74,7 @@ async def add_model(request: web.Request) -> web.Response:
     config = BackendConfiguration(context_size=spec.context_size, keep_alive=spec.keep_alive)
     store = daemon(request).store
     try:
-        entry = await asyncio.to_thread(store.add, spec.name, Path(spec.path), config)
+        entry = await store.add_local(spec.name, Path(spec.path), config)
     except StoreError as exc:
         raise ApiError(exc.status, str(exc), code=exc.code, param="path") from exc
     return web.json_response(model_json(entry), status=201)
@@ -107,8 +106,9 @@ async def create_model(request: web.Request) -> web.StreamResponse:
                        code="invalid_source", param="from")
     store = daemon(request).store
     response: web.StreamResponse | None = None
+    public_only = not over_unix_socket(request)  # a remote caller must not reach the host's own network
     async with RequestPull(lambda progress: store.pull(spec.source, spec.name, spec.sha256, progress,
-                                                       mmproj=spec.mmproj)) as pulling:
+                                                       mmproj=spec.mmproj, public_only=public_only)) as pulling:
         while (report := await pulling.next_report()) is not None:
             if report.phase == "success":
                 continue  # the final line carries the model instead
@@ -149,6 +149,7 @@ class TagRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=300)
+    force: bool = False  # replace a model the name already holds (409 otherwise)
 
 
 async def estimate_or_show(request: web.Request) -> web.Response:
@@ -169,7 +170,7 @@ async def estimate_or_show(request: web.Request) -> web.Response:
 async def tag_model(request: web.Request) -> web.Response:
     spec = parse_body(TagRequest, await read_json_body(request), "tag request")
     try:
-        entry = daemon(request).store.tag(request.match_info["name"], spec.name)
+        entry = daemon(request).store.tag(request.match_info["name"], spec.name, force=spec.force)
     except StoreError as exc:
         raise _api_error(exc, "name") from exc
     return web.json_response(model_json(entry), status=201)

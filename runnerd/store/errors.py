@@ -30,6 +30,11 @@ class ModelInUse(StoreError):
     code = "model_in_use"
 
 
+class ModelExists(StoreError):
+    status = 409
+    code = "model_exists"
+
+
 class PullCancelled(Exception):
     """Raised in a pull's worker thread once its request was cancelled; nobody awaits it any more."""
 

@@ -12,6 +12,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -65,19 +66,39 @@ class _Registry(BaseModel):
     models: dict[str, ModelEntry] = Field(default_factory=dict)
 
 
-def model_summary(path: Path, fmt: ModelFormat) -> dict[str, Any]:
+def model_summary(path: Path, fmt: ModelFormat, label: str | None = None) -> dict[str, Any]:
     """The manifest's summary fields of a model (a GGUF: all its shards; a directory: config.json and the
-    safetensors headers); StoreError if it is not one we can serve."""
+    safetensors headers); StoreError if it is not one we can serve, naming it `label` (default: its
+    path; a store blob's path is the daemon's business, not the caller's)."""
+    name = label or str(path)
     try:
         summary = describe(path, fmt)
     except ModelConfigError as exc:
-        raise StoreError(f"{path} is not a Hugging Face-format model directory: {exc}") from exc
-    except (GGUFParseError, OSError) as exc:
+        raise StoreError(f"{name} is not a Hugging Face-format model directory: {exc}") from exc
+    except GGUFParseError as exc:
+        raise StoreError(f"{name} is not a usable GGUF model: {exc.what}") from exc
+    except OSError as exc:
         what = "a usable GGUF model" if fmt is ModelFormat.GGUF else "a readable model directory"
-        raise StoreError(f"{path} is not {what}: {exc}") from exc
+        raise StoreError(f"{name} is not {what}: {exc.strerror or 'cannot be read'}") from exc
     return {"size": summary.size_bytes, "architecture": summary.architecture,
             "parameter_count": summary.parameter_count, "quantization": summary.quantization,
             "context_length": summary.context_length}
+
+
+# write_atomically's temporary files: "." + the manifest's name + "-" + tempfile's 8 random characters.
+_TEMPORARY = re.compile(r"^\..+\.json-[a-z0-9_]{8}$")
+
+
+def remove_temporary_files(manifests: Path) -> None:
+    """Temporary manifests a crash left mid-write (never read: only renamed into place when complete)."""
+    if not manifests.is_dir():
+        return
+    for path in manifests.iterdir():
+        if _TEMPORARY.match(path.name):
+            with contextlib.suppress(OSError):
+                if path.is_file() and not path.is_symlink():
+                    path.unlink()
+                    log.info("removed %s: a manifest write cut short", path.name)
 
 
 def files_digest(files: list[BlobFile]) -> str:

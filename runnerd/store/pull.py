@@ -8,7 +8,16 @@ Resumption: each URL gets a part file `<partial>/<sha256(url)>.part` and a small
 the validator (ETag / Last-Modified) the bytes came with. A later attempt sends `Range` and
 `If-Range`, so a server whose file changed answers 200 and we start over instead of splicing two
 versions. The part file is the only thing a failed or cancelled download leaves behind; a part
-whose content fails verification is deleted (resuming it could never succeed).
+whose content fails verification is deleted (resuming it could never succeed); a part untouched for
+STALE_PART_SECONDS is swept (`remove_stale_parts`).
+
+Limits: a file over `store.max_download_size` is refused (by its announced size, else when the bytes
+pass it); a download averaging under `store.min_download_rate` over `store.min_rate_window` is cut,
+which frees its slot. For callers over TCP the hosts reachable are limited (runnerd.store.targets).
+
+Errors say what failed without quoting the source: no upstream status text, headers or bytes, no
+size or digest of what arrived, no connection-failure detail (the daemon's log has it) and no local
+path.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -35,6 +45,7 @@ from yarl import URL
 from backends.formats.names import SplitNameError, gguf_stem, is_model_directory, is_model_repo_file, split_names
 from runnerd.config import HuggingFaceSettings, StoreSettings
 from runnerd.store.errors import StoreError
+from runnerd.store.targets import REFUSED_MESSAGE, PublicResolver, PullPolicy, TargetRefused, refused_cause
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # A hub path segment (org, repo, file name part, revision): no traversal, no separators, no controls.
@@ -43,6 +54,7 @@ _HF_REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 _MAX_REDIRECTS = 5
 _CHUNK = 1 << 20
 _MAX_SHARDS = 256
+log = logging.getLogger("runnerd.store")
 
 
 class PullError(Exception):
@@ -175,26 +187,38 @@ def _safe_relative(path: str) -> bool:
 
 def download_session(opts: FetchOptions) -> aiohttp.ClientSession:
     """A session for pulls: no total deadline (a model may take hours), a bounded connect, and at most
-    `read_timeout` seconds without a byte."""
+    `read_timeout` seconds without a byte; connections only to addresses the policy allows."""
     timeout = aiohttp.ClientTimeout(total=None, connect=30, sock_read=opts.read_timeout)
-    return aiohttp.ClientSession(timeout=timeout)
+    connector = aiohttp.TCPConnector(resolver=PublicResolver(opts.policy)) if opts.policy.public_only else None
+    return aiohttp.ClientSession(timeout=timeout, connector=connector)
+
+
+def _connect_error(exc: BaseException, what: str) -> PullError:
+    """A failed connection as the caller sees it: refused by policy (403), or one message for every
+    network failure (which of refused, unreachable or timed out is a port scanner's answer: logged only)."""
+    if refused_cause(exc):
+        return PullError(REFUSED_MESSAGE, 403, "pull_target_refused")
+    log.warning("%s: %s", what, exc or type(exc).__name__)
+    return PullError("could not connect to the pull source, or it did not answer in time", 502, "unreachable")
 
 
 async def list_hf_repo(session: aiohttp.ClientSession, source: Source, base_url: str,
-                       headers: dict[str, str]) -> tuple[RemoteFile, ...]:
+                       headers: dict[str, str], policy: PullPolicy) -> tuple[RemoteFile, ...]:
     """The files of a whole hub repository that make a model directory (safetensors, config, tokenizer)."""
     assert source.hf_repo is not None
     rev = quote(source.hf_revision, safe="")
     url = f"{base_url}/api/models/{source.hf_repo}/tree/{rev}?recursive=true"
     try:
+        policy.check_literal(urlsplit(url).hostname or "")
         async with session.get(url, headers=headers, allow_redirects=False) as resp:
             if resp.status == 404:
                 raise PullError(f"{source.hf_repo}@{source.hf_revision} was not found upstream", 404, "not_found")
             if resp.status != 200:
-                raise PullError(f"listing {source.hf_repo} failed: upstream answered HTTP {resp.status}", 502)
+                raise PullError(f"listing {source.hf_repo} failed: the hub refused the request (HTTP {resp.status})",
+                                502, "upstream_error")
             raw = await resp.content.read(8 << 20)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise PullError(f"listing {source.hf_repo} failed: {exc or type(exc).__name__}", 502) from exc
+    except (aiohttp.ClientError, TimeoutError, TargetRefused) as exc:
+        raise _connect_error(exc, f"listing {source.hf_repo}") from exc
     try:
         entries = json.loads(raw)
         assert isinstance(entries, list)
@@ -236,15 +260,45 @@ class FetchOptions:
     retries: int = 3
     token: str | None = None
     token_host: str | None = None  # the hub's host: the token is sent there and nowhere else
+    policy: PullPolicy = field(default_factory=PullPolicy)
+    max_size: int = 512 << 30
+    min_rate: int = 0  # bytes per second over `rate_window`; 0: no minimum
+    rate_window: float = 60.0
+
+    def key(self, url: str) -> str:
+        """What a download is shared and resumed under: a restricted caller never joins, nor resumes, a
+        download an unrestricted one started (its redirects may have led anywhere)."""
+        return f"public-only\0{url}" if self.policy.public_only else url
 
 
 def disk_full(exc: OSError) -> PullError:
-    return PullError(f"disk full while writing the model: {exc.strerror}", 507, "disk_full")
+    return PullError("disk full while writing the model", 507, "disk_full")
 
 
-def _part_paths(partial_dir: Path, url: str) -> tuple[Path, Path]:
-    key = hashlib.sha256(url.encode()).hexdigest()[:40]
-    return partial_dir / f"{key}.part", partial_dir / f"{key}.part.json"
+def _part_paths(partial_dir: Path, key: str) -> tuple[Path, Path]:
+    digest = hashlib.sha256(key.encode()).hexdigest()[:40]
+    return partial_dir / f"{digest}.part", partial_dir / f"{digest}.part.json"
+
+
+# A part file untouched this long belongs to a pull nobody resumed (cancelled, crashed, given up).
+STALE_PART_SECONDS = 3 * 24 * 3600
+_PART_NAME = re.compile(r"^[0-9a-f]{40}\.part(?:\.json)?$")
+
+
+def remove_stale_parts(partial_dir: Path, keep: set[Path], max_age: float = STALE_PART_SECONDS) -> None:
+    """Delete part files (and sidecars) not modified for `max_age` seconds, except those in `keep`
+    (downloads in progress); a sidecar whose part is gone goes too."""
+    if not partial_dir.is_dir():
+        return
+    cutoff = time.time() - max_age
+    for path in partial_dir.iterdir():
+        if not _PART_NAME.match(path.name) or path in keep:
+            continue
+        with contextlib.suppress(OSError):
+            orphan = path.name.endswith(".json") and not path.with_name(path.name.removesuffix(".json")).exists()
+            if orphan or path.lstat().st_mtime < cutoff:
+                path.unlink()
+                log.info("removed %s: a pull left it and none resumed it", path.name)
 
 
 def _hash_file(path: Path, limit: int) -> Any:
@@ -283,10 +337,12 @@ class _Retryable(Exception):
 
 async def _open(session: aiohttp.ClientSession, url: str, headers: dict[str, str], opts: FetchOptions,
                 ) -> tuple[aiohttp.ClientResponse, str | None]:
-    """GET following at most 5 redirects by hand, to http(s) only; the token goes to the hub only."""
+    """GET following at most 5 redirects by hand, to http(s) only, each hop's host checked by the
+    policy; the token goes to the hub only."""
     hub_sha: str | None = None
     for _ in range(_MAX_REDIRECTS + 1):
         host = urlsplit(url).hostname
+        opts.policy.check_literal(host or "")
         sent = dict(headers)
         if opts.token and host == opts.token_host:
             sent["Authorization"] = f"Bearer {opts.token}"
@@ -298,14 +354,14 @@ async def _open(session: aiohttp.ClientSession, url: str, headers: dict[str, str
             try:
                 target = _check_url(str(resp.url.join(URL(location))))
             except (PullError, ValueError) as exc:
-                raise PullError(f"upstream redirected to a refused location {location[:200]!r}", 502,
+                raise PullError("the pull source redirected to a location that is not an http(s) URL", 502,
                                 "bad_redirect") from exc
             if url.startswith("https://") and target.startswith("http://"):
-                raise PullError(f"upstream redirected from https to plain http ({target[:200]})", 502, "bad_redirect")
+                raise PullError("the pull source redirected from https to plain http", 502, "bad_redirect")
             url = target
             continue
         return resp, hub_sha
-    raise PullError(f"more than {_MAX_REDIRECTS} redirects for {url[:200]}", 502, "bad_redirect")
+    raise PullError(f"the pull source redirected more than {_MAX_REDIRECTS} times", 502, "bad_redirect")
 
 
 async def fetch(session: aiohttp.ClientSession, file: RemoteFile, partial_dir: Path, opts: FetchOptions,
@@ -316,7 +372,7 @@ async def fetch(session: aiohttp.ClientSession, file: RemoteFile, partial_dir: P
     unless its content is known to be wrong.
     """
     partial_dir.mkdir(parents=True, exist_ok=True)
-    part, meta = _part_paths(partial_dir, file.url)
+    part, meta = _part_paths(partial_dir, opts.key(file.url))
     attempts = 0
     expected = file.sha256
     while True:
@@ -326,7 +382,8 @@ async def fetch(session: aiohttp.ClientSession, file: RemoteFile, partial_dir: P
         except _Retryable as exc:
             attempts += 1
             if attempts > opts.retries:
-                raise PullError(f"download of {file.name} kept failing ({exc}); pull again to resume", 502,
+                log.warning("download of %s kept failing: %s", file.url[:200], exc)
+                raise PullError(f"the download of {file.name} kept breaking off; pull again to resume", 502,
                                 "download_interrupted") from None
             await asyncio.sleep(min(2.0, 0.1 * 2 ** attempts))
     digest = (await asyncio.to_thread(_hash_file, part, total)).hexdigest()
@@ -335,7 +392,7 @@ async def fetch(session: aiohttp.ClientSession, file: RemoteFile, partial_dir: P
             part.unlink()
         with contextlib.suppress(FileNotFoundError):
             meta.unlink()
-        raise PullError(f"sha256 mismatch for {file.name}: expected {expected}, got {digest}", 502,
+        raise PullError(f"sha256 mismatch for {file.name}: the content is not the expected {expected}", 502,
                         "digest_mismatch")
     # The sidecar stays until the store commits the part: a verified part left by a failed pull of a
     # several-file model is then taken as it is by the next attempt (a 416 for its full length).
@@ -365,16 +422,17 @@ async def _fetch_once(session: aiohttp.ClientSession, file: RemoteFile, part: Pa
         offset = 0  # bytes of unknown provenance: never splice them onto a new response
     try:
         resp, hub_sha = await _open(session, file.url, headers, opts)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise PullError(f"cannot fetch {file.url[:200]}: {exc or type(exc).__name__}", 502) from exc
+    except (aiohttp.ClientError, TimeoutError, TargetRefused) as exc:
+        raise _connect_error(exc, f"fetching {file.url[:200]}") from exc
     async with resp:
         if hub_sha is not None:
             if expected is not None and hub_sha != expected:
-                raise PullError(f"sha256 mismatch for {file.name}: expected {expected}, upstream says {hub_sha}",
-                                502, "digest_mismatch")
+                raise PullError(f"sha256 mismatch for {file.name}: the source announces another sha256 than the "
+                                f"expected {expected}", 502, "digest_mismatch")
             expected = hub_sha
         if resp.status == 404:
-            raise PullError(f"{file.url[:200]} was not found upstream (HTTP 404)", 404, "not_found")
+            raise PullError(f"{file.name} was not found: the pull source refused the request (HTTP 404)", 404,
+                            "not_found")
         if resp.status == 416 and offset > 0:
             whole = re.match(r"^bytes \*/(\d+)$", resp.headers.get("Content-Range", "").strip())
             if whole is not None and int(whole.group(1)) == offset:
@@ -385,18 +443,19 @@ async def _fetch_once(session: aiohttp.ClientSession, file: RemoteFile, part: Pa
         if resp.status == 206 and offset > 0:
             cr = _content_range_start(resp.headers.get("Content-Range", ""))
             if cr is None or cr[0] != offset:
-                raise PullError(f"upstream answered a range we did not ask for ({resp.headers.get('Content-Range')})",
-                                502, "bad_range")
+                raise PullError("the pull source answered a range that was not asked for", 502, "bad_range")
             total = cr[1]
         elif resp.status == 200:
             offset = 0
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
         else:
-            raise PullError(f"fetching {file.url[:200]} failed: upstream answered HTTP {resp.status}", 502,
-                            "upstream_error")
+            raise PullError(f"fetching {file.name} failed: the pull source refused the request (HTTP {resp.status})",
+                            502, "upstream_error")
         if total is None and file.size is not None:
             total = file.size
+        if total is not None and total > opts.max_size:
+            raise _too_large(file, opts)
         new_validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
         if new_validator and not new_validator.startswith("W/"):
             meta.write_text(json.dumps({"url": file.url, "validator": new_validator}))
@@ -404,10 +463,10 @@ async def _fetch_once(session: aiohttp.ClientSession, file: RemoteFile, part: Pa
             with contextlib.suppress(FileNotFoundError):
                 meta.unlink()
         if total is not None and shutil.disk_usage(part.parent).free < total - offset:
-            raise PullError(f"not enough disk space for {file.name}: {total - offset} bytes needed, "
-                            f"{shutil.disk_usage(part.parent).free} free", 507, "disk_full")
+            raise PullError(f"not enough disk space for {file.name}", 507, "disk_full")
         completed = offset
         on_bytes(completed, total)
+        rate = _RateFloor(opts.min_rate, opts.rate_window, file.name)
         try:
             with part.open("r+b" if offset else "wb") as f:
                 f.seek(offset)
@@ -416,8 +475,11 @@ async def _fetch_once(session: aiohttp.ClientSession, file: RemoteFile, part: Pa
                     async for chunk in resp.content.iter_chunked(_CHUNK):
                         completed += len(chunk)
                         if total is not None and completed > total:
-                            raise PullError(f"upstream sent more than the {total} bytes it announced for "
-                                            f"{file.name}", 502, "length_mismatch")
+                            raise PullError(f"the pull source sent more than it announced for {file.name}", 502,
+                                            "length_mismatch")
+                        if completed > opts.max_size:
+                            raise _too_large(file, opts)
+                        rate.passed(len(chunk))
                         await asyncio.to_thread(f.write, chunk)
                         on_bytes(completed, total)
                 except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
@@ -429,9 +491,40 @@ async def _fetch_once(session: aiohttp.ClientSession, file: RemoteFile, part: Pa
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise disk_full(exc) from exc
             raise
+        except PullError as exc:
+            if exc.code == "too_large":  # never resumable
+                part.unlink(missing_ok=True)
+                meta.unlink(missing_ok=True)
+            raise
         if total is not None and completed < total:
             raise _Retryable(f"the connection closed after {completed} of {total} bytes")
         return completed, expected
+
+
+def _too_large(file: RemoteFile, opts: FetchOptions) -> PullError:
+    return PullError(f"{file.name} is larger than store.max_download_size ({opts.max_size} bytes)", 413, "too_large")
+
+
+class _RateFloor:
+    """PullError once the bytes of a window of `window` seconds average under `minimum` per second."""
+
+    def __init__(self, minimum: int, window: float, name: str) -> None:
+        self.minimum = minimum
+        self.window = window
+        self.name = name
+        self.start = time.monotonic()
+        self.bytes = 0
+
+    def passed(self, n: int) -> None:
+        self.bytes += n
+        elapsed = time.monotonic() - self.start
+        if elapsed < self.window or self.minimum <= 0:
+            return
+        if self.bytes < self.minimum * elapsed:
+            raise PullError(f"the download of {self.name} was slower than store.min_download_rate "
+                            f"({self.minimum} bytes/s over {self.window:g} s) and was stopped; pull again to resume",
+                            504, "too_slow")
+        self.start, self.bytes = time.monotonic(), 0
 
 
 class Throttle:
@@ -483,20 +576,34 @@ class Downloads:
             raise StoreError(f"cannot read the Hugging Face token file {path}: {exc.strerror}", 500,
                              "token_unreadable") from exc
 
-    def _options(self) -> FetchOptions:
+    def _options(self, public_only: bool) -> FetchOptions:
+        hub = urlsplit(self.huggingface.base_url).hostname
         return FetchOptions(read_timeout=self.settings.read_timeout, retries=self.settings.retries,
-                            token=self._token(), token_host=urlsplit(self.huggingface.base_url).hostname)
+                            token=self._token(), token_host=hub,
+                            policy=PullPolicy.build(public_only, self.settings.pull_allowed_hosts, [hub]),
+                            max_size=self.settings.max_download_size, min_rate=self.settings.min_download_rate,
+                            rate_window=self.settings.min_rate_window)
+
+    def busy_parts(self) -> set[Path]:
+        """Part files (and sidecars) of the downloads running now."""
+        return {p for key in self._fetches for p in _part_paths(self.partial, key)}
 
     async def fetch_model(self, parsed: Source, expected: str | None, progress: PullProgressCallback,
-                          projector: RemoteFile | None = None) -> list[tuple[RemoteFile, Downloaded, str]]:
+                          projector: RemoteFile | None = None, *, public_only: bool = False,
+                          ) -> list[tuple[RemoteFile, Downloaded, str]]:
         """Download every file of a remote model (and its projector) into verified part files, reporting
-        "download" progress over all of them; returns (file, download, role) for each."""
-        opts = self._options()
+        "download" progress over all of them; returns (file, download, role) for each. `public_only`:
+        the caller came over TCP (runnerd.store.targets)."""
+        opts = self._options(public_only)
+        await asyncio.to_thread(remove_stale_parts, self.partial, self.busy_parts())
         files = parsed.files
         if parsed.hf_repo is not None:
             headers = {"Authorization": f"Bearer {opts.token}"} if opts.token else {}
             async with download_session(opts) as session:
-                files = await list_hf_repo(session, parsed, self.huggingface.base_url, headers)
+                files = await list_hf_repo(session, parsed, self.huggingface.base_url, headers, opts.policy)
+        for f in files:
+            if f.size is not None and f.size > opts.max_size:
+                raise _too_large(f, opts)
         if expected is not None:
             if len(files) != 1:
                 raise PullError("sha256 can only be given for a single-file model", 400, "invalid_sha256")
@@ -533,10 +640,11 @@ class Downloads:
             done[file.url] = (completed, total)
             report(file.name, False)
 
-        shared = self._fetches.get(file.url)
+        key = opts.key(file.url)
+        shared = self._fetches.get(key)
         if shared is None or shared.task.done():
-            shared = _SharedFetch(task=asyncio.create_task(self._fetch(file, opts, file.url)))
-            self._fetches[file.url] = shared
+            shared = _SharedFetch(task=asyncio.create_task(self._fetch(file, opts, key)))
+            self._fetches[key] = shared
         shared.listeners.append(on_bytes)
         shared.waiters += 1
         try:

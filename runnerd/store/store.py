@@ -15,8 +15,12 @@ API other modules use (names and signatures are kept stable; the Ollama routes c
   ``mmproj`` optionally names a multimodal projector GGUF stored with it (``ModelEntry.mmproj``).
   ``progress`` gets ``PullProgress`` reports (always on the event loop). Raises ``StoreError``
   (``.status`` is the HTTP status, ``.code`` a short kind). Cancelling the call cancels the download
-  (unless another pull shares it) and registers nothing.
-- ``ModelStore.tag(source_name, target_name) -> ModelEntry`` — another name for the same blobs.
+  (unless another pull shares it) and registers nothing. ``public_only=True`` (a caller over TCP)
+  limits where it may connect (runnerd.store.targets). A local import runs on the store's own two
+  threads (``LOCAL_THREADS``), never the loop's default pool; ``add_local`` runs ``add`` there too,
+  and ``close()`` waits for them.
+- ``ModelStore.tag(source_name, target_name, force=False) -> ModelEntry`` — another name for the same blobs;
+  ``ModelExists`` (409) when the target name is taken, unless ``force`` replaces it.
 - ``ModelStore.remove(name, force=False) -> ModelEntry`` — 409 (``ModelInUse``) when the injected
   ``in_use(name)`` says a runner holds it, unless ``force``; the last reference to a blob deletes it.
 - ``ModelStore.disk_usage() -> int`` — bytes of blobs, part files and in-place models.
@@ -37,10 +41,13 @@ import asyncio
 import builtins
 import contextlib
 import errno
+import functools
+import logging
 import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +55,7 @@ from backends.base import BackendConfiguration, ModelFormat
 from backends.formats.gguf import GGUFParseError, read_header
 from runnerd.config import HuggingFaceSettings, StoreSettings
 from runnerd.store import blobs, importer, manifests
-from runnerd.store.errors import ModelInUse, ModelNotFound, StoreError, stop_if
+from runnerd.store.errors import ModelExists, ModelInUse, ModelNotFound, StoreError, stop_if
 from runnerd.store.manifests import BlobFile, ModelEntry, files_digest, model_summary
 from runnerd.store.names import canonical_name
 from runnerd.store.pull import (
@@ -62,8 +69,13 @@ from runnerd.store.pull import (
     Throttle,
     disk_full,
     parse_source,
+    remove_stale_parts,
     valid_sha256,
 )
+
+log = logging.getLogger("runnerd.store")
+# Threads for local imports and in-place registrations (the rest wait for one, cancellable).
+LOCAL_THREADS = 2
 
 
 def _store_error(exc: PullError) -> StoreError:
@@ -86,6 +98,9 @@ class ModelStore:
         self.in_use = in_use
         self._lock = threading.RLock()  # manifests and blob reference counts change under it
         self._downloads = Downloads(self.partial, self.settings, self.huggingface)
+        # Local imports and in-place registrations read files a caller names: their own bounded pool, so
+        # that however many of them wait on a slow disk they never take the threads other routes use.
+        self._local_pool = ThreadPoolExecutor(max_workers=LOCAL_THREADS, thread_name_prefix="runnerd-import")
         self._models: dict[str, ModelEntry] = self._load()
 
     # --- manifests -----------------------------------------------------------------------------
@@ -96,6 +111,8 @@ class ModelStore:
     def _load(self) -> dict[str, ModelEntry]:
         models = manifests.read_manifests(self.manifests)
         importer.remove_stale_imports(self.partial)
+        remove_stale_parts(self.partial, set())
+        manifests.remove_temporary_files(self.manifests)
         legacy = manifests.read_legacy(self.index_path)
         if legacy:
             for entry in legacy.values():
@@ -160,12 +177,15 @@ class ModelStore:
 
     # --- tag and remove ------------------------------------------------------------------------
 
-    def tag(self, source_name: str, target_name: str) -> ModelEntry:
+    def tag(self, source_name: str, target_name: str, force: bool = False) -> ModelEntry:
+        """Another name for the model; ModelExists (409) when the name is taken, unless `force` replaces it."""
         with self._lock:
             source = self.get(source_name)
             target = canonical_name(target_name)
             if target == source.name:
                 return source
+            if not force and target in self._models:
+                raise ModelExists(f"model {target} already exists; remove it first or tag with force to replace it")
             entry = source.model_copy(update={"name": target, "added_at": time.time()})
             self._put(entry)
             return entry
@@ -211,7 +231,7 @@ class ModelStore:
                     path, fmt = self._blob(files[0].digest), ModelFormat.GGUF
                 else:
                     path, fmt = self._materialise(digest, files) / files[0].name, ModelFormat.GGUF
-                info = model_summary(path, fmt)
+                info = model_summary(path, fmt, label=files[0].name if files else name)
                 if fmt is ModelFormat.SAFETENSORS:
                     info["size"] = sum(f.size for f in files)  # every file of the directory, not only weights
                 entry = ModelEntry(name=name, path=path, format=fmt, stored=True, digest=digest, files=all_files,
@@ -236,15 +256,18 @@ class ModelStore:
         try:
             read_header(path)
         except GGUFParseError as exc:
-            raise StoreError(f"the multimodal projector {projector.name} is not a usable GGUF: {exc}") from exc
+            raise StoreError(f"the multimodal projector {projector.name} is not a usable GGUF: {exc.what}") from exc
         return path
 
     # --- pulling -------------------------------------------------------------------------------
 
     async def pull(self, source: str, name: str | None, sha256: str | None,
-                   progress: PullProgressCallback, *, mmproj: str | None = None) -> ModelEntry:
+                   progress: PullProgressCallback, *, mmproj: str | None = None,
+                   public_only: bool = False) -> ModelEntry:
         """Bring a model into the store and register it; see the module docstring. `mmproj` names a
-        multimodal projector GGUF stored with it (same kind of source: both local or both remote)."""
+        multimodal projector GGUF stored with it (same kind of source: both local or both remote).
+        `public_only`: the caller is remote (TCP), so only public addresses, and the hosts
+        `store.pull_allowed_hosts` names, may be fetched from (runnerd.store.targets)."""
         try:
             parsed = parse_source(source, self.huggingface.base_url)
             expected = valid_sha256(sha256) if sha256 else None
@@ -266,35 +289,51 @@ class ModelStore:
             if parsed.kind == "path":
                 assert parsed.path is not None
                 return await self._in_thread(self._import_local, key, parsed.path, expected, on_loop,
-                                             projector.path if projector is not None else None)
+                                             projector.path if projector is not None else None,
+                                             pool=self._local_pool)
             extra = projector.files[0] if projector is not None else None
-            return await self._pull_remote(key, source, parsed, expected, progress, extra)
+            return await self._pull_remote(key, source, parsed, expected, progress, extra, public_only)
         except PullError as exc:
             raise _store_error(exc) from exc
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise _store_error(disk_full(exc)) from exc
-            raise StoreError(f"the model store could not write {exc.filename or 'a file'}: {exc.strerror or exc}",
-                             500, "store_io") from exc
+            # The daemon's own paths stay in its log, not in the answer.
+            log.error("pull of %s: %s", source[:200], exc)
+            raise StoreError(f"the model store could not write a file: {exc.strerror or 'I/O error'}", 500,
+                             "store_io") from exc
 
     async def _pull_remote(self, key: str, source: str, parsed: Source, expected: str | None,
-                           progress: PullProgressCallback, projector: RemoteFile | None = None) -> ModelEntry:
-        results = await self._downloads.fetch_model(parsed, expected, progress, projector)
+                           progress: PullProgressCallback, projector: RemoteFile | None = None,
+                           public_only: bool = False) -> ModelEntry:
+        results = await self._downloads.fetch_model(parsed, expected, progress, projector, public_only=public_only)
         progress(PullProgress(phase="commit", total=sum(d.size for _, d, _ in results),
                               completed=sum(d.size for _, d, _ in results)))
         entry = await self._in_thread(self._commit_downloads, key, source, results, parsed.hf_repo is not None)
         progress(PullProgress(phase="success", total=entry.size, completed=entry.size))
         return entry
 
-    async def _in_thread(self, work: Callable[..., ModelEntry], *args: Any) -> ModelEntry:
-        """Run `work` in a thread that stops before registering anything once the pull is cancelled
-        (a cancelled await does not stop a thread; it sees the flag between chunks and before committing)."""
+    async def _in_thread(self, work: Callable[..., ModelEntry], *args: Any,
+                         pool: ThreadPoolExecutor | None = None) -> ModelEntry:
+        """Run `work` in a thread (of `pool`, else the loop's default) that stops before registering
+        anything once the pull is cancelled (a cancelled await does not stop a thread; it sees the flag
+        between entries, between chunks and before committing)."""
         cancelled = threading.Event()
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.to_thread(work, *args, cancelled)
+            return await loop.run_in_executor(pool, functools.partial(work, *args, cancelled))
         except asyncio.CancelledError:
             cancelled.set()
             raise
+
+    def close(self) -> None:
+        """Wait for local imports still running (a cancelled one stops at its next file or chunk)."""
+        self._local_pool.shutdown(wait=True)
+
+    async def add_local(self, name: str, path: Path, config: BackendConfiguration | None = None) -> ModelEntry:
+        """`add`, run on the local-import threads (it reads the caller's files)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._local_pool, functools.partial(self.add, name, path, config))
 
     def _commit_downloads(self, key: str, source: str, results: builtins.list[tuple[RemoteFile, Downloaded, str]],
                           directory_model: bool, cancelled: threading.Event) -> ModelEntry:
@@ -304,8 +343,8 @@ class ModelStore:
             try:
                 for remote, got, role in results:
                     if remote.sha256 is not None and got.sha256 != remote.sha256:
-                        raise StoreError(f"sha256 mismatch for {remote.name}: expected {remote.sha256}, got "
-                                         f"{got.sha256}", 502, "digest_mismatch")
+                        raise StoreError(f"sha256 mismatch for {remote.name}: the content is not the expected "
+                                         f"{remote.sha256}", 502, "digest_mismatch")
                     # Listed before it is committed: a failure half-way through the commit collects it too.
                     blob_files.append(BlobFile(name=remote.name, digest=got.sha256, size=got.size,
                                                role="mmproj" if role == "mmproj" else "model"))
@@ -322,8 +361,8 @@ class ModelStore:
     def _import_local(self, key: str, path: Path, expected: str | None, progress: PullProgressCallback,
                       projector: Path | None, cancelled: threading.Event) -> ModelEntry:
         """Hash each file of a local model and hard-link (or copy) it into the blob store."""
-        sources, roles, directory_model = importer.local_sources(path, expected, projector)
-        total = sum(p.stat().st_size for p, _ in sources)
+        model = importer.local_sources(path, expected, projector, cancelled)
+        total = importer.total_size(model)
         completed = 0
         throttle = Throttle()
 
@@ -338,21 +377,22 @@ class ModelStore:
         staged: builtins.list[Path] = []
         self.partial.mkdir(parents=True, exist_ok=True)
         try:
-            for (src, name), role in zip(sources, roles, strict=True):
-                tmp, digest, size = self._stage_local(src, on_bytes)
+            for source in model.files:
+                stop_if(cancelled)
+                tmp, digest, size = self._stage_local(source, on_bytes)
                 staged.append(tmp)
-                if expected is not None and role == "model" and digest != expected:
-                    raise StoreError(f"sha256 mismatch for {name}: expected {expected}, got {digest}", 400,
+                if expected is not None and source.role == "model" and digest != expected:
+                    raise StoreError(f"sha256 mismatch for {source.name}: expected {expected}, got {digest}", 400,
                                      "digest_mismatch")
-                files.append(BlobFile(name=name, digest=digest, size=size,
-                                      role="mmproj" if role == "mmproj" else "model"))
+                files.append(BlobFile(name=source.name, digest=digest, size=size,
+                                      role="mmproj" if source.role == "mmproj" else "model"))
             progress(PullProgress(phase="commit", total=total, completed=total))
             with self._lock:  # blobs and manifest together: a concurrent removal cannot collect them between
                 stop_if(cancelled)
                 try:
                     for tmp, f in zip(staged, files, strict=True):
                         self._commit_blob(tmp, f.digest, read_only=False)
-                    entry = self._register(key, files, str(path), directory_model)
+                    entry = self._register(key, files, str(path), model.directory_model)
                 except BaseException:
                     self._collect_attempt(files)  # the blobs committed before the failure
                     raise
@@ -362,5 +402,5 @@ class ModelStore:
         progress(PullProgress(phase="success", total=entry.size, completed=entry.size))
         return entry
 
-    def _stage_local(self, src: Path, on_bytes: Callable[[int], None]) -> tuple[Path, str, int]:
-        return importer.stage_local(self.partial, src, on_bytes)
+    def _stage_local(self, source: importer.LocalFile, on_bytes: Callable[[int], None]) -> tuple[Path, str, int]:
+        return importer.stage_local(self.partial, source, on_bytes)

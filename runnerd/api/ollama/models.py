@@ -40,6 +40,7 @@ class CopyRequest(BaseModel):
 
     source: str = Field(min_length=1, max_length=300)
     destination: str = Field(min_length=1, max_length=300)
+    force: bool = False  # runnerd extension: replace a model the destination already names (409 otherwise)
 
 
 # ---------------------------------------------------------------- model listing and details
@@ -210,7 +211,7 @@ async def copy(request: web.Request) -> web.Response:
     d = daemon(request)
     lookup_model(d, req.source)
     try:
-        await asyncio.to_thread(d.store.tag, req.source, req.destination)
+        await asyncio.to_thread(d.store.tag, req.source, req.destination, req.force)
     except StoreError as exc:
         raise ApiError(exc.status, str(exc)) from exc
     return web.Response(status=200)
@@ -249,7 +250,9 @@ async def pull(request: web.Request) -> web.StreamResponse:
     req = await read_body(request, PullRequest)
     d = daemon(request)
     source, name = _pull_source(request, req)
-    async with RequestPull(lambda progress: d.store.pull(source, name, req.sha256, progress),
+    public_only = not over_unix_socket(request)  # a remote caller must not reach the host's own network
+    async with RequestPull(lambda progress: d.store.pull(source, name, req.sha256, progress,
+                                                         public_only=public_only),
                            name=f"pull {source[:80]}") as pulling:
         if not req.stream:
             await _pulled(pulling.task)
