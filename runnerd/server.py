@@ -162,10 +162,14 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
         await sampler.stop()
         await loop_lag.stop()
 
+    async def stop_imports(app: web.Application) -> None:
+        await asyncio.to_thread(store.close)  # a cancelled import stops at its next file or chunk
+
     app.on_startup.append(start_sampling)
     # on_cleanup runs after in-flight requests have drained (or the drain timeout passed).
     app.on_cleanup.append(stop_runners)
     app.on_cleanup.append(stop_sampling)
+    app.on_cleanup.append(stop_imports)
     # [node] labels_file: the node's labels for Kubernetes (NFD), from the sampler's readings.
     node_labels.keep_labels_file(app, settings.node, backends, sampler)
     return app

@@ -91,6 +91,10 @@ def test_ollama_command_habits(daemon):
     """cp = tag, list = ls, show = inspect + stored configuration, stop MODEL = unload MODEL."""
     out = cli("cp", "tiny", "copy", socket=daemon.socket)
     assert out.returncode == 0 and out.stdout == "tagged copy:latest\n", out.stderr
+    again = cli("cp", "tiny", "copy", socket=daemon.socket)
+    assert again.returncode == 1 and "409" in again.stderr and "--force" not in again.stdout
+    forced = cli("cp", "tiny", "copy", "--force", socket=daemon.socket)
+    assert forced.returncode == 0 and forced.stdout == "tagged copy:latest\n", forced.stderr
     listed = cli("list", socket=daemon.socket).stdout
     assert listed == cli("ls", socket=daemon.socket).stdout == cli("models", "ls", socket=daemon.socket).stdout
     assert "copy:latest" in listed

@@ -77,7 +77,8 @@ async def _rm(client: DaemonClient, args: argparse.Namespace) -> Any:
 async def _tag(client: DaemonClient, args: argparse.Namespace) -> Any:
     from urllib.parse import quote
 
-    entry = await client.request("POST", f"/models/{quote(args.source)}/tag", {"name": args.target})
+    body = {"name": args.target, **({"force": True} if args.force else {})}
+    entry = await client.request("POST", f"/models/{quote(args.source)}/tag", body)
     return entry, lambda: print(f"tagged {entry['name']}")
 
 

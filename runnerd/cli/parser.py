@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     tag = client("tag", "tag", "give a model another name", aliases=("cp",))
     tag.add_argument("source")
     tag.add_argument("target")
+    tag.add_argument("-f", "--force", action="store_true", help="replace a model already named TARGET")
 
     run = client("run", "run", "chat with a model (interactive without a prompt; /? lists its commands)")
     run.add_argument("model")
