@@ -51,8 +51,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 async def _relay_stream(request: web.Request, leased: Leased, payload: dict[str, Any]) -> web.StreamResponse:
     """The engine's own event sequence, with the daemon's model name and a ping after message_start.
-    llama-server leaves message_start out when the whole prompt came from its cache; the SDKs refuse a
-    stream without it, so one is put first."""
+    An engine may leave message_start out (one does when the whole prompt came from its cache); the SDKs
+    refuse a stream without it, so one is put first."""
     started = False
     async with contextlib.aclosing(engine_events(leased.runner, "/v1/messages", payload)) as events:
         first = await anext(events, None)  # an engine refusal still gets a real status line
