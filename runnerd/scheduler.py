@@ -210,6 +210,7 @@ class Runner:
         self.error: RunnerError | None = None
         self.stop_requested = False
         self.stop_reason: str | None = None  # why runnerd stopped it: idle, unload, memory, abandoned, ...
+        self.unloading = False  # an unload waits for its requests in flight to end before it stops it
         self.session: aiohttp.ClientSession | None = None
         self._expiry: anyio.CancelScope | None = None
         self._process: asyncio.Task[None] | None = None
@@ -321,6 +322,7 @@ class Runner:
         if not self.stop_requested:
             self.stop_reason = reason
         self.stop_requested = True
+        self.unloading = False
         self.state = RunnerState.STOPPING
         self.cancel_expiry()
         self._process.cancel()
@@ -352,12 +354,13 @@ class Runner:
                 idle.cancel()
                 exited.cancel()
 
-    def retire(self, reason: str) -> None:
+    def begin_unload(self, reason: str) -> None:
         """Take no new request (one for this model starts another runner) while those in flight end;
         `stop` follows."""
         if not self.stop_requested:
             self.stop_reason = reason
         self.stop_requested = True
+        self.unloading = True
         self.state = RunnerState.STOPPING
         self.cancel_expiry()
 
@@ -759,7 +762,7 @@ class Scheduler:
         if runner.active > 0:
             return
         runner.note_idle()
-        if runner.state is RunnerState.STOPPING and runner.stop_requested:
+        if runner.unloading:
             # An unload is draining it: stop it now rather than at the unload's timeout.
             self.spawn(runner.stop, runner.stop_reason or "unload")
             return
@@ -810,12 +813,14 @@ class Scheduler:
         chosen = [r for r in self._all_runners() if matches(r.key)]
         infos = [r.info() for r in chosen]
         in_flight = sum(r.active for r in chosen if r.state is not RunnerState.EXITED)
-        draining = [r for r in chosen if r.state in (RunnerState.READY, RunnerState.STOPPING)]
-        for runner in draining:
-            runner.retire(reason)
+        # Loaded runners drain, and those an earlier unload drains go on draining; one still loading has
+        # no answer under way to wait for.
+        draining = [r for r in chosen if r.state is RunnerState.READY or r.unloading]
         if timeout <= 0 or not draining:
             cut = await self._cut(chosen, reason)
         else:
+            for runner in draining:
+                runner.begin_unload(reason)
             done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
             self.spawn(self._drain_then_stop, chosen, draining, reason, timeout, done)
             cut = await asyncio.shield(done)

@@ -132,21 +132,20 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float 
 @pytest.mark.anyio
 async def test_a_large_answer_reaches_the_client_before_the_engine_has_sent_all_of_it(tmp_path, tiny_model):
     size = 8 * MIB
-    async with daemon_app(tmp_path, tiny_model) as client, engine(client) as direct:
-        async with client.stream("POST", "/v1/chat/completions",
-                                 json=chat({"bulk": size, "gated": True})) as resp:
-            assert resp.status_code == 200
-            assert int(resp.headers["Content-Length"]) == size
-            received = bytearray()
-            chunks = resp.aiter_raw()
-            # The engine holds its second half until the gate opens: the first must arrive without it.
-            async with asyncio.timeout(20):
-                while len(received) < size // 4:
-                    received += await anext(chunks)
-            assert (await counts(direct))["answered"] == 1  # the loading request only: this one is unfinished
-            await direct.post("/open")
-            async for chunk in chunks:
-                received += chunk
+    async with daemon_app(tmp_path, tiny_model) as client, engine(client) as direct, \
+            client.stream("POST", "/v1/chat/completions", json=chat({"bulk": size, "gated": True})) as resp:
+        assert resp.status_code == 200
+        assert int(resp.headers["Content-Length"]) == size
+        received = bytearray()
+        chunks = resp.aiter_raw()
+        # The engine holds its second half until the gate opens: the first must arrive without it.
+        async with asyncio.timeout(20):
+            while len(received) < size // 4:
+                received += await anext(chunks)
+        assert (await counts(direct))["answered"] == 1  # the loading request only: this one is unfinished
+        await direct.post("/open")
+        async for chunk in chunks:
+            received += chunk
     answer = json.loads(received)
     assert len(received) == size and answer["choices"][0]["message"]["content"].startswith("xxx")
 
