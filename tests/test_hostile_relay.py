@@ -114,6 +114,15 @@ async def engine(client: httpx.AsyncClient) -> AsyncIterator[httpx.AsyncClient]:
         yield direct
 
 
+@contextlib.asynccontextmanager
+async def gate(direct: httpx.AsyncClient) -> AsyncIterator[None]:
+    """Open the engine's gate when the block ends, if the test has not: a failed test holds no answer back."""
+    try:
+        yield
+    finally:
+        await direct.post("/open")
+
+
 async def counts(direct: httpx.AsyncClient) -> dict[str, int]:
     answer: dict[str, int] = (await direct.get("/counts")).json()
     return answer
@@ -132,20 +141,28 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float 
 @pytest.mark.anyio
 async def test_a_large_answer_reaches_the_client_before_the_engine_has_sent_all_of_it(tmp_path, tiny_model):
     size = 8 * MIB
-    async with daemon_app(tmp_path, tiny_model) as client, engine(client) as direct, \
-            client.stream("POST", "/v1/chat/completions", json=chat({"bulk": size, "gated": True})) as resp:
-        assert resp.status_code == 200
-        assert int(resp.headers["Content-Length"]) == size
-        received = bytearray()
-        chunks = resp.aiter_raw()
-        # The engine holds its second half until the gate opens: the first must arrive without it.
-        async with asyncio.timeout(20):
-            while len(received) < size // 4:
+    received = bytearray()
+    async with daemon_app(tmp_path, tiny_model) as client, engine(client) as direct, gate(direct):
+        request = client.build_request("POST", "/v1/chat/completions", json=chat({"bulk": size, "gated": True}))
+        sending = asyncio.create_task(client.send(request, stream=True))
+        # The engine holds its second half until the gate opens: the status line must arrive without it.
+        arrived, _ = await asyncio.wait({sending}, timeout=20)
+        if not arrived:
+            await direct.post("/open")  # lets the test end; it has failed already
+        resp = await sending
+        try:
+            assert arrived, "the answer's status line waited for the engine's last bytes"
+            assert resp.status_code == 200
+            assert int(resp.headers["Content-Length"]) == size
+            chunks = resp.aiter_raw()
+            while len(received) < size // 4:  # the first bytes too, the gate still shut
                 received += await anext(chunks)
-        assert (await counts(direct))["answered"] == 1  # the loading request only: this one is unfinished
-        await direct.post("/open")
-        async for chunk in chunks:
-            received += chunk
+            assert (await counts(direct))["answered"] == 1  # the loading request only: this one is unfinished
+            await direct.post("/open")
+            async for chunk in chunks:
+                received += chunk
+        finally:
+            await resp.aclose()
     answer = json.loads(received)
     assert len(received) == size and answer["choices"][0]["message"]["content"].startswith("xxx")
 
@@ -162,7 +179,7 @@ async def test_an_answer_broken_midway_is_cut_not_passed_off_as_whole(tmp_path, 
 
 @pytest.mark.anyio
 async def test_a_translated_answer_over_the_bound_is_refused_with_502(tmp_path, tiny_model, monkeypatch):
-    monkeypatch.setattr(proxy, "MAX_TRANSLATED_ANSWER_BYTES", MIB)
+    monkeypatch.setattr(proxy, "MAX_TRANSLATED_ANSWER_BYTES", MIB, raising=False)
     ollama_chat = {"model": "tiny", "stream": False, "messages": [{"role": "user", "content": "hi"}]}
     async with daemon_app(tmp_path, tiny_model) as client, engine(client) as direct:
         await direct.post("/plan", json={"bulk": MIB // 2})
@@ -184,7 +201,7 @@ async def test_a_translated_answer_over_the_bound_is_refused_with_502(tmp_path, 
 async def test_the_runner_stays_busy_until_the_engine_answers_a_client_that_hung_up(tmp_path, tiny_model, caplog,
                                                                                      route):
     caplog.set_level(logging.INFO, logger="runnerd.proxy")
-    async with daemon_app(tmp_path, tiny_model) as client, engine(client) as direct:
+    async with daemon_app(tmp_path, tiny_model) as client, engine(client) as direct, gate(direct):
         await direct.post("/plan", json={"gated": True})  # the Ollama route sends no plan of its own
         body = chat() if route == "/api/chat" else chat({"gated": True})
         asking = asyncio.create_task(client.post(route, json=body))
