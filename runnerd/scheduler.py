@@ -189,7 +189,7 @@ class Runner:
                  release: Callable[[Runner], None] | None = None) -> None:
         self.key = key
         self.spawn = spawn  # background work belongs to the scheduler's task group
-        # Returns a lease (the scheduler's bookkeeping); without a scheduler it only counts.
+        # How a lease on it is returned: the scheduler's bookkeeping; without a scheduler, only the count.
         self._release_lease = release or _count_release
         self.backend = backend
         self.model = model
