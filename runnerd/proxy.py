@@ -1,4 +1,10 @@
-"""Relay one request to a runner's unix socket and its answer back, streaming without buffering."""
+"""Relay one request to a runner's unix socket and its answer back, streaming without buffering.
+
+Every answer, streamed or not, is relayed chunk by chunk: the daemon never holds a whole answer, however
+large the engine makes it. Only routes that translate an answer read it whole, up to a bound. A client
+that hangs up while the engine computes a non-streamed answer does not stop the engine (llama-server
+finishes it anyway), so the runner stays busy, by a lease of its own, until the engine has answered.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from aiohttp.abc import AbstractStreamWriter
 from backends.base import RunnerError
 from runnerd.api.errors import ApiError
 from runnerd.metrics import REQUEST_MODEL
-from runnerd.scheduler import Runner
+from runnerd.scheduler import Lease, Runner
 from runnerd.sse import error_text, parse_sse_line
 
 log = logging.getLogger("runnerd.proxy")
@@ -29,6 +35,12 @@ _DROPPED_RESPONSE_HEADERS = frozenset(
 _EXIT_NOTICE_SECONDS = 2.0
 # How long a busy engine may take to answer its health check while it computes an answer.
 _HEALTH_PROBE_SECONDS = 30.0
+# The most of an engine's answer a route that translates it (Ollama, Anthropic, Responses) reads into
+# memory to parse; past it the route answers 502. Relayed answers (the OpenAI routes) have no such bound.
+MAX_TRANSLATED_ANSWER_BYTES = 128 << 20
+# The most of an engine's refusal read to quote it in the error.
+_MAX_REFUSAL_BYTES = 64 << 10
+_PARSE_INLINE_BYTES = 1 << 20
 
 
 def _response_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
@@ -160,25 +172,135 @@ async def exchange(runner: Runner, path: str, body: bytes, headers: dict[str, st
             await one_off.close()
 
 
-async def _whole_answer(runner: Runner, path: str, body: bytes,
-                        headers: dict[str, str]) -> tuple[aiohttp.ClientResponse, bytes]:
-    """A non-streamed answer, read whole; engine failures become ApiError."""
+class _Answer:
+    """An engine's answer whose status and headers have arrived; `close` releases it."""
+
+    def __init__(self, upstream: aiohttp.ClientResponse, one_off: aiohttp.ClientSession | None) -> None:
+        self.upstream = upstream
+        self._one_off = one_off
+
+    async def close(self) -> None:
+        self.upstream.release()
+        if self._one_off is not None:
+            await self._one_off.close()
+
+
+async def _watched_answer(runner: Runner, path: str, body: bytes, headers: dict[str, str]) -> _Answer:
+    async with answer_watch(runner):
+        return _Answer(*await send_to_runner(runner, path, body, headers, stream=False))
+
+
+async def _answer_arrived(runner: Runner, path: str, body: bytes, headers: dict[str, str]) -> _Answer:
+    """Send a non-streamed request and wait (watched by `answer_watch`) for its answer's status line.
+
+    The wait runs in a task of its own: if the caller is cancelled (its client hung up), the engine's
+    work goes on, and the runner is held busy until the engine has answered or failed its watch."""
+    waiting = asyncio.create_task(_watched_answer(runner, path, body, headers),
+                                  name=f"answer from {runner.key.slug}")
     try:
-        async with answer_watch(runner), exchange(runner, path, body, headers, stream=False) as upstream:
-            return upstream, await upstream.read()
+        await asyncio.wait({waiting})
+    except asyncio.CancelledError:
+        runner.spawn(_outlive_client, waiting, runner.hold())
+        raise
+    return waiting.result()
+
+
+async def _outlive_client(waiting: asyncio.Task[_Answer], hold: Lease) -> None:
+    """Hold the runner until the engine has answered the request its client gave up on, then drop the answer."""
+    runner = hold.runner
+    log.info("client hung up on %s; the runner stays busy until its engine answers", runner.model.name)
+    try:
+        await asyncio.wait({waiting})
+    finally:
+        if not waiting.done():
+            waiting.cancel()  # the scheduler shuts down
+        else:
+            await _drop(waiting, runner)
+        hold.release()
+
+
+async def _drop(waiting: asyncio.Task[_Answer], runner: Runner) -> None:
+    if waiting.cancelled():
+        return
+    failure = waiting.exception()
+    if failure is not None:
+        log.info("the engine serving %s failed an abandoned request: %s", runner.model.name, failure)
+        return
+    await waiting.result().close()
+
+
+async def _answer_or_failure(runner: Runner, path: str, body: bytes, headers: dict[str, str]) -> _Answer:
+    try:
+        return await _answer_arrived(runner, path, body, headers)
     except (TimeoutError, aiohttp.ClientError) as exc:
         raise await engine_failure(runner, exc) from exc
 
 
+async def _read_bounded(answer: _Answer, limit: int, runner: Runner) -> bytes:
+    """The answer's body if it is at most `limit` bytes (the engine's health watched meanwhile), else
+    a 502 naming the limit."""
+    upstream = answer.upstream
+    too_big = ApiError(502, f"the engine serving {runner.model.name} answered more than {limit} bytes, the most "
+                            f"this route reads to translate an answer; ask for less, or use the OpenAI route "
+                            f"(/v1/...), which relays answers of any size", code="answer_too_large",
+                       type="server_error")
+    if upstream.content_length is not None and upstream.content_length > limit:
+        raise too_big
+    raw = bytearray()
+    try:
+        async with answer_watch(runner):
+            async for chunk in upstream.content.iter_any():
+                raw += chunk
+                if len(raw) > limit:
+                    raise too_big
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise await engine_failure(runner, exc) from exc
+    return bytes(raw)
+
+
+async def _refusal(upstream: aiohttp.ClientResponse) -> bytes:
+    """The start of an engine's refusal, enough to quote it."""
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+        return await upstream.content.read(_MAX_REFUSAL_BYTES)
+    return b""
+
+
 async def forward(request: web.Request, runner: Runner, path: str, body: bytes, *,
                   stream: bool) -> web.StreamResponse:
-    """POST `body` to `path` on the runner and relay the answer; SSE is relayed chunk by chunk."""
+    """POST `body` to `path` on the runner and relay the answer chunk by chunk, SSE or not."""
     request[REQUEST_MODEL] = runner.model.name  # the label request metrics use
     headers = {h: request.headers[h] for h in _FORWARDED_REQUEST_HEADERS if h in request.headers}
     if stream:
         return await _relay_stream(request, runner, path, body, headers)
-    upstream, payload = await _whole_answer(runner, path, body, headers)
-    return web.Response(status=upstream.status, body=payload, headers=_response_headers(upstream))
+    answer = await _answer_or_failure(runner, path, body, headers)
+    try:
+        return await _relay_body(request, runner, answer.upstream)
+    finally:
+        await answer.close()
+
+
+async def _relay_body(request: web.Request, runner: Runner, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    """Relay a non-SSE answer: its status and headers first, then its body as it arrives, the engine's
+    health watched meanwhile. A failure after the status line cuts the connection: the client sees an
+    answer shorter than announced, never a truncated one that looks whole."""
+    response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream))
+    if upstream.content_length is not None:
+        response.content_length = upstream.content_length
+    try:
+        async with answer_watch(runner):
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        error = await engine_failure(runner, exc)
+        if not response.prepared:
+            raise error from exc
+        log.warning("answer from %s broke: %s", runner.model.name, error.message.splitlines()[0])
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    await response.write_eof()
+    return response
 
 
 async def _relay_stream(request: web.Request, runner: Runner, path: str, body: bytes,
@@ -187,8 +309,7 @@ async def _relay_stream(request: web.Request, runner: Runner, path: str, body: b
     try:
         async with exchange(runner, path, body, headers, stream=True) as upstream:
             if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
-                payload = await upstream.read()  # the engine refused the request: relay its answer
-                return web.Response(status=upstream.status, body=payload, headers=_response_headers(upstream))
+                return await _relay_body(request, runner, upstream)  # the engine refused the request
             response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream))
             await response.prepare(request)
             async for chunk in upstream.content.iter_any():
@@ -216,12 +337,18 @@ def _engine_error(status: int, raw: bytes) -> ApiError:
 
 async def call_engine(runner: Runner, path: str, body: dict[str, Any]) -> dict[str, Any]:
     """POST a JSON body to the runner and return its JSON answer, for routes that translate it; an engine's
-    error keeps its status (ApiError)."""
-    upstream, raw = await _whole_answer(runner, path, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    if upstream.status >= 400:
-        raise _engine_error(upstream.status, raw)
+    error keeps its status (ApiError). An answer over MAX_TRANSLATED_ANSWER_BYTES is a 502."""
+    exchanged = await _answer_or_failure(runner, path, json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
     try:
-        answer = json.loads(raw)
+        if exchanged.upstream.status >= 400:
+            raise _engine_error(exchanged.upstream.status, await _refusal(exchanged.upstream))
+        raw = await _read_bounded(exchanged, MAX_TRANSLATED_ANSWER_BYTES, runner)
+    finally:
+        await exchanged.close()
+    try:
+        # A big answer takes the CPU for a while to parse: not on the event loop.
+        answer = await asyncio.to_thread(json.loads, raw) if len(raw) > _PARSE_INLINE_BYTES else json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
         answer = None
     if not isinstance(answer, dict):
@@ -238,7 +365,7 @@ async def engine_events(runner: Runner, path: str, body: dict[str, Any]) -> Asyn
     try:
         async with exchange(runner, path, json.dumps(body).encode(), headers, stream=True) as upstream:
             if upstream.status >= 400:
-                raise _engine_error(upstream.status, await upstream.read())
+                raise _engine_error(upstream.status, await _refusal(upstream))
             async for line in upstream.content:
                 event = parse_sse_line(line)
                 if event == "done":

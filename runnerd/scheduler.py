@@ -11,6 +11,10 @@ None (negative) never, else a timer. Each runner instance has its own socket and
 A drained node loads nothing new: a request for a model whose runner is not already loaded or loading
 is refused (NodeDraining, 503 with Retry-After), requests to loaded runners are served, and each runner
 is stopped as soon as it is idle. Resuming lifts that; the runners still left keep their keep-alive.
+
+Unloading a runner may drain it the same way: it takes no new request at once (one for its model starts a
+fresh runner beside it), is stopped as soon as its requests in flight have ended, and those still in
+flight when the unload's timeout passes are cut by stopping it.
 """
 
 from __future__ import annotations
@@ -168,14 +172,25 @@ class RunnerInfo(BaseModel):
     measured_vram_bytes: int
 
 
+class UnloadOutcome(BaseModel):
+    """What an unload did: the runners it stopped, as they were when it began, and their requests."""
+
+    runners: list[RunnerInfo]
+    drained: int = 0  # requests in flight that ended on their own before their runner stopped
+    cut: int = 0  # requests still in flight when the timeout passed: their runner was stopped under them
+
+
 class Runner:
     """One engine process and what the daemon knows about it."""
 
     def __init__(self, key: RunnerKey, backend: Backend, model: ModelRef, config: BackendConfiguration,
                  endpoint: Endpoint, log_path: Path | None, pid_path: Path, keep_alive: KeepAlive,
-                 estimate: MemoryEstimate, spawn: Spawner, idle_timeout: float = 600.0) -> None:
+                 estimate: MemoryEstimate, spawn: Spawner, idle_timeout: float = 600.0,
+                 release: Callable[[Runner], None] | None = None) -> None:
         self.key = key
         self.spawn = spawn  # background work belongs to the scheduler's task group
+        # How a lease on it is returned: the scheduler's bookkeeping; without a scheduler, only the count.
+        self._release_lease = release or _count_release
         self.backend = backend
         self.model = model
         self.config = config
@@ -195,11 +210,13 @@ class Runner:
         self.error: RunnerError | None = None
         self.stop_requested = False
         self.stop_reason: str | None = None  # why runnerd stopped it: idle, unload, memory, abandoned, ...
+        self.unloading = False  # an unload waits for its requests in flight to end before it stops it
         self.session: aiohttp.ClientSession | None = None
         self._expiry: anyio.CancelScope | None = None
         self._process: asyncio.Task[None] | None = None
         self._loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._exited = asyncio.Event()
+        self._went_idle = asyncio.Event()
 
     def start(self, readiness_timeout: float) -> None:
         self._process = asyncio.create_task(
@@ -305,12 +322,47 @@ class Runner:
         if not self.stop_requested:
             self.stop_reason = reason
         self.stop_requested = True
+        self.unloading = False
         self.state = RunnerState.STOPPING
         self.cancel_expiry()
         self._process.cancel()
         with contextlib.suppress(asyncio.CancelledError, RunnerError):
             await self._process
         await self._exited.wait()
+
+    def hold(self) -> Lease:
+        """A lease of its own on this runner, for engine work that outlives the request that began it
+        (a client that hung up while the engine still computes its answer): the runner counts as busy,
+        for ps, keep-alive, eviction and unload, until the lease is returned."""
+        self.active += 1
+        self.cancel_expiry()
+        return Lease(self._release_lease, self)
+
+    def note_idle(self) -> None:
+        """Wake whoever waits for this runner's requests to end (an unload draining it)."""
+        event, self._went_idle = self._went_idle, asyncio.Event()
+        event.set()
+
+    async def wait_idle(self) -> None:
+        """Until no request is in flight on this runner, or its engine has exited."""
+        while self.active > 0 and not self._exited.is_set():
+            idle = asyncio.create_task(self._went_idle.wait())
+            exited = asyncio.create_task(self._exited.wait())
+            try:
+                await asyncio.wait({idle, exited}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                idle.cancel()
+                exited.cancel()
+
+    def begin_unload(self, reason: str) -> None:
+        """Take no new request (one for this model starts another runner) while those in flight end;
+        `stop` follows."""
+        if not self.stop_requested:
+            self.stop_reason = reason
+        self.stop_requested = True
+        self.unloading = True
+        self.state = RunnerState.STOPPING
+        self.cancel_expiry()
 
     def cancel_expiry(self) -> None:
         if self._expiry is not None:
@@ -364,15 +416,21 @@ class Runner:
 class Lease:
     """A request's hold on a ready runner; returned with `release`."""
 
-    def __init__(self, scheduler: Scheduler, runner: Runner) -> None:
-        self.scheduler = scheduler
+    def __init__(self, release: Callable[[Runner], None], runner: Runner) -> None:
+        self._release = release
         self.runner = runner
         self._released = False
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self.scheduler._release(self.runner)
+            self._release(self.runner)
+
+
+def _count_release(runner: Runner) -> None:
+    runner.active -= 1
+    if runner.active == 0:
+        runner.note_idle()
 
 
 @dataclass
@@ -486,7 +544,7 @@ class Scheduler:
         except BaseException:
             self._release(runner)
             raise
-        return Lease(self, runner)
+        return Lease(self._release, runner)
 
     @property
     def draining(self) -> bool:
@@ -651,7 +709,7 @@ class Scheduler:
         self.runner_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         endpoint, pid_path = self._instance_paths(key, backend.endpoint_kind)
         runner = Runner(key, backend, model, config, endpoint, log_path, pid_path, keep_alive, estimate,
-                        self.spawn, self.limits.engine_idle_timeout)
+                        self.spawn, self.limits.engine_idle_timeout, self._release)
         previous = self._runners.get(key)
         if previous is not None and previous.state is not RunnerState.EXITED:
             log.info("previous runner of model=%s mode=%s still stopping (pid=%s); starting another beside it",
@@ -703,6 +761,11 @@ class Scheduler:
         runner.last_used = time.time()
         if runner.active > 0:
             return
+        runner.note_idle()
+        if runner.unloading:
+            # An unload is draining it: stop it now rather than at the unload's timeout.
+            self.spawn(runner.stop, runner.stop_reason or "unload")
+            return
         if runner.state is RunnerState.LOADING:
             # Every client waiting for this load hung up: nobody wants it any more.
             log.info("cancelling load of model=%s: no one is waiting", runner.model.name)
@@ -732,7 +795,15 @@ class Scheduler:
 
     async def unload(self, *, backend: str | None = None, models: list[str] | None = None,
                      reason: str = "unload") -> list[RunnerInfo]:
-        """Stop the runners that match (all when neither is given) and lift their back-off."""
+        """Stop the runners that match (all when neither is given) at once and lift their back-off."""
+        return (await self.unload_draining(backend=backend, models=models, reason=reason, timeout=0)).runners
+
+    async def unload_draining(self, *, backend: str | None = None, models: list[str] | None = None,
+                              reason: str = "unload", timeout: float) -> UnloadOutcome:
+        """Stop the runners that match (all when neither is given) and lift their back-off, letting the
+        requests in flight on a loaded runner end first, for at most `timeout` s; those still in flight
+        then are cut. A runner still loading is stopped at once (its waiting requests are cut). The
+        drain goes on if the caller stops waiting for it."""
 
         def matches(key: RunnerKey) -> bool:
             return (backend is None or key.backend == backend) and (models is None or key.model in models)
@@ -741,8 +812,45 @@ class Scheduler:
             del self._failures[key]
         chosen = [r for r in self._all_runners() if matches(r.key)]
         infos = [r.info() for r in chosen]
-        await asyncio.gather(*(r.stop(reason) for r in chosen))
-        return infos
+        in_flight = sum(r.active for r in chosen if r.state is not RunnerState.EXITED)
+        # Loaded runners drain, and those an earlier unload drains go on draining; one still loading has
+        # no answer under way to wait for.
+        draining = [r for r in chosen if r.state is RunnerState.READY or r.unloading]
+        if timeout <= 0 or not draining:
+            cut = await self._cut(chosen, reason)
+        else:
+            for runner in draining:
+                runner.begin_unload(reason)
+            done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self.spawn(self._drain_then_stop, chosen, draining, reason, timeout, done)
+            cut = await asyncio.shield(done)
+        return UnloadOutcome(runners=infos, drained=in_flight - cut, cut=cut)
+
+    async def _drain_then_stop(self, chosen: list[Runner], draining: list[Runner], reason: str, timeout: float,
+                               done: asyncio.Future[int]) -> None:
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await asyncio.gather(*(r.wait_idle() for r in draining))
+            cut = await self._cut(chosen, reason)
+        except asyncio.CancelledError:
+            done.cancel()  # the scheduler shuts down: its own stop ends these runners
+            raise
+        except Exception as exc:
+            if not done.done():
+                done.set_exception(exc)
+                done.exception()  # mark retrieved: the caller may have stopped waiting
+            raise
+        if not done.done():
+            done.set_result(cut)
+
+    async def _cut(self, runners: list[Runner], reason: str) -> int:
+        """Stop the runners now; how many requests were still in flight on them."""
+        cut = sum(r.active for r in runners if r.state is not RunnerState.EXITED)
+        if cut:
+            log.info("unload: stopping %d runner(s) with %d request(s) still in flight", len(runners), cut)
+        await asyncio.gather(*(r.stop(reason) for r in runners))
+        return cut
 
     def models_in_use(self) -> set[str]:
         """Models some live runner loads: its own, and a speculative draft model it was started with."""

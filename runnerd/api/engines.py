@@ -9,7 +9,7 @@ from functools import partial
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from backends.base import Backend, BackendConfiguration, BackendError, Capability, Mode, RunnerError
 from runnerd.api.body import read_json_body as read_json_body  # re-exported: routes import it from here
@@ -205,12 +205,18 @@ async def engines_df(request: web.Request) -> web.Response:
                               "total": models + sum(backends.values())})
 
 
+# How long an unload lets the requests in flight on its runners end before it cuts them.
+UNLOAD_TIMEOUT_SECONDS = 60.0
+
+
 class UnloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     all: bool = False
     backend: str | None = None
     models: list[str] | None = None
+    # Seconds the requests in flight may take to end; 0 stops the runners at once, cutting them.
+    timeout: float = Field(default=UNLOAD_TIMEOUT_SECONDS, ge=0, le=86400)
 
 
 async def engines_unload(request: web.Request) -> web.Response:
@@ -221,8 +227,9 @@ async def engines_unload(request: web.Request) -> web.Response:
     if spec.backend is not None:
         d.backend(spec.backend)
     models = None if spec.models is None else [find_model(d, m).name for m in spec.models]
-    stopped = await d.scheduler.unload(backend=spec.backend, models=models)
-    return web.json_response({"unloaded": len(stopped), "runners": [r.model_dump(mode="json") for r in stopped]})
+    outcome = await d.scheduler.unload_draining(backend=spec.backend, models=models, timeout=spec.timeout)
+    return web.json_response({"unloaded": len(outcome.runners), "drained": outcome.drained, "cut": outcome.cut,
+                              "timeout": spec.timeout, "runners": [r.model_dump(mode="json") for r in outcome.runners]})
 
 
 def add_routes(app: web.Application) -> None:
