@@ -330,6 +330,8 @@ class Backend(ABC):
     settings_env: ClassVar[Mapping[str, str]] = {}
     sampling_dialect: ClassVar[SamplingDialect] = OPENAI_SAMPLING
     readiness_path: ClassVar[str] = "/health"
+    # Seconds the engine may take to answer its readiness path; None: the daemon's readiness_timeout.
+    readiness_timeout: ClassVar[float | None] = None
     endpoint_kind: ClassVar[EndpointKind] = EndpointKind.UNIX
     native_apis: ClassVar[frozenset[Api]] = frozenset(
         {Api.CHAT_COMPLETIONS, Api.COMPLETIONS, Api.EMBEDDINGS, Api.RERANK})

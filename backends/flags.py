@@ -366,6 +366,7 @@ def refused(kind: RefusalKind, *names: str, why: str = "") -> Refusal:
 # --------------------------------------------------------------------------------------------
 
 _FLAG_NAME = re.compile(r"--?[A-Za-z][A-Za-z0-9_.-]*")
+FLAG_NAME = _FLAG_NAME  # what a flag spelling looks like, for tables built elsewhere (manifests)
 # Accepts what numbers look like to the engines' own parsers; `-1` and `-.5` are values.
 # re.ASCII: `\d` would otherwise accept other scripts' digits, which Python reads but engines don't.
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d{1,3})?", re.ASCII)

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Collection, Iterable, Mapping
 from functools import cache
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
-from backends.base import Backend, EngineContext, GpuProvider, HostGpu, ModelFormat
+from backends.base import Backend, EngineContext, GpuProvider, HostGpu, ModelFormat, NoOptions
+from backends.manifest import Format, ManifestError, backend_class, format_of, parse_manifest
+from runnerd.atomic import write_atomically
 
 if TYPE_CHECKING:
     from runnerd.config import Settings
@@ -105,13 +109,93 @@ def host_gpus() -> list[HostGpu]:
 
 def default_backends(settings: Settings, gpus: GpuProvider = host_gpus) -> dict[str, Backend]:
     """Every registered engine, built from its settings; `gpus` tells them the host's GPUs when they ask."""
-    from runnerd.gpus import gpu_count
-
-    context = EngineContext(cache_dir=settings.cache_dir, default_context_size=settings.default_context_size,
-                            stop_grace=settings.stop_grace, gpu_count=gpu_count(), gpus=gpus)
-    return {name: cls.create(context, settings.engine(name)) for name, cls in engine_classes().items()}
+    context = engine_context(settings, gpus)
+    backends = {name: cls.create(context, settings.engine(name)) for name, cls in engine_classes().items()}
+    backends.update(manifest_backends(settings, context, set(backends)))
+    return backends
 
 
 def backend_for_format(backends: Mapping[str, Backend], model_format: ModelFormat) -> Backend | None:
     return next((b for b in backends.values() if model_format in b.model_formats), None)
 
+
+
+# --- engines defined by a manifest -------------------------------------------------------------
+
+MANIFEST_DIRECTORY = "engines"
+# One definition at a time: the name check and the file write happen together.
+_defining = threading.Lock()
+
+
+def manifest_dir(settings: Settings) -> Path:
+    return settings.data_dir / MANIFEST_DIRECTORY
+
+
+def _manifest_files(directory: Path) -> list[Path]:
+    # Dot files are write_atomically's temporaries.
+    return sorted(p for p in directory.glob("*") if not p.name.startswith(".") and format_of(p.name) is not None
+                  and p.is_file())
+
+
+def manifest_backends(settings: Settings, context: EngineContext, taken: Collection[str]) -> dict[str, Backend]:
+    """The engines defined by files in the data directory's engines/, each built from its checked manifest.
+    A file that fails its checks is logged and left out: a broken definition must not take the daemon down.
+    Executables are checked when a runner starts, not here (the engine may be installed later)."""
+    engines: dict[str, Backend] = {}
+    directory = manifest_dir(settings)
+    if not directory.is_dir():
+        return engines
+    for path in _manifest_files(directory):
+        fmt = format_of(path.name)
+        assert fmt is not None
+        try:
+            manifest, flags = parse_manifest(path.read_text(encoding="utf-8"), fmt,
+                                             reserved={*taken, *engines}, check_files=False)
+        except (OSError, UnicodeDecodeError, ManifestError) as exc:
+            log.error("engine manifest %s ignored: %s", path, exc)
+            continue
+        if path.name.rsplit(".", 1)[0] != manifest.name:
+            log.error("engine manifest %s ignored: it defines %r; name the file %s.%s", path, manifest.name,
+                      manifest.name, fmt)
+            continue
+        engines[manifest.name] = backend_class(manifest, flags).create(context, NoOptions())
+    return engines
+
+
+class ManifestConflict(Exception):
+    """The name is already an engine's."""
+
+
+def define_engine(settings: Settings, context: EngineContext, text: str, fmt: Format,
+                  taken: Collection[str]) -> Backend:
+    """Blocking: check a manifest (executables included), store it under engines/ atomically and build its
+    backend; the caller adds it to the registry. ManifestError or ManifestConflict, and nothing stored,
+    when it cannot be defined."""
+    manifest, flags = parse_manifest(text, fmt, reserved=engine_classes().keys(), check_files=True)
+    directory = manifest_dir(settings)
+    with _defining:
+        stored = [p for p in _manifest_files(directory) if p.name.rsplit(".", 1)[0] == manifest.name] \
+            if directory.is_dir() else []
+        if manifest.name in taken or stored:
+            raise ManifestConflict(f"an engine named {manifest.name!r} exists already; delete it first")
+        write_atomically(directory / f"{manifest.name}.{fmt}", text.encode("utf-8"), mode=0o600)
+    return backend_class(manifest, flags).create(context, NoOptions())
+
+
+def forget_engine(settings: Settings, name: str) -> bool:
+    """Blocking: remove a manifest engine's stored definition; False when it has none."""
+    directory = manifest_dir(settings)
+    removed = False
+    with _defining:
+        for path in _manifest_files(directory) if directory.is_dir() else []:
+            if path.name.rsplit(".", 1)[0] == name:
+                path.unlink()
+                removed = True
+    return removed
+
+
+def engine_context(settings: Settings, gpus: GpuProvider = host_gpus) -> EngineContext:
+    from runnerd.gpus import gpu_count
+
+    return EngineContext(cache_dir=settings.cache_dir, default_context_size=settings.default_context_size,
+                         stop_grace=settings.stop_grace, gpu_count=gpu_count(), gpus=gpus)

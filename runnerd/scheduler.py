@@ -718,7 +718,7 @@ class Scheduler:
         self._runners[key] = runner
         log.info("runner starting model=%s mode=%s backend=%s estimate=%s", model.name, key.mode, key.backend,
                  needed(estimate).describe() if estimate.known else "unknown")
-        runner.start(self.limits.readiness_timeout)
+        runner.start(backend.readiness_timeout or self.limits.readiness_timeout)
         self.spawn(self._follow, runner)
         for observer in self.on_start:
             observer(runner)

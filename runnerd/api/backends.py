@@ -1,17 +1,23 @@
-"""Backend management: list backends, install one as a job, uninstall one that no runner uses."""
+"""Backend management: list backends, install one as a job, uninstall one that no runner uses, define
+an engine by a manifest and delete one."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import MutableMapping
+from typing import Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from backends.base import Backend, BackendState, ProgressCallback
-from runnerd.api.context import Daemon, daemon
+from backends.manifest import ManifestBackend, ManifestError
+from backends.manifest.source import MAX_MANIFEST_BYTES
+from runnerd.api.context import Daemon, daemon, over_unix_socket
 from runnerd.api.engines import read_json_body
 from runnerd.api.errors import ApiError, parse_body
 from runnerd.api.jobs import job_json, stream_job, wants_stream
+from runnerd.engines import ManifestConflict, as_host_gpus, define_engine, engine_context, forget_engine
 from runnerd.scheduler import RunnerState
 
 INSTALL = "install-backend"
@@ -110,7 +116,99 @@ async def uninstall_backend(request: web.Request) -> web.Response:
     return web.json_response({"backend": backend.name, "status": status.text})
 
 
+# --- engines defined by a manifest ----------------------------------------------------------------
+
+MANIFEST_TYPES: dict[str, Literal["yaml", "toml"]] = {
+    "application/yaml": "yaml", "application/x-yaml": "yaml", "text/yaml": "yaml", "text/x-yaml": "yaml",
+    "application/toml": "toml", "text/toml": "toml",
+}
+
+
+class DefineEngineRequest(BaseModel):
+    """`POST /engines/backends` as JSON; the manifest can also be the body itself (Content-Type
+    application/yaml or application/toml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    manifest: str = Field(min_length=1, max_length=MAX_MANIFEST_BYTES)
+    format: Literal["yaml", "toml"] = "yaml"
+
+
+def _owner_only(request: web.Request, what: str) -> None:
+    # Defining an engine runs a program of the caller's choosing on the host. Over TCP a bearer token
+    # proves access to the API, not to the host: refused until tokens carry an admin role.
+    if not over_unix_socket(request):
+        raise ApiError(403, f"{what} runs programs on this host: only over the daemon's unix socket",
+                       code="unix_socket_only", type="permission_error")
+
+
+async def _manifest_text(request: web.Request) -> tuple[str, Literal["yaml", "toml"]]:
+    fmt = MANIFEST_TYPES.get(request.content_type)
+    if fmt is None:
+        spec = parse_body(DefineEngineRequest, await read_json_body(request), "engine definition")
+        return spec.manifest, spec.format
+    raw = await request.read()
+    try:
+        return raw.decode("utf-8"), fmt
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, f"the manifest is not UTF-8 text (byte {exc.start})", code="invalid_manifest") from exc
+
+
+def _registry(d: Daemon) -> MutableMapping[str, Backend]:
+    registry = d.backends
+    if not isinstance(registry, MutableMapping):
+        raise ApiError(500, "this daemon's engine registry is fixed", code="registry_fixed")
+    return registry
+
+
+async def define_backend(request: web.Request) -> web.Response:
+    """201 and the new engine; 400 naming the field (and line) a manifest breaks; 409 for a taken name.
+    Nothing is stored unless every check passed."""
+    _owner_only(request, "defining an engine")
+    d = daemon(request)
+    text, fmt = await _manifest_text(request)
+    registry = _registry(d)
+    context = engine_context(d.settings, lambda: as_host_gpus(d.scheduler.sampler.snapshot.gpus))
+    try:
+        backend = await asyncio.to_thread(define_engine, d.settings, context, text, fmt, set(registry))
+    except ManifestError as exc:
+        raise ApiError(400, f"manifest refused: {exc}", code="invalid_manifest", param=exc.field or None) from exc
+    except ManifestConflict as exc:
+        raise ApiError(409, str(exc), code="backend_exists", param="name") from exc
+    registry[backend.name] = backend
+    view = await asyncio.to_thread(_describe, d, backend)
+    return web.json_response(view.model_dump(mode="json"), status=201)
+
+
+async def delete_backend(request: web.Request) -> web.Response:
+    """Delete a manifest engine: 409 naming the models whose stored configuration or running runner uses
+    it, unless `?force=true` (its runners are stopped first; configurations naming it stay, and fail
+    until it is defined again)."""
+    _owner_only(request, "deleting an engine")
+    d = daemon(request)
+    backend = d.backend(request.match_info["name"])
+    if not isinstance(backend, ManifestBackend):
+        raise ApiError(400, f"{backend.name} is built in; only engines defined by a manifest can be deleted",
+                       code="backend_built_in", param="name")
+    force = request.query.get("force", "false").lower() in ("1", "true", "yes")
+    configured = sorted({f"{c.model} ({c.mode})" for c in await asyncio.to_thread(d.configs.list)
+                         if c.backend == backend.name})
+    running = sorted({f"{r.model} ({r.mode})" for r in d.scheduler.ps()
+                      if r.backend == backend.name and r.state is not RunnerState.EXITED})
+    if (configured or running) and not force:
+        parts = ([f"configured for {', '.join(configured)}"] if configured else []) + \
+                ([f"running {', '.join(running)}"] if running else [])
+        raise ApiError(409, f"{backend.name} is in use: {'; '.join(parts)}; change or unload them, or delete with "
+                            "force=true", code="backend_in_use")
+    stopped = await d.scheduler.unload(backend=backend.name, reason="engine deleted") if running else []
+    _registry(d).pop(backend.name, None)
+    await asyncio.to_thread(forget_engine, d.settings, backend.name)
+    return web.json_response({"deleted": backend.name, "unloaded": len(stopped), "configured": configured})
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/engines/backends", list_backends)
+    app.router.add_post("/engines/backends", define_backend)
+    app.router.add_delete("/engines/backends/{name}", delete_backend)
     app.router.add_post("/engines/install-backend", install_backend)
     app.router.add_post("/engines/uninstall-backend", uninstall_backend)

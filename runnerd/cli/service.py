@@ -8,6 +8,7 @@ import asyncio
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runnerd import node_labels
@@ -67,8 +68,33 @@ async def _backends_install(client: DaemonClient, args: argparse.Namespace) -> A
 
 
 async def _backends_rm(client: DaemonClient, args: argparse.Namespace) -> Any:
+    from urllib.parse import quote
+
+    from backends.manifest.model import NAME_SUFFIX
+
+    if args.backend.endswith(NAME_SUFFIX):  # an engine defined by a manifest: delete its definition
+        query = "?force=true" if args.force else ""
+        deleted = await client.request("DELETE", f"/engines/backends/{quote(args.backend, safe='')}{query}")
+        note = f" (stopped {deleted['unloaded']} runner(s))" if deleted.get("unloaded") else ""
+        return deleted, lambda: print(f"deleted {deleted['deleted']}{note}")
     result = await client.request("POST", "/engines/uninstall-backend", {"backend": args.backend})
     return result, lambda: print(f"{result['backend']}: {result['status']}")
+
+
+async def _backends_add(client: DaemonClient, args: argparse.Namespace) -> Any:
+    """Send a manifest file to the daemon, which checks it, stores it and registers the engine."""
+    from backends.manifest import format_of
+
+    path = Path(args.file)
+    fmt = format_of(path.name)
+    if fmt is None:
+        raise ClientError(f"{path}: a manifest file ends in .yaml, .yml or .toml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ClientError(f"cannot read {path}: {exc}") from exc
+    view = await client.request("POST", "/engines/backends", {"manifest": text, "format": fmt})
+    return view, lambda: print(f"defined {view['name']}: {view['status']}")
 
 
 def _print_node(node: dict[str, Any]) -> None:
@@ -146,6 +172,7 @@ async def _resume(client: DaemonClient, args: argparse.Namespace) -> Any:
 
 COMMANDS: dict[str, Callable[[DaemonClient, argparse.Namespace], Any]] = {
     "backends.ls": _backends_ls, "backends.install": _backends_install, "backends.rm": _backends_rm,
+    "backends.add": _backends_add,
     "node": _node, "drain": _drain, "resume": _resume}
 
 
@@ -163,14 +190,20 @@ def add_parsers(sub: Any, client: Callable[..., argparse.ArgumentParser]) -> Non
     """`client(name, key, help, parent)` makes a subcommand with --socket and --json."""
     backends = sub.add_parser("backends", help="list, install and remove engine backends (through the daemon)")
     bsub = backends.add_subparsers(dest="backends_command", required=True)
-    client("ls", "backends.ls", "list backends with status, disk usage and capabilities", bsub)
+    client("ls", "backends.ls", "list backends with status, disk usage and capabilities", bsub, aliases=("list",))
+    add = client("add", "backends.add", "define an engine from a manifest file (.yaml or .toml; README, "
+                 "\"Adding an engine\")", bsub)
+    add.add_argument("file")
     install = client("install", "backends.install", "install a backend, with a progress bar (Ctrl-C stops "
                      "watching; the install goes on)", bsub)
     install.add_argument("backend")
     install.add_argument("--version", help="the version to install (the backend's pinned one by default)")
     install.add_argument("--quiet", action="store_true", help="no progress bar")
-    rm = client("rm", "backends.rm", "remove an installed backend (refused while runners use it)", bsub)
+    rm = client("rm", "backends.rm", "remove an installed backend, or delete an engine defined by a manifest "
+                "(refused while runners or stored configurations use it)", bsub)
     rm.add_argument("backend")
+    rm.add_argument("--force", action="store_true", help="delete a manifest engine even while in use (stops its "
+                    "runners)")
     node = client("node", "node", "show this host's inventory: CPU, memory, GPUs, runners")
     node.add_argument("--labels", action="store_true",
                       help="print the node's Kubernetes labels instead, as a Node Feature Discovery feature file")
