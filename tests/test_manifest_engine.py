@@ -1,0 +1,229 @@
+"""Engines defined by a manifest, through a real daemon: llama-server run from a manifest (not the
+built-in backend) on a loopback TCP port from its template, serving chat and streaming to the openai
+client; hostile manifests refused with nothing stored; manifests loaded from engines/ at start; the
+CLI; deleting an engine that is in use."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import psutil
+import pytest
+
+from tests.conftest import ROOT, Daemon
+
+pytestmark = pytest.mark.engine
+
+TOKEN = "manifest-test-token-0123456789"
+
+
+def llama_manifest(binary: Path, name: str = "llama-server-custom", listen: str = "tcp") -> str:
+    where = '--port, "{port}"' if listen == "tcp" else '--host, "{socket}"'
+    host = '--host, "{host}", ' if listen == "tcp" else ""
+    return f"""\
+name: {name}
+description: llama.cpp's llama-server, run from a manifest
+model_formats: [gguf]
+modes: [completion, embedding]
+capabilities: [chat, completions, embeddings, streaming]
+versions:
+  pinned:
+    command: ["{binary}", --model, "{{model_path}}", {host}{where}, --alias, "{{model_name}}",
+              --ctx-size, "{{ctx}}", --threads, "1", --n-gpu-layers, "0", --fit, "off", --cache-ram, "0",
+              --no-webui]
+    environment: {{LD_LIBRARY_PATH: "{binary.parent}", XDG_CONFIG_HOME: "{binary.parent}/no-user-config"}}
+    listen: {listen}
+    readiness: {{path: /health, timeout: 60}}
+    mode_args: {{embedding: [--embeddings, --pooling, mean]}}
+default_args: [--parallel, "1"]
+flags:
+  policy: allowlist
+  allow:
+    - {{name: --temp, type: number, min: 0, max: 2}}
+    - {{name: --top-k, type: integer, min: 0}}
+memory: {{kind: gguf}}
+"""
+
+
+@pytest.fixture(scope="module")
+def mdaemon(llama_server: Path, tiny_model: Path) -> Iterator[tuple[Daemon, httpx.Client]]:
+    """One daemon for the module: the tiny model, a TCP listener with a token."""
+    root = Path(tempfile.mkdtemp(prefix="rd-", dir="/tmp"))
+    (root / "token").write_text(TOKEN)
+    d = Daemon(root, llama_server, {"tiny": tiny_model}, {},
+               ["--listen", "127.0.0.1:0", "--token-file", str(root / "token")])
+    port = re.search(r"listening on tcp:127\.0\.0\.1:(\d+)", d.output())
+    assert port is not None, d.output()
+    tcp = httpx.Client(base_url=f"http://127.0.0.1:{port.group(1)}", timeout=30)
+    yield d, tcp
+    tcp.close()
+    d.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def stored(d: Daemon) -> set[str]:
+    directory = d.root / "data" / "engines"
+    return {p.name for p in directory.iterdir()} if directory.is_dir() else set()
+
+
+def engine_names(d: Daemon) -> set[str]:
+    return {b["name"] for b in d.http.get("/engines/backends").json()}
+
+
+def define(d: Daemon, text: str, **kw: Any) -> httpx.Response:
+    return d.http.post("/engines/backends", content=text.encode(), headers={"Content-Type": "application/yaml"},
+                       **kw)
+
+
+def engine_process(d: Daemon, marker: str) -> psutil.Process:
+    children = psutil.Process(d.proc.pid).children(recursive=True)
+    found = [c for c in children if "llama-server" in c.name() and marker in " ".join(c.cmdline())]
+    assert len(found) == 1, [c.cmdline() for c in children]
+    return found[0]
+
+
+def test_llama_server_from_a_manifest_serves_chat_and_streams(mdaemon, llama_server):
+    d, _ = mdaemon
+    resp = define(d, llama_manifest(llama_server))
+    assert resp.status_code == 201, resp.text
+    view = resp.json()
+    assert view["name"] == "llama-server-custom" and view["installed"] and view["version"] == "pinned"
+    assert stored(d) == {"llama-server-custom.yaml"}
+    # The engine's own flags are checked by its manifest's allowlist when configured.
+    ok = d.post("/engines/llama-server-custom/_configure", {"model": "tiny", "runtime_flags": ["--temp", "0.5"]})
+    assert ok.status_code == 202, ok.text
+    refused = d.post("/engines/llama-server-custom/_configure", {"model": "tiny", "runtime_flags": ["--port", "1"]})
+    assert refused.status_code == 400 and "--port" in refused.text
+
+    client = d.openai("/engines/llama-server-custom/v1")
+    answer = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+    assert answer.choices[0].message.content and answer.model == "tiny:latest"
+    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=8, stream=True))
+    assert len(chunks) >= 2 and any(c.choices and c.choices[0].delta.content for c in chunks)
+
+    runners = [r for r in d.ps() if r["model"] == "tiny:latest"]
+    assert [r["backend"] for r in runners] == ["llama-server-custom"]  # not the built-in llama.cpp
+    engine = engine_process(d, "--port")
+    argv = engine.cmdline()
+    port = int(argv[argv.index("--port") + 1])
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[-2:] == ["--temp", "0.5"]
+    listening = [c.laddr for c in engine.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+    assert [(a.ip, a.port) for a in listening] == [("127.0.0.1", port)]
+    d.post("/engines/unload", {"all": True})
+    assert d.http.request("DELETE", "/engines/_configure", params={"model": "tiny"}).status_code == 200
+
+
+HOSTILE = [
+    ("unknown placeholder", lambda t: t.replace('"{model_path}"', '"{model_file}"'), 400,
+     "versions.pinned.command[2] (line 8): unknown placeholder {model_file}"),
+    ("relative executable", lambda t: re.sub(r'command: \["[^"]+"', 'command: ["llama-server"', t), 400,
+     "versions.pinned.command[0] (line 8): 'llama-server' is not an absolute path"),
+    ("shadows a built-in", lambda t: t.replace("name: hostile-custom", "name: llama.cpp"), 400,
+     "name (line 1): 'llama.cpp' shadows the engine 'llama.cpp'"),
+    ("version with a slash", lambda t: t.replace("  pinned:", "  'a/b':"), 400,
+     "versions.a/b (line 7): version name 'a/b'"),
+    ("version with dots", lambda t: t.replace("  pinned:", "  '..':"), 400, "versions... (line 7)"),
+    ("daemon-owned flag", lambda t: t.replace("--no-webui]", "--no-webui, --api-key, secret]"), 400,
+     "--api-key is the daemon's"),
+    ("listen elsewhere", lambda t: t.replace('--host, "{host}"', "--host, 0.0.0.0"), 400,
+     "--host is the daemon's: its value must be"),
+]
+
+
+@pytest.mark.parametrize(("case", "change", "status", "fragment"), HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_manifests_are_refused_and_nothing_is_stored(mdaemon, llama_server, case, change, status, fragment):
+    d, _ = mdaemon
+    before, names = stored(d), engine_names(d)
+    resp = define(d, change(llama_manifest(llama_server, name="hostile-custom")))
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert error["code"] == "invalid_manifest" and fragment in error["message"], error
+    assert stored(d) == before and engine_names(d) == names
+
+
+def test_a_duplicate_name_is_refused_and_the_first_kept(mdaemon, llama_server):
+    d, _ = mdaemon
+    first = llama_manifest(llama_server, name="twin-custom")
+    assert define(d, first).status_code == 201
+    kept = (d.root / "data" / "engines" / "twin-custom.yaml").read_bytes()
+    again = d.post("/engines/backends", {"manifest": first.replace("description: ", "description: other "),
+                                         "format": "yaml"})
+    assert again.status_code == 409 and again.json()["error"]["code"] == "backend_exists"
+    assert (d.root / "data" / "engines" / "twin-custom.yaml").read_bytes() == kept
+    assert d.http.delete("/engines/backends/twin-custom").status_code == 200
+    assert "twin-custom" not in engine_names(d) and "twin-custom.yaml" not in stored(d)
+
+
+def test_over_tcp_an_engine_cannot_be_defined(mdaemon, llama_server):
+    d, tcp = mdaemon
+    before = stored(d)
+    text = llama_manifest(llama_server, name="remote-custom")
+    no_token = tcp.post("/engines/backends", json={"manifest": text})
+    assert no_token.status_code == 401
+    with_token = tcp.post("/engines/backends", json={"manifest": text}, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert with_token.status_code == 403 and "unix socket" in with_token.json()["error"]["message"]
+    deleting = tcp.delete("/engines/backends/llama-server-custom", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert deleting.status_code == 403
+    assert stored(d) == before and "remote-custom" not in engine_names(d)
+
+
+def test_an_engine_in_use_is_deleted_only_with_force(mdaemon, llama_server):
+    """A unix-socket manifest engine, configured for a model and running it."""
+    d, _ = mdaemon
+    assert define(d, llama_manifest(llama_server, name="doomed-custom", listen="unix")).status_code == 201
+    assert d.post("/engines/doomed-custom/_configure", {"model": "tiny", "context_size": 256}).status_code == 202
+    done = d.post("/engines/doomed-custom/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2})
+    assert done.status_code == 200, done.text
+    engine_process(d, "doomed")  # listening on its unix socket under the runtime directory
+    refused = d.http.delete("/engines/backends/doomed-custom")
+    assert refused.status_code == 409
+    message = refused.json()["error"]["message"]
+    assert re.search(r"configured for tiny\S* \(completion\); running tiny\S* \(completion\)", message), message
+    forced = d.http.delete("/engines/backends/doomed-custom", params={"force": "true"})
+    assert forced.status_code == 200 and forced.json()["unloaded"] == 1, forced.text
+    assert not [r for r in d.ps() if r["backend"] == "doomed-custom"]
+    assert "doomed-custom" not in engine_names(d) and "doomed-custom.yaml" not in stored(d)
+    d.http.request("DELETE", "/engines/_configure", params={"model": "tiny"})
+    builtin = d.http.delete("/engines/backends/llama.cpp")
+    assert builtin.status_code == 400 and builtin.json()["error"]["code"] == "backend_built_in"
+
+
+def test_manifests_in_engines_load_at_start_and_the_cli_adds_them(make_daemon, llama_server, tmp_path):
+    def prepare(root: Path) -> None:
+        engines = root / "data" / "engines"
+        engines.mkdir(parents=True)
+        (engines / "kept-custom.yaml").write_text(llama_manifest(llama_server, name="kept-custom"))
+        (engines / "broken-custom.yaml").write_text("name: broken-custom\nversions: {}\n")
+
+    d = make_daemon(prepare=prepare)
+    assert {"kept-custom", "llama.cpp", "vllm"} <= engine_names(d) and "broken-custom" not in engine_names(d)
+    assert "broken-custom.yaml ignored" in d.output()
+    cli = [sys.executable, "-m", "runnerd.cli", "backends"]
+    manifest = tmp_path / "added-custom.yaml"
+    manifest.write_text(llama_manifest(llama_server, name="added-custom"))
+    run = subprocess.run([*cli, "add", str(manifest), "--socket", str(d.socket)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60, check=False)
+    assert run.returncode == 0 and "defined added-custom" in run.stdout, run.stderr
+    bad = tmp_path / "bad-custom.yaml"
+    bad.write_text(llama_manifest(llama_server, name="bad-custom").replace("{ctx}", "{context}"))
+    refused = subprocess.run([*cli, "add", str(bad), "--socket", str(d.socket)], capture_output=True, text=True,
+                             cwd=ROOT, timeout=60, check=False)
+    assert refused.returncode == 1 and "unknown placeholder {context}" in refused.stderr
+    listed = subprocess.run([*cli, "list", "--json", "--socket", str(d.socket)], capture_output=True, text=True,
+                            cwd=ROOT, timeout=60, check=True)
+    assert {"added-custom", "kept-custom"} <= {b["name"] for b in json.loads(listed.stdout)}
+    removed = subprocess.run([*cli, "rm", "added-custom", "--socket", str(d.socket)], capture_output=True,
+                             text=True, cwd=ROOT, timeout=60, check=False)
+    assert removed.returncode == 0 and "deleted added-custom" in removed.stdout, removed.stderr
+    assert sorted(p.name for p in (d.root / "data" / "engines").iterdir()) == ["broken-custom.yaml",
+                                                                               "kept-custom.yaml"]
