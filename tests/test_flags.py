@@ -190,7 +190,9 @@ def test_flags_that_touch_files_fetch_or_run_code_are_refused(backend: FlagTable
 
 
 @pytest.mark.parametrize(("backend", "flags", "reason"), [
-    (LLAMA, ["--override-tensor", "x=CPU"], "not on the llama.cpp allowlist"),
+    (LLAMA, ["--override-tensor", "x=CPU"],
+     "not supported by runnerd; it moves weights or rewrites the model's metadata in ways the memory estimate "
+     "cannot count"),
     (LLAMA, ["--grammar", "root"], "not on the llama.cpp allowlist"),
     (LLAMA, ["--tempp", "1"], "not on the llama.cpp allowlist (did you mean --temp?)"),
     (VLLM, ["--max-model"], "not on the vllm allowlist"),  # argparse would expand this prefix
@@ -546,6 +548,10 @@ _SAMPLE_TEXT = {
     "--device": "none", "--spec-draft-device": "none", "--samplers": "top_k;temperature",
     "--sampler-seq": "kt", "--logit-bias": "15043+1", "--dry-sequence-breaker": "none",
     "--reverse-prompt": "User:", "--reasoning-budget-message": "Enough thinking",
+    "--spec-draft-cpu-mask": "0x3", "--spec-draft-cpu-mask-batch": "3", "--spec-draft-cpu-range": "0-1",
+    # Typed from the build's own help (backends/llamacpp/flags.py, version_flags).
+    "--grammar": 'root ::= "a"', "--json-schema": '{"type": "object"}', "--spec-synth-len": "2",
+    "--spec-synth-rates": "0.5,0.5",
 }
 
 
@@ -563,7 +569,15 @@ def _sample_value(spec: FlagSpec) -> str:
 
 @pytest.mark.engine
 def test_every_canonical_llamacpp_flag_parses_in_the_real_engine(llama_server: Path) -> None:
-    specs = LLAMACPP_FLAGS.flags
+    """Every flag the installed build's allowlist accepts (typed by hand or from its --help)."""
+    from backends.llamacpp.argv import build_env
+    from backends.llamacpp.flags import version_flags
+    from backends.llamacpp.help import help_options
+
+    build = version_flags(help_options(llama_server, build_env(llama_server)))
+    specs = build.flags
+    # The typed table's entries this build does not list are the older builds' spellings only.
+    assert {spec.name for spec in LLAMACPP_FLAGS.flags} - {spec.name for spec in specs} == {"--mmap", "--mlock"}
     batches: list[list[str]] = []
     for start in range(0, len(specs), MAX_FLAGS):
         positive: list[str] = []
@@ -573,7 +587,7 @@ def test_every_canonical_llamacpp_flag_parses_in_the_real_engine(llama_server: P
         batches.append(positive)
     batches.append([spelling for spec in specs for spelling in spec.negative_spellings[-1:]])
     for flags in batches:
-        argv = [str(llama_server), *LLAMA.validate(flags), "--version"]
+        argv = [str(llama_server), *build.validate(flags), "--version"]
         # --version exits during parsing, after every earlier argument went through its handler.
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60,
                               env={"LD_LIBRARY_PATH": str(llama_server.parent), "HOME": "/nonexistent"})

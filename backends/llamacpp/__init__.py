@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +35,13 @@ from backends.base import (
     host_cpu_count,
 )
 from backends.endpoint import Endpoint
-from backends.flags import FlagError
+from backends.flags import FlagError, FlagTable
 from backends.formats.gguf import GGUFHeader, GGUFParseError, cached_header
 from backends.gpus import cuda_visible
 from backends.llamacpp.argv import LaunchOptions, build_argv, build_env
 from backends.llamacpp.errors import LLAMACPP_EXIT_PATTERNS
-from backends.llamacpp.flags import LLAMACPP_FLAGS
+from backends.llamacpp.flags import LLAMACPP_FLAGS, version_flags
+from backends.llamacpp.help import help_options
 from backends.llamacpp.host_limits import HostLimits, check_host_flags, slots_problem
 from backends.llamacpp.install import (
     SOURCE_VERSION,
@@ -104,9 +106,13 @@ class LlamaCppBackend(Backend):
                                default_context_size=context.default_context_size,
                                prompt_cache_mib=settings.prompt_cache_mib)
         gpus = context.gpus
-        return cls(cache_dir=context.cache_dir, binary=settings.server, launch=launch, cuda=cuda,
-                   stop_grace=context.stop_grace, gpus=(lambda: visible_devices(gpus())) if launch.use_gpu else None,
-                   host=HostLimits.of_host(context.cpu_count))
+        backend = cls(cache_dir=context.cache_dir, binary=settings.server, launch=launch, cuda=cuda,
+                      stop_grace=context.stop_grace,
+                      gpus=(lambda: visible_devices(gpus())) if launch.use_gpu else None,
+                      host=HostLimits.of_host(context.cpu_count))
+        # Read the build's option list now, in a thread, so configure requests check flags against it.
+        threading.Thread(target=backend.build_flags, name="llama-server --help", daemon=True).start()
+        return backend
 
     def __init__(
         self,
@@ -131,6 +137,8 @@ class LlamaCppBackend(Backend):
         self._installing: str | None = None
         self._error: str | None = None
         self._versions: dict[tuple[Path, float], str] = {}
+        self._tables: dict[tuple[Path, float], FlagTable] = {}
+        self._table: FlagTable | None = None  # the allowlist of the build found last
 
     # --- install -------------------------------------------------------------------------------
 
@@ -190,6 +198,23 @@ class LlamaCppBackend(Backend):
             self._versions[key] = line.removeprefix("version:").strip() or "unknown"
         return self._versions[key]
 
+    def build_flags(self) -> FlagTable:
+        """Blocking: the allowlist of the installed build, from its own `--help` (backends/llamacpp/flags.py,
+        `version_flags`), read once per binary path and modification time; the pinned table when no build
+        is installed or its help cannot be read."""
+        binary = self.locate()
+        try:
+            if binary is None:
+                return LLAMACPP_FLAGS
+            key = (binary, binary.stat().st_mtime)
+            table = self._tables.get(key)
+            if table is None:
+                table = self._tables[key] = version_flags(help_options(binary, build_env(binary)))
+        except (OSError, subprocess.SubprocessError):
+            return LLAMACPP_FLAGS
+        self._table = table
+        return table
+
     def status(self) -> BackendStatus:
         if self._installing is not None:
             return BackendStatus(state=BackendState.INSTALLING, detail=self._installing)
@@ -201,6 +226,7 @@ class LlamaCppBackend(Backend):
             return BackendStatus(state=BackendState.ERROR, detail=binary_error(exc))
         if version is None:
             return BackendStatus(state=BackendState.NOT_INSTALLED)
+        self.build_flags()  # a new build (installed, rebuilt) brings its own option list
         return BackendStatus(state=BackendState.INSTALLED, version=version, product="llama.cpp")
 
     @property
@@ -225,11 +251,18 @@ class LlamaCppBackend(Backend):
 
     # --- configuration and requests ------------------------------------------------------------
 
+    @property
+    def flags(self) -> FlagTable:
+        """The installed build's allowlist once read (`build_flags`), else the pinned build's table."""
+        return self._table or LLAMACPP_FLAGS
+
     def validate_flags(self, flags: Sequence[str]) -> list[str]:
-        """The flag table's checks, then this host's bounds (threads and CPU placement by its CPUs, slots;
-        see backends/llamacpp/host_limits.py)."""
-        validated = LLAMACPP_FLAGS.validate(list(flags))
-        check_host_flags(LLAMACPP_FLAGS, validated, self.host)
+        """The build's flag table's checks, then this host's bounds (threads and CPU placement by its CPUs,
+        slots; see backends/llamacpp/host_limits.py). Never blocks: until the build's option list has been
+        read the pinned table answers, and `run` checks again against the build's own."""
+        table = self.flags
+        validated = table.validate(list(flags))
+        check_host_flags(table, validated, self.host)
         return validated
 
     def configuration_problem(self, model: ModelRef, mode: Mode, config: BackendConfiguration) -> str | None:
@@ -255,8 +288,10 @@ class LlamaCppBackend(Backend):
         self.check_model(model)
         self.check_draft(config)
         binary = self.binary()
+        await asyncio.to_thread(self.build_flags)
         try:
-            # Checked again here, not only at configure time: a stored configuration may be old or hand-edited.
+            # Checked again here, not only at configure time: a stored configuration may be old or hand-edited,
+            # or checked before this build's option list was read.
             self.validate_flags(config.runtime_flags)
         except FlagError as exc:
             raise RunnerError(str(exc), reason="bad_flag") from exc

@@ -11,14 +11,21 @@ Spellings, aliases and accepted values follow ``common/arg.cpp`` of the pinned l
 - ``LLAMA_ARG_*`` variables and ``/etc/llama.cpp/config.ini`` / ``$XDG_CONFIG_HOME/llama.cpp/config.ini``
   also set options: the runner's environment has to be built explicitly.
 
-Not allowlisted and not listed under refusals means refused as "not on the allowlist" (tensor
-overrides, KV metadata overrides, LoRA/control vectors, grammars, CORS, debugging output...).
+The table below is the pinned build's. What a caller may pass to a given build is `version_flags` of
+that build's `--help` (backends/llamacpp/help.py): the typed entries here that the build lists, under
+the spellings it lists; the refusals here; and every other option it lists, typed from its help line
+(see `_inferred`). Not in the build's help means refused as "not on the allowlist".
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+
 from backends.flags import (
+    FlagSpec,
     FlagTable,
+    Refusal,
     RefusalKind,
     choice,
     integer,
@@ -29,6 +36,7 @@ from backends.flags import (
     switch,
     text,
 )
+from backends.llamacpp.help import HelpOption
 
 # `--flash-attn`, `--reasoning`: arg.cpp's is_truthy / is_falsey / is_autoy words.
 _ON_OFF_AUTO = ("on", "off", "auto", "enabled", "disabled", "true", "false", "1", "0", "-1")
@@ -112,6 +120,9 @@ _TUNABLE = (
     choice("--flash-attn", "-fa", choices=_ON_OFF_AUTO),
     # Memory placement and devices.
     choice("--load-mode", "-lm", choices=("auto", "none", "mmap", "mlock", "mmap+mlock", "dio")),
+    # Builds before --load-mode spelled it as two switches; a build accepts them only if its --help lists them.
+    switch("--mmap", negation="--no-mmap"),
+    switch("--mlock"),
     choice("--lazy-mode", "-lzm", choices=("on", "auto", "off")),
     integer("--gpu-layers", "-ngl", "--n-gpu-layers", minimum=0, maximum=_MAX_LAYERS * 1000,
             words=("auto", "all")),
@@ -203,6 +214,15 @@ _TUNABLE = (
     number("--spec-draft-p-min", "--draft-p-min", minimum=0.0, maximum=1.0),
     switch("--spec-draft-backend-sampling", negation="--no-spec-draft-backend-sampling"),
     integer("--spec-draft-threads", "-td", "--threads-draft", minimum=-1, maximum=1024),
+    text("--spec-draft-cpu-mask", "-Cd", "--cpu-mask-draft", pattern=_CPU_MASK),
+    text("--spec-draft-cpu-range", "-Crd", "--cpu-range-draft", pattern=_CPU_RANGE),
+    choice("--spec-draft-cpu-strict", "--cpu-strict-draft", choices=("0", "1")),
+    integer("--spec-draft-prio", "--prio-draft", minimum=0, maximum=2),
+    choice("--spec-draft-poll", "--poll-draft", choices=("0", "1")),
+    text("--spec-draft-cpu-mask-batch", "-Cbd", "--cpu-mask-batch-draft", pattern=_CPU_MASK),
+    choice("--spec-draft-cpu-strict-batch", "--cpu-strict-batch-draft", choices=("0", "1")),
+    integer("--spec-draft-prio-batch", "--prio-batch-draft", minimum=0, maximum=2),
+    choice("--spec-draft-poll-batch", "--poll-batch-draft", choices=("0", "1")),
     integer("--spec-draft-threads-batch", "-tbd", "--threads-batch-draft", minimum=-1, maximum=1024),
     choice("--spec-draft-type-k", "-ctkd", "--cache-type-k-draft", choices=KV_CACHE_TYPES),
     choice("--spec-draft-type-v", "-ctvd", "--cache-type-v-draft", choices=KV_CACHE_TYPES),
@@ -288,6 +308,11 @@ _DANGEROUS = (
     refused(RefusalKind.PROCESS,
             "--help", "-h", "--usage", "--version", "--cache-list", "-cl", "--completion-bash",
             "--list-devices"),
+    refused(RefusalKind.UNSUPPORTED,
+            "--override-tensor", "-ot", "--spec-draft-override-tensor", "-otd", "--override-tensor-draft",
+            "--override-kv",
+            why="it moves weights or rewrites the model's metadata in ways the memory estimate cannot count"),
+    refused(RefusalKind.UNSUPPORTED, "--control-vector-layer-range", why="control vectors are files"),
 )
 
 LLAMACPP_FLAGS = FlagTable(
@@ -299,3 +324,84 @@ LLAMACPP_FLAGS = FlagTable(
 
 LLAMACPP_DAEMON_FLAGS: frozenset[str] = LLAMACPP_FLAGS.daemon_owned
 """Every spelling of the llama-server flags runnerd sets itself; callers get a 400 naming the setting."""
+
+
+# --- the allowlist of one build, from its own option list --------------------------------------------
+
+_FILE_VALUE = re.compile(r"FNAME|FILE|PATH|DIR|FOLDER", re.I)
+_FILE_TEXT = re.compile(r"\b(?:file|files|directory|path)\b", re.I)
+_NETWORK_VALUE = re.compile(r"URL|HOST|ADDR|PORT|SERVER|REPO|ENDPOINT", re.I)
+_REMOVED_TEXT = re.compile(r"has been removed|no longer supported", re.I)
+_NUMERIC_VALUE = re.compile(r"N|<-?\d+\.\.\.\d+>")
+# A fraction: its default has a decimal point, or it is named as one.
+_FRACTION_TEXT = re.compile(r"default:\s*-?\d+\.\d|\b(?:threshold|thold|factor|probabilit\w*|ratio|rate|scale)\b",
+                            re.I)
+
+
+def _inferred(option: HelpOption) -> FlagSpec | Refusal:
+    """A spec or a refusal for an option the typed table does not know, from its help line alone.
+    Anything that may name a file, a directory or a network place is refused; so is what takes two
+    values, or what the build says was removed. The rest is typed: no value is a switch, a listed set
+    of values a choice, `N` a number (a float when its default has a decimal point or its text calls it a
+    threshold, factor, ratio, rate, scale or probability; else a 32-bit int),
+    anything else text under runnerd's character rules (no paths, URLs, hosts)."""
+    names = option.all_spellings
+    value = option.value
+    if _REMOVED_TEXT.search(option.description):
+        return refused(RefusalKind.UNSUPPORTED, *names, why="this llama-server build says it was removed")
+    if (value and _FILE_VALUE.search(value)) or _FILE_TEXT.search(option.description):
+        return refused(RefusalKind.FILES, *names)
+    if value and _NETWORK_VALUE.search(value):
+        return refused(RefusalKind.NETWORK, *names)
+    # The canonical spelling is the first long one (`--defrag-thold`, not `-dt`).
+    longs = [s for s in option.spellings if s.startswith("--")]
+    name = longs[0] if longs else option.spellings[0]
+    aliases = [s for s in option.spellings if s != name]
+    if value is None:
+        negation, *negation_aliases = option.negations or (None,)
+        return switch(name, *aliases, negation=negation, negation_aliases=tuple(n for n in negation_aliases if n))
+    if " " in value:
+        return refused(RefusalKind.UNSUPPORTED, *names, why="it takes more than one value")
+    if option.choices:
+        return choice(name, *aliases, choices=option.choices)
+    if _NUMERIC_VALUE.fullmatch(value):
+        if _FRACTION_TEXT.search(option.description):
+            return number(name, *aliases)
+        return integer(name, *aliases)
+    return text(name, *aliases)
+
+
+def _restricted(spec: FlagSpec, listed: frozenset[str]) -> FlagSpec | None:
+    """`spec` with only the spellings this build lists (its canonical name kept when listed); None when
+    the build lists none of its positive spellings."""
+    positive = [s for s in spec.positive_spellings if s in listed]
+    if not positive:
+        return None
+    negative = [s for s in spec.negative_spellings if s in listed]
+    name = spec.name if spec.name in listed else positive[0]
+    return spec.model_copy(update={
+        "name": name, "aliases": tuple(s for s in positive if s != name),
+        "negation": negative[0] if negative else None, "negation_aliases": tuple(negative[1:])})
+
+
+def version_flags(options: Sequence[HelpOption]) -> FlagTable:
+    """The allowlist of the llama-server build whose `--help` listed `options` (see the module's doc)."""
+    listed = frozenset(s for option in options for s in option.all_spellings)
+    specs: list[FlagSpec] = []
+    refusals: list[Refusal] = list(LLAMACPP_FLAGS.refusals)
+    known = set(LLAMACPP_FLAGS.allowed_spellings) | {n for r in LLAMACPP_FLAGS.refusals for n in r.names}
+    for spec in LLAMACPP_FLAGS.flags:
+        kept = _restricted(spec, listed)
+        if kept is not None:
+            specs.append(kept)
+    for option in options:
+        fresh = [s for s in option.all_spellings if s not in known]
+        if len(fresh) != len(option.all_spellings):
+            continue  # typed or refused above (a spelling it shares with a typed entry decides)
+        entry = _inferred(option)
+        if isinstance(entry, FlagSpec):
+            specs.append(entry)
+        else:
+            refusals.append(entry)
+        known.update(fresh)
+    return FlagTable(backend="llama.cpp", value_style="separate", flags=tuple(specs), refusals=tuple(refusals))

@@ -266,6 +266,9 @@ def settings_from_config(mode: Mode, config: BackendConfiguration, default_ctx: 
             values[key] = flags[flag] == "1"
     if flags.get("--load-mode") in _MMAP_MODES:  # common/arg.cpp --load-mode: auto/mmap map the file
         values["use_mmap"] = _MMAP_MODES[flags["--load-mode"]]
+    if "--mmap" in flags:  # builds before --load-mode: --no-mmap reads the weights into RAM
+        values["use_mmap"] = flags["--mmap"] == "1"
+    # --mlock (those builds) locks the pages the estimate already counts as resident: no change in size.
     if "--tensor-split" in flags:
         split = [_float_or_none(x) for x in re.split(r"[,/]", flags["--tensor-split"]) if x]
         if split and all(x is not None and x >= 0 for x in split):
