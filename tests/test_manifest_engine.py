@@ -227,3 +227,30 @@ def test_manifests_in_engines_load_at_start_and_the_cli_adds_them(make_daemon, l
     assert removed.returncode == 0 and "deleted added-custom" in removed.stdout, removed.stderr
     assert sorted(p.name for p in (d.root / "data" / "engines").iterdir()) == ["broken-custom.yaml",
                                                                                "kept-custom.yaml"]
+
+
+def test_a_configuration_pins_a_version(mdaemon, llama_server):
+    d, _ = mdaemon
+    text = llama_manifest(llama_server, name="twover-custom", listen="unix")
+    block = text[text.index("  pinned:\n"):text.index("default_args")]
+    second = block.replace("  pinned:", "  second:").replace("--no-webui]", '--no-webui, --threads-http, "3"]')
+    text = text.replace(block, block + second).replace("default_args", "default_version: pinned\ndefault_args")
+    assert define(d, text).status_code == 201
+    wrong = d.post("/engines/twover-custom/_configure", {"model": "tiny", "options": {"backend_version": "third"}})
+    assert wrong.status_code == 400 and "backend_version" in wrong.text
+    pinned = d.post("/engines/twover-custom/_configure", {"model": "tiny", "options": {"backend_version": "second"}})
+    assert pinned.status_code == 202, pinned.text
+    done = d.post("/engines/twover-custom/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2})
+    assert done.status_code == 200, done.text
+    argv = engine_process(d, "twover").cmdline()
+    assert argv[argv.index("--threads-http") + 1] == "3"  # the pinned version's command, not the default's
+    assert d.http.delete("/engines/backends/twover-custom", params={"force": "true"}).json()["unloaded"] == 1
+    d.http.request("DELETE", "/engines/_configure", params={"model": "tiny"})
+    # Versions that would listen differently are refused: the daemon picks the endpoint before the version.
+    tcp_second = second.replace('--host, "{socket}"', '--host, "{host}", --port, "{port}"').replace(
+        "listen: unix", "listen: tcp")
+    mixed = text.replace("twover-custom", "mixed-custom").replace(second, tcp_second)
+    refused = define(d, mixed)
+    assert refused.status_code == 400, refused.text
+    assert "versions.second.listen (line 20): every version needs the default version's listen" in \
+        refused.json()["error"]["message"]

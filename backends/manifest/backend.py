@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import ClassVar, cast
+from typing import Any, ClassVar, Literal, cast
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, create_model
 
 from backends.base import (
     Backend,
@@ -103,10 +103,15 @@ class ManifestBackend(Backend):
             "threads": str(self.context.cpu_count), "gpu_ids": gpus,
         }
 
+    def version_for(self, config: BackendConfiguration) -> str:
+        """The version a runner with `config` runs: its pinned `backend_version`, else the default."""
+        pinned: str | None = self.options(config).backend_version
+        return pinned or self.manifest.chosen_version
+
     def argv(self, endpoint: Endpoint, model: ModelRef, mode: Mode, config: BackendConfiguration) -> list[str]:
         """The command line: the version's command, its mode arguments, the default arguments, then the
         caller's validated flags (last, so they tune the defaults; they can never name a template option)."""
-        version = self.manifest.version
+        version = self.manifest.versions[self.version_for(config)]
         values = self._values(endpoint, model, config)
         return [*render(version.command, values), *render(version.mode_args.get(mode, []), values),
                 *render(self.manifest.default_args, values), *config.runtime_flags]
@@ -127,15 +132,17 @@ class ManifestBackend(Backend):
                                    f"{model.name} is in {model.format} format")
         if mode not in self.manifest.modes:
             raise RunnerError(f"{self.name} does not run models in {mode} mode", reason="bad_config")
-        problem = await asyncio.to_thread(executable_problem, self._executable)
+        version = self.manifest.versions[self.version_for(config)]
+        problem = await asyncio.to_thread(executable_problem, version.command[0])
         if problem:
-            raise RunnerError(f"cannot start {self.name}: {problem}", reason="spawn_failed")
+            raise RunnerError(f"cannot start {self.name} {self.version_for(config)}: {problem}",
+                              reason="spawn_failed")
         try:
             self.validate_flags(config.runtime_flags)  # stored configurations may be old or hand-edited
         except FlagError as exc:
             raise RunnerError(str(exc), reason="bad_flag") from exc
         argv = self.argv(endpoint, model, mode, config)
-        env = self.environment(self.manifest.version, self._values(endpoint, model, config))
+        env = self.environment(version, self._values(endpoint, model, config))
         await run_process(argv, env=env, endpoint=endpoint, output=output, grace=self.context.stop_grace)
 
     def required_memory(self, model: ModelRef, mode: Mode, config: BackendConfiguration) -> MemoryEstimate:
@@ -159,10 +166,19 @@ class ManifestBackend(Backend):
                                       "unmeasured and measured once it has loaded")
 
 
+def _options_model(manifest: EngineManifest) -> type[BaseModel]:
+    """Per-model options: `backend_version`, one of the manifest's versions (unset: the default)."""
+    versions: Any = Literal[tuple(manifest.versions)]
+    return create_model(f"{manifest.name}-options", __config__=ConfigDict(extra="forbid"),
+                        backend_version=(versions | None, None))
+
+
 def backend_class(manifest: EngineManifest, flags: FlagTable | None) -> type[ManifestBackend]:
-    """A Backend subclass for one checked manifest (parse_manifest gives both arguments)."""
+    """A Backend subclass for one checked manifest (parse_manifest gives both arguments). Every version
+    listens and gets ready the same way (checks.py), so the class's endpoint and readiness hold for all."""
     version = manifest.version
     attributes = {
+        "options_model": _options_model(manifest),
         "name": manifest.name, "manifest": manifest, "capabilities": frozenset(manifest.capabilities),
         "model_formats": frozenset(manifest.model_formats), "flag_table": flags,
         "readiness_path": version.readiness.path, "readiness_timeout": version.readiness.timeout,
