@@ -254,3 +254,17 @@ def test_a_configuration_pins_a_version(mdaemon, llama_server):
     assert refused.status_code == 400, refused.text
     assert "versions.second.listen (line 20): every version needs the default version's listen" in \
         refused.json()["error"]["message"]
+
+
+def test_an_engine_of_unknown_size_is_admitted_and_measured(mdaemon, llama_server):
+    d, _ = mdaemon
+    text = llama_manifest(llama_server, name="unsized-custom").replace("{kind: gguf}", "{kind: unknown}")
+    assert define(d, text).status_code == 201
+    done = d.post("/engines/unsized-custom/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2})
+    assert done.status_code == 200, done.text
+    runner = next(r for r in d.ps() if r["backend"] == "unsized-custom")
+    assert runner["memory"]["known"] is False
+    assert "measured once it has loaded" in runner["memory"]["notes"][0]
+    d.wait_for(lambda: any(r["measured_ram_bytes"] > 0 for r in d.ps() if r["backend"] == "unsized-custom"),
+               what="the runner's memory measured")
+    assert d.http.delete("/engines/backends/unsized-custom", params={"force": "true"}).status_code == 200
