@@ -268,3 +268,27 @@ def test_an_engine_of_unknown_size_is_admitted_and_measured(mdaemon, llama_serve
     d.wait_for(lambda: any(r["measured_ram_bytes"] > 0 for r in d.ps() if r["backend"] == "unsized-custom"),
                what="the runner's memory measured")
     assert d.http.delete("/engines/backends/unsized-custom", params={"force": "true"}).status_code == 200
+
+
+def test_on_the_socket_only_the_daemons_user_may_define_an_engine(mdaemon, llama_server):
+    """Another user who can open the socket (the runnerd group, in system mode) may use the daemon but not
+    define engines. The test runs as root, as CI does here, and lends the socket to `nobody` for one call."""
+    d, _ = mdaemon
+    modes = {path: path.stat().st_mode & 0o7777 for path in (d.root, d.socket.parent, d.socket)}
+    before = stored(d)
+    try:
+        d.root.chmod(0o711)
+        d.socket.parent.chmod(0o711)
+        d.socket.chmod(0o666)
+        curl = ["curl", "-s", "--max-time", "30", "--unix-socket", str(d.socket)]
+        health = subprocess.run([*curl, "http://runnerd/engines/backends"], user=65534, capture_output=True,
+                                text=True, timeout=60, check=True)
+        assert "llama.cpp" in health.stdout  # the daemon serves this user
+        posted = subprocess.run([*curl, "-H", "Content-Type: application/yaml", "--data-binary", "@-",
+                                 "http://runnerd/engines/backends"], user=65534, capture_output=True, text=True,
+                                timeout=60, check=True, input=llama_manifest(llama_server, name="guest-custom"))
+        assert json.loads(posted.stdout)["error"]["code"] == "not_socket_owner", posted.stdout
+    finally:
+        for path, mode in modes.items():
+            path.chmod(mode)
+    assert stored(d) == before and "guest-custom" not in engine_names(d)

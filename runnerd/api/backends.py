@@ -4,6 +4,9 @@ an engine by a manifest and delete one."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import struct
 from collections.abc import MutableMapping
 from typing import Literal
 
@@ -134,12 +137,29 @@ class DefineEngineRequest(BaseModel):
     format: Literal["yaml", "toml"] = "yaml"
 
 
+def _peer_uid(request: web.Request) -> int | None:
+    """The user id of the process at the other end of the unix socket (SO_PEERCRED), if the OS says."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None:
+        return None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (AttributeError, OSError):
+        return None
+    return int(struct.unpack("3i", creds)[1])
+
+
 def _owner_only(request: web.Request, what: str) -> None:
-    # Defining an engine runs a program of the caller's choosing on the host. Over TCP a bearer token
-    # proves access to the API, not to the host: refused until tokens carry an admin role.
+    # Defining an engine runs a program of the caller's choosing on the host, as the daemon's user. Over
+    # TCP a bearer token proves access to the API, not to the host: refused until tokens carry an admin
+    # role. On the socket, the runnerd group may use the daemon but only its own user (or root) may do this.
     if not over_unix_socket(request):
         raise ApiError(403, f"{what} runs programs on this host: only over the daemon's unix socket",
                        code="unix_socket_only", type="permission_error")
+    uid = _peer_uid(request)
+    if uid is None or uid not in (0, os.getuid()):
+        raise ApiError(403, f"{what} runs programs on this host as the daemon's user: only that user or root "
+                            "may do it", code="not_socket_owner", type="permission_error")
 
 
 async def _manifest_text(request: web.Request) -> tuple[str, Literal["yaml", "toml"]]:
