@@ -220,3 +220,51 @@ def test_fuzz_the_parser_only_ever_answers_manifest_error(document: dict[str, ob
         else:  # whatever passed keeps the rules: a suffixed name, placeholders known, listen address templated
             assert manifest.name.endswith("-custom")
             assert any("{port}" in e or "{socket}" in e for e in manifest.version.command)
+
+
+_ELEMENTS = st.sampled_from([
+    "{port}", "{socket}", "{host}", "{model_path}", "{model_name}", "{ctx}", "{threads}", "{gpu_ids}", "{nope}",
+    "--host", "--port", "--model", "--api-key", "--alias", "--uds", "--port={port}", "--host=0.0.0.0", "--",
+    "-m", "x", "0.0.0.0", "{{", "}}", "{", "{port!r}", "--temp", "-1", "/etc/passwd", "--threads",
+]) | _TEXT
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(command=st.lists(_ELEMENTS, max_size=8), listen=st.sampled_from(["tcp", "unix"]),
+       allow=st.lists(st.sampled_from(["--temp", "--port", "--host", "--threads", "--model", "--x", "-m"]),
+                      max_size=3, unique=True),
+       default_args=st.lists(_ELEMENTS, max_size=3))
+def test_fuzz_whatever_passes_keeps_the_rules(engine_bin: Path, command: list[str], listen: str, allow: list[str],
+                                              default_args: list[str]) -> None:
+    """Near-valid manifests: a real executable and random argv elements. Whatever is accepted keeps the
+    daemon's rules; whatever is refused is refused with a ManifestError naming a field."""
+    from backends.manifest.checks import DAEMON_OPTIONS, template_options
+
+    document = {
+        "name": "fuzz-custom", "capabilities": ["chat"],
+        "versions": {"v1": {"command": [str(engine_bin), *command], "listen": listen}},
+        "default_args": default_args,
+        "flags": {"policy": "allowlist", "allow": [{"name": n, "type": "number"} for n in allow]},
+    }
+    import json
+
+    try:
+        manifest, flags = parse_manifest(json.dumps(document), "yaml", reserved=BUILTINS)
+    except ManifestError as exc:
+        assert exc.field and exc.line is not None
+        return
+    argv = manifest.version.command
+    assert ("{port}" if listen == "tcp" else "{socket}") in " ".join(argv)
+    for i, element in enumerate(argv[1:], 1):
+        option = element.partition("=")[0]
+        if option in DAEMON_OPTIONS:
+            value = element.partition("=")[2] if "=" in element else (argv[i + 1] if i + 1 < len(argv) else None)
+            assert value in DAEMON_OPTIONS[option]
+    accepted = flags.allowed_spellings if flags is not None else frozenset()
+    assert not accepted & (set(DAEMON_OPTIONS) | template_options(manifest))
+    backend = backend_class(manifest, flags).create(EngineContext(cache_dir=engine_bin.parent), None)  # type: ignore[arg-type]
+    endpoint = Endpoint.tcp(1234) if listen == "tcp" else Endpoint.unix(Path("/run/x.sock"))
+    rendered = backend.argv(endpoint, ModelRef(name="m", path=Path("/m.gguf")), Mode.COMPLETION,
+                            BackendConfiguration())
+    assert rendered[0] == str(engine_bin) and len(rendered) == len(argv) + len(default_args)
