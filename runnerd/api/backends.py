@@ -188,9 +188,14 @@ async def define_backend(request: web.Request) -> web.Response:
     d = daemon(request)
     text, fmt = await _manifest_text(request)
     registry = _registry(d)
-    context = engine_context(d.settings, lambda: as_host_gpus(d.scheduler.sampler.snapshot.gpus))
+    def define() -> Backend:
+        # engine_context counts the GPUs through NVML: blocking, like the checks and the write.
+        context = engine_context(d.settings, lambda: as_host_gpus(d.scheduler.sampler.snapshot.gpus))
+        return define_engine(d.settings, context, text, fmt, taken)
+
+    taken = set(registry)
     try:
-        backend = await asyncio.to_thread(define_engine, d.settings, context, text, fmt, set(registry))
+        backend = await asyncio.to_thread(define)
     except ManifestError as exc:
         raise ApiError(400, f"manifest refused: {exc}", code="invalid_manifest", param=exc.field or None) from exc
     except ManifestConflict as exc:
