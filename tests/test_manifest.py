@@ -128,6 +128,9 @@ def test_the_same_manifest_in_toml(engine_bin: Path) -> None:
     ({"extra": "    - {name: --port, type: integer}\n"}, "flags.allow[2].name", 14,
      "set by runnerd or by the template"),
     ({"extra": "    - {name: --model, type: text}\n"}, "flags.allow[2].name", 14, "set by runnerd"),
+    ({"extra": "    - {name: --hos, type: text}\n"}, "flags.allow[2].name", 14, "set by runnerd"),
+    ({"command": '["{bin}", "--port", "{{port}}", "--hos", "0.0.0.0"]'}, "versions.v1.command[3]", 6,
+     "--hos is the daemon's"),
     ({"extra": "memory: {kind: fixed}\n"}, "memory", 14, "needs ram_bytes or vram_bytes"),
     ({"extra": "surprise: 1\n"}, "surprise", 14, "Extra inputs are not permitted"),
 ])

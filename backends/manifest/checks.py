@@ -42,6 +42,17 @@ DAEMON_OPTIONS: dict[str, frozenset[str]] = {
 }
 
 
+def daemon_option(name: str) -> frozenset[str] | None:
+    """The values a template may give `name` if it is one of the daemon's options, or an abbreviation of
+    one (Python's argparse reads `--hos` as `--host`); None when it is not."""
+    name = name.lower()
+    if name in DAEMON_OPTIONS:
+        return DAEMON_OPTIONS[name]
+    if name.startswith("--") and len(name) >= 5:
+        return next((values for option, values in DAEMON_OPTIONS.items() if option.startswith(name)), None)
+    return None
+
+
 def check_name(name: str, reserved: Collection[str]) -> None:
     stem = name.removesuffix(NAME_SUFFIX)
     if name in reserved or stem in reserved:
@@ -96,7 +107,7 @@ def _options(elements: Sequence[str]) -> Iterator[tuple[int, str, str | None]]:
 
 def _check_daemon_options(field: str, elements: Sequence[str], offset: int = 0) -> None:
     for i, name, value in _options(elements):
-        allowed = DAEMON_OPTIONS.get(name.lower())
+        allowed = daemon_option(name)
         if allowed is None:
             continue
         where = f"{field}[{i + offset}]"

@@ -16,7 +16,7 @@ _KINDS = {"switch": ValueKind.SWITCH, "integer": ValueKind.INT, "number": ValueK
 
 def flag_table(manifest: EngineManifest, template_options: Collection[str]) -> FlagTable | None:
     """None when callers may pass no flags; ManifestError naming the rule that cannot stand."""
-    from backends.manifest.checks import DAEMON_OPTIONS
+    from backends.manifest.checks import DAEMON_OPTIONS, daemon_option
 
     policy = manifest.flags
     if policy.policy == "none":
@@ -28,7 +28,7 @@ def flag_table(manifest: EngineManifest, template_options: Collection[str]) -> F
     specs: list[FlagSpec] = []
     for i, rule in enumerate(policy.allow):
         for spelling in (rule.name, *rule.aliases, *([rule.negation] if rule.negation else [])):
-            if spelling in reserved:
+            if spelling in reserved or daemon_option(spelling) is not None:
                 raise ManifestError(f"flags.allow[{i}].name", f"{spelling} is set by runnerd or by the template: "
                                     "callers may not change it")
         if rule.pattern is not None:
