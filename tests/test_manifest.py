@@ -132,6 +132,8 @@ def test_the_same_manifest_in_toml(engine_bin: Path) -> None:
     ({"command": '["{bin}", "--port", "{{port}}", "--hos", "0.0.0.0"]'}, "versions.v1.command[3]", 6,
      "--hos is the daemon's"),
     ({"extra": "memory: {kind: fixed}\n"}, "memory", 14, "needs ram_bytes or vram_bytes"),
+    ({"listen": "tcp\n    environment: {LLAMA_ARG_HOST: 0.0.0.0}"}, "versions.v1.environment.LLAMA_ARG_HOST", 8,
+     "the listen address and API keys are the daemon's"),
     ({"extra": "surprise: 1\n"}, "surprise", 14, "Extra inputs are not permitted"),
 ])
 def test_refusals_name_the_field_and_line(engine_bin: Path, override: dict[str, str], field: str, line: int,

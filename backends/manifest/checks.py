@@ -161,6 +161,10 @@ def check_manifest(manifest: EngineManifest, *, reserved: Collection[str],
         for env_name, env_value in version.environment.items():
             if not re.fullmatch(ENV_NAME_PATTERN, env_name):
                 raise ManifestError(f"{field}.environment", f"{env_name!r} is not a variable name")
+            if re.search(r"(?:^|_)(?:HOST|PORT|API_KEY|UDS|SOCKET)$", env_name, re.I):
+                # Engines read options from variables too (LLAMA_ARG_HOST, VLLM_PORT): the daemon's as well.
+                raise ManifestError(f"{field}.environment.{env_name}", "the listen address and API keys are the "
+                                    "daemon's, in variables too")
             _placeholders(f"{field}.environment.{env_name}", env_value)
         need, never = ("port", "socket") if version.listen is ListenKind.TCP else ("socket", "port")
         if need not in used:
