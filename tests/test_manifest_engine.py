@@ -97,6 +97,7 @@ def test_llama_server_from_a_manifest_serves_chat_and_streams(mdaemon, llama_ser
     assert resp.status_code == 201, resp.text
     view = resp.json()
     assert view["name"] == "llama-server-custom" and view["installed"] and view["version"] == "pinned"
+    assert view["defined_by"] == "manifest" and view["versions"] == ["pinned"]
     assert stored(d) == {"llama-server-custom.yaml"}
     # The engine's own flags are checked by its manifest's allowlist when configured.
     ok = d.post("/engines/llama-server-custom/_configure", {"model": "tiny", "runtime_flags": ["--temp", "0.5"]})
@@ -221,7 +222,9 @@ def test_manifests_in_engines_load_at_start_and_the_cli_adds_them(make_daemon, l
     assert refused.returncode == 1 and "unknown placeholder {context}" in refused.stderr
     listed = subprocess.run([*cli, "list", "--json", "--socket", str(d.socket)], capture_output=True, text=True,
                             cwd=ROOT, timeout=60, check=True)
-    assert {"added-custom", "kept-custom"} <= {b["name"] for b in json.loads(listed.stdout)}
+    views = {b["name"]: b for b in json.loads(listed.stdout)}
+    assert {"added-custom", "kept-custom"} <= set(views)
+    assert (views["llama.cpp"]["defined_by"], views["kept-custom"]["defined_by"]) == ("built-in", "manifest")
     removed = subprocess.run([*cli, "rm", "added-custom", "--socket", str(d.socket)], capture_output=True,
                              text=True, cwd=ROOT, timeout=60, check=False)
     assert removed.returncode == 0 and "deleted added-custom" in removed.stdout, removed.stderr

@@ -20,7 +20,7 @@ from runnerd.api.context import Daemon, daemon, over_unix_socket
 from runnerd.api.engines import read_json_body
 from runnerd.api.errors import ApiError, parse_body
 from runnerd.api.jobs import job_json, stream_job, wants_stream
-from runnerd.engines import ManifestConflict, as_host_gpus, define_engine, engine_context, forget_engine
+from runnerd.engines import BUILTIN, ManifestConflict, as_host_gpus, define_engine, engine_context, forget_engine
 from runnerd.scheduler import RunnerState
 
 INSTALL = "install-backend"
@@ -50,6 +50,9 @@ class BackendView(BaseModel):
     model_formats: list[str]
     disk_usage: int
     install_job: str | None = Field(description="id of the install job running now, if any")
+    versions: list[str] = Field(description="the versions installed now (a manifest's: those whose executable is "
+                                            "there)")
+    defined_by: Literal["built-in", "plug-in", "manifest"]
 
 
 
@@ -60,7 +63,14 @@ def _describe(d: Daemon, backend: Backend) -> BackendView:
     return BackendView(name=backend.name, status=status.text, state=status.state, installed=status.installed,
                        version=status.version, installable_version=backend.installable_version,
                        capabilities=sorted(backend.capabilities), model_formats=sorted(backend.model_formats),
-                       disk_usage=backend.disk_usage(), install_job=job.id if job else None)
+                       disk_usage=backend.disk_usage(), install_job=job.id if job else None,
+                       versions=backend.installed_versions(), defined_by=_defined_by(backend))
+
+
+def _defined_by(backend: Backend) -> Literal["built-in", "plug-in", "manifest"]:
+    if isinstance(backend, ManifestBackend):
+        return "manifest"
+    return "built-in" if backend.name in BUILTIN else "plug-in"
 
 
 async def list_backends(request: web.Request) -> web.Response:
