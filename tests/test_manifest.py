@@ -273,3 +273,16 @@ def test_fuzz_whatever_passes_keeps_the_rules(engine_bin: Path, command: list[st
     rendered = backend.argv(endpoint, ModelRef(name="m", path=Path("/m.gguf")), Mode.COMPLETION,
                             BackendConfiguration())
     assert rendered[0] == str(engine_bin) and len(rendered) == len(argv) + len(default_args)
+
+
+def test_the_readme_example_is_a_valid_manifest() -> None:
+    """The complete manifest in README's "An engine defined by a manifest" (its executable is not on this
+    host, so files are not checked)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("#### An engine defined by a manifest"):]
+    example = section[section.index("```yaml\n") + len("```yaml\n"):]
+    example = example[:example.index("```")]
+    manifest, flags = parse_manifest(example, "yaml", reserved=BUILTINS, check_files=False)
+    assert manifest.name == "llama-server-custom" and manifest.memory.kind == "gguf"
+    assert flags is not None and "--temp" in flags.allowed_spellings and "--port" not in flags.allowed_spellings
+    assert manifest.native_apis == {"chat_completions", "completions", "embeddings"}
