@@ -2,8 +2,8 @@
 
 Every answer, streamed or not, is relayed chunk by chunk: the daemon never holds a whole answer, however
 large the engine makes it. Only routes that translate an answer read it whole, up to a bound. A client
-that hangs up while the engine computes a non-streamed answer does not stop the engine (llama-server
-finishes it anyway), so the runner stays busy, by a lease of its own, until the engine has answered.
+that hangs up while the engine computes a non-streamed answer does not stop the engine (engines
+finish it anyway), so the runner stays busy, by a lease of its own, until the engine has answered.
 """
 
 from __future__ import annotations

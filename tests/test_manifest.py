@@ -244,7 +244,8 @@ def test_fuzz_whatever_passes_keeps_the_rules(engine_bin: Path, command: list[st
                                               default_args: list[str]) -> None:
     """Near-valid manifests: a real executable and random argv elements. Whatever is accepted keeps the
     daemon's rules; whatever is refused is refused with a ManifestError naming a field."""
-    from backends.manifest.checks import DAEMON_OPTIONS, template_options
+    from backends.manifest.checks import template_options
+    from backends.manifest.daemon_options import DAEMON_OPTIONS
 
     document = {
         "name": "fuzz-custom", "capabilities": ["chat"],

@@ -7,6 +7,7 @@ import re
 from collections.abc import Collection
 
 from backends.flags import FLAG_NAME, FlagSpec, FlagTable, ValueKind, owned
+from backends.manifest.daemon_options import DAEMON_OPTIONS, daemon_option
 from backends.manifest.errors import ManifestError
 from backends.manifest.model import EngineManifest
 
@@ -16,8 +17,6 @@ _KINDS = {"switch": ValueKind.SWITCH, "integer": ValueKind.INT, "number": ValueK
 
 def flag_table(manifest: EngineManifest, template_options: Collection[str]) -> FlagTable | None:
     """None when callers may pass no flags; ManifestError naming the rule that cannot stand."""
-    from backends.manifest.checks import DAEMON_OPTIONS, daemon_option
-
     policy = manifest.flags
     if policy.policy == "none":
         if policy.allow:
