@@ -175,16 +175,16 @@ def read_tokens_file(path: Path) -> TokensFile:
         raise TokenError(f"the tokens file {path}: {where}{entry}: {err['msg']}") from None
     seen: dict[str, int] = {}
     hashes: set[str] = set()
-    for i, entry in enumerate(parsed.tokens):
-        if entry.name in seen or entry.name == LEGACY_NAME:
-            why = (f"is also tokens.{seen[entry.name]}'s" if entry.name in seen
+    for i, token in enumerate(parsed.tokens):
+        if token.name in seen or token.name == LEGACY_NAME:
+            why = (f"is also tokens.{seen[token.name]}'s" if token.name in seen
                    else "is the name of [http] token_file's token")
-            raise TokenError(f"the tokens file {path}: tokens.{i}.name {entry.name!r} {why}; names must be unique")
-        seen[entry.name] = i
-        if entry.hash in hashes:
-            raise TokenError(f"the tokens file {path}: tokens.{i} ({entry.name}) has the same hash as another "
+            raise TokenError(f"the tokens file {path}: tokens.{i}.name {token.name!r} {why}; names must be unique")
+        seen[token.name] = i
+        if token.hash in hashes:
+            raise TokenError(f"the tokens file {path}: tokens.{i} ({token.name}) has the same hash as another "
                              "entry; one token has one name")
-        hashes.add(entry.hash)
+        hashes.add(token.hash)
     return parsed
 
 

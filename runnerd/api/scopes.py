@@ -54,7 +54,9 @@ _RULES: list[tuple[frozenset[str], re.Pattern[str], Role]] = [
 
 def required_role(request: web.Request) -> Role:
     resource = request.match_info.route.resource
-    template = resource.canonical if resource is not None else request.path
+    if resource is None:
+        return "user"  # no such route (404) or method (405): nothing to guard, the router answers
+    template = resource.canonical
     for methods, pattern, role in _RULES:
         if request.method in methods and pattern.match(template):
             return role
