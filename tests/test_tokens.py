@@ -144,3 +144,27 @@ def test_the_audit_log_rotates_by_size_and_is_owner_only(tmp_path):
     assert set(lines[0]) == {"time", "token", "remote", "action", "target", "result"}
     assert json.loads(path.read_text().splitlines()[-1])["target"] == "/api/pull model=m99"  # the newest file
     assert all(stat.S_IMODE(os.stat(f).st_mode) == 0o600 for f in files)
+
+
+def test_the_tokens_command_prints_a_token_once_and_stores_its_hash(tmp_path, capsys):
+    from runnerd.cli import main
+
+    path = tmp_path / "tokens.toml"
+    assert main(["tokens", "add", "ci", "--file", str(path), "--models", "gemma*", "--requests-per-minute", "30"]) == 0
+    token = capsys.readouterr().out.strip()
+    assert token.startswith("rd_") and token not in path.read_text()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    grant = Keyring(None, path).match(token)
+    assert grant is not None and grant.name == "ci" and grant.role == "user" and grant.models == ("gemma*",)
+    assert grant.requests_per_minute == 30
+    assert main(["tokens", "add", "ci", "--file", str(path)]) == 1
+    assert "already" in capsys.readouterr().err
+    assert main(["tokens", "add", "ops", "--role", "operator", "--file", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["tokens", "ls", "--json", "--file", str(path)]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(t["name"], t["role"]) for t in listed] == [("ci", "user"), ("ops", "operator")]
+    assert all("hash" not in t for t in listed)
+    assert main(["tokens", "rm", "ci", "--file", str(path)]) == 0
+    assert Keyring(None, path).match(token) is None and [g.name for g in Keyring(None, path).grants] == ["ops"]
+    assert main(["tokens", "rm", "ci", "--file", str(path)]) == 1
