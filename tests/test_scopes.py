@@ -32,6 +32,7 @@ TOKENS = {
     "alice": ("rd_alice-user-token-0123456789abcdefghij", "user", {}),
     "gem": ("rd_gem-user-token-0123456789abcdefghijklm", "user", {"models": ["gemma*"]}),
     "ops": ("rd_ops-operator-token-0123456789abcdefghi", "operator", {}),
+    "gemops": ("rd_gemops-operator-token-0123456789abcdef", "operator", {"models": ["gemma*"]}),
     "single": ("rd_single-user-token-0123456789abcdefgh", "user", {"max_concurrent": 1}),
     "rpm": ("rd_rpm-user-token-0123456789abcdefghijklm", "user", {"requests_per_minute": 3}),
 }
@@ -152,6 +153,9 @@ def test_a_user_token_cannot_change_the_host(tcp):
     assert answer.model == "tiny:latest" and answer.choices[0].message.content is not None
     # The operator may unload and look at runners, not pull.
     assert tcp.get("/engines/ps", "ops").status_code == 200
+    # An operator limited to some models sees only their runners (tiny runs now, for alice).
+    assert [r["model"] for r in tcp.get("/engines/ps", "ops").json()] == ["tiny:latest"]
+    assert tcp.get("/engines/ps", "gemops").json() == [] and tcp.get("/api/ps", "gemops").json() == {"models": []}
     unloaded = tcp.post("/engines/unload", "ops", {"all": True})
     assert unloaded.status_code == 200 and unloaded.json()["unloaded"] >= 1, unloaded.text
     assert tcp.post("/api/pull", "ops", {"model": "https://example.com/m.gguf"}).status_code == 403
@@ -291,6 +295,11 @@ def test_the_single_token_is_an_admin(tcp):
     assert [(x["action"], x["result"]) for x in lines[-2:]] == [("POST /api/copy", "200"),
                                                                ("DELETE /api/delete", "200")]
     assert lines[-2]["target"] == '/api/copy source="tiny" destination="tiny-copy"'
+    # The host's own users act through the unix socket: no token, and audited all the same.
+    assert tcp.d.post("/api/copy", {"source": "tiny", "destination": "tiny-local"}).status_code == 200
+    assert tcp.d.http.request("DELETE", "/api/delete", json={"model": "tiny-local"}).status_code == 200
+    local = tcp.audit_until(lambda lines: lines[-1]["target"] == '/api/delete model="tiny-local"', "the delete")
+    assert [(x["token"], x["remote"], x["result"]) for x in local[-2:]] == [(None, "unix", "200")] * 2
 
 
 def test_refused_authentication_is_audited(tcp):

@@ -194,7 +194,7 @@ async def engines_status(request: web.Request) -> web.Response:
 
 
 async def engines_ps(request: web.Request) -> web.Response:
-    runners = daemon(request).scheduler.ps()
+    runners = scopes.visible(daemon(request).scheduler.ps(), lambda r: r.model)
     return web.json_response([r.model_dump(mode="json") for r in runners])
 
 

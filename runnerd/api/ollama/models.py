@@ -91,7 +91,7 @@ async def tags(request: web.Request) -> web.Response:
 async def ps(request: web.Request) -> web.Response:
     d = daemon(request)
     out = []
-    for info in d.scheduler.ps():
+    for info in scopes.visible(d.scheduler.ps(), lambda r: r.model):
         try:
             model = d.store.get(info.model)
         except StoreError:
