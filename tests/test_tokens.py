@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -168,3 +169,13 @@ def test_the_tokens_command_prints_a_token_once_and_stores_its_hash(tmp_path, ca
     assert main(["tokens", "rm", "ci", "--file", str(path)]) == 0
     assert Keyring(None, path).match(token) is None and [g.name for g in Keyring(None, path).grants] == ["ops"]
     assert main(["tokens", "rm", "ci", "--file", str(path)]) == 1
+
+
+def test_the_readme_example_is_a_valid_tokens_file(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("# /etc/runnerd/tokens.toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "tokens.toml"
+    path.write_text(block)
+    grant = Keyring(None, path).match("test")
+    assert grant is not None and grant.name == "ci" and grant.models == ("gemma*", "smollm2")
+    assert grant.max_concurrent == 4 and grant.requests_per_minute == 120
