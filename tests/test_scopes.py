@@ -365,3 +365,17 @@ def test_the_tokens_file_is_reloaded_on_change_and_on_sighup(tcp):
     finally:
         replace(path, original)
         wait_for(lambda: tcp.get("/v1/models", DAVE).status_code == 401, "the original tokens back")
+
+
+def test_a_daemon_with_an_unusable_tokens_file_does_not_start(llama_server):
+    root = Path(tempfile.mkdtemp(prefix="rd-", dir="/tmp"))
+    try:
+        (root / "tokens.toml").write_text(HOSTILE["a plaintext token"])
+        with pytest.raises(RuntimeError) as caught:
+            Daemon(root, llama_server, {}, {"RUNNERD_HTTP__TOKENS_FILE": str(root / "tokens.toml")},
+                   ["--listen", "127.0.0.1:0"])
+        message = str(caught.value)
+        assert "refusing to listen on tcp:127.0.0.1:" in message and "tokens.0.hash" in message
+        assert "never the token itself" in message and CAROL not in message
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
