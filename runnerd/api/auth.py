@@ -89,13 +89,16 @@ def _audit(request: web.Request, grant: Grant | None, result: str, *, body: bool
 
 
 _TARGET_FIELDS = ("model", "name", "models", "backend", "source", "destination")
+# A body larger than this is not parsed again for its target (it would hold the event loop): the path stays.
+_TARGET_BODY_BYTES = 64 * 1024
 
 
 def _target(request: web.Request, body: bool) -> str:
     """The path, and the fields of a JSON body that name what was acted on, when the handler read it."""
     parts = [request.path]
-    raw = getattr(request, "_read_bytes", None) if body else None  # the body, when the handler read it
-    if raw:
+    # aiohttp keeps the body it read for the handler; a body the handler did not read is not read here.
+    raw = getattr(request, "_read_bytes", None) if body else None
+    if raw and len(raw) <= _TARGET_BODY_BYTES:
         try:
             payload = json.loads(raw)
         except ValueError:
