@@ -179,3 +179,39 @@ def test_the_readme_example_is_a_valid_tokens_file(tmp_path):
     grant = Keyring(None, path).match("test")
     assert grant is not None and grant.name == "ci" and grant.models == ("gemma*", "smollm2")
     assert grant.max_concurrent == 4 and grant.requests_per_minute == 120
+
+
+def test_every_route_has_the_role_it_should(tmp_path):
+    """A user reaches inference and listings only, an operator adds what loads, unloads and watches;
+    everything else, and any route added later, needs an admin."""
+    from aiohttp import hdrs
+
+    from runnerd.api.scopes import role_for
+    from runnerd.config import load_settings
+    from runnerd.server import create_app
+
+    app = create_app(load_settings(runtime_dir=tmp_path / "run", data_dir=tmp_path / "data"), backends={})
+    roles: dict[str, set[str]] = {"user": set(), "operator": set(), "admin": set()}
+    for route in app.router.routes():
+        if route.method == hdrs.METH_HEAD or route.resource is None:
+            continue
+        roles[role_for(route.method, route.resource.canonical)].add(f"{route.method} {route.resource.canonical}")
+    inference = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/rerank", "/v1/rerank",
+                 "/v1/messages", "/v1/messages/count_tokens", "/v1/responses", "/v1/responses/input_tokens")
+    ollama_inference = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show")
+    for entry in roles["user"]:
+        method, path = entry.split(" ", 1)
+        posts_inference = method == "POST" and (path.endswith(inference) or path in ollama_inference)
+        reads_a_response = method == "DELETE" and "/v1/responses/" in path
+        assert posts_inference or method == "GET" or reads_a_response, entry
+    assert roles["operator"] >= {"POST /engines/unload", "POST /node/drain", "POST /node/resume", "GET /engines/ps",
+                                 "GET /api/ps", "GET /node", "GET /models/{name}/estimate", "GET /metrics"}
+    assert all(e.startswith("GET ") or e in ("POST /engines/unload", "POST /node/drain", "POST /node/resume")
+               for e in roles["operator"])
+    assert roles["admin"] >= {"POST /api/pull", "DELETE /api/delete", "POST /api/copy", "POST /models",
+                              "POST /models/create", "DELETE /models/{name}", "POST /models/{name}/tag",
+                              "POST /engines/_configure", "POST /engines/{backend}/_configure",
+                              "DELETE /engines/_configure", "POST /engines/install-backend",
+                              "POST /engines/uninstall-backend", "POST /engines/backends",
+                              "DELETE /engines/backends/{name}", "DELETE /jobs/{id}"}
+    assert role_for("POST", "/some/route/added/later") == "admin"
