@@ -202,8 +202,8 @@ def test_every_route_has_the_role_it_should(tmp_path):
     for entry in roles["user"]:
         method, path = entry.split(" ", 1)
         posts_inference = method == "POST" and (path.endswith(inference) or path in ollama_inference)
-        reads_a_response = method == "DELETE" and "/v1/responses/" in path
-        assert posts_inference or method == "GET" or reads_a_response, entry
+        deletes_a_response = method == "DELETE" and "/v1/responses/" in path
+        assert posts_inference or method == "GET" or deletes_a_response, entry
     assert roles["operator"] >= {"POST /engines/unload", "POST /node/drain", "POST /node/resume", "GET /engines/ps",
                                  "GET /api/ps", "GET /node", "GET /models/{name}/estimate", "GET /metrics"}
     assert all(e.startswith("GET ") or e in ("POST /engines/unload", "POST /node/drain", "POST /node/resume")
