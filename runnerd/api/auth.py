@@ -101,7 +101,7 @@ def _target(request: web.Request, body: bool) -> str:
     if raw and len(raw) <= _TARGET_BODY_BYTES:
         try:
             payload = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # what the handler refused (400): the path is target enough
             payload = None
         if isinstance(payload, dict):
             for key in _TARGET_FIELDS:
