@@ -69,7 +69,12 @@ class HttpSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     listen: str | None = Field(default=None, description="HOST:PORT; unset = no TCP listener")
-    token_file: Path | None = Field(default=None, description="file holding the bearer token")
+    token_file: Path | None = Field(default=None, description="file holding the bearer token (an admin token "
+                                    "named http-token)")
+    tokens_file: Path | None = Field(default=None, description="TOML file of named tokens, each with a role, "
+                                     "model patterns and limits, stored as hashes (runnerd/tokens.py)")
+    tokens_poll_interval: float = Field(default=2.0, gt=0, description="seconds between checks of the tokens "
+                                        "file for a change (SIGHUP reloads it at once)")
     # Counted when accepted, before a byte is read or a token checked; over a cap the connection is reset.
     max_connections: int = Field(default=1024, ge=1, description="TCP connections open at once; lowered at "
                                  "start to what the open-file limit leaves after fd_reserve (two per connection)")
@@ -88,6 +93,16 @@ class HttpSettings(BaseModel):
         if value is not None:
             parse_listen(value)
         return value
+
+
+class AuditSettings(BaseModel):
+    """The audit log of admin and operator actions, refusals and limit hits (runnerd/audit.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Path | None = Field(default=None, description="default <state>/audit.log")
+    max_bytes: ByteSize = Field(default=ByteSize(10 * MiB), gt=0, description="rotate when a file reaches this")
+    backups: int = Field(default=5, ge=0, description="rotated files kept (audit.log.1 ...)")
 
 
 class NodeSettings(BaseModel):
@@ -246,6 +261,7 @@ class Settings(BaseSettings):
     min_residency: float = Field(default=0.0, ge=0, description="seconds a runner stays before it may be evicted")
     crash_backoff: float = Field(default=5.0, gt=0, description="first hold-back after 3 failed starts in a row")
     http: HttpSettings = Field(default_factory=HttpSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     node: NodeSettings = Field(default_factory=NodeSettings)
     allowed_origins: list[str] = Field(default_factory=lambda: list(DEFAULT_ALLOWED_ORIGINS),
                                        description="browser origins allowed to call the API (runnerd/api/cors.py)")
@@ -303,6 +319,10 @@ class Settings(BaseSettings):
     @property
     def runner_log_dir(self) -> Path:
         return self.log_dir or _env("LOGS_DIRECTORY") or self.data_dir / "logs"
+
+    @property
+    def audit_path(self) -> Path:
+        return self.audit.path or self.data_dir / "audit.log"
 
 
 def _check_config_file(path: Path) -> None:

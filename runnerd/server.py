@@ -26,13 +26,15 @@ from runnerd.api import jobs as job_routes
 from runnerd.api import metrics as metrics_routes
 from runnerd.api import node as node_routes
 from runnerd.api import ready as ready_routes
-from runnerd.api.auth import HTTP_TOKEN, TokenError, auth_middleware, load_token
+from runnerd.api.auth import KEYRING, LIMITER, auth_middleware
 from runnerd.api.context import DAEMON, Daemon
 from runnerd.api.errors import error_middleware
+from runnerd.audit import AUDIT, AuditLog
 from runnerd.config import Settings, parse_listen
 from runnerd.configs import ConfigStore
 from runnerd.durations import parse_keep_alive
 from runnerd.engines import as_host_gpus, default_backends
+from runnerd.limits import Limiter
 from runnerd.metrics import LoopLagMonitor, Metrics, RunnerWatcher
 from runnerd.pidfiles import clean_up_previous_runners
 from runnerd.sampler import HostSampler
@@ -48,6 +50,7 @@ from runnerd.tcp_door import (
     raise_fd_limit,
     throttle_accept_errors,
 )
+from runnerd.tokens import Keyring, TokenError, load_token
 
 log = logging.getLogger("runnerd")
 
@@ -130,6 +133,8 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
                        in_use=lambda name: name in scheduler.models_in_use())
     # Stored configurations name a speculative draft model; only the store knows where it lives today.
     configs = ConfigStore(settings.data_dir, resolve_model=lambda name: _model_ref(store, name))
+    app[LIMITER] = Limiter()
+    audit = app[AUDIT] = AuditLog(settings.audit_path, settings.audit.max_bytes, settings.audit.backups)
     app[DAEMON] = Daemon(settings=settings, store=store, scheduler=scheduler,
                          backends=backends, configs=configs, metrics=metrics)
     app.router.add_get("/", root)
@@ -151,6 +156,7 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     scheduling = HeldOpen(scheduler.running)
 
     async def start_sampling(app: web.Application) -> None:
+        await asyncio.to_thread(audit.start)
         loop_lag.start()
         await sampler.start()  # the first reading is taken before any request is served
         await scheduling.start()
@@ -165,11 +171,15 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     async def stop_imports(app: web.Application) -> None:
         await asyncio.to_thread(store.close)  # a cancelled import stops at its next file or chunk
 
+    async def stop_audit(app: web.Application) -> None:
+        await asyncio.to_thread(audit.stop)  # the lines still queued are written first
+
     app.on_startup.append(start_sampling)
     # on_cleanup runs after in-flight requests have drained (or the drain timeout passed).
     app.on_cleanup.append(stop_runners)
     app.on_cleanup.append(stop_sampling)
     app.on_cleanup.append(stop_imports)
+    app.on_cleanup.append(stop_audit)
     # [node] labels_file: the node's labels for Kubernetes (NFD), from the sampler's readings.
     node_labels.keep_labels_file(app, settings.node, backends, sampler)
     return app
@@ -296,18 +306,34 @@ def close_listeners(listeners: list[Listener]) -> None:
                 listener.owned_path.unlink()
 
 
-def http_token(settings: Settings, listeners: list[Listener]) -> str | None:
-    """The bearer token when anything listens on TCP; refusing to start without one."""
+def tcp_keyring(settings: Settings, listeners: list[Listener]) -> Keyring | None:
+    """The tokens TCP callers may present, when anything listens on TCP; refusing to start without any."""
     tcp = [lst.address for lst in listeners if lst.tcp]
     if not tcp:
         return None
-    if settings.http.token_file is None:
-        raise ListenerError(f"refusing to listen on {', '.join(tcp)} without a bearer token: set token_file in "
-                            "the [http] table of the config file (or RUNNERD_HTTP__TOKEN_FILE, or --token-file)")
+    http = settings.http
+    if http.token_file is None and http.tokens_file is None:
+        raise ListenerError(f"refusing to listen on {', '.join(tcp)} without a bearer token: set token_file or "
+                            "tokens_file in the [http] table of the config file (or RUNNERD_HTTP__TOKEN_FILE, or "
+                            "--token-file)")
     try:
-        return load_token(settings.http.token_file)
+        legacy = load_token(http.token_file) if http.token_file is not None else None
+        return Keyring(legacy, http.tokens_file)
     except TokenError as exc:
         raise ListenerError(f"refusing to listen on {', '.join(tcp)}: {exc}") from exc
+
+
+async def watch_tokens(keyring: Keyring, interval: float, wake: asyncio.Event) -> None:
+    """Reload the tokens file when it changes (checked every `interval` s) or when `wake` is set (SIGHUP).
+    The stat and the read run in a thread: the file may sit on a slow or remote disk."""
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), interval)
+        if wake.is_set():
+            wake.clear()
+            await asyncio.to_thread(keyring.reload)
+        elif await asyncio.to_thread(keyring.changed):
+            await asyncio.to_thread(keyring.reload)
 
 
 def door_limits(settings: Settings, fd_limit: int) -> DoorLimits:
@@ -345,8 +371,12 @@ async def serve(settings: Settings, app: web.Application | None = None,
         log.info("open-file limit raised from %d to %d", before, fd_limit)
     listeners = open_listeners(settings)
     try:
-        if (token := http_token(settings, listeners)) is not None:
-            app[HTTP_TOKEN] = token
+        if (keyring := tcp_keyring(settings, listeners)) is not None:
+            app[KEYRING] = keyring
+            audit = app[AUDIT]
+            keyring.on_reload.append(lambda error: audit.record(
+                token=None, remote=None, action="reload tokens", target=str(keyring.tokens_file),
+                result="ok" if error is None else f"refused: {error}"))
         limits = door_limits(settings, fd_limit) if any(lst.tcp for lst in listeners) else None
         # Only now, holding the socket: a second daemon refused above must not touch the first one's runners.
         clean_up_previous_runners(app[DAEMON].scheduler.runner_dir, settings.stop_grace)
@@ -361,6 +391,12 @@ async def serve(settings: Settings, app: web.Application | None = None,
     restore_loop_errors = throttle_accept_errors(loop, accept_errors)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reload_tokens = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, reload_tokens.set)
+    token_watcher: asyncio.Task[None] | None = None
+    if keyring is not None and keyring.tokens_file is not None:
+        token_watcher = asyncio.create_task(watch_tokens(keyring, settings.http.tokens_poll_interval, reload_tokens),
+                                            name="tokens file watcher")
     watchdog: asyncio.Task[None] | None = None
     try:
         await runner.setup()
@@ -379,8 +415,10 @@ async def serve(settings: Settings, app: web.Application | None = None,
         log.info("stopping: no new connections, stopping runners")
         notifier.stopping("stopping: draining requests, stopping runners")
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        if token_watcher is not None:
+            token_watcher.cancel()
         # The watchdog keeps pinging while requests drain and runners stop: that is still progress.
         await runner.cleanup()
         if watchdog is not None:

@@ -165,16 +165,20 @@ def test_a_duplicate_name_is_refused_and_the_first_kept(mdaemon, llama_server):
     assert "twin-custom" not in engine_names(d) and "twin-custom.yaml" not in stored(d)
 
 
-def test_over_tcp_an_engine_cannot_be_defined(mdaemon, llama_server):
+def test_over_tcp_only_an_admin_token_defines_an_engine(mdaemon, llama_server):
+    """The single token of [http] token_file is an admin token; a user token is refused (tests/test_scopes.py)."""
     d, tcp = mdaemon
     before = stored(d)
     text = llama_manifest(llama_server, name="remote-custom")
     no_token = tcp.post("/engines/backends", json={"manifest": text})
     assert no_token.status_code == 401
-    with_token = tcp.post("/engines/backends", json={"manifest": text}, headers={"Authorization": f"Bearer {TOKEN}"})
-    assert with_token.status_code == 403 and "unix socket" in with_token.json()["error"]["message"]
-    deleting = tcp.delete("/engines/backends/llama-server-custom", headers={"Authorization": f"Bearer {TOKEN}"})
-    assert deleting.status_code == 403
+    assert stored(d) == before and "remote-custom" not in engine_names(d)
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    with_token = tcp.post("/engines/backends", json={"manifest": text}, headers=admin)
+    assert with_token.status_code == 201, with_token.text
+    assert stored(d) == before | {"remote-custom.yaml"} and "remote-custom" in engine_names(d)
+    deleting = tcp.delete("/engines/backends/remote-custom", headers=admin)
+    assert deleting.status_code == 200, deleting.text
     assert stored(d) == before and "remote-custom" not in engine_names(d)
 
 

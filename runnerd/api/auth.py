@@ -1,55 +1,45 @@
-"""Bearer-token authentication for requests that arrive over TCP.
+"""Bearer-token authentication and authorisation for requests that arrive over TCP.
 
 The unix socket is guarded by its file mode (0660, owner and group only), so requests through it
-are trusted. Everything that arrives any other way needs the token, in `Authorization: Bearer <token>`
+are trusted. Everything that arrives any other way needs a token, in `Authorization: Bearer <token>`
 or in `x-api-key: <token>` (what Anthropic's clients send), except `GET /health` (liveness) and
 `GET /ready` (readiness), which load balancers, kubelets and parent schedulers probe without credentials.
 A header sent twice is refused: proxies and servers disagree on which copy counts.
+
+The token names a grant (runnerd/tokens.py): its role must reach the route's (runnerd/api/scopes.py),
+its limits must leave room (runnerd/limits.py), and while the handler runs its model patterns filter
+what the routes list and find. Refusals, limit hits and every operator or admin action that changes
+something go to the audit log (runnerd/audit.py), with the token's name, never the token.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-from pathlib import Path
+import json
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from runnerd.api import scopes
 from runnerd.api.context import over_unix_socket
 from runnerd.api.errors import ApiError, render_error
+from runnerd.audit import AUDIT
+from runnerd.limits import Limiter, LimitHit
+from runnerd.tokens import Grant, Keyring, TokenError, digest, load_token
 
+__all__ = ["HTTP_TOKEN", "KEYRING", "LIMITER", "Keyring", "TokenError", "auth_middleware", "bearer_token", "load_token",
+           "token_matches"]
+
+KEYRING = web.AppKey("keyring", Keyring)
+# A single admin token, for an app served without `serve` (tests embed the app): `serve` sets KEYRING.
 HTTP_TOKEN = web.AppKey("http_token", str)
-
-
-class TokenError(Exception):
-    """The token file cannot be used; the message names the file and the problem."""
-
-
-def load_token(path: Path) -> str:
-    """The token in `path`, surrounding whitespace stripped."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise TokenError(f"cannot read the HTTP token file {path}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise TokenError(f"the HTTP token file {path} is not UTF-8 text") from exc
-    token = text.strip()
-    if not token:
-        raise TokenError(f"the HTTP token file {path} is empty")
-    if any(c.isspace() or not c.isprintable() for c in token):
-        raise TokenError(f"the token in {path} contains spaces or control characters; a bearer token is one word")
-    return token
-
-
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+LIMITER = web.AppKey("limiter", Limiter)
 
 
 def token_matches(presented: str, expected: str) -> bool:
     """Constant-time comparison. compare_digest is only constant-time for inputs of equal length,
     so both sides are hashed first: the time taken says nothing about the token or its length."""
-    return hmac.compare_digest(_digest(presented), _digest(expected))
+    return hmac.compare_digest(digest(presented), digest(expected))
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -87,21 +77,105 @@ def presented_tokens(request: web.Request) -> list[str]:
     return [t for t in tokens if t]
 
 
+def _audit(request: web.Request, grant: Grant | None, result: str, *, body: bool = False) -> None:
+    audit = request.app.get(AUDIT)
+    if audit is None:
+        return
+    resource = request.match_info.route.resource
+    action = f"{request.method} {resource.canonical if resource is not None else request.path}"
+    audit.record(token=grant.name if grant is not None else None,
+                 remote="unix" if over_unix_socket(request) else request.remote, action=action,
+                 target=_target(request, body), result=result)
+
+
+_TARGET_FIELDS = ("model", "name", "models", "backend", "source", "destination")
+# A body larger than this is not parsed again for its target (it would hold the event loop): the path stays.
+_TARGET_BODY_BYTES = 64 * 1024
+
+
+def _target(request: web.Request, body: bool) -> str:
+    """The path, and the fields of a JSON body that name what was acted on, when the handler read it."""
+    parts = [request.path]
+    # aiohttp keeps the body it read for the handler; a body the handler did not read is not read here.
+    raw = getattr(request, "_read_bytes", None) if body else None
+    if raw and len(raw) <= _TARGET_BODY_BYTES:
+        try:
+            payload = json.loads(raw)
+        except (ValueError, RecursionError):  # what the handler refused (400): the path is target enough
+            payload = None
+        if isinstance(payload, dict):
+            for key in _TARGET_FIELDS:
+                value = payload.get(key)
+                if isinstance(value, str | list) and value:
+                    parts.append(f"{key}={json.dumps(value, ensure_ascii=False)[:200]}")
+    return " ".join(parts)
+
+
+def _changes_something(request: web.Request, role: str) -> bool:
+    # Reads (ps, metrics, status) are polled by monitors: auditing each would drown the actions.
+    return role != "user" and request.method not in ("GET", "HEAD", "OPTIONS")
+
+
+async def _handle(request: web.Request, handler: Handler, grant: Grant | None, role: str) -> web.StreamResponse:
+    if not _changes_something(request, role):
+        with scopes.acting_as(grant):
+            return await handler(request)
+    result = "interrupted"
+    try:
+        with scopes.acting_as(grant):
+            response = await handler(request)
+        result = str(response.status)
+        return response
+    finally:
+        _audit(request, grant, result, body=True)
+
+
+def authenticate(request: web.Request, presented: list[str]) -> Grant | None:
+    """The grant every presented token names (one grant: two headers that name different tokens are
+    refused); None if any is wrong or none was sent. Each is compared in full: the time taken does not
+    say which one matched."""
+    keyring = request.app.get(KEYRING)
+    if keyring is None and (single := request.app.get(HTTP_TOKEN)) is not None:
+        keyring = Keyring(single)
+    if keyring is None:  # cannot happen with a TCP listener (serve refuses to start); fail closed anyway
+        return None
+    grants = [keyring.match(t) for t in presented]
+    if not grants or any(g is None for g in grants) or len({g.name for g in grants if g is not None}) != 1:
+        return None
+    return grants[0]
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if over_unix_socket(request) or _open_route(request):
+    role = scopes.required_role(request)
+    if over_unix_socket(request):
+        return await _handle(request, handler, None, role)
+    if _open_route(request):
         return await handler(request)
-    expected = request.app.get(HTTP_TOKEN)
     try:
         presented = presented_tokens(request)
     except ApiError as exc:
         return render_error(request, exc)
-    # No token configured cannot happen with a TCP listener (serve refuses to start); fail closed anyway.
-    # Every header that carries a token must carry the right one: two that disagree are refused. Each
-    # is compared (a list, not a short-circuit), so the time taken does not say which one matched.
-    matches = [expected is not None and token_matches(t, expected) for t in presented]
-    if expected is None or not matches or not all(matches):
+    grant = authenticate(request, presented)
+    if grant is None:
+        _audit(request, None, "unauthenticated: " + ("invalid token" if presented else "no token"))
         # render_error: the route's error shape (Ollama's under /api/, Anthropic's under its routes,
         # OpenAI's elsewhere).
         return render_error(request, _unauthenticated(bool(presented)))
-    return await handler(request)
+    if not grant.may(role):
+        _audit(request, grant, f"forbidden: needs role {role}")
+        return render_error(request, ApiError(403, scopes.forbidden_message(grant, role, request),
+                                              code="insufficient_role", type="permission_error"))
+    limiter = request.app.get(LIMITER)
+    try:
+        release = limiter.enter(grant) if limiter is not None else None
+    except LimitHit as hit:
+        _audit(request, grant, f"limited: {hit.limit} {hit.value}")
+        return render_error(request, ApiError(429, hit.message(grant.name), code="rate_limit_exceeded",
+                                              type="rate_limit_error",
+                                              headers={"Retry-After": str(hit.retry_after)}))
+    try:
+        return await _handle(request, handler, grant, role)
+    finally:
+        if release is not None:
+            release()

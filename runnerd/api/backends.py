@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from backends.base import Backend, BackendState, ProgressCallback
 from backends.manifest import ManifestBackend, ManifestError
 from backends.manifest.source import MAX_MANIFEST_BYTES
+from runnerd.api import scopes
 from runnerd.api.context import Daemon, daemon, over_unix_socket
 from runnerd.api.engines import read_json_body
 from runnerd.api.errors import ApiError, parse_body
@@ -161,11 +162,14 @@ def _peer_uid(request: web.Request) -> int | None:
 
 def _owner_only(request: web.Request, what: str) -> None:
     # Defining an engine runs a program of the caller's choosing on the host, as the daemon's user. Over
-    # TCP a bearer token proves access to the API, not to the host: refused until tokens carry an admin
-    # role. On the socket, the runnerd group may use the daemon but only its own user (or root) may do this.
+    # TCP only an admin token may (the host's operator gave it that right); on the socket, the runnerd
+    # group may use the daemon but only its own user (or root) may do this.
     if not over_unix_socket(request):
-        raise ApiError(403, f"{what} runs programs on this host: only over the daemon's unix socket",
-                       code="unix_socket_only", type="permission_error")
+        grant = scopes.caller()
+        if grant is None or grant.role != "admin":
+            raise ApiError(403, f"{what} runs programs on this host: only over the daemon's unix socket or with "
+                                "an admin token", code="admin_only", type="permission_error")
+        return
     uid = _peer_uid(request)
     if uid is None or uid not in (0, os.getuid()):
         raise ApiError(403, f"{what} runs programs on this host as the daemon's user: only that user or root "

@@ -12,6 +12,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from backends.base import Backend, BackendConfiguration, BackendError, Capability, Mode, RunnerError
+from runnerd.api import scopes
 from runnerd.api.body import read_json_body as read_json_body  # re-exported: routes import it from here
 from runnerd.api.context import Daemon, daemon
 from runnerd.api.errors import ApiError, parse_body
@@ -55,6 +56,7 @@ def requested_model(payload: dict[str, Any]) -> str:
 
 def find_model(d: Daemon, name: str) -> ModelEntry:
     try:
+        scopes.check_model(name)  # outside the caller's patterns: the same error as a missing model
         return d.store.get(name)
     except StoreError as exc:
         raise ApiError(exc.status, str(exc), code="model_not_found", param="model") from exc
@@ -163,7 +165,7 @@ def openai_model(model: ModelEntry) -> dict[str, Any]:
 
 def _served_by(d: Daemon, request: web.Request) -> list[ModelEntry]:
     explicit = request.match_info.get("backend")
-    models = d.store.list()
+    models = scopes.visible(d.store.list(), lambda m: m.name)
     if explicit is None:
         return models
     backend = d.backend(explicit)
@@ -192,7 +194,7 @@ async def engines_status(request: web.Request) -> web.Response:
 
 
 async def engines_ps(request: web.Request) -> web.Response:
-    runners = daemon(request).scheduler.ps()
+    runners = scopes.visible(daemon(request).scheduler.ps(), lambda r: r.model)
     return web.json_response([r.model_dump(mode="json") for r in runners])
 
 

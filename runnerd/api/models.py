@@ -18,6 +18,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from backends.base import BackendConfiguration
+from runnerd.api import scopes
 from runnerd.api.context import daemon, over_unix_socket
 from runnerd.api.engines import find_model, read_json_body
 from runnerd.api.errors import ApiError, parse_body
@@ -43,7 +44,7 @@ def model_json(model: ModelEntry) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return web.json_response([model_json(m) for m in daemon(request).store.list()])
+    return web.json_response([model_json(m) for m in scopes.visible(daemon(request).store.list(), lambda m: m.name)])
 
 
 async def show_model(request: web.Request) -> web.Response:

@@ -6,6 +6,7 @@
                   estimate, inspect, show
     chat.py       `run`: one answer, or an interactive conversation with Ollama's commands and Ctrl-C
     service.py    client commands for running runnerd as a service: backends, node, drain, resume
+    tokens.py     `tokens add|rm|ls`: the TCP listener's tokens file, edited here
     client.py     the daemon's unix-socket client (aiohttp)
     output.py     tables, sizes, durations, JSON
 
@@ -26,6 +27,7 @@ from runnerd.cli import commands, service
 from runnerd.cli.output import print_json
 from runnerd.cli.parser import build_parser
 from runnerd.cli.serve import install_backend, serve_daemon
+from runnerd.cli.tokens import tokens_command
 from runnerd.errors import ClientError
 
 __all__ = ["build_parser", "main"]
@@ -66,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(serve_daemon(args))
         if args.command == "install-backend":
             return asyncio.run(install_backend(args))
+        if args.command == "tokens":
+            return tokens_command(args)
         return asyncio.run(_client_command(args))
     except Exception as exc:
         if not isinstance(exc, ClientError) and not _is_config_error(exc):

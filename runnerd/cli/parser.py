@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from runnerd import __version__
-from runnerd.cli import service
+from runnerd.cli import service, tokens
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,4 +104,5 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("backend", nargs="?", help="an engine's name; default: the first registered one")
     install.add_argument("--config", type=Path)
     install.add_argument("--quiet", action="store_true")
+    tokens.add_parser(sub)
     return parser

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from runnerd.api import scopes
 from runnerd.api.context import Daemon
 from runnerd.api.engines import read_json_body
 from runnerd.api.errors import ApiError
@@ -45,6 +46,7 @@ async def read_body(request: web.Request, cls: type[_T]) -> _T:
 
 def lookup_model(d: Daemon, name: str) -> ModelEntry:
     try:
+        scopes.check_model(name)  # outside the caller's patterns: the same error as a missing model
         return d.store.get(name)
     except StoreError as exc:
         # Ollama's wording, which some clients match to offer a pull.

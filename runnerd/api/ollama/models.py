@@ -15,6 +15,7 @@ from backends.base import Capability, Mode
 from backends.formats.gguf import GGUFParseError, cached_header
 from backends.formats.gguf_summary import summarize
 from runnerd import __version__
+from runnerd.api import scopes
 from runnerd.api.context import Daemon, daemon, over_unix_socket
 from runnerd.api.engines import choose_backend
 from runnerd.api.errors import ApiError
@@ -82,7 +83,7 @@ def _listed(model: ModelEntry, summary: Any) -> dict[str, Any]:
 
 
 async def tags(request: web.Request) -> web.Response:
-    models = daemon(request).store.list()
+    models = scopes.visible(daemon(request).store.list(), lambda m: m.name)
     facts = await asyncio.gather(*(asyncio.to_thread(_header_facts, m) for m in models))
     return web.json_response({"models": [_listed(m, f[0]) for m, f in zip(models, facts, strict=True)]})
 
@@ -90,7 +91,7 @@ async def tags(request: web.Request) -> web.Response:
 async def ps(request: web.Request) -> web.Response:
     d = daemon(request)
     out = []
-    for info in d.scheduler.ps():
+    for info in scopes.visible(d.scheduler.ps(), lambda r: r.model):
         try:
             model = d.store.get(info.model)
         except StoreError:
