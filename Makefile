@@ -52,3 +52,4 @@ bench: engine
 	$(BIN)/python bench/load.py
 	$(BIN)/python bench/loop_stall.py
 	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/model_disclosure.py
