@@ -18,10 +18,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from multidict import CIMultiDict
 
 from backends.base import RunnerError
 from runnerd.api.errors import ApiError
 from runnerd.metrics import REQUEST_MODEL
+from runnerd.relay import open_exchange, relay_chunks
 from runnerd.scheduler import Lease, Runner
 from runnerd.sse import error_text, parse_sse_line
 
@@ -305,6 +307,52 @@ async def _relay_body(request: web.Request, runner: Runner, upstream: aiohttp.Cl
 
 async def _relay_stream(request: web.Request, runner: Runner, path: str, body: bytes,
                         headers: dict[str, str]) -> web.StreamResponse:
+    """Relay a streamed answer as raw chunks (runnerd.relay); an answer that is not chunked is passed on whole."""
+    if request.version < aiohttp.HttpVersion11:
+        return await _relay_stream_parsed(request, runner, path, body, headers)
+    if runner.session is None or runner.session.closed:
+        raise await engine_failure(runner, RuntimeError("runner is not ready"))
+    try:
+        engine = await open_exchange(runner.endpoint, path, body, headers, runner.idle_timeout)
+    except aiohttp.ClientError as exc:
+        raise await engine_failure(runner, exc) from exc
+    response: web.StreamResponse | None = None
+    try:
+        head = await engine.head
+        kept = CIMultiDict((k, v) for k, v in head.headers if k.lower() not in _DROPPED_RESPONSE_HEADERS)
+        if not head.chunked:
+            await engine.signal
+            return web.Response(status=head.status, headers=kept, body=bytes(engine.body))
+        response = web.StreamResponse(status=head.status, headers=kept)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await relay_chunks(request, response, engine)
+        await response.write_eof()
+        return response
+    except ConnectionResetError:
+        if response is None:
+            raise
+        return response  # the client hung up: closing the engine's connection stops its work
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        error = await engine_failure(runner, exc)
+        if response is None:
+            raise error from exc
+        log.warning("stream from %s broke: %s", runner.model.name, error.message.splitlines()[0])
+        if not response.headers.get("Content-Type", "").startswith("text/event-stream"):
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        # The status line is gone already: end the stream with the error as its last event.
+        await response.write(error.sse_event())
+        await response.write_eof()
+        return response
+    finally:
+        engine.close()
+
+
+async def _relay_stream_parsed(request: web.Request, runner: Runner, path: str, body: bytes,
+                               headers: dict[str, str]) -> web.StreamResponse:
+    """The relay for HTTP/1.0 clients, which cannot take chunks as they are."""
     response: web.StreamResponse | None = None
     try:
         async with exchange(runner, path, body, headers, stream=True) as upstream:
@@ -320,7 +368,6 @@ async def _relay_stream(request: web.Request, runner: Runner, path: str, body: b
         error = await engine_failure(runner, exc)
         if response is None:
             raise error from exc
-        # The status line is gone already: end the stream with the error as its last event.
         log.warning("stream from %s broke: %s", runner.model.name, error.message.splitlines()[0])
         await response.write(error.sse_event())
         await response.write_eof()

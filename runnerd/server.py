@@ -175,6 +175,18 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     return app
 
 
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The daemon's event loop: uvloop's when RUNNERD_EVENT_LOOP=uvloop and it is installed, else asyncio's."""
+    if os.environ.get("RUNNERD_EVENT_LOOP", "asyncio") != "uvloop":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        log.warning("RUNNERD_EVENT_LOOP=uvloop but uvloop is not installed; using asyncio's event loop")
+        return None
+    return uvloop.new_event_loop  # type: ignore[no-any-return]
+
+
 def _socket_in_use(path: Path) -> bool:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
