@@ -184,7 +184,7 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     except ImportError:
         log.warning("RUNNERD_EVENT_LOOP=uvloop but uvloop is not installed; using asyncio's event loop")
         return None
-    return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return uvloop.new_event_loop
 
 
 def _socket_in_use(path: Path) -> bool:
