@@ -114,7 +114,9 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     limits = SchedulerLimits(readiness_timeout=settings.readiness_timeout, queue_timeout=settings.queue_timeout,
                              queue_size=settings.queue_size, max_runners=settings.max_runners,
                              min_residency=settings.min_residency, crash_backoff=settings.crash_backoff,
-                             engine_idle_timeout=settings.engine_idle_timeout)
+                             engine_idle_timeout=settings.engine_idle_timeout,
+                             runner_log_max_bytes=settings.runner_log_max_bytes,
+                             runner_log_files=settings.runner_log_files)
     scheduler = Scheduler(backends, runtime_dir=settings.runtime_dir, log_dir=settings.runner_log_dir,
                           default_keep_alive=parse_keep_alive(settings.keep_alive),
                           budget=Budget(settings.memory, sampler.host_memory), limits=limits,
