@@ -254,7 +254,14 @@ async def streams_pass(sock: str, path: str, model: str, streams: int, events: i
                        "max_tokens": events}).encode()
     clients = [await _connect(sock) for _ in range(streams)]
     start = time.perf_counter()
-    counts = await asyncio.gather(*(c.request(path, body) for c in clients))
+    # A stream that never ends is a failure to report, not a hang.
+    pending = [c.request(path, body) for c in clients]
+    # A stream that never ends is a failure to report, not a hang.
+    _, late = await asyncio.wait(pending, timeout=events / 10 + 60)
+    if late:
+        stuck = [(c.events, len(c.buffer), c.headers_done) for c in clients if c.done in late]
+        raise TimeoutError(f"{len(stuck)} of {streams} streams did not end (events, buffered, head): {stuck[:8]}")
+    counts = [f.result() for f in pending]
     elapsed = time.perf_counter() - start
     for c in clients:
         assert c.transport is not None
@@ -422,6 +429,10 @@ def main() -> None:
             return await measure(args, proc.pid, sock, engine_sock)
 
         results = asyncio.run(run())
+    except BaseException:
+        for log in (root / "data" / "logs").glob("*.log"):
+            print(f"--- {log.name}:\n{log.read_text(errors='replace')[-3000:]}", file=sys.stderr)
+        raise
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait()

@@ -4,7 +4,7 @@ The request goes to the engine on a connection of its own; once the status line 
 the engine's chunked body is written to the client's connection as it came, chunk framing included (both
 sides speak HTTP/1.1 chunked encoding), cut only at chunk boundaries so that a failure can still end the
 stream with a well-formed error event. The engine is read only as fast as the client takes the bytes.
-An answer that is not chunked (an engine's refusal, sized) is read whole and answered as it is.
+An answer that is not chunked goes on as bytes, sized as the engine sized it.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from backends.endpoint import LOOPBACK, EndpointKind
 
 # Past this much unsent to the client, the engine is not read until the client catches up.
 _HIGH_WATER = 256 << 10
-# The most of an answer that is not chunked (a refusal) the daemon reads to pass it on.
-_MAX_SIZED_BYTES = 64 << 20
 
 
 class UpstreamHead:
@@ -36,7 +34,7 @@ class UpstreamHead:
 class EngineStream(asyncio.Protocol):
     """The engine's side of one exchange: parses its head, then hands on whole chunks to `sink`."""
 
-    def __init__(self, idle_timeout: float) -> None:
+    def __init__(self, idle_timeout: float | None) -> None:
         self.loop = asyncio.get_running_loop()
         self.idle_timeout = idle_timeout
         self.transport: asyncio.Transport | None = None
@@ -50,8 +48,9 @@ class EngineStream(asyncio.Protocol):
         self._ended = False
         self._failure: BaseException | None = None
         self._last = self.loop.time()
-        self._timer = self.loop.call_later(idle_timeout, self._check_idle)
+        self._timer = self.loop.call_later(idle_timeout, self._check_idle) if idle_timeout is not None else None
         self._sized: int | None = None
+        self._received = 0
         self._close_delimited = False
 
     # -- events from the loop
@@ -59,8 +58,12 @@ class EngineStream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
 
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        self._timer.cancel()
+        self._cancel_timer()
         if self._close_delimited:
             self._end()
         elif not self._ended:
@@ -73,13 +76,24 @@ class EngineStream(asyncio.Protocol):
             self._parse_head()
             return
         if self._sized is not None:
-            self.body += data
-            if len(self.body) >= self._sized:
-                self._end()
-            elif len(self.body) > _MAX_SIZED_BYTES:
-                self._fail(aiohttp.ClientPayloadError(f"the engine's answer is larger than {_MAX_SIZED_BYTES} bytes"))
+            self._sized_data(data)
             return
         self._chunks(data)
+
+    def _sized_data(self, data: bytes) -> None:
+        if self.sink is None:
+            self.body += data
+            return
+        room = self._sized - self._received if self._sized is not None else len(data)
+        if len(data) > room:
+            data = data[:room]
+        self._received += len(data)
+        if data:
+            self.sink(data)
+        if self._sized is not None and self._received >= self._sized:
+            self._end()
+        else:
+            self._backpressure()
 
     # -- parsing
 
@@ -103,23 +117,27 @@ class EngineStream(asyncio.Protocol):
             return
         self.head.set_result(head)
         if not chunked:
-            self._sized = length if length is not None else _MAX_SIZED_BYTES + 1
+            self._sized = length
             self._close_delimited = length is None
             if rest:
-                self.data_received(rest)
-            elif length == 0:
+                self.body += rest
+            if length == 0:
                 self._end()
         elif rest:
             self.body += rest
 
-    def start(self, sink: Callable[[bytes], None], downstream: asyncio.BaseTransport) -> None:
-        """Begin handing on chunks (those that arrived with the head first)."""
+    def start(self, sink: Callable[[bytes], None], downstream: asyncio.BaseTransport | None) -> None:
+        """Begin handing on the body (what arrived with the head first): whole chunks of a chunked
+        answer, frame and all, or the bytes of one that is not."""
         self.sink = sink
         self.downstream = downstream
         if self.body:
             early = bytes(self.body)
             self.body.clear()
-            self._chunks(early)
+            if self._sized is not None or self._close_delimited:
+                self._sized_data(early)
+            else:
+                self._chunks(early)
 
     def _chunks(self, data: bytes) -> None:
         if self.sink is None:
@@ -157,7 +175,11 @@ class EngineStream(asyncio.Protocol):
         if pos < size_of:
             self._pending += data[pos:]
             self._pending_end = need
-        assert self.downstream is not None
+        self._backpressure()
+
+    def _backpressure(self) -> None:
+        if self.downstream is None:
+            return
         if self.downstream.is_closing():
             self._fail(ConnectionResetError("the client hung up"))
         elif self.downstream.get_write_buffer_size() > _HIGH_WATER:  # type: ignore[attr-defined]
@@ -168,6 +190,7 @@ class EngineStream(asyncio.Protocol):
     # -- outcome
 
     def _check_idle(self) -> None:
+        assert self.idle_timeout is not None
         idle = self.loop.time() - self._last
         if idle >= self.idle_timeout:
             self._fail(TimeoutError(f"it sent nothing for {self.idle_timeout:g} s (engine_idle_timeout)"))
@@ -180,7 +203,7 @@ class EngineStream(asyncio.Protocol):
 
     def _end(self) -> None:
         self._ended = True
-        self._timer.cancel()
+        self._cancel_timer()
         self._wake("end")
 
     def _fail(self, exc: BaseException) -> None:
@@ -188,7 +211,7 @@ class EngineStream(asyncio.Protocol):
             return
         self._ended = True
         self._failure = exc
-        self._timer.cancel()
+        self._cancel_timer()
         if self.transport is not None:
             self.transport.close()
         if not self.head.done():
@@ -207,7 +230,7 @@ class EngineStream(asyncio.Protocol):
             self.transport.resume_reading()
 
     def close(self) -> None:
-        self._timer.cancel()
+        self._cancel_timer()
         self._ended = True
         if self.transport is not None:
             self.transport.close()
@@ -217,7 +240,7 @@ class EngineStream(asyncio.Protocol):
 
 
 async def open_exchange(endpoint: Any, path: str, body: bytes, headers: dict[str, str],
-                        idle_timeout: float) -> EngineStream:
+                        idle_timeout: float | None) -> EngineStream:
     """Connect to the engine and send the request; its answer arrives on the returned protocol."""
     loop = asyncio.get_running_loop()
     factory = lambda: EngineStream(idle_timeout)  # noqa: E731
@@ -235,12 +258,22 @@ async def open_exchange(endpoint: Any, path: str, body: bytes, headers: dict[str
     return proto
 
 
-async def relay_chunks(request: web.Request, response: web.StreamResponse, engine: EngineStream) -> None:
-    """Write the engine's chunks straight to the client's connection until the engine's last chunk.
-    The response must be prepared with chunked encoding; its terminating chunk is the caller's."""
+async def relay_raw(request: web.Request, engine: EngineStream, *, frame: bool = False) -> None:
+    """Write the engine's body straight to the client's connection until its end: a chunked answer's
+    chunks as they are (the response prepared chunked; its terminating chunk is the caller's), a sized
+    one's bytes (the response prepared with the same length), or, with `frame`, a close-delimited one
+    framed in chunks."""
     transport = request.transport
     assert transport is not None
-    engine.start(transport.write, transport)
+    write = transport.write
+    sink = (lambda data: write(b"%x\r\n%s\r\n" % (len(data), data))) if frame else write
+    engine.start(sink, transport)
     while await engine.signal == "pause":
         await request.writer.drain()
         engine.rearm()
+
+
+async def drain_unread(engine: EngineStream) -> None:
+    """Read the rest of an answer nobody will receive, so that the engine finishes it."""
+    engine.start(lambda data: None, None)
+    await engine.signal
