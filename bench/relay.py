@@ -147,7 +147,7 @@ def engine_main(argv: list[str]) -> None:
     async def serve() -> None:
         engine = _StandInEngine(rate)
         loop = asyncio.get_running_loop()
-        server = await loop.create_unix_server(lambda: _EngineConnection(engine), sock)
+        server = await loop.create_unix_server(lambda: _EngineConnection(engine), sock, backlog=4096)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

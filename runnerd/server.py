@@ -177,6 +177,11 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     return app
 
 
+# Connections waiting to be accepted: a thousand clients that connect at once must not find the queue
+# full (a unix socket's connect then fails with EAGAIN). The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
+
+
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The daemon's event loop: uvloop's when RUNNERD_EVENT_LOOP=uvloop and it is installed, else asyncio's."""
     if os.environ.get("RUNNERD_EVENT_LOOP", "asyncio") != "uvloop":
@@ -224,7 +229,7 @@ def bind_unix_socket(path: Path, mode: int = 0o660) -> socket.socket:
     finally:
         os.umask(old_umask)
     os.chmod(path, mode)
-    sock.listen(256)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
