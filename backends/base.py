@@ -201,6 +201,9 @@ class RunnerOutput:
 
     def __init__(self, log_path: Path | None = None, tail_lines: int = 200) -> None:
         self.log_path = log_path
+        # The log rotates past this many bytes, keeping this many older files (<log>.1 the newest).
+        self.log_max_bytes: int | None = None
+        self.log_files = 3
         self.pid: int | None = None
         self.tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
         self.exit_code: int | None = None

@@ -43,13 +43,57 @@ def _child_setup(parent_pid: int) -> None:
         os._exit(1)
 
 
-async def _pump_output(stream: asyncio.StreamReader, output: RunnerOutput, log: IO[bytes] | None) -> None:
+class RotatingLog:
+    """An engine's output file that is renamed to `<name>.1` (older ones shifted up to `<name>.<keep>`,
+    the oldest dropped) once it would grow past `max_bytes`: an engine that runs for months, or one
+    that prints a line per request, fills no disk. A follower reading by path sees the file shrink
+    and starts over on the new one."""
+
+    def __init__(self, path: Path, max_bytes: int | None, keep: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.keep = max(0, keep)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: IO[bytes] = path.open("ab")
+        self._size = self._file.tell()
+
+    def write(self, chunk: bytes) -> None:
+        cap = self.max_bytes
+        while cap is not None and self._size + len(chunk) > cap:
+            if self._size:
+                self._rotate()
+                continue
+            self._file.write(chunk[:cap])  # one read larger than the whole cap
+            self._size = cap
+            chunk = chunk[cap:]
+        self._file.write(chunk)
+        self._file.flush()
+        self._size += len(chunk)
+
+    def _rotate(self) -> None:
+        self._file.close()
+        for n in range(self.keep, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{n}")
+            if n == self.keep:
+                older.unlink(missing_ok=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    older.rename(self.path.with_name(f"{self.path.name}.{n + 1}"))
+        if self.keep:
+            self.path.rename(self.path.with_name(f"{self.path.name}.1"))
+        self._file = self.path.open("wb")
+        self._size = 0
+
+    def close(self) -> None:
+        self._file.close()
+
+
+async def _pump_output(stream: asyncio.StreamReader, output: RunnerOutput, log: RotatingLog | None) -> None:
     """Copy the process's output to the log file and split it into lines for the tail."""
     pending = b""
     while chunk := await stream.read(_READ_CHUNK):
         if log is not None:
             log.write(chunk)
-            log.flush()
         pending += chunk
         *lines, pending = pending.split(b"\n")
         if len(pending) > _MAX_LINE:
@@ -130,7 +174,7 @@ async def run_process(
     """Run one engine process until it exits (raises RunnerError) or the caller cancels us
     (stops the process group, then re-raises CancelledError). A socket is removed either way."""
     endpoint.remove()
-    log = _open_log(output.log_path)
+    log = RotatingLog(output.log_path, output.log_max_bytes, output.log_files) if output.log_path else None
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -170,13 +214,6 @@ async def run_process(
         if log is not None:
             log.close()
         endpoint.remove()
-
-
-def _open_log(path: Path | None) -> IO[bytes] | None:
-    if path is None:
-        return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.open("ab")
 
 
 async def probe_health(session: aiohttp.ClientSession, url: str, timeout: float = 2.0) -> int | None:

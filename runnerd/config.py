@@ -240,6 +240,10 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=lambda: _env("CACHE_DIRECTORY") or _xdg("XDG_CACHE_HOME", ".cache"))
     log_dir: Path | None = Field(default=None, description="runner logs; default <state>/logs")
     socket: Path | None = Field(default=None, description="default <runtime_dir>/runnerd.sock")
+    runner_log_max_bytes: int = Field(default=64 * MiB, ge=4096, description="a runner's log file is rotated "
+                                      "once it would grow past this")
+    runner_log_files: int = Field(default=3, ge=0, le=100, description="rotated runner log files kept beside the "
+                                  "current one")
 
     keep_alive: str = Field(default="5m", description="how long an idle runner stays loaded")
     default_context_size: int = Field(default=4096, gt=0)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -105,14 +106,20 @@ class ConfigStore:
         return [c for c in sorted(self._items.values(), key=lambda c: (c.model, c.mode))
                 if model is None or c.model == model]
 
+    # put and delete sync the file to disk: callers on the event loop run them in a thread. Writers take
+    # turns; readers see the old items or the new ones, swapped whole once the file is safe.
+    _writing = threading.Lock()
+
     def put(self, item: StoredConfiguration) -> None:
-        self._save({**self._items, (item.model, item.mode): _unresolved(item)})
+        with self._writing:
+            self._save({**self._items, (item.model, item.mode): _unresolved(item)})
 
     def delete(self, model: str, mode: Mode) -> StoredConfiguration | None:
-        item = self._items.get((model, mode))
-        if item is not None:
-            self._save({k: v for k, v in self._items.items() if k != (model, mode)})
-        return item
+        with self._writing:
+            item = self._items.get((model, mode))
+            if item is not None:
+                self._save({k: v for k, v in self._items.items() if k != (model, mode)})
+            return item
 
 
 def _unresolved(item: StoredConfiguration) -> StoredConfiguration:

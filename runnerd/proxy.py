@@ -1,9 +1,11 @@
 """Relay one request to a runner's unix socket and its answer back, streaming without buffering.
 
-Every answer, streamed or not, is relayed chunk by chunk: the daemon never holds a whole answer, however
-large the engine makes it. Only routes that translate an answer read it whole, up to a bound. A client
-that hangs up while the engine computes a non-streamed answer does not stop the engine (engines
-finish it anyway), so the runner stays busy, by a lease of its own, until the engine has answered.
+Every answer, streamed or not, is relayed as it comes: the daemon never holds a whole answer, however
+large the engine makes it. On the OpenAI routes (HTTP/1.1 clients) the engine's bytes go to the client as
+they are, chunk framing included (runnerd.relay), on a connection of their own per request. Only routes
+that translate an answer read it whole, up to a bound. A client that hangs up while the engine computes
+a non-streamed answer does not stop the engine (an engine may finish it anyway), so the runner stays
+busy, by a lease of its own, until the engine has answered.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from multidict import CIMultiDict
 
 from backends.base import RunnerError
 from runnerd.api.errors import ApiError
 from runnerd.metrics import REQUEST_MODEL
+from runnerd.relay import EngineStream, UpstreamHead, drain_unread, open_exchange, relay_raw
 from runnerd.scheduler import Lease, Runner
 from runnerd.sse import error_text, parse_sse_line
 
@@ -143,14 +147,14 @@ class _HealthWatch:
 
 
 @contextlib.asynccontextmanager
-async def answer_watch(runner: Runner) -> AsyncIterator[None]:
+async def answer_watch(runner: Runner) -> AsyncIterator[_HealthWatch]:
     """Bound the wait for a non-streamed answer by the engine's health rather than by a deadline: an
     engine computes a long answer in silence. Raises EngineSilent when a health check fails."""
     waiting = asyncio.current_task()
     assert waiting is not None
     watch = _HealthWatch(runner, waiting)
     try:
-        yield
+        yield watch
     except asyncio.CancelledError:
         if watch.failed is not None and waiting.uncancel() == 0:
             raise EngineSilent(watch.failed) from None
@@ -272,6 +276,8 @@ async def forward(request: web.Request, runner: Runner, path: str, body: bytes, 
     headers = {h: request.headers[h] for h in _FORWARDED_REQUEST_HEADERS if h in request.headers}
     if stream:
         return await _relay_stream(request, runner, path, body, headers)
+    if request.version >= aiohttp.HttpVersion11:
+        return await _relay_answer(request, runner, path, body, headers)
     answer = await _answer_or_failure(runner, path, body, headers)
     try:
         return await _relay_body(request, runner, answer.upstream)
@@ -303,8 +309,121 @@ async def _relay_body(request: web.Request, runner: Runner, upstream: aiohttp.Cl
     return response
 
 
+async def _open_raw(runner: Runner, path: str, body: bytes, headers: dict[str, str],
+                    idle_timeout: float | None) -> EngineStream:
+    if runner.session is None or runner.session.closed:
+        raise await engine_failure(runner, RuntimeError("runner is not ready"))
+    try:
+        return await open_exchange(runner.endpoint, path, body, headers, idle_timeout)
+    except aiohttp.ClientError as exc:
+        raise await engine_failure(runner, exc) from exc
+
+
+def _raw_response(head: UpstreamHead) -> web.StreamResponse:
+    kept = CIMultiDict((k, v) for k, v in head.headers if k.lower() not in _DROPPED_RESPONSE_HEADERS)
+    response = web.StreamResponse(status=head.status, headers=kept)
+    if head.length is not None and not head.chunked:
+        response.content_length = head.length
+    else:
+        response.enable_chunked_encoding()
+    return response
+
+
+async def _relay_raw_body(request: web.Request, response: web.StreamResponse, head: UpstreamHead,
+                          engine: EngineStream) -> None:
+    await response.prepare(request)
+    await relay_raw(request, engine, frame=not head.chunked and head.length is None)
+    await response.write_eof()
+
+
 async def _relay_stream(request: web.Request, runner: Runner, path: str, body: bytes,
                         headers: dict[str, str]) -> web.StreamResponse:
+    """Relay a streamed answer as it comes (runnerd.relay), the engine's idle timeout between reads."""
+    if request.version < aiohttp.HttpVersion11:
+        return await _relay_stream_parsed(request, runner, path, body, headers)
+    engine = await _open_raw(runner, path, body, headers, runner.idle_timeout)
+    response: web.StreamResponse | None = None
+    try:
+        head = await engine.head
+        response = _raw_response(head)
+        await _relay_raw_body(request, response, head, engine)
+        return response
+    except ConnectionResetError:
+        if response is None:
+            raise
+        return response  # the client hung up: closing the engine's connection stops its work
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        error = await engine_failure(runner, exc)
+        if response is None:
+            raise error from exc
+        log.warning("stream from %s broke: %s", runner.model.name, error.message.splitlines()[0])
+        if not response.chunked or not response.headers.get("Content-Type", "").startswith("text/event-stream"):
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        # The status line is gone already: end the stream with the error as its last event.
+        await response.write(error.sse_event())
+        await response.write_eof()
+        return response
+    finally:
+        engine.close()
+
+
+async def _relay_answer(request: web.Request, runner: Runner, path: str, body: bytes,
+                        headers: dict[str, str]) -> web.StreamResponse:
+    """Relay a non-streamed answer as it comes, the engine's health watched rather than a deadline. A client
+    that hangs up before the answer starts leaves the runner busy until the engine has answered."""
+    engine = await _open_raw(runner, path, body, headers, None)
+    handed_off = False
+    response: web.StreamResponse | None = None
+    try:
+        async with answer_watch(runner) as watch:
+            try:
+                head = await asyncio.shield(engine.head)
+            except asyncio.CancelledError:
+                if watch.failed is not None:
+                    raise  # the engine failed its health check: answer_watch says so
+                runner.spawn(_outlive_client_raw, engine, runner.hold())
+                handed_off = True
+                raise
+            response = _raw_response(head)
+            await _relay_raw_body(request, response, head, engine)
+        return response
+    except ConnectionResetError:
+        if response is None:
+            raise
+        return response
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        error = await engine_failure(runner, exc)
+        if response is None or not response.prepared:
+            raise error from exc
+        log.warning("answer from %s broke: %s", runner.model.name, error.message.splitlines()[0])
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    finally:
+        if not handed_off:
+            engine.close()
+
+
+async def _outlive_client_raw(engine: EngineStream, hold: Lease) -> None:
+    """Hold the runner until the engine has answered the request its client gave up on, then drop the answer."""
+    runner = hold.runner
+    log.info("client hung up on %s; the runner stays busy until its engine answers", runner.model.name)
+    try:
+        async with answer_watch(runner):
+            await engine.head
+            await drain_unread(engine)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        log.info("the engine serving %s failed an abandoned request: %s", runner.model.name, exc)
+    finally:
+        engine.close()
+        hold.release()
+
+
+async def _relay_stream_parsed(request: web.Request, runner: Runner, path: str, body: bytes,
+                               headers: dict[str, str]) -> web.StreamResponse:
+    """The relay for HTTP/1.0 clients, which cannot take chunks as they are."""
     response: web.StreamResponse | None = None
     try:
         async with exchange(runner, path, body, headers, stream=True) as upstream:
@@ -320,7 +439,6 @@ async def _relay_stream(request: web.Request, runner: Runner, path: str, body: b
         error = await engine_failure(runner, exc)
         if response is None:
             raise error from exc
-        # The status line is gone already: end the stream with the error as its last event.
         log.warning("stream from %s broke: %s", runner.model.name, error.message.splitlines()[0])
         await response.write(error.sse_event())
         await response.write_eof()

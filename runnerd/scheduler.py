@@ -449,6 +449,8 @@ class SchedulerLimits:
     min_residency: float = 0.0
     crash_backoff: float = 5.0
     engine_idle_timeout: float = 600.0
+    runner_log_max_bytes: int | None = 64 << 20
+    runner_log_files: int = 3
 
 
 class Scheduler:
@@ -710,6 +712,8 @@ class Scheduler:
         endpoint, pid_path = self._instance_paths(key, backend.endpoint_kind)
         runner = Runner(key, backend, model, config, endpoint, log_path, pid_path, keep_alive, estimate,
                         self.spawn, self.limits.engine_idle_timeout, self._release)
+        runner.output.log_max_bytes = self.limits.runner_log_max_bytes
+        runner.output.log_files = self.limits.runner_log_files
         previous = self._runners.get(key)
         if previous is not None and previous.state is not RunnerState.EXITED:
             log.info("previous runner of model=%s mode=%s still stopping (pid=%s); starting another beside it",

@@ -117,7 +117,9 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     limits = SchedulerLimits(readiness_timeout=settings.readiness_timeout, queue_timeout=settings.queue_timeout,
                              queue_size=settings.queue_size, max_runners=settings.max_runners,
                              min_residency=settings.min_residency, crash_backoff=settings.crash_backoff,
-                             engine_idle_timeout=settings.engine_idle_timeout)
+                             engine_idle_timeout=settings.engine_idle_timeout,
+                             runner_log_max_bytes=settings.runner_log_max_bytes,
+                             runner_log_files=settings.runner_log_files)
     scheduler = Scheduler(backends, runtime_dir=settings.runtime_dir, log_dir=settings.runner_log_dir,
                           default_keep_alive=parse_keep_alive(settings.keep_alive),
                           budget=Budget(settings.memory, sampler.host_memory), limits=limits,
@@ -185,6 +187,23 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     return app
 
 
+# Connections waiting to be accepted: a thousand clients that connect at once must not find the queue
+# full (a unix socket's connect then fails with EAGAIN). The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The daemon's event loop: uvloop's when RUNNERD_EVENT_LOOP=uvloop and it is installed, else asyncio's."""
+    if os.environ.get("RUNNERD_EVENT_LOOP", "asyncio") != "uvloop":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        log.warning("RUNNERD_EVENT_LOOP=uvloop but uvloop is not installed; using asyncio's event loop")
+        return None
+    return uvloop.new_event_loop
+
+
 def _socket_in_use(path: Path) -> bool:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -220,7 +239,7 @@ def bind_unix_socket(path: Path, mode: int = 0o660) -> socket.socket:
     finally:
         os.umask(old_umask)
     os.chmod(path, mode)
-    sock.listen(256)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 

@@ -7,6 +7,7 @@ restarts the model's idle runner and preloads it in the background.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -165,7 +166,7 @@ async def configure(request: web.Request) -> web.Response:
     if restart and runner is not None and runner.active > 0:
         raise ApiError(409, f"{model.name} ({spec.mode}) is serving {runner.active} request(s); configure it "
                             "again once it is idle, or unload it first", code="runner_busy")
-    d.configs.put(item)
+    await asyncio.to_thread(d.configs.put, item)  # it syncs the file to disk
     if restart and runner is not None:
         await runner.stop("reconfigure")
     if not d.scheduler.draining:  # a draining node loads nothing new: the configuration applies at the next load
@@ -207,7 +208,7 @@ async def delete_configuration(request: web.Request) -> web.Response:
     if not name:
         raise ApiError(400, "say which model: DELETE /engines/_configure?model=NAME[&mode=MODE]", param="model")
     model = find_model(d, name)
-    removed = d.configs.delete(model.name, _mode(request))
+    removed = await asyncio.to_thread(d.configs.delete, model.name, _mode(request))
     if removed is None:
         raise ApiError(404, f"no stored configuration for {model.name} in {_mode(request)} mode",
                        code="configuration_not_found")

@@ -9,6 +9,7 @@ pull resumes; runnerd.api.pulling). Concurrent pulls of the same URL share one d
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from pathlib import Path
@@ -138,7 +139,8 @@ async def delete_model(request: web.Request) -> web.Response:
     d = daemon(request)
     force = request.query.get("force", "").lower() in ("1", "true", "yes")
     try:
-        entry = d.store.remove(request.match_info["name"], force=force)
+        # The store's lock may be held by a commit thread, and removal syncs to disk: not on the event loop.
+        entry = await asyncio.to_thread(d.store.remove, request.match_info["name"], force=force)
     except StoreError as exc:
         raise _api_error(exc, "name") from exc
     # Forced: stop the runners that still serve it (their open file stays valid until they exit).
@@ -171,7 +173,8 @@ async def estimate_or_show(request: web.Request) -> web.Response:
 async def tag_model(request: web.Request) -> web.Response:
     spec = parse_body(TagRequest, await read_json_body(request), "tag request")
     try:
-        entry = daemon(request).store.tag(request.match_info["name"], spec.name, force=spec.force)
+        entry = await asyncio.to_thread(daemon(request).store.tag, request.match_info["name"], spec.name,
+                                        force=spec.force)
     except StoreError as exc:
         raise _api_error(exc, "name") from exc
     return web.json_response(model_json(entry), status=201)

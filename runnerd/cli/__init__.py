@@ -65,7 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
-            return asyncio.run(serve_daemon(args))
+            from runnerd.server import event_loop_factory
+
+            with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+                return runner.run(serve_daemon(args))
         if args.command == "install-backend":
             return asyncio.run(install_backend(args))
         if args.command == "tokens":
