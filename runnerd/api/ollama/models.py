@@ -16,7 +16,7 @@ from backends.formats.gguf import GGUFParseError, cached_header
 from backends.formats.gguf_summary import summarize
 from runnerd import __version__
 from runnerd.api.context import Daemon, daemon, over_unix_socket
-from runnerd.api.engines import choose_backend
+from runnerd.api.engines import choose_backend, other_models
 from runnerd.api.errors import ApiError
 from runnerd.api.ollama import translate as tr
 from runnerd.api.ollama.common import ModelRequest, lookup_model, ndjson_line, read_body, start_ndjson
@@ -84,7 +84,13 @@ def _listed(model: ModelEntry, summary: Any) -> dict[str, Any]:
 async def tags(request: web.Request) -> web.Response:
     models = daemon(request).store.list()
     facts = await asyncio.gather(*(asyncio.to_thread(_header_facts, m) for m in models))
-    return web.json_response({"models": [_listed(m, f[0]) for m, f in zip(models, facts, strict=True)]})
+    listed = [_listed(m, f[0]) for m, f in zip(models, facts, strict=True)]
+    # The upstreams' models and the aliases: names only, their files are elsewhere.
+    listed += [{"name": name, "model": name, "modified_at": None, "size": 0, "digest": "",
+                "details": {"parent_model": "", "format": "", "family": "", "families": None, "parameter_size": "",
+                            "quantization_level": ""}}
+               for name in other_models(daemon(request))]
+    return web.json_response({"models": listed})
 
 
 async def ps(request: web.Request) -> web.Response:
