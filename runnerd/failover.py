@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -206,7 +206,7 @@ async def call_upstreams(candidates: list[Candidate], path: str, body: dict[str,
 
 
 async def upstream_events(candidates: list[Candidate], path: str,
-                          body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+                          body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
     """The first candidate's streamed answer, one SSE event at a time, held until its first event; a
     failure after it is yielded as {"error": ...} for the caller to end its own stream with."""
     failures: list[str] = []
