@@ -86,7 +86,8 @@ class Sources:
         hosting the model at its last poll is still tried: its list may be stale)."""
         if name in self.aliases:
             return [Candidate(t.source, t.model, self.endpoints.get(t.source)) for t in self.aliases[name]]
-        upstream = [Candidate(e.name, name, e) for e in self.endpoints.values() if name in e.discovery.models]
+        upstream = [Candidate(e.name, hosted, e) for e in self.endpoints.values()
+                    if (hosted := _hosted_as(name, e.discovery.models)) is not None]
         local = [Candidate(LOCAL_SOURCE, name)] if local_has else []
         return local + upstream if self.routing.local_first else upstream + local
 
@@ -96,3 +97,13 @@ class Sources:
                          "error": e.discovery.error, "checked_at": e.discovery.checked_at,
                          "capabilities": sorted(e.capabilities)}
                 for e in self.endpoints.values()}
+
+
+def _hosted_as(name: str, models: tuple[str, ...]) -> str | None:
+    """The name a source hosts `name` under: itself, or with the default tag (`x` -> `x:latest`), as the
+    store resolves names."""
+    if name in models:
+        return name
+    if ":" not in name.rsplit("/", 1)[-1] and (tagged := f"{name}:latest") in models:
+        return tagged
+    return None

@@ -51,9 +51,8 @@ class StandinUpstream:
 
     async def _start(self) -> None:
         app = web.Application(middlewares=[self._record])
-        app.router.add_get("/health", lambda r: web.json_response({"status": "ok"}))
-        app.router.add_get("/v1/models", lambda r: web.json_response(
-            {"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]}))
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/{route:.+}", self._inference)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
@@ -66,6 +65,12 @@ class StandinUpstream:
         self.seen.append((request.method, request.path))
         result: web.StreamResponse = await handler(request)
         return result
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
 
     async def _inference(self, request: web.Request) -> web.StreamResponse:
         await request.read()

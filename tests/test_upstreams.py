@@ -6,9 +6,11 @@ whose OpenAI and Ollama routes reach them with failover before the first byte. S
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx2 as httpx
+import httpx
+import httpx2
 import ollama
 import openai
 import pytest
@@ -51,8 +54,8 @@ class BareLlamaServer:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, log.read_text(errors="replace")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.base_url}/health", timeout=5).status_code == 200:
+            with contextlib.suppress(httpx2.TransportError):
+                if httpx2.get(f"{self.base_url}/health", timeout=5).status_code == 200:
                     return
             time.sleep(0.05)
         raise AssertionError(f"llama-server did not get ready:\n{log.read_text(errors='replace')}")
@@ -136,8 +139,6 @@ def world(llama_server: Path, tiny_model: Path) -> Iterator[World]:
         second = Daemon(root / "second", llama_server, {"remote-tiny": tiny_model},
                         {"RUNNERD_HTTP__LISTEN": "127.0.0.1:0", "RUNNERD_HTTP__TOKEN_FILE": str(root / "token")}, [])
         started.append(second)
-        import re
-
         found = re.search(r"listening on tcp:127\.0\.0\.1:(\d+)", second.output())
         assert found, second.output()
         bare = BareLlamaServer(llama_server, tiny_model, "shared", root / "bare.log")
@@ -162,7 +163,7 @@ def world(llama_server: Path, tiny_model: Path) -> Iterator[World]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _ids(response: httpx.Response) -> list[str]:
+def _ids(response: httpx2.Response) -> list[str]:
     assert response.status_code == 200, response.text
     return [m["id"] for m in response.json()["data"]]
 
@@ -171,6 +172,12 @@ def _direct(world: World, model: str = "shared", **extra: Any) -> str:
     """The bare llama-server's own answer, for comparison with what came through the front daemon."""
     out = world.bare.openai().chat.completions.create(model=model, messages=CHAT, **ANSWER, **extra)  # type: ignore
     return out.choices[0].message.content or ""
+
+
+def _direct_stream(world: World) -> str:
+    """The bare llama-server's own streamed answer (a tiny model's bytes split differently when streamed)."""
+    return _streamed(world.bare.openai().chat.completions.create(model="shared", messages=CHAT, stream=True,
+                                                                  **ANSWER))  # type: ignore[call-overload]
 
 
 def _streamed(stream: Any) -> str:
@@ -207,15 +214,14 @@ def test_status_shows_each_upstream(world: World) -> None:
     detail = world.front.http.get("/engines/status", params={"upstreams": "1"}).json()["upstreams"]
     assert detail["second"]["models"] == ["remote-tiny:latest"]
     assert "embeddings" not in detail["tgi"]["capabilities"]
-    cli = subprocess.run([*_cli(world.front), "status"], capture_output=True, text=True, timeout=60)
+    cli = subprocess.run([*_cli(world.front), "status", "--socket", str(world.front.socket)], capture_output=True,
+                         text=True, timeout=60)
     assert cli.returncode == 0, cli.stderr
     assert "upstream llamacpp" in cli.stdout and "second" in cli.stdout
 
 
 def _cli(d: Daemon) -> list[str]:
-    import sys
-
-    return [sys.executable, "-m", "runnerd.cli", "--socket", str(d.socket)]
+    return [sys.executable, "-m", "runnerd.cli"]
 
 
 def test_openai_client_chats_to_both_upstreams(world: World) -> None:
@@ -238,16 +244,23 @@ def test_ollama_client_chats_to_both_upstreams(world: World) -> None:
     client = ollama.Client(host="http://runnerd", transport=httpx.HTTPTransport(uds=str(world.front.socket)),
                            timeout=60)
     options = {"num_predict": ANSWER["max_tokens"], "temperature": 0, "seed": 1}
-    for model, expected in (("remote-tiny", None), ("shared", _direct(world))):
+    second = world.second.openai("/v1")
+    expected = {
+        "remote-tiny": (second.chat.completions.create(model="remote-tiny", messages=CHAT, **ANSWER)
+                        .choices[0].message.content,
+                        _streamed(second.chat.completions.create(model="remote-tiny", messages=CHAT, stream=True,
+                                                                 **ANSWER))),
+        "shared": (_direct(world), _direct_stream(world)),
+    }
+    for model, (whole_text, streamed_text) in expected.items():
         whole = client.chat(model=model, messages=CHAT, options=options, stream=False)
         parts = "".join(p.message.content or "" for p in client.chat(model=model, messages=CHAT, options=options,
                                                                       stream=True))
-        assert whole.message.content and whole.message.content == parts
         assert whole.model == model
-        if expected is not None:
-            assert whole.message.content == expected
+        assert whole.message.content and whole.message.content == whole_text
+        assert parts == streamed_text
     generated = client.generate(model="remote-tiny", prompt="hello", options=options, stream=False)
-    assert generated.response
+    assert generated.response and generated.done
 
 
 # ---------------------------------------------------------------- failover
@@ -259,7 +272,7 @@ def test_a_stopped_upstream_fails_over_stream_and_whole(world: World) -> None:
                                                                 **ANSWER) as resp:
         assert resp.status_code == 200 and resp.headers["x-runnerd-source"] == "bare"
         text = _streamed(resp.parse())
-    assert text == _direct(world)
+    assert text == _direct_stream(world)
 
 
 def test_a_500_fails_over(world: World) -> None:
@@ -281,7 +294,7 @@ def test_a_stream_is_held_until_its_first_chunk(world: World) -> None:
             model="via-cut", messages=CHAT, stream=True, **ANSWER) as resp:
         assert resp.headers["x-runnerd-source"] == "bare"
         text = _streamed(resp.parse())
-    assert text == _direct(world)
+    assert text == _direct_stream(world)
     assert len(cut.inference_requests()) == before + 1
 
 
