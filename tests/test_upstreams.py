@@ -24,6 +24,7 @@ import ollama
 import openai
 import pytest
 
+from backends.external import KINDS
 from backends.llamacpp.argv import build_env
 from runnerd.config import ConfigError, load_settings
 from tests.conftest import Daemon
@@ -386,3 +387,21 @@ def test_a_daemon_with_an_unreadable_upstream_token_refuses_to_start(make_daemon
                       f'token_file = "{tmp_path / "missing"}"\n')
     with pytest.raises(RuntimeError, match="upstream a: cannot read token file"):
         make_daemon(args=["--config", str(config)])
+
+
+def test_the_readme_example_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### External endpoints"):]
+    example = section[section.index("```toml") + len("```toml"):section.index("```\n", section.index("```toml") + 7)]
+    monkeypatch.delenv("RUNNERD_CONFIG", raising=False)
+    path = tmp_path / "runnerd.toml"
+    path.write_text(example)
+    path.chmod(0o600)
+    settings = load_settings(path)
+    assert [u.name for u in settings.upstreams] == ["gpu-box", "ollama"]
+    assert settings.aliases["chat"][1].source == "local"
+    # The kind table says what the profiles say.
+    order = ["chat", "completions", "embeddings", "rerank", "streaming", "tools"]
+    for kind, profile in KINDS.items():
+        caps = ", ".join(c for c in order if c in profile.capabilities)
+        assert f"| `{kind}` | `{profile.health_path}` | `{profile.models_path}` | {caps} |" in section, kind
