@@ -204,13 +204,19 @@ def engine_context(settings: Settings, gpus: GpuProvider = host_gpus) -> EngineC
 
 # --- upstreams: external endpoints runnerd does not start ------------------------------------
 
+# Sent with every request to an upstream. A runnerd receiving it serves and lists its own models only, so
+# two daemons that are each other's upstreams neither pass a request back and forth nor list each other's
+# lists.
+VIA_UPSTREAM_HEADER = "X-Runnerd-Upstream"
+
+
 def upstream_endpoints(settings: Settings) -> dict[str, ExternalEndpoint]:
     """Blocking (reads token files): an endpoint per `[[upstreams]]` table, in priority order (ties
     keep the file's order). EngineRegistryError names an unusable one."""
     endpoints: dict[str, ExternalEndpoint] = {}
     for spec in sorted(settings.upstreams, key=lambda s: s.priority):
         try:
-            endpoints[spec.name] = ExternalEndpoint.from_spec(spec)
+            endpoints[spec.name] = ExternalEndpoint.from_spec(spec, {VIA_UPSTREAM_HEADER: "1"})
         except ExternalError as exc:
             raise EngineRegistryError(f"upstream {spec.name}: {exc}") from exc
     return endpoints

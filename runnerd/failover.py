@@ -22,6 +22,7 @@ from aiohttp import web
 from backends.base import Capability
 from backends.external import ExternalEndpoint
 from runnerd.api.errors import ApiError
+from runnerd.metrics import REQUEST_MODEL
 from runnerd.sources import Candidate
 from runnerd.sse import error_text, parse_sse_line
 
@@ -239,6 +240,7 @@ async def serve(request: web.Request, candidates: list[Candidate], path: str, pa
     """Answer an OpenAI-shaped request from the first candidate that answers. `local(model)` serves a local
     candidate the daemon's usual way; its failure before the answer started (a 5xx) moves on too."""
     candidates = usable(candidates, needed)
+    request[REQUEST_MODEL] = str(payload.get("model"))  # the label request metrics use
     stream = payload.get("stream") is True
     first = _read_first_chunk
     failures: list[str] = []

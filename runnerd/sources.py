@@ -14,8 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from aiohttp import web
+
 from backends.external import ExternalEndpoint
 from runnerd.config import LOCAL_SOURCE, AliasTarget, RoutingSettings
+from runnerd.engines import VIA_UPSTREAM_HEADER
 
 log = logging.getLogger("runnerd.sources")
 
@@ -25,6 +28,11 @@ class Candidate:
     source: str  # LOCAL_SOURCE or an upstream's name
     model: str  # the model's name at that source
     endpoint: ExternalEndpoint | None = None  # None for local
+
+
+def from_upstream(request: web.Request) -> bool:
+    """Whether another runnerd sent this request as its upstream: then only local models count."""
+    return VIA_UPSTREAM_HEADER in request.headers
 
 
 class Sources:

@@ -5,6 +5,7 @@ passes /health, records every request it gets, and answers inference as its mode
 - "500": a 500 with a JSON error;
 - "cut": a 200 text/event-stream status line, then it hangs up before any byte of the body;
 - "half": one SSE chunk whose content is PARTIAL, then it hangs up;
+- "slow": nothing for a minute (a timeout before the first byte), then a 500;
 - "plain": a JSON chat answer whose content is its name (for capability checks, which must never reach it).
 
 It runs in a thread of the test process on a loopback port of its own.
@@ -13,6 +14,7 @@ It runs in a thread of the test process on a loopback port of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from typing import Any
@@ -32,6 +34,7 @@ class StandinUpstream:
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._runner: web.AppRunner | None = None
+        self._closing = asyncio.Event()
         self._thread = threading.Thread(target=self._serve, name=f"stand-in {name}", daemon=True)
         self._thread.start()
         assert self._ready.wait(10), "the stand-in did not start"
@@ -74,7 +77,11 @@ class StandinUpstream:
 
     async def _inference(self, request: web.Request) -> web.StreamResponse:
         await request.read()
-        if self.mode == "500":
+        if self.mode == "slow":
+            # Until the stand-in closes: aiohttp does not cancel a handler whose client hung up.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), 60)
+        if self.mode in ("500", "slow"):
             return web.json_response({"error": {"message": "stand-in failure", "type": "server_error"}}, status=500)
         if self.mode == "plain":
             return web.json_response({"choices": [{"index": 0, "message": {"role": "assistant", "content": self.name},
@@ -91,6 +98,7 @@ class StandinUpstream:
 
     def close(self) -> None:
         async def stop() -> None:
+            self._closing.set()
             if self._runner is not None:
                 await self._runner.cleanup()
 

@@ -108,10 +108,12 @@ def _front_config(root: Path, second_port: int, bare: BareLlamaServer, dead: Bar
         upstream("cut", "vllm", standins["cut"].base_url, 61),
         upstream("half", "sglang", standins["half"].base_url, 62),
         upstream("tgi", "tgi", standins["tgi"].base_url, 63),
+        upstream("slow", "lmstudio", standins["slow"].base_url, 64, "first_byte_timeout = 1"),
         "[aliases]",
         f"via-500 = {via('failing')}",
         f"via-cut = {via('cut')}",
         f"via-half = {via('half')}",
+        f"via-slow = {via('slow')}",
         'nowhere = [{source = "dead", model = "shared"}, {source = "failing", model = "shared"}]',
     ])
     path = root / "front.toml"
@@ -149,7 +151,8 @@ def world(llama_server: Path, tiny_model: Path) -> Iterator[World]:
         standins = {"failing": StandinUpstream("failing", "500", ["standin-failing"]),
                     "cut": StandinUpstream("cut", "cut", ["standin-cut"]),
                     "half": StandinUpstream("half", "half", ["standin-half"]),
-                    "tgi": StandinUpstream("tgi", "plain", ["tgi-model"])}
+                    "tgi": StandinUpstream("tgi", "plain", ["tgi-model"]),
+                    "slow": StandinUpstream("slow", "slow", ["standin-slow"])}
         started.extend(standins.values())
         (root / "front").mkdir()
         config = _front_config(root, int(found.group(1)), bare, dead, standins)
@@ -190,7 +193,7 @@ def _streamed(stream: Any) -> str:
 
 def test_lists_show_the_union_each_model_once(world: World) -> None:
     expected = {"tiny:latest", "remote-tiny:latest", "shared", "tgi-model", "standin-failing", "standin-cut",
-                "standin-half", "via-500", "via-cut", "via-half", "nowhere"}
+                "standin-half", "standin-slow", "via-500", "via-cut", "via-half", "via-slow", "nowhere"}
     for path in ("/v1/models", "/engines/v1/models"):
         ids = _ids(world.front.http.get(path))
         assert set(ids) == expected
@@ -215,13 +218,13 @@ def test_status_shows_each_upstream(world: World) -> None:
     detail = world.front.http.get("/engines/status", params={"upstreams": "1"}).json()["upstreams"]
     assert detail["second"]["models"] == ["remote-tiny:latest"]
     assert "embeddings" not in detail["tgi"]["capabilities"]
-    cli = subprocess.run([*_cli(world.front), "status", "--socket", str(world.front.socket)], capture_output=True,
+    cli = subprocess.run([*_cli(), "status", "--socket", str(world.front.socket)], capture_output=True,
                          text=True, timeout=60)
     assert cli.returncode == 0, cli.stderr
     assert "upstream llamacpp" in cli.stdout and "second" in cli.stdout
 
 
-def _cli(d: Daemon) -> list[str]:
+def _cli() -> list[str]:
     return [sys.executable, "-m", "runnerd.cli"]
 
 
@@ -284,6 +287,17 @@ def test_a_500_fails_over(world: World) -> None:
     assert raw.status_code == 200 and raw.headers["x-runnerd-source"] == "bare"
     assert raw.parse().choices[0].message.content == _direct(world)
     assert failing.inference_requests()[before:] == ["/v1/chat/completions"]  # it was tried first
+
+
+def test_a_timeout_before_the_first_byte_fails_over(world: World) -> None:
+    slow = world.standins["slow"]
+    before = len(slow.inference_requests())
+    with world.front.openai("/v1").chat.completions.with_streaming_response.create(
+            model="via-slow", messages=CHAT, stream=True, **ANSWER) as resp:
+        assert resp.status_code == 200 and resp.headers["x-runnerd-source"] == "bare"
+        text = _streamed(resp.parse())
+    assert text == _direct_stream(world)
+    assert len(slow.inference_requests()) == before + 1
 
 
 def test_a_stream_is_held_until_its_first_chunk(world: World) -> None:
@@ -349,6 +363,16 @@ def test_a_model_no_source_hosts_answers_as_today(world: World) -> None:
         here, today = world.front.post(path, body), world.second.post(path, body)
         assert (here.status_code, here.json()) == (today.status_code, today.json())
         assert here.status_code == 404
+
+
+def test_a_request_from_another_daemon_sees_local_models_only(world: World) -> None:
+    """Two daemons that are each other's upstreams must not pass a request back and forth: what one
+    daemon sends its upstreams is answered from the receiver's own models."""
+    via = {"X-Runnerd-Upstream": "1"}
+    assert _ids(world.front.http.get("/v1/models", headers=via)) == ["tiny:latest"]
+    assert [m["name"] for m in world.front.http.get("/api/tags", headers=via).json()["models"]] == ["tiny:latest"]
+    resp = world.front.post("/v1/chat/completions", {"model": "shared", "messages": CHAT}, headers=via)
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "model_not_found"
 
 
 # ---------------------------------------------------------------- hostile settings

@@ -127,8 +127,9 @@ def read_token(path: Path) -> str:
 class ExternalEndpoint:
     """An endpoint runnerd sends requests to but never starts, loads or unloads."""
 
-    def __init__(self, spec: UpstreamSpec, token: str | None) -> None:
+    def __init__(self, spec: UpstreamSpec, token: str | None, extra_headers: dict[str, str] | None = None) -> None:
         self.spec = spec
+        self._extra_headers = dict(extra_headers or {})
         self.name = spec.name
         self.profile = spec.profile
         self.capabilities = spec.effective_capabilities()
@@ -137,17 +138,17 @@ class ExternalEndpoint:
         self.discovery = Discovery()
 
     @classmethod
-    def from_spec(cls, spec: UpstreamSpec) -> ExternalEndpoint:
-        """Blocking (reads the token file)."""
-        return cls(spec, read_token(spec.token_file) if spec.token_file is not None else None)
+    def from_spec(cls, spec: UpstreamSpec, extra_headers: dict[str, str] | None = None) -> ExternalEndpoint:
+        """Blocking (reads the token file). `extra_headers` go with every request."""
+        return cls(spec, read_token(spec.token_file) if spec.token_file is not None else None, extra_headers)
 
     def url(self, path: str) -> str:
         return self.spec.http_base + path
 
     def headers(self) -> dict[str, str]:
         if self._token is None:
-            return {}
-        return {self.profile.auth_header: self.profile.auth_scheme + self._token}
+            return dict(self._extra_headers)
+        return {**self._extra_headers, self.profile.auth_header: self.profile.auth_scheme + self._token}
 
     def session(self) -> aiohttp.ClientSession:
         """The endpoint's pooled session (made on first use, inside the event loop)."""

@@ -20,6 +20,7 @@ from runnerd.configs import effective_configuration
 from runnerd.durations import parse_keep_alive
 from runnerd.proxy import forward, runner_error
 from runnerd.scheduler import UNSET, Lease, RunnerKey, SchedulingError, Unset
+from runnerd.sources import from_upstream
 from runnerd.store import ModelEntry, StoreError
 
 
@@ -145,7 +146,9 @@ async def inference(kind: RequestKind, request: web.Request) -> web.StreamRespon
         d.backend(explicit)  # 404 for an unknown backend before anything else
     payload = await read_json_body(request)
     name = requested_model(payload)
-    if explicit is None and d.sources.active:
+    # A preload only loads a local model: runnerd never tells an upstream to load anything.
+    preload = request.headers.get("X-Preload-Only", "").lower() == "true"
+    if explicit is None and d.sources.active and not from_upstream(request) and not preload:
         candidates = d.sources.candidates(name, local_has=stored(d, name))
         if candidates and (len(candidates) > 1 or candidates[0].endpoint is not None or candidates[0].model != name):
             needed = required_capabilities(kind, payload)
@@ -204,8 +207,8 @@ def other_models(d: Daemon) -> dict[str, str]:
 
 
 def _other_sources(d: Daemon, request: web.Request) -> list[dict[str, Any]]:
-    if request.match_info.get("backend") is not None:
-        return []  # a backend's own listing: its local models only
+    if request.match_info.get("backend") is not None or from_upstream(request):
+        return []  # a backend's own listing, or one for another daemon: the local models only
     return [{"id": name, "object": "model", "created": 0, "owned_by": source}
             for name, source in other_models(d).items()]
 

@@ -23,6 +23,7 @@ from runnerd.api.ollama.common import ModelRequest, lookup_model, ndjson_line, r
 from runnerd.api.pulling import RequestPull
 from runnerd.configs import effective_configuration
 from runnerd.scheduler import RunnerKey
+from runnerd.sources import from_upstream
 from runnerd.store import ModelEntry, PullProgress, StoreError
 
 
@@ -89,7 +90,7 @@ async def tags(request: web.Request) -> web.Response:
     listed += [{"name": name, "model": name, "modified_at": None, "size": 0, "digest": "",
                 "details": {"parent_model": "", "format": "", "family": "", "families": None, "parameter_size": "",
                             "quantization_level": ""}}
-               for name in other_models(daemon(request))]
+               for name in ([] if from_upstream(request) else other_models(daemon(request)))]
     return web.json_response({"models": listed})
 
 

@@ -14,7 +14,7 @@ from runnerd.api.context import daemon
 from runnerd.api.engines import stored
 from runnerd.api.ollama import translate as tr
 from runnerd.metrics import REQUEST_MODEL
-from runnerd.sources import Candidate
+from runnerd.sources import Candidate, from_upstream
 
 
 class UpstreamJob:
@@ -41,7 +41,7 @@ def upstream_job(request: web.Request, name: str, needed: list[Capability]) -> U
     """The upstreams to try for `name`, when the model is not served by the local engines first (a model
     stored here and routed local-first goes the usual way); None: the usual way."""
     d = daemon(request)
-    if not d.sources.active:
+    if not d.sources.active or from_upstream(request):
         return None
     candidates = d.sources.candidates(name, local_has=stored(d, name))
     if not candidates or (candidates[0].endpoint is None and candidates[0].model == name):
