@@ -249,7 +249,9 @@ async def serve(request: web.Request, candidates: list[Candidate], path: str, pa
             try:
                 return await local(candidate.model)
             except ApiError as exc:
-                if exc.status < 500 or index == len(candidates) - 1:
+                # An alias's local target that is not stored is passed over like a source that is down.
+                missing = exc.code == "model_not_found"
+                if (exc.status < 500 and not missing) or index == len(candidates) - 1:
                     raise
                 failures.append(f"local: {exc.message.splitlines()[0]}")
                 continue

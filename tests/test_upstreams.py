@@ -114,6 +114,8 @@ def _front_config(root: Path, second_port: int, bare: BareLlamaServer, dead: Bar
         f"via-cut = {via('cut')}",
         f"via-half = {via('half')}",
         f"via-slow = {via('slow')}",
+        f"local-first = {via('local').replace('shared', 'tiny', 1)}",
+        f"ghost-first = {via('local').replace('shared', 'ghost', 1)}",
         'nowhere = [{source = "dead", model = "shared"}, {source = "failing", model = "shared"}]',
     ])
     path = root / "front.toml"
@@ -193,7 +195,8 @@ def _streamed(stream: Any) -> str:
 
 def test_lists_show_the_union_each_model_once(world: World) -> None:
     expected = {"tiny:latest", "remote-tiny:latest", "shared", "tgi-model", "standin-failing", "standin-cut",
-                "standin-half", "standin-slow", "via-500", "via-cut", "via-half", "via-slow", "nowhere"}
+                "standin-half", "standin-slow", "via-500", "via-cut", "via-half", "via-slow", "local-first",
+                "ghost-first", "nowhere"}
     for path in ("/v1/models", "/engines/v1/models"):
         ids = _ids(world.front.http.get(path))
         assert set(ids) == expected
@@ -235,7 +238,7 @@ def test_openai_client_chats_to_both_upstreams(world: World) -> None:
     via_front = raw.parse().choices[0].message.content
     direct = world.second.openai("/v1").chat.completions.create(model="remote-tiny", messages=CHAT, **ANSWER)
     assert via_front and via_front == direct.choices[0].message.content
-    # Nothing was loaded on the front daemon: the second one ran it.
+    # Nothing was loaded on the front daemon (the tests before this one load nothing here): the second ran it.
     assert world.front.ps() == []
     assert [r["model"] for r in world.second.ps()] == ["remote-tiny:latest"]
 
@@ -373,6 +376,22 @@ def test_a_request_from_another_daemon_sees_local_models_only(world: World) -> N
     assert [m["name"] for m in world.front.http.get("/api/tags", headers=via).json()["models"]] == ["tiny:latest"]
     resp = world.front.post("/v1/chat/completions", {"model": "shared", "messages": CHAT}, headers=via)
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "model_not_found"
+
+
+def test_aliases_try_their_candidates_in_order(world: World) -> None:
+    client = world.front.openai("/v1")
+    # The local model first: served here (no upstream named as the source), by a runner of this daemon.
+    raw = client.chat.completions.with_raw_response.create(model="local-first", messages=CHAT, **ANSWER)
+    assert raw.status_code == 200 and "x-runnerd-source" not in raw.headers
+    assert [r["model"] for r in world.front.ps()] == ["tiny:latest"]
+    # A local target that is not stored is passed over.
+    raw = client.chat.completions.with_raw_response.create(model="ghost-first", messages=CHAT, **ANSWER)
+    assert raw.headers["x-runnerd-source"] == "bare"
+    assert raw.parse().choices[0].message.content == _direct(world)
+    # A preload never reaches an upstream: only local models load.
+    preload = world.front.post("/v1/chat/completions", {"model": "shared", "messages": CHAT},
+                               headers={"X-Preload-Only": "true"})
+    assert preload.status_code == 404
 
 
 # ---------------------------------------------------------------- hostile settings
