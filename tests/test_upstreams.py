@@ -87,7 +87,7 @@ class World:
     standins: dict[str, StandinUpstream]
 
 
-def _front_config(root: Path, second_port: int, bare: BareLlamaServer, dead: BareLlamaServer,
+def _front_config(root: Path, second: Daemon, second_port: int, bare: BareLlamaServer, dead: BareLlamaServer,
                   standins: dict[str, StandinUpstream]) -> Path:
     (root / "second.token").write_text(SECOND_TOKEN + "\n")
 
@@ -103,6 +103,8 @@ def _front_config(root: Path, second_port: int, bare: BareLlamaServer, dead: Bar
         upstream("second", "runnerd", f"http://127.0.0.1:{second_port}", 10,
                  f'token_file = "{root / "second.token"}"'),
         upstream("dead", "llamacpp", dead.base_url, 20, "first_byte_timeout = 30"),
+        # The same daemon over its unix socket, where the socket's file mode is the gate: no token.
+        upstream("second-unix", "runnerd", f"unix:{second.socket}", 30),
         upstream("bare", "llamacpp", bare.base_url, 50),
         upstream("failing", "openai", standins["failing"].base_url, 60),
         upstream("cut", "vllm", standins["cut"].base_url, 61),
@@ -116,6 +118,7 @@ def _front_config(root: Path, second_port: int, bare: BareLlamaServer, dead: Bar
         f"via-slow = {via('slow')}",
         f"local-first = {via('local').replace('shared', 'tiny', 1)}",
         f"ghost-first = {via('local').replace('shared', 'ghost', 1)}",
+        'via-unix = [{source = "second-unix", model = "remote-tiny"}]',
         'nowhere = [{source = "dead", model = "shared"}, {source = "failing", model = "shared"}]',
     ])
     path = root / "front.toml"
@@ -157,10 +160,10 @@ def world(llama_server: Path, tiny_model: Path) -> Iterator[World]:
                     "slow": StandinUpstream("slow", "slow", ["standin-slow"])}
         started.extend(standins.values())
         (root / "front").mkdir()
-        config = _front_config(root, int(found.group(1)), bare, dead, standins)
+        config = _front_config(root, second, int(found.group(1)), bare, dead, standins)
         front = Daemon(root / "front", llama_server, {"tiny": tiny_model}, {}, ["--config", str(config)])
         started.append(front)
-        _wait_discovered(front, {"second", "dead", "bare", "tgi"})
+        _wait_discovered(front, {"second", "second-unix", "dead", "bare", "tgi"})
         dead.stop()  # still listed by the front daemon: its requests must fail over to `bare`
         yield World(front, second, bare, standins)
     finally:
@@ -196,7 +199,7 @@ def _streamed(stream: Any) -> str:
 def test_lists_show_the_union_each_model_once(world: World) -> None:
     expected = {"tiny:latest", "remote-tiny:latest", "shared", "tgi-model", "standin-failing", "standin-cut",
                 "standin-half", "standin-slow", "via-500", "via-cut", "via-half", "via-slow", "local-first",
-                "ghost-first", "nowhere"}
+                "ghost-first", "via-unix", "nowhere"}
     for path in ("/v1/models", "/engines/v1/models"):
         ids = _ids(world.front.http.get(path))
         assert set(ids) == expected
@@ -241,6 +244,10 @@ def test_openai_client_chats_to_both_upstreams(world: World) -> None:
     # Nothing was loaded on the front daemon (the tests before this one load nothing here): the second ran it.
     assert world.front.ps() == []
     assert [r["model"] for r in world.second.ps()] == ["remote-tiny:latest"]
+
+    raw = client.chat.completions.with_raw_response.create(model="via-unix", messages=CHAT, **ANSWER)
+    assert raw.headers["x-runnerd-source"] == "second-unix"
+    assert raw.parse().choices[0].message.content == via_front
 
     raw = client.chat.completions.with_raw_response.create(model="shared", messages=CHAT, **ANSWER)
     assert raw.headers["x-runnerd-source"] == "bare"  # "dead" comes first by priority, and is stopped
