@@ -177,7 +177,7 @@ async def relay(request: web.Request, opened: Opened, *, stream: bool) -> web.St
     except (TimeoutError, aiohttp.ClientError) as exc:
         source = opened.candidate.source
         log.warning("answer from upstream %s broke after its first byte: %s", source, exc)
-        if not stream or request.transport is None:
+        if not stream:
             if request.transport is not None:
                 request.transport.close()  # a body shorter than announced, never one that looks whole
             return response
@@ -242,7 +242,6 @@ async def serve(request: web.Request, candidates: list[Candidate], path: str, pa
     candidates = usable(candidates, needed)
     request[REQUEST_MODEL] = str(payload.get("model"))  # the label request metrics use
     stream = payload.get("stream") is True
-    first = _read_first_chunk
     failures: list[str] = []
     for index, candidate in enumerate(candidates):
         if candidate.endpoint is None:
@@ -255,7 +254,7 @@ async def serve(request: web.Request, candidates: list[Candidate], path: str, pa
                     raise
                 failures.append(f"local: {exc.message.splitlines()[0]}")
                 continue
-        async with open_first([candidate], path, payload, request.headers.get("Accept"), first,
+        async with open_first([candidate], path, payload, request.headers.get("Accept"), _read_first_chunk,
                               failures) as opened:
             if opened is not None:
                 return await relay(request, opened, stream=stream)

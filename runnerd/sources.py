@@ -42,7 +42,6 @@ class Sources:
         self.aliases = dict(aliases)
         self.routing = routing
         self._poller: asyncio.Task[None] | None = None
-        self.first_poll = asyncio.Event()
 
     @classmethod
     def none(cls) -> Sources:
@@ -58,7 +57,6 @@ class Sources:
         for endpoint in self.endpoints.values():
             if endpoint.discovery.error:
                 log.info("upstream %s: %s", endpoint.name, endpoint.discovery.error)
-        self.first_poll.set()
 
     async def _poll_forever(self) -> None:
         while True:
@@ -68,8 +66,6 @@ class Sources:
     def start(self) -> None:
         if self.endpoints and self._poller is None:
             self._poller = asyncio.create_task(self._poll_forever(), name="upstream discovery")
-        elif not self.endpoints:
-            self.first_poll.set()
 
     async def close(self) -> None:
         if self._poller is not None:
