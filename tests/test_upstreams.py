@@ -103,8 +103,9 @@ def _front_config(root: Path, second: Daemon, second_port: int, bare: BareLlamaS
         upstream("second", "runnerd", f"http://127.0.0.1:{second_port}", 10,
                  f'token_file = "{root / "second.token"}"'),
         upstream("dead", "llamacpp", dead.base_url, 20, "first_byte_timeout = 30"),
-        # The same daemon over its unix socket, where the socket's file mode is the gate: no token.
-        upstream("second-unix", "runnerd", f"unix:{second.socket}", 30),
+        # The same daemon over its unix socket (the socket's file mode is the gate: no token), as kind
+        # ollama: runnerd serves Ollama's API, so its model list is read from /api/tags.
+        upstream("second-unix", "ollama", f"unix:{second.socket}", 30),
         upstream("bare", "llamacpp", bare.base_url, 50),
         upstream("failing", "openai", standins["failing"].base_url, 60),
         upstream("cut", "vllm", standins["cut"].base_url, 61),
@@ -223,6 +224,8 @@ def test_status_shows_each_upstream(world: World) -> None:
     assert flat["dead"].startswith("Running")  # as last polled
     detail = world.front.http.get("/engines/status", params={"upstreams": "1"}).json()["upstreams"]
     assert detail["second"]["models"] == ["remote-tiny:latest"]
+    assert detail["second-unix"]["models"] == ["remote-tiny:latest"]  # from /api/tags
+    assert detail["second-unix"]["kind"] == "ollama"
     assert "embeddings" not in detail["tgi"]["capabilities"]
     cli = subprocess.run([*_cli(), "status", "--socket", str(world.front.socket)], capture_output=True,
                          text=True, timeout=60)
