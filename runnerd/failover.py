@@ -20,7 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from backends.base import Capability
-from backends.external import ExternalEndpoint
+from backends.external import ExternalEndpoint, read_at_most
 from runnerd.api.errors import ApiError
 from runnerd.metrics import REQUEST_MODEL
 from runnerd.sources import Candidate
@@ -82,7 +82,7 @@ async def _read_first_event(upstream: aiohttp.ClientResponse) -> Any:
 
 
 async def _read_json(upstream: aiohttp.ClientResponse) -> Any:
-    raw = await upstream.content.read(MAX_TRANSLATED_ANSWER_BYTES + 1)
+    raw = await read_at_most(upstream.content, MAX_TRANSLATED_ANSWER_BYTES)
     if len(raw) > MAX_TRANSLATED_ANSWER_BYTES:
         raise ApiError(502, f"the answer is larger than {MAX_TRANSLATED_ANSWER_BYTES} bytes, the most this route "
                             f"translates", code="answer_too_large", type="server_error")
@@ -161,7 +161,7 @@ async def relay(request: web.Request, opened: Opened, *, stream: bool) -> web.St
     response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream,
                                                                                   opened.candidate.source))
     if opened.first is None:  # a refusal: relay it whole, it is small
-        raw = await upstream.content.read(_MAX_REFUSAL_BYTES)
+        raw = await read_at_most(upstream.content, _MAX_REFUSAL_BYTES)
         response.content_length = len(raw)
         await response.prepare(request)
         await response.write(raw)
@@ -196,7 +196,7 @@ async def call_upstreams(candidates: list[Candidate], path: str, body: dict[str,
         if opened is None:
             raise no_source_left(candidates[0].model if candidates else "?", failures)
         if opened.first is None:
-            raw = await opened.upstream.content.read(_MAX_REFUSAL_BYTES)
+            raw = await read_at_most(opened.upstream.content, _MAX_REFUSAL_BYTES)
             try:
                 message = error_text(json.loads(raw))
             except (UnicodeDecodeError, json.JSONDecodeError):
@@ -215,7 +215,7 @@ async def upstream_events(candidates: list[Candidate], path: str,
         if opened is None:
             raise no_source_left(candidates[0].model if candidates else "?", failures)
         if opened.first is None:
-            raw = await opened.upstream.content.read(_MAX_REFUSAL_BYTES)
+            raw = await read_at_most(opened.upstream.content, _MAX_REFUSAL_BYTES)
             try:
                 message = error_text(json.loads(raw))
             except (UnicodeDecodeError, json.JSONDecodeError):

@@ -27,6 +27,17 @@ _MAX_LISTING_BYTES = 4 << 20
 _MAX_MODELS = 10_000
 
 
+async def read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body up to its end, or its first `limit` + 1 bytes when it is longer (the caller can tell)."""
+    raw = bytearray()
+    while len(raw) <= limit:
+        chunk = await content.read(limit + 1 - len(raw))
+        if not chunk:
+            break
+        raw += chunk
+    return bytes(raw)
+
+
 class ExternalError(Exception):
     """An endpoint could not be reached or answered something unusable."""
 
@@ -177,7 +188,7 @@ class ExternalEndpoint:
             async with self.session().get(self.url(path), headers=self.headers(), timeout=timeout) as resp:
                 if resp.status != 200:
                     raise ExternalError(f"GET {path} answered {resp.status}")
-                raw = await resp.content.read(_MAX_LISTING_BYTES + 1)
+                raw = await read_at_most(resp.content, _MAX_LISTING_BYTES)
                 if len(raw) > _MAX_LISTING_BYTES:
                     raise ExternalError(f"GET {path} answered more than {_MAX_LISTING_BYTES} bytes")
         except (aiohttp.ClientError, TimeoutError) as exc:
