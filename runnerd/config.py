@@ -33,6 +33,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from backends.external import UpstreamSpec
 from runnerd.durations import parse_keep_alive
 from runnerd.engines import EngineRegistryError, engine_classes, engine_settings, settings_aliases
 
@@ -191,6 +192,29 @@ class ApiSettings(BaseModel):
                                             description="memory the stored responses may take")
 
 
+# The source name of the daemon's own engines in aliases.
+LOCAL_SOURCE = "local"
+
+
+class RoutingSettings(BaseModel):
+    """How a model is looked for among the local engines and the upstreams."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    local_first: bool = Field(default=True, description="local engines before every upstream; false = after")
+    discovery_interval: float = Field(default=30.0, ge=1, le=86400,
+                                      description="seconds between polls of the upstreams' model lists")
+
+
+class AliasTarget(BaseModel):
+    """One candidate of an alias: a source (an upstream's name, or "local") and the model there."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(min_length=1, max_length=63)
+    model: str = Field(min_length=1, max_length=300)
+
+
 def _env(name: str) -> Path | None:
     value = os.environ.get(name)
     return Path(value.split(":")[0]) if value else None
@@ -272,6 +296,32 @@ class Settings(BaseSettings):
     store: StoreSettings = Field(default_factory=StoreSettings)
     huggingface: HuggingFaceSettings = Field(default_factory=HuggingFaceSettings)
     apis: ApiSettings = Field(default_factory=ApiSettings)
+    upstreams: list[UpstreamSpec] = Field(default_factory=list, max_length=64,
+                                          description="external endpoints ([[upstreams]], README)")
+    aliases: dict[str, list[AliasTarget]] = Field(default_factory=dict,
+                                                  description="name -> ordered (source, model) candidates")
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+
+    @model_validator(mode="after")
+    def _sources(self) -> Settings:
+        """Upstream names are unique and not an engine's; aliases name known sources."""
+        names: set[str] = set()
+        for spec in self.upstreams:
+            if spec.name in names:
+                raise ValueError(f"upstreams: two upstreams are named {spec.name!r}")
+            if spec.name == LOCAL_SOURCE or spec.name in engine_classes():
+                raise ValueError(f"upstreams: {spec.name!r} is reserved (the local engines' or an engine's name)")
+            names.add(spec.name)
+        for alias, targets in self.aliases.items():
+            if not alias or len(alias) > 300:
+                raise ValueError(f"aliases: {alias!r} is not a model name")
+            if not targets:
+                raise ValueError(f"aliases.{alias}: give at least one {{source, model}} candidate")
+            for target in targets:
+                if target.source != LOCAL_SOURCE and target.source not in names:
+                    raise ValueError(f"aliases.{alias}: unknown source {target.source!r} (known: "
+                                     f"{', '.join([LOCAL_SOURCE, *sorted(names)])})")
+        return self
 
     @classmethod
     def settings_customise_sources(

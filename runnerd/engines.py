@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 
 from backends.base import Backend, EngineContext, GpuProvider, HostGpu, ModelFormat, NoOptions
+from backends.external import ExternalEndpoint, ExternalError
 from backends.manifest import Format, ManifestError, backend_class, format_of, parse_manifest
 from runnerd.atomic import write_atomically
 
@@ -199,3 +200,23 @@ def engine_context(settings: Settings, gpus: GpuProvider = host_gpus) -> EngineC
 
     return EngineContext(cache_dir=settings.cache_dir, default_context_size=settings.default_context_size,
                          stop_grace=settings.stop_grace, gpu_count=gpu_count(), gpus=gpus)
+
+
+# --- upstreams: external endpoints runnerd does not start ------------------------------------
+
+# Sent with every request to an upstream. A runnerd receiving it serves and lists its own models only, so
+# two daemons that are each other's upstreams neither pass a request back and forth nor list each other's
+# lists.
+VIA_UPSTREAM_HEADER = "X-Runnerd-Upstream"
+
+
+def upstream_endpoints(settings: Settings) -> dict[str, ExternalEndpoint]:
+    """Blocking (reads token files): an endpoint per `[[upstreams]]` table, in priority order (ties
+    keep the file's order). EngineRegistryError names an unusable one."""
+    endpoints: dict[str, ExternalEndpoint] = {}
+    for spec in sorted(settings.upstreams, key=lambda s: s.priority):
+        try:
+            endpoints[spec.name] = ExternalEndpoint.from_spec(spec, {VIA_UPSTREAM_HEADER: "1"})
+        except ExternalError as exc:
+            raise EngineRegistryError(f"upstream {spec.name}: {exc}") from exc
+    return endpoints

@@ -30,15 +30,16 @@ from runnerd.api.auth import KEYRING, LIMITER, auth_middleware
 from runnerd.api.context import DAEMON, Daemon
 from runnerd.api.errors import error_middleware
 from runnerd.audit import AUDIT, AuditLog
-from runnerd.config import Settings, parse_listen
+from runnerd.config import ConfigError, Settings, parse_listen
 from runnerd.configs import ConfigStore
 from runnerd.durations import parse_keep_alive
-from runnerd.engines import as_host_gpus, default_backends
+from runnerd.engines import EngineRegistryError, as_host_gpus, default_backends, upstream_endpoints
 from runnerd.limits import Limiter
 from runnerd.metrics import LoopLagMonitor, Metrics, RunnerWatcher
 from runnerd.pidfiles import clean_up_previous_runners
 from runnerd.sampler import HostSampler
 from runnerd.scheduler import RunnerState, Scheduler, SchedulerLimits
+from runnerd.sources import Sources
 from runnerd.store import ModelNotFound, ModelStore
 from runnerd.systemd import Notifier, SocketActivationError, listen_fds
 from runnerd.tcp_door import (
@@ -137,8 +138,12 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     configs = ConfigStore(settings.data_dir, resolve_model=lambda name: _model_ref(store, name))
     app[LIMITER] = Limiter()
     audit = app[AUDIT] = AuditLog(settings.audit_path, settings.audit.max_bytes, settings.audit.backups)
+    try:
+        sources = Sources(upstream_endpoints(settings), settings.aliases, settings.routing)
+    except EngineRegistryError as exc:
+        raise ConfigError(f"invalid settings: {exc}") from exc
     app[DAEMON] = Daemon(settings=settings, store=store, scheduler=scheduler,
-                         backends=backends, configs=configs, metrics=metrics)
+                         backends=backends, configs=configs, metrics=metrics, sources=sources)
     app.router.add_get("/", root)
     app.router.add_get("/version", version)
     app.router.add_get("/health", health)
@@ -162,6 +167,7 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
         loop_lag.start()
         await sampler.start()  # the first reading is taken before any request is served
         await scheduling.start()
+        sources.start()  # upstreams: discovery only; runnerd never starts, loads or unloads them
 
     async def stop_runners(app: web.Application) -> None:
         await scheduling.stop()  # every runner stopped, every background task of the scheduler done
@@ -169,6 +175,9 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     async def stop_sampling(app: web.Application) -> None:
         await sampler.stop()
         await loop_lag.stop()
+
+    async def stop_upstreams(app: web.Application) -> None:
+        await sources.close()
 
     async def stop_imports(app: web.Application) -> None:
         await asyncio.to_thread(store.close)  # a cancelled import stops at its next file or chunk
@@ -182,6 +191,7 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     app.on_cleanup.append(stop_sampling)
     app.on_cleanup.append(stop_imports)
     app.on_cleanup.append(stop_audit)
+    app.on_cleanup.append(stop_upstreams)
     # [node] labels_file: the node's labels for Kubernetes (NFD), from the sampler's readings.
     node_labels.keep_labels_file(app, settings.node, backends, sampler)
     return app

@@ -16,6 +16,7 @@ from runnerd.configs import ConfigStore
 from runnerd.jobs import JobManager
 from runnerd.metrics import Metrics
 from runnerd.scheduler import Scheduler
+from runnerd.sources import Sources
 from runnerd.store import ModelStore
 
 
@@ -29,6 +30,7 @@ class Daemon:
     started_at: float = field(default_factory=time.time)
     jobs: JobManager = field(default_factory=JobManager)
     metrics: Metrics = field(default_factory=Metrics)
+    sources: Sources = field(default_factory=Sources.none)
 
     def backend(self, name: str) -> Backend:
         try:

@@ -12,6 +12,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from backends.base import Backend, BackendConfiguration, BackendError, Capability, Mode, RunnerError
+from runnerd import failover
 from runnerd.api import scopes
 from runnerd.api.body import read_json_body as read_json_body  # re-exported: routes import it from here
 from runnerd.api.context import Daemon, daemon
@@ -20,6 +21,7 @@ from runnerd.configs import effective_configuration
 from runnerd.durations import parse_keep_alive
 from runnerd.proxy import forward, runner_error
 from runnerd.scheduler import UNSET, Lease, RunnerKey, SchedulingError, Unset
+from runnerd.sources import from_upstream
 from runnerd.store import ModelEntry, StoreError
 
 
@@ -60,6 +62,14 @@ def find_model(d: Daemon, name: str) -> ModelEntry:
         return d.store.get(name)
     except StoreError as exc:
         raise ApiError(exc.status, str(exc), code="model_not_found", param="model") from exc
+
+
+def stored(d: Daemon, name: str) -> bool:
+    try:
+        d.store.get(name)
+    except StoreError:
+        return False
+    return True
 
 
 def choose_backend(d: Daemon, explicit: str | None, model: ModelEntry) -> Backend:
@@ -137,6 +147,22 @@ async def inference(kind: RequestKind, request: web.Request) -> web.StreamRespon
     if explicit is not None:
         d.backend(explicit)  # 404 for an unknown backend before anything else
     payload = await read_json_body(request)
+    name = requested_model(payload)
+    # A preload only loads a local model: runnerd never tells an upstream to load anything.
+    preload = request.headers.get("X-Preload-Only", "").lower() == "true"
+    # A model outside the caller's patterns takes the local way, which answers as for a missing model.
+    if explicit is None and d.sources.active and not from_upstream(request) and not preload and scopes.may_use(name):
+        candidates = d.sources.candidates(name, local_has=stored(d, name))
+        if candidates and (len(candidates) > 1 or candidates[0].endpoint is not None or candidates[0].model != name):
+            needed = required_capabilities(kind, payload)
+            return await failover.serve(request, candidates, kind.upstream_path, payload, needed,
+                                        lambda model: _serve_locally(request, kind, {**payload, "model": model}, None))
+    return await _serve_locally(request, kind, payload, explicit, await request.read())
+
+
+async def _serve_locally(request: web.Request, kind: RequestKind, payload: dict[str, Any], explicit: str | None,
+                         raw: bytes | None = None) -> web.StreamResponse:
+    d = daemon(request)
     model = find_model(d, requested_model(payload))
     backend = choose_backend(d, explicit, model)
     check_capabilities(backend, required_capabilities(kind, payload), model)
@@ -146,7 +172,7 @@ async def inference(kind: RequestKind, request: web.Request) -> web.StreamRespon
     renamed = backend.checks_model_name and payload.get("model") != model.name
     if renamed:
         payload["model"] = model.name
-    body = json.dumps(payload).encode() if keep_alive is not UNSET or renamed else await request.read()
+    body = json.dumps(payload).encode() if keep_alive is not UNSET or renamed or raw is None else raw
     config = effective_configuration(model.config, d.configs.get(model.name, kind.mode))
     check_request(backend, model, config, payload)
     preload = request.headers.get("X-Preload-Only", "").lower() == "true"
@@ -172,14 +198,38 @@ def _served_by(d: Daemon, request: web.Request) -> list[ModelEntry]:
     return [m for m in models if m.format in backend.model_formats]
 
 
+def other_models(d: Daemon) -> dict[str, str]:
+    """The upstreams' models and the aliases that no stored model already names -> where each comes from
+    (the first upstream by priority hosting it, or "alias")."""
+    named = [*d.sources.external_models().items(), *((a, "alias") for a in d.sources.aliases)]
+    listed: dict[str, str] = {}
+    for name, source in named:
+        if name not in listed and not stored(d, name) and scopes.may_use(name):
+            listed[name] = source
+    return listed
+
+
+def _other_sources(d: Daemon, request: web.Request) -> list[dict[str, Any]]:
+    if request.match_info.get("backend") is not None or from_upstream(request):
+        return []  # a backend's own listing, or one for another daemon: the local models only
+    return [{"id": name, "object": "model", "created": 0, "owned_by": source}
+            for name, source in other_models(d).items()]
+
+
 async def list_models(request: web.Request) -> web.Response:
-    models = _served_by(daemon(request), request)
-    return web.json_response({"object": "list", "data": [openai_model(m) for m in models]})
+    d = daemon(request)
+    models = _served_by(d, request)
+    return web.json_response({"object": "list",
+                              "data": [*(openai_model(m) for m in models), *_other_sources(d, request)]})
 
 
 async def get_model(request: web.Request) -> web.Response:
     d = daemon(request)
     name = request.match_info["name"]
+    if not stored(d, name):
+        for entry in _other_sources(d, request):
+            if entry["id"] == name:
+                return web.json_response(entry)
     for model in _served_by(d, request):
         if model.name == find_model(d, name).name:
             return web.json_response(openai_model(model))
@@ -190,7 +240,14 @@ async def engines_status(request: web.Request) -> web.Response:
     d = daemon(request)
     # status() may run the engine's --version once; keep it off the event loop.
     statuses = await asyncio.gather(*(asyncio.to_thread(b.status) for b in d.backends.values()))
-    return web.json_response({name: status.text for name, status in zip(d.backends, statuses, strict=True)})
+    engines: dict[str, Any] = {name: status.text for name, status in zip(d.backends, statuses, strict=True)}
+    if request.query.get("upstreams") in ("1", "true"):
+        return web.json_response({"engines": engines, "upstreams": d.sources.status()})
+    for name, upstream in d.sources.status().items():
+        state = "Running" if upstream["healthy"] else f"Error: {upstream['error']}"
+        engines[name] = f"{state} (upstream {upstream['kind']} at {upstream['base_url']}, " \
+                        f"{len(upstream['models'])} models)"
+    return web.json_response(engines)
 
 
 async def engines_ps(request: web.Request) -> web.Response:

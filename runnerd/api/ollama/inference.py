@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -31,6 +31,7 @@ from runnerd.api.errors import ApiError
 from runnerd.api.fit import refuse_unfit
 from runnerd.api.ollama import translate as tr
 from runnerd.api.ollama.common import ModelRequest, lookup_model, ndjson_line, read_body, start_ndjson
+from runnerd.api.ollama.upstream import UpstreamJob, upstream_job
 from runnerd.configs import StoredConfiguration, effective_configuration
 from runnerd.durations import parse_keep_alive
 from runnerd.metrics import REQUEST_MODEL
@@ -151,6 +152,26 @@ class Job:
         self.backend = backend
         self.lease = lease
         self.clock = clock
+        self.name = model.name
+        self.dialect = backend.sampling_dialect
+
+    async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return await call_engine(self.lease.runner, path, body)
+
+    def events(self, path: str, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        return engine_events(self.lease.runner, path, body)
+
+    def release(self) -> None:
+        self.lease.release()
+
+
+async def _job(request: web.Request, name: str, needed: list[Capability], options: tr.OllamaOptions | None,
+               keep_alive: KeepAliveValue) -> Job | UpstreamJob:
+    """Where a chat or generate goes: the upstreams hosting the model, or a leased local runner."""
+    remote = upstream_job(request, name, needed)
+    if remote is not None:
+        return remote
+    return await _lease(request, name, Mode.COMPLETION, needed, options, keep_alive)
 
 
 async def _lease(request: web.Request, name: str, mode: Mode, needed: list[Capability],
@@ -178,8 +199,8 @@ async def _lease(request: web.Request, name: str, mode: Mode, needed: list[Capab
 # ---------------------------------------------------------------- chat and generate
 
 
-def _openai_body(req: _Inference, job: Job) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": job.model.name, **tr.sampling_fields(req.options, job.backend.sampling_dialect)}
+def _openai_body(req: _Inference, job: Job | UpstreamJob) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": job.name, **tr.sampling_fields(req.options, job.dialect)}
     fmt = _translated(tr.response_format, req.format)
     if fmt is not None:
         body["response_format"] = fmt
@@ -201,15 +222,15 @@ async def _load_only(request: web.Request, req: _Inference, *, chat: bool) -> we
     return web.json_response(tr.load_answer(model.name, chat=chat, unloaded=False))
 
 
-async def _answer(request: web.Request, job: Job, path: str, body: dict[str, Any], stream: bool,
+async def _answer(request: web.Request, job: Job | UpstreamJob, path: str, body: dict[str, Any], stream: bool,
                   part: Any, final: Any) -> web.StreamResponse:
     """Run one chat/generate on the leased runner and answer as one object or as NDJSON parts."""
-    name = job.model.name
+    name = job.name
     if not stream:
-        turn = tr.turn_from_completion(await call_engine(job.lease.runner, path, body))
+        turn = tr.turn_from_completion(await job.call(path, body))
         return web.json_response(final(name, turn, job.clock, streamed=False))
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}  # usage carries the timings
-    async with contextlib.aclosing(engine_events(job.lease.runner, path, body)) as chunks:
+    async with contextlib.aclosing(job.events(path, body)) as chunks:
         first = await anext(chunks, None)  # an engine refusal still gets a real status line
         response = await start_ndjson(request)
         turn = tr.Turn()
@@ -245,14 +266,14 @@ async def chat(request: web.Request) -> web.StreamResponse:
     needed = [Capability.CHAT] + ([Capability.STREAMING] if req.stream else []) + \
         ([Capability.TOOLS] if req.tools else [])
     messages = _translated(tr.openai_messages, req.messages)
-    job = await _lease(request, req.model, Mode.COMPLETION, needed, req.options, req.keep_alive)
+    job = await _job(request, req.model, needed, req.options, req.keep_alive)
     try:
         body = {**_openai_body(req, job), "messages": messages}
         if req.tools:
             body["tools"] = req.tools
         return await _answer(request, job, "/v1/chat/completions", body, req.stream, tr.chat_part, tr.chat_final)
     finally:
-        job.lease.release()
+        job.release()
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
@@ -275,12 +296,12 @@ async def generate(request: web.Request) -> web.StreamResponse:
         messages.append(tr.OllamaMessage(role="user", content=req.prompt, images=req.images))
         extra = {"messages": _translated(tr.openai_messages, messages)}
     needed = [kind] + ([Capability.STREAMING] if req.stream else [])
-    job = await _lease(request, req.model, Mode.COMPLETION, needed, req.options, req.keep_alive)
+    job = await _job(request, req.model, needed, req.options, req.keep_alive)
     try:
         body = {**_openai_body(req, job), **extra}
         return await _answer(request, job, path, body, req.stream, tr.generate_part, tr.generate_final)
     finally:
-        job.lease.release()
+        job.release()
 
 
 # ---------------------------------------------------------------- embeddings

@@ -17,13 +17,14 @@ from backends.formats.gguf_summary import summarize
 from runnerd import __version__
 from runnerd.api import scopes
 from runnerd.api.context import Daemon, daemon, over_unix_socket
-from runnerd.api.engines import choose_backend
+from runnerd.api.engines import choose_backend, other_models
 from runnerd.api.errors import ApiError
 from runnerd.api.ollama import translate as tr
 from runnerd.api.ollama.common import ModelRequest, lookup_model, ndjson_line, read_body, start_ndjson
 from runnerd.api.pulling import RequestPull
 from runnerd.configs import effective_configuration
 from runnerd.scheduler import RunnerKey
+from runnerd.sources import from_upstream
 from runnerd.store import ModelEntry, PullProgress, StoreError
 
 
@@ -85,7 +86,13 @@ def _listed(model: ModelEntry, summary: Any) -> dict[str, Any]:
 async def tags(request: web.Request) -> web.Response:
     models = scopes.visible(daemon(request).store.list(), lambda m: m.name)
     facts = await asyncio.gather(*(asyncio.to_thread(_header_facts, m) for m in models))
-    return web.json_response({"models": [_listed(m, f[0]) for m, f in zip(models, facts, strict=True)]})
+    listed = [_listed(m, f[0]) for m, f in zip(models, facts, strict=True)]
+    # The upstreams' models and the aliases: names only, their files are elsewhere.
+    listed += [{"name": name, "model": name, "modified_at": None, "size": 0, "digest": "",
+                "details": {"parent_model": "", "format": "", "family": "", "families": None, "parameter_size": "",
+                            "quantization_level": ""}}
+               for name in ([] if from_upstream(request) else other_models(daemon(request)))]
+    return web.json_response({"models": listed})
 
 
 async def ps(request: web.Request) -> web.Response:
