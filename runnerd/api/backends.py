@@ -8,12 +8,12 @@ import os
 import socket
 import struct
 from collections.abc import MutableMapping
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from backends.base import Backend, BackendState, ProgressCallback
+from backends.base import Backend, BackendConfiguration, BackendState, InstallError, Mode, ProgressCallback
 from backends.manifest import ManifestBackend, ManifestError
 from backends.manifest.source import MAX_MANIFEST_BYTES
 from runnerd.api.context import Daemon, daemon, over_unix_socket
@@ -21,6 +21,7 @@ from runnerd.api.engines import read_json_body
 from runnerd.api.errors import ApiError, parse_body
 from runnerd.api.jobs import job_json, stream_job, wants_stream
 from runnerd.engines import BUILTIN, ManifestConflict, as_host_gpus, define_engine, engine_context, forget_engine
+from runnerd.jobs import Job
 from runnerd.scheduler import RunnerState
 
 INSTALL = "install-backend"
@@ -37,6 +38,20 @@ class UninstallBackendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backend: str = Field(min_length=1, max_length=64)
+    version: str | None = Field(default=None, min_length=1, max_length=64,
+                                description="remove this installed version only (an engine that keeps several)")
+    force: bool = Field(default=False, description="with version: stop the runners using it first")
+
+
+@runtime_checkable
+class VersionedBackend(Protocol):
+    """An engine that keeps several versions installed side by side (the built-in llama.cpp)."""
+
+    def installed_versions(self) -> list[str]: ...
+    async def install_version(self, version: str, progress: ProgressCallback | None = None) -> None: ...
+    async def uninstall_version(self, version: str) -> None: ...
+    def pins_version(self, config: BackendConfiguration, version: str) -> bool: ...
+    def runners_on(self, version: str) -> list[tuple[str, Mode]]: ...
 
 
 class BackendView(BaseModel):
@@ -81,7 +96,7 @@ async def list_backends(request: web.Request) -> web.Response:
 
 def _check_version(backend: Backend, wanted: str | None) -> None:
     available = backend.installable_version
-    if wanted is not None and wanted != available:
+    if wanted is not None and wanted != available and not isinstance(backend, VersionedBackend):
         offer = f"only version {available}" if available else "no choice of version"
         raise ApiError(400, f"{backend.name} offers {offer}; asked for {wanted}", code="version_not_available",
                        param="version")
@@ -94,6 +109,39 @@ async def install_backend(request: web.Request) -> web.StreamResponse:
     spec = parse_body(InstallBackendRequest, await read_json_body(request), "install request")
     backend = d.backend(spec.backend)
     _check_version(backend, spec.version)
+    if spec.version is not None and isinstance(backend, VersionedBackend):
+        job = await _install_version(d, backend, spec.version)
+    else:
+        job = await _install_default(d, backend)
+    status_code = 200 if job.done else 202
+    if wants_stream(request):
+        return await stream_job(request, job, status_code)
+    return web.json_response(job_json(job), status=status_code, headers={"Location": job.status_url})
+
+
+async def _install_version(d: Daemon, backend: VersionedBackend, version: str) -> Job:
+    """One job per (engine, version); the versions already built stay as they are."""
+    name = getattr(backend, "name", "")
+    target = f"{name}@{version}"
+    key = f"{INSTALL}:{target}"
+    job = d.jobs.active(key)
+    if job is not None:
+        return job
+    if version in await asyncio.to_thread(backend.installed_versions):
+        return d.jobs.finished(INSTALL, target, f"already installed: {target}")
+
+    async def work(progress: ProgressCallback) -> str:
+        try:
+            await backend.install_version(version, progress)
+        except InstallError as exc:
+            raise InstallError(f"{target}: {exc}") from exc
+        return f"installed {target}"
+
+    job, _ = d.jobs.start(INSTALL, target, work, key=key)
+    return job
+
+
+async def _install_default(d: Daemon, backend: Backend) -> Job:
     key = f"{INSTALL}:{backend.name}"
     job = d.jobs.active(key)
     if job is None:
@@ -106,16 +154,15 @@ async def install_backend(request: web.Request) -> web.StreamResponse:
                 return (await asyncio.to_thread(backend.status)).text
 
             job, _ = d.jobs.start(INSTALL, backend.name, work, key=key)
-    status_code = 200 if job.done else 202
-    if wants_stream(request):
-        return await stream_job(request, job, status_code)
-    return web.json_response(job_json(job), status=status_code, headers={"Location": job.status_url})
+    return job
 
 
 async def uninstall_backend(request: web.Request) -> web.Response:
     d = daemon(request)
     spec = parse_body(UninstallBackendRequest, await read_json_body(request), "uninstall request")
     backend = d.backend(spec.backend)
+    if spec.version is not None:
+        return await _uninstall_version(d, backend, spec.version, spec.force)
     users = [r for r in d.scheduler.ps() if r.backend == backend.name and r.state is not RunnerState.EXITED]
     if users:
         names = ", ".join(sorted({f"{r.model} ({r.mode})" for r in users}))
@@ -127,6 +174,35 @@ async def uninstall_backend(request: web.Request) -> web.Response:
     await backend.uninstall()
     status = await asyncio.to_thread(backend.status)
     return web.json_response({"backend": backend.name, "status": status.text})
+
+
+async def _uninstall_version(d: Daemon, backend: Backend, version: str, force: bool) -> web.Response:
+    """Remove one installed version: 409 naming the models whose stored configuration pins it or whose
+    runner runs it, unless forced (then those runners are stopped first; the configurations stay, and
+    their runners fail to start until the version is installed again)."""
+    if not isinstance(backend, VersionedBackend):
+        raise ApiError(400, f"{backend.name} keeps a single version: uninstall it without one", code="unversioned",
+                       param="version")
+    installed = await asyncio.to_thread(backend.installed_versions)
+    if version not in installed:
+        raise ApiError(404, f"{backend.name} {version} is not installed (installed: {', '.join(installed) or 'none'})",
+                       code="version_not_installed", param="version")
+    if (job := d.jobs.active(f"{INSTALL}:{backend.name}@{version}")) is not None:
+        raise ApiError(409, f"{backend.name} {version} is being installed (job {job.id}); cancel that job first",
+                       code="backend_installing")
+    configured = sorted({f"{c.model} ({c.mode})" for c in await asyncio.to_thread(d.configs.list)
+                         if c.backend == backend.name and backend.pins_version(c.config, version)})
+    running = backend.runners_on(version)
+    if (configured or running) and not force:
+        parts = ([f"pinned by {', '.join(configured)}"] if configured else []) + \
+                ([f"running {', '.join(f'{m} ({mode})' for m, mode in running)}"] if running else [])
+        raise ApiError(409, f"{backend.name} {version} is in use: {'; '.join(parts)}; re-pin or unload them, or "
+                            "uninstall with force", code="version_in_use")
+    stopped = await d.scheduler.unload(backend=backend.name, models=sorted({m for m, _ in running})) if running else []
+    await backend.uninstall_version(version)
+    return web.json_response({"backend": backend.name, "version": version, "unloaded": len(stopped),
+                              "configured": configured,
+                              "versions": await asyncio.to_thread(backend.installed_versions)})
 
 
 # --- engines defined by a manifest ----------------------------------------------------------------

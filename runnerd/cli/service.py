@@ -32,8 +32,21 @@ def _size(n: int | None) -> str:
 
 async def _backends_ls(client: DaemonClient, args: argparse.Namespace) -> Any:
     backends = await client.request("GET", "/engines/backends")
-    rows = [[b["name"], b["status"], _size(b["disk_usage"]), ",".join(b["capabilities"])] for b in backends]
-    return backends, lambda: table(rows, ["BACKEND", "STATUS", "DISK", "CAPABILITIES"])
+    rows = [[b["name"], b["status"], ",".join(b.get("versions") or []) or "-", _size(b["disk_usage"]),
+             ",".join(b["capabilities"])] for b in backends]
+    return backends, lambda: table(rows, ["BACKEND", "STATUS", "VERSIONS", "DISK", "CAPABILITIES"])
+
+
+def split_version(spec: str, version: str | None = None) -> tuple[str, str | None]:
+    """`llama.cpp@0.3.30` -> ("llama.cpp", "0.3.30"); a --version given as well must agree."""
+    name, at, pinned = spec.partition("@")
+    if not at:
+        return spec, version
+    if not name or not pinned:
+        raise ClientError(f"{spec!r}: write ENGINE@VERSION, e.g. llama.cpp@0.3.30")
+    if version is not None and version != pinned:
+        raise ClientError(f"{spec!r} and --version {version} name two versions")
+    return name, pinned
 
 
 async def follow_job(client: DaemonClient, job: dict[str, Any], show_progress: bool) -> dict[str, Any]:
@@ -51,9 +64,10 @@ async def follow_job(client: DaemonClient, job: dict[str, Any], show_progress: b
 
 
 async def _backends_install(client: DaemonClient, args: argparse.Namespace) -> Any:
-    body: dict[str, Any] = {"backend": args.backend}
-    if args.version is not None:
-        body["version"] = args.version
+    name, version = split_version(args.backend, args.version)
+    body: dict[str, Any] = {"backend": name}
+    if version is not None:
+        body["version"] = version
     job = await client.request("POST", "/engines/install-backend", body)
     try:
         final = await follow_job(client, job, show_progress=not args.json and not args.quiet)
@@ -77,8 +91,15 @@ async def _backends_rm(client: DaemonClient, args: argparse.Namespace) -> Any:
         deleted = await client.request("DELETE", f"/engines/backends/{quote(args.backend, safe='')}{query}")
         note = f" (stopped {deleted['unloaded']} runner(s))" if deleted.get("unloaded") else ""
         return deleted, lambda: print(f"deleted {deleted['deleted']}{note}")
-    result = await client.request("POST", "/engines/uninstall-backend", {"backend": args.backend})
-    return result, lambda: print(f"{result['backend']}: {result['status']}")
+    name, version = split_version(args.backend)
+    if version is None:
+        result = await client.request("POST", "/engines/uninstall-backend", {"backend": name})
+        return result, lambda: print(f"{result['backend']}: {result['status']}")
+    result = await client.request("POST", "/engines/uninstall-backend",
+                                  {"backend": name, "version": version, "force": bool(args.force)})
+    note = f" (stopped {result['unloaded']} runner(s))" if result.get("unloaded") else ""
+    left = ", ".join(result["versions"]) or "none"
+    return result, lambda: print(f"removed {name} {version}{note}; installed: {left}")
 
 
 async def _backends_add(client: DaemonClient, args: argparse.Namespace) -> Any:
@@ -196,14 +217,15 @@ def add_parsers(sub: Any, client: Callable[..., argparse.ArgumentParser]) -> Non
     add.add_argument("file")
     install = client("install", "backends.install", "install a backend, with a progress bar (Ctrl-C stops "
                      "watching; the install goes on)", bsub)
-    install.add_argument("backend")
+    install.add_argument("backend", help="an engine, or ENGINE@VERSION (llama.cpp@0.3.30: a llama-cpp-python release "
+                         "whose llama-server is built beside the others)")
     install.add_argument("--version", help="the version to install (the backend's pinned one by default)")
     install.add_argument("--quiet", action="store_true", help="no progress bar")
     rm = client("rm", "backends.rm", "remove an installed backend, or delete an engine defined by a manifest "
                 "(refused while runners or stored configurations use it)", bsub)
-    rm.add_argument("backend")
-    rm.add_argument("--force", action="store_true", help="delete a manifest engine even while in use (stops its "
-                    "runners)")
+    rm.add_argument("backend", help="an engine, ENGINE@VERSION for one installed version, or a manifest engine")
+    rm.add_argument("--force", action="store_true", help="delete a manifest engine or remove a version even while "
+                    "in use (stops its runners)")
     node = client("node", "node", "show this host's inventory: CPU, memory, GPUs, runners")
     node.add_argument("--labels", action="store_true",
                       help="print the node's Kubernetes labels instead, as a Node Feature Discovery feature file")
