@@ -200,6 +200,14 @@ class LlamaCppBackend(Backend):
     def version_binary(self, version: str) -> Path:
         return cached_binary(self.cache_dir, build_key(check_source_version(version), cmake_options(self.cuda)))
 
+    def version_problem(self, version: str) -> str | None:
+        """Why `version` cannot name a build (None: it can; whether PyPI has that release, the build finds out)."""
+        try:
+            check_source_version(version)
+        except InstallError as exc:
+            return str(exc)
+        return None
+
     async def install_version(self, version: str, progress: ProgressCallback | None = None) -> None:
         """Build llama-server from `version`'s sdist beside the builds already there (none is replaced)."""
         check_source_version(version)

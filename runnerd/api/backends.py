@@ -48,6 +48,7 @@ class VersionedBackend(Protocol):
     """An engine that keeps several versions installed side by side (the built-in llama.cpp)."""
 
     def installed_versions(self) -> list[str]: ...
+    def version_problem(self, version: str) -> str | None: ...
     async def install_version(self, version: str, progress: ProgressCallback | None = None) -> None: ...
     async def uninstall_version(self, version: str) -> None: ...
     def pins_version(self, config: BackendConfiguration, version: str) -> bool: ...
@@ -109,7 +110,10 @@ async def install_backend(request: web.Request) -> web.StreamResponse:
     spec = parse_body(InstallBackendRequest, await read_json_body(request), "install request")
     backend = d.backend(spec.backend)
     _check_version(backend, spec.version)
-    if spec.version is not None and isinstance(backend, VersionedBackend):
+    # The default version is the default install, and shares its job.
+    if spec.version not in (None, backend.installable_version) and isinstance(backend, VersionedBackend):
+        if (problem := backend.version_problem(spec.version)) is not None:
+            raise ApiError(400, problem, code="version_not_available", param="version")
         job = await _install_version(d, backend, spec.version)
     else:
         job = await _install_default(d, backend)
