@@ -44,6 +44,7 @@ from backends.llamacpp.flags import LLAMACPP_FLAGS, version_flags
 from backends.llamacpp.help import help_options
 from backends.llamacpp.host_limits import HostLimits, check_host_flags, slots_problem
 from backends.llamacpp.install import (
+    BASE_CMAKE_OPTIONS,
     SOURCE_VERSION,
     build_key,
     build_llama_server,
@@ -199,6 +200,15 @@ class LlamaCppBackend(Backend):
 
     def version_binary(self, version: str) -> Path:
         return cached_binary(self.cache_dir, build_key(check_source_version(version), cmake_options(self.cuda)))
+
+    def build_problem(self, options: Sequence[str]) -> str | None:
+        """Why a catalog build with these CMake options (on top of the base ones) would not serve here (None:
+        it would). Builds are found by this backend's own options, so one made with others would never run."""
+        wanted = set(cmake_options(self.cuda))
+        if {*BASE_CMAKE_OPTIONS, *options} != wanted:
+            own = " ".join(sorted(wanted - set(BASE_CMAKE_OPTIONS)))
+            return f"this daemon builds llama.cpp with {own}; the recipe's options {list(options)} differ"
+        return None
 
     def version_problem(self, version: str) -> str | None:
         """Why `version` cannot name a build (None: it can; whether PyPI has that release, the build finds out)."""
