@@ -22,13 +22,16 @@ from pathlib import Path
 import psutil
 import pytest
 
+from backends.base import InstallError
 from backends.llamacpp import LlamaCppBackend
 from backends.llamacpp.install import (
     SOURCE_VERSION,
     build_key,
     build_llama_server,
+    check_source_version,
     cmake_options,
     installed_builds,
+    remove_build,
 )
 from runnerd.config import load_settings
 from tests.conftest import Daemon
@@ -54,7 +57,7 @@ def other_build() -> tuple[str, Path]:
     if not builds:
         version = _makefile_old_version()
         builds[version] = asyncio.run(build_llama_server(cache, cuda=False, source_version=version))
-    version = sorted(builds)[-1]
+    version = max(builds, key=lambda v: tuple(int(p) for p in v.split(".")))
     return version, builds[version]
 
 
@@ -188,3 +191,24 @@ def test_each_versions_allowlist_is_its_own_builds_options(llama_server, other_b
         tables[version] = backend.build_flags(binary).allowed_spellings
         assert tables[version] and tables[version] <= spellings, sorted(tables[version] - spellings)
     assert set(tables) == {SOURCE_VERSION, other_build[0]}
+
+
+def test_cached_builds_are_listed_by_release_for_these_options_only(tmp_path):
+    def build(name: str, binary: bool = True) -> None:
+        (tmp_path / "llama.cpp" / name / "bin").mkdir(parents=True)
+        if binary:
+            (tmp_path / "llama.cpp" / name / "bin" / "llama-server").write_text("")
+
+    build(build_key("0.3.36", CPU))
+    build(build_key("0.3.9", CPU))
+    build(build_key("0.3.30", cmake_options(cuda=True)))  # another flavour: not this backend's
+    build(build_key("0.3.28", CPU), binary=False)  # a tree without its binary is not installed
+    build(f".build-{build_key('0.3.31', CPU)}-x")  # a build under way
+    build("evil;x" + build_key("", CPU))
+    assert list(installed_builds(tmp_path, CPU)) == ["0.3.9", "0.3.36"]
+    remove_build(tmp_path, "0.3.9", CPU)
+    assert list(installed_builds(tmp_path, CPU)) == ["0.3.36"]
+    assert not any(p.name.startswith(".removing") for p in (tmp_path / "llama.cpp").iterdir())
+    for bad in ("0.3.30 --index-url=http://x", "../0.3", "0.3.30; rm", "latest", "1"):
+        with pytest.raises(InstallError, match="release number"):
+            check_source_version(bad)
