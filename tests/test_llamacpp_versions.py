@@ -68,14 +68,16 @@ def _link_build(cache: Path, version: str, binary: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_builds_daemon(llama_server: Path, other_build: tuple[str, Path], tmp_path_factory: pytest.TempPathFactory
-                      ) -> Iterator[tuple[Daemon, str]]:
+def two_builds_daemon(llama_server: Path, other_build: tuple[str, Path], smollm2_model: Path,
+                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, str]]:
+    """`old` is SmolLM2 (the older build's server refuses, with a 500, the random bytes a tiny model writes),
+    `new` the tiny model."""
     models = tmp_path_factory.mktemp("versions")
     root = Path(tempfile.mkdtemp(prefix="rd-", dir="/tmp"))
     _link_build(root / "cache", SOURCE_VERSION, llama_server)
     _link_build(root / "cache", other_build[0], other_build[1])
     d = Daemon(root, llama_server, {"new": write_tiny_llama(models / "new.gguf"),
-                                    "old": write_tiny_llama(models / "old.gguf")},
+                                    "old": smollm2_model},
                {"RUNNERD_LLAMACPP__CUDA": "off"}, [])
     yield d, other_build[0]
     d.stop()
@@ -111,6 +113,7 @@ def test_two_versions_answer_at_once_and_a_pinned_one_is_not_removed(two_builds_
     def chat(model: str) -> str:
         answer = d.openai().chat.completions.create(model=model, max_tokens=4,
                                                     messages=[{"role": "user", "content": "hi"}])
+        assert answer.choices[0].message.content
         return answer.model.split(":")[0]
 
     for _ in range(2):
