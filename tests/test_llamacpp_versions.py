@@ -193,6 +193,8 @@ def test_each_versions_allowlist_is_its_own_builds_options(llama_server, other_b
         spellings = _engine_spellings(binary)
         tables[version] = backend.build_flags(binary).allowed_spellings
         assert tables[version] and tables[version] <= spellings, sorted(tables[version] - spellings)
+        # Whatever a build calls them (the older one has --hf-repo-v <user>/<model>), fetch flags stay refused.
+        assert not {s for s in tables[version] if "hf" in s.split("-")}, version
     assert set(tables) == {SOURCE_VERSION, other_build[0]}
 
 
