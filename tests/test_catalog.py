@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from backends.catalog import CatalogError, Variant, host_variants, parse_catalog, resolve, shipped_catalog
@@ -156,6 +157,13 @@ engines:
       "2.0":
         variants:
           cpu: {kind: pip, packages: ["six==1.17.0"], check_module: six}
+  - name: llama-cpp-python
+    description: llama-cpp-python's server on the llama.cpp libraries of runnerd's own build (no compile)
+    versions:
+      "0.3.36":
+        variants:
+          cpu: {kind: pip, packages: ["llama-cpp-python[server]==0.3.36"],
+                build_environment: {CMAKE_ARGS: "-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"}}
   - name: gpuonly
     versions:
       "1.0":
@@ -170,14 +178,14 @@ engines:
 
 
 @pytest.fixture(scope="module")
-def catalog_daemon(llama_server: Path) -> Iterator[Daemon]:
+def catalog_daemon(llama_server: Path, smollm2_model: Path) -> Iterator[Daemon]:
     root = Path(tempfile.mkdtemp(prefix="rd-", dir="/tmp"))
     (root / "catalog.yaml").write_text(OPERATOR)
     # The pinned build, as this daemon's cache holds it (a symlink to the shared build).
     entry = root / "cache" / "llama.cpp" / build_key(SOURCE_VERSION, cmake_options(False))
     entry.mkdir(parents=True)
     (entry / "bin").symlink_to(llama_server.resolve().parent, target_is_directory=True)
-    d = Daemon(root, llama_server, {}, {"RUNNERD_CATALOG_FILE": str(root / "catalog.yaml"),
+    d = Daemon(root, llama_server, {"smol": smollm2_model}, {"RUNNERD_CATALOG_FILE": str(root / "catalog.yaml"),
                                         "RUNNERD_LLAMACPP__CUDA": "off"}, [])
     yield d
     d.stop()
@@ -274,3 +282,50 @@ memory: {{kind: unknown}}
     assert not env_python.exists()
     items = _items(d)
     assert not items[("tinypip", "1.0")]["installed"] and not items[("tinypip", "2.0")]["installed"]
+
+
+def test_a_second_engine_from_pypi_runs_from_a_manifest(catalog_daemon, llama_server):
+    """llama-cpp-python's server, installed by the catalog into a private environment and defined by a
+    manifest: TCP only, no /health (readiness on /v1/models), no embeddings in this manifest (501). The
+    operator's recipe skips compiling llama.cpp (CMAKE_ARGS) and the manifest points the bindings at the
+    libraries of runnerd's pinned build, the same llama.cpp release the bindings were written for."""
+    d = catalog_daemon
+    started = d.post("/engines/backends/catalog/install", {"engine": "llama-cpp-python"})
+    assert started.status_code == 202, started.text
+    final = _finish(d, started.json())
+    assert final["state"] == "succeeded", final
+    env_python = d.root / "cache" / "catalog" / "llama-cpp-python" / "0.3.36-cpu" / "venv" / "bin" / "python"
+    libs = llama_server.resolve().parent
+    manifest = f"""
+name: llama-cpp-python-custom
+description: python -m llama_cpp.server from the catalog's private environment
+model_formats: [gguf]
+modes: [completion]
+capabilities: [chat, completions, streaming]
+versions:
+  "0.3.36":
+    command: [{env_python}, -m, llama_cpp.server, --model, "{{model_path}}", --model_alias, "{{model_name}}",
+              --host, "{{host}}", --port, "{{port}}", --n_ctx, "{{ctx}}", --n_threads, "1"]
+    environment: {{LLAMA_CPP_LIB_PATH: "{libs}", LD_LIBRARY_PATH: "{libs}"}}
+    listen: tcp
+    readiness: {{path: /v1/models, timeout: 120}}
+flags: {{policy: none}}
+memory: {{kind: gguf}}
+"""
+    defined = d.http.post("/engines/backends", content=manifest, headers={"Content-Type": "application/yaml"})
+    assert defined.status_code == 201, defined.text
+    client = d.openai("/engines/llama-cpp-python-custom/v1")
+    answer = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert answer.choices[0].message.content
+    chunks = list(client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=4, stream=True))
+    assert any(c.choices and c.choices[0].delta.content for c in chunks)
+    runner = next(r for r in d.ps() if r["backend"] == "llama-cpp-python-custom")
+    assert psutil.Process(runner["pid"]).cmdline()[:3] == [str(env_python), "-m", "llama_cpp.server"]
+    missing = d.http.post("/engines/llama-cpp-python-custom/v1/embeddings", json={"model": "smol", "input": "x"})
+    assert missing.status_code == 501, missing.text
+    # The environment is in use by the manifest engine: not removed unless forced.
+    refused = d.post("/engines/backends/catalog/uninstall", {"engine": "llama-cpp-python", "version": "0.3.36"})
+    assert refused.status_code == 409 and "llama-cpp-python-custom" in refused.text
+    unloaded = d.post("/engines/unload", {"all": True})
+    assert unloaded.status_code == 200

@@ -61,8 +61,20 @@ class PipPlan(_Strict):
 
     kind: Literal["pip"]
     packages: tuple[str, ...] = Field(min_length=1, max_length=32)
-    # The module `python -m` runs to check the install (and that a manifest for it would run).
+    # For pip's build of an sdist: CMake options only (llama-cpp-python reads CMAKE_ARGS; `-DLLAMA_BUILD=OFF`
+    # skips compiling llama.cpp when the engine is pointed at an existing build's libraries).
+    build_environment: dict[Literal["CMAKE_ARGS"], str] = Field(default_factory=dict)
+    # A module imported to check the install.
     check_module: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+    @field_validator("build_environment")
+    @classmethod
+    def _cmake_args(cls, env: dict[str, str]) -> dict[str, str]:
+        for key, value in env.items():
+            for option in value.split():
+                if not _CMAKE_OPTION.fullmatch(option):
+                    raise ValueError(f"{key}: {option!r}: CMake options are -DNAME=VALUE (letters, digits, _.;-)")
+        return env
 
     @field_validator("packages")
     @classmethod

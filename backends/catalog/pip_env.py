@@ -63,7 +63,8 @@ async def install_env(root: Path, plan: PipPlan, progress: ProgressCallback | No
                 seen += 1
                 _report(progress, "pip", min(95.0, seen * 5.0), line[:200])
 
-        env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
+        env: dict[str, str] = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
+        env.update((str(k), v) for k, v in plan.build_environment.items())
         _report(progress, "pip", 0, " ".join(plan.packages))
         # `--` ends pip's options: a pin can never be read as one (the model refuses them anyway).
         await run_step([str(python), "-m", "pip", "install", "--progress-bar", "off", "--", *plan.packages],
