@@ -329,3 +329,19 @@ memory: {{kind: gguf}}
     assert refused.status_code == 409 and "llama-cpp-python-custom" in refused.text
     unloaded = d.post("/engines/unload", {"all": True})
     assert unloaded.status_code == 200
+
+
+def test_the_readme_examples_stay_valid():
+    """README's "The catalog": the catalog example, the operator entry and the manifest that runs it."""
+    from backends.manifest import parse_manifest
+    from runnerd.engines import BUILTIN
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("#### The catalog"):readme.index("### Make targets")]
+    blocks = [b.split("```", 1)[0] for b in section.split("```yaml\n")[1:]]
+    assert len(blocks) == 3
+    first, operator = parse_catalog(blocks[0], "README"), parse_catalog(blocks[1], "README")
+    assert [e.name for e in first.engines] == ["tinypip", "llama.cpp"]
+    assert operator.engines[0].versions["0.3.36"].variants[Variant.CPU].kind == "pip"
+    manifest, _ = parse_manifest(blocks[2], "yaml", reserved=set(BUILTIN), check_files=False)
+    assert manifest.name == "llama-cpp-python-custom" and manifest.version.readiness.path == "/v1/models"
