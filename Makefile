@@ -14,8 +14,13 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# LLAMACPP_OLD: a second llama.cpp build kept beside the pinned one (a llama-cpp-python release whose vendored
+# tree builds llama-server with the same CMake options); the version tests run both at once. ~11 min, once.
+LLAMACPP_OLD := 0.3.30
+
 engine: venv
 	$(BIN)/runnerd install-backend llama.cpp
+	$(BIN)/runnerd install-backend llama.cpp@$(LLAMACPP_OLD) --quiet
 
 # vLLM (the CPU build here) in a private environment under ~/.cache/runnerd/vllm: ~3.5 GB, ~90 s, once per machine.
 vllm-engine: venv

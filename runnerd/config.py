@@ -294,6 +294,8 @@ class Settings(BaseSettings):
     allowed_origins: list[str] = Field(default_factory=lambda: list(DEFAULT_ALLOWED_ORIGINS),
                                        description="browser origins allowed to call the API (runnerd/api/cors.py)")
     store: StoreSettings = Field(default_factory=StoreSettings)
+    catalog_file: Path | None = Field(default=None, description="operator catalog (YAML) of installable engines, "
+                                      "added to the shipped one; an engine named in both is the operator's")
     huggingface: HuggingFaceSettings = Field(default_factory=HuggingFaceSettings)
     apis: ApiSettings = Field(default_factory=ApiSettings)
     upstreams: list[UpstreamSpec] = Field(default_factory=list, max_length=64,

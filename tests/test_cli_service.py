@@ -16,7 +16,7 @@ def test_backends_ls(daemon):
     out = cli("backends", "ls", socket=daemon.socket)
     assert out.returncode == 0, out.stderr
     header, *rows = out.stdout.splitlines()
-    assert header.split() == ["BACKEND", "STATUS", "DISK", "CAPABILITIES"]
+    assert header.split() == ["BACKEND", "STATUS", "VERSIONS", "DISK", "CAPABILITIES"]
     assert [r.split()[0] for r in rows] == ["llama.cpp", "vllm"]
     assert "Running: llama.cpp" in rows[0]
     listed = json.loads(cli("backends", "ls", "--json", socket=daemon.socket).stdout)

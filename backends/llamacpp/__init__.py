@@ -44,15 +44,19 @@ from backends.llamacpp.flags import LLAMACPP_FLAGS, version_flags
 from backends.llamacpp.help import help_options
 from backends.llamacpp.host_limits import HostLimits, check_host_flags, slots_problem
 from backends.llamacpp.install import (
+    BASE_CMAKE_OPTIONS,
     SOURCE_VERSION,
     build_key,
     build_llama_server,
     cached_binary,
+    check_source_version,
     cmake_options,
     cuda_available,
+    installed_builds,
+    remove_build,
 )
 from backends.llamacpp.memory import GpuDevice, estimate, offload_devices, settings_from_config
-from backends.llamacpp.options import OPTIONS_KEY, LlamaCppOptions, LlamaCppSettings
+from backends.llamacpp.options import OPTIONS_KEY, LlamaCppOptions, LlamaCppSettings, llamacpp_options
 from backends.llamacpp.requests import answer_size_problem
 from backends.llamacpp.templates import fallback_chat_template
 from backends.process import run_process
@@ -138,7 +142,10 @@ class LlamaCppBackend(Backend):
         self._error: str | None = None
         self._versions: dict[tuple[Path, float], str] = {}
         self._tables: dict[tuple[Path, float], FlagTable] = {}
-        self._table: FlagTable | None = None  # the allowlist of the build found last
+        self._table: FlagTable | None = None  # the allowlist of the default build, once read
+        # The binary each live runner was started from, with its model and mode: what uninstalling a
+        # version must not pull from under a runner.
+        self._live: dict[int, tuple[Path, str, Mode]] = {}
 
     # --- install -------------------------------------------------------------------------------
 
@@ -185,6 +192,69 @@ class LlamaCppBackend(Backend):
         if self.explicit_binary is None:
             await asyncio.to_thread(shutil.rmtree, self._cached.parent.parent, True)
 
+    # --- versions side by side: one cached build per llama-cpp-python source version -------------------
+
+    def installed_versions(self) -> list[str]:
+        """Blocking: the source versions built for this backend's build options, oldest first."""
+        return list(installed_builds(self.cache_dir, cmake_options(self.cuda)))
+
+    def version_binary(self, version: str) -> Path:
+        return cached_binary(self.cache_dir, build_key(check_source_version(version), cmake_options(self.cuda)))
+
+    def build_problem(self, options: Sequence[str]) -> str | None:
+        """Why a catalog build with these CMake options (on top of the base ones) would not serve here (None:
+        it would). Builds are found by this backend's own options, so one made with others would never run."""
+        wanted = set(cmake_options(self.cuda))
+        if {*BASE_CMAKE_OPTIONS, *options} != wanted:
+            own = " ".join(sorted(wanted - set(BASE_CMAKE_OPTIONS)))
+            return f"this daemon builds llama.cpp with {own}; the recipe's options {list(options)} differ"
+        return None
+
+    def version_problem(self, version: str) -> str | None:
+        """Why `version` cannot name a build (None: it can; whether PyPI has that release, the build finds out)."""
+        try:
+            check_source_version(version)
+        except InstallError as exc:
+            return str(exc)
+        return None
+
+    async def install_version(self, version: str, progress: ProgressCallback | None = None) -> None:
+        """Build llama-server from `version`'s sdist beside the builds already there (none is replaced)."""
+        check_source_version(version)
+        if version == self.source_version and self.explicit_binary is None:
+            await self.install(progress)
+            return
+        await build_llama_server(self.cache_dir, cuda=self.cuda, source_version=version, progress=progress)
+
+    async def uninstall_version(self, version: str) -> None:
+        await asyncio.to_thread(remove_build, self.cache_dir, version, cmake_options(self.cuda))
+
+    def version_for(self, config: BackendConfiguration) -> str | None:
+        """The source version a runner with `config` is pinned to; None: the default build."""
+        return llamacpp_options(config).backend_version
+
+    def pins_version(self, config: BackendConfiguration, version: str) -> bool:
+        """Whether a runner with `config` would run `version`'s cached build (unpinned ones run the default
+        build, which is the cache's only when no binary was named in the settings)."""
+        pinned = self.version_for(config)
+        if pinned is not None:
+            return pinned == version
+        return self.explicit_binary is None and version == self.source_version
+
+    def runners_on(self, version: str) -> list[tuple[str, Mode]]:
+        """The (model, mode) of every live runner started from `version`'s cached build."""
+        binary = self.version_binary(version)
+        return sorted({(model, mode) for path, model, mode in self._live.values() if path == binary})
+
+    def binary_for(self, config: BackendConfiguration) -> Path:
+        pinned = self.version_for(config)
+        if pinned is None:
+            return self.binary()
+        binary = self.version_binary(pinned)
+        if not binary.is_file():
+            raise InstallError(f"llama.cpp {pinned} is not installed: `runnerd backends install llama.cpp@{pinned}`")
+        return binary
+
     def version(self) -> str | None:
         binary = self.locate()
         if binary is None:
@@ -198,11 +268,12 @@ class LlamaCppBackend(Backend):
             self._versions[key] = line.removeprefix("version:").strip() or "unknown"
         return self._versions[key]
 
-    def build_flags(self) -> FlagTable:
-        """Blocking: the allowlist of the installed build, from its own `--help` (backends/llamacpp/flags.py,
-        `version_flags`), read once per binary path and modification time; the pinned table when no build
-        is installed or its help cannot be read."""
-        binary = self.locate()
+    def build_flags(self, binary: Path | None = None) -> FlagTable:
+        """Blocking: the allowlist of a build (the default one unless `binary` names another), from its own
+        `--help` (backends/llamacpp/flags.py, `version_flags`), read once per binary path and modification
+        time; the pinned table when no build is installed or its help cannot be read."""
+        default = binary is None
+        binary = self.locate() if binary is None else binary
         try:
             if binary is None:
                 return LLAMACPP_FLAGS
@@ -212,7 +283,8 @@ class LlamaCppBackend(Backend):
                 table = self._tables[key] = version_flags(help_options(binary, build_env(binary)))
         except (OSError, subprocess.SubprocessError):
             return LLAMACPP_FLAGS
-        self._table = table
+        if default:
+            self._table = table
         return table
 
     def status(self) -> BackendStatus:
@@ -256,16 +328,21 @@ class LlamaCppBackend(Backend):
         """The installed build's allowlist once read (`build_flags`), else the pinned build's table."""
         return self._table or LLAMACPP_FLAGS
 
-    def validate_flags(self, flags: Sequence[str]) -> list[str]:
+    def validate_flags(self, flags: Sequence[str], table: FlagTable | None = None) -> list[str]:
         """The build's flag table's checks, then this host's bounds (threads and CPU placement by its CPUs,
         slots; see backends/llamacpp/host_limits.py). Never blocks: until the build's option list has been
-        read the pinned table answers, and `run` checks again against the build's own."""
-        table = self.flags
+        read the pinned table answers, and `run` checks again against the build's own (a model pinned to
+        another version: that version's)."""
+        table = table or self.flags
         validated = table.validate(list(flags))
         check_host_flags(table, validated, self.host)
         return validated
 
     def configuration_problem(self, model: ModelRef, mode: Mode, config: BackendConfiguration) -> str | None:
+        pinned = self.version_for(config)
+        if pinned is not None and not self.version_binary(pinned).is_file():
+            return (f"llama.cpp {pinned} is not installed (installed: {', '.join(self.installed_versions()) or 'none'})"
+                    f": `runnerd backends install llama.cpp@{pinned}` first")
         context = config.context_size or self.launch.default_context_size
         return slots_problem(LLAMACPP_FLAGS.values(config.runtime_flags, strict=False), context)
 
@@ -287,12 +364,15 @@ class LlamaCppBackend(Backend):
         socket_path = endpoint.path
         self.check_model(model)
         self.check_draft(config)
-        binary = self.binary()
-        await asyncio.to_thread(self.build_flags)
+        try:
+            binary = self.binary_for(config)
+        except InstallError as exc:
+            raise RunnerError(str(exc), reason="not_installed") from exc
+        table = await asyncio.to_thread(self.build_flags, binary)
         try:
             # Checked again here, not only at configure time: a stored configuration may be old or hand-edited,
-            # or checked before this build's option list was read.
-            self.validate_flags(config.runtime_flags)
+            # or checked before this build's option list was read, or pinned to another version.
+            self.validate_flags(config.runtime_flags, table)
         except FlagError as exc:
             raise RunnerError(str(exc), reason="bad_flag") from exc
         problem = self.configuration_problem(model, mode, config)
@@ -301,8 +381,13 @@ class LlamaCppBackend(Backend):
         traits = await asyncio.to_thread(model_traits, model.path)
         argv = build_argv(binary, socket_path, model, mode, config, self.launch,
                           pooling_in_file=traits.pooling_in_file, chat_template=traits.fallback_template)
-        await run_process(argv, env=build_env(binary), endpoint=endpoint, output=output,
-                          grace=self.stop_grace, exit_patterns=LLAMACPP_EXIT_PATTERNS)
+        token = id(output)
+        self._live[token] = (binary, model.name, mode)
+        try:
+            await run_process(argv, env=build_env(binary), endpoint=endpoint, output=output,
+                              grace=self.stop_grace, exit_patterns=LLAMACPP_EXIT_PATTERNS)
+        finally:
+            self._live.pop(token, None)
 
     def required_memory(self, model: ModelRef, mode: Mode, config: BackendConfiguration) -> MemoryEstimate:
         """From the GGUF header and the settings this backend would start llama-server with."""

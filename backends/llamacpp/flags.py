@@ -331,6 +331,9 @@ LLAMACPP_DAEMON_FLAGS: frozenset[str] = LLAMACPP_FLAGS.daemon_owned
 _FILE_VALUE = re.compile(r"FNAME|FILE|PATH|DIR|FOLDER", re.I)
 _FILE_TEXT = re.compile(r"\b(?:file|files|directory|path)\b", re.I)
 _NETWORK_VALUE = re.compile(r"URL|HOST|ADDR|PORT|SERVER|REPO|ENDPOINT", re.I)
+# Older builds spell a Hugging Face repository `<user>/<model>[:quant]` (`--hf-repo-v`): the description, or a
+# value shaped like a path, says it fetches.
+_NETWORK_TEXT = re.compile(r"hugging ?face|\bdownload|\bremote\b", re.I)
 _REMOVED_TEXT = re.compile(r"has been removed|no longer supported", re.I)
 _NUMERIC_VALUE = re.compile(r"N|<-?\d+\.\.\.\d+>")
 # A fraction: its default has a decimal point, or it is named as one.
@@ -351,7 +354,7 @@ def _inferred(option: HelpOption) -> FlagSpec | Refusal:
         return refused(RefusalKind.UNSUPPORTED, *names, why="this llama-server build says it was removed")
     if (value and _FILE_VALUE.search(value)) or _FILE_TEXT.search(option.description):
         return refused(RefusalKind.FILES, *names)
-    if value and _NETWORK_VALUE.search(value):
+    if (value and (_NETWORK_VALUE.search(value) or "/" in value)) or _NETWORK_TEXT.search(option.description):
         return refused(RefusalKind.NETWORK, *names)
     # The canonical spelling is the first long one (`--defrag-thold`, not `-dt`).
     longs = [s for s in option.spellings if s.startswith("--")]

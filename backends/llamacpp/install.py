@@ -51,6 +51,55 @@ def cached_binary(cache_dir: Path, key: str) -> Path:
     return cache_dir / "llama.cpp" / key / "bin" / "llama-server"
 
 
+# A llama-cpp-python release number. It ends up in `pip download NAME==VERSION` and in a directory
+# name, so nothing but digits and dots gets through (no specifiers, options or path parts).
+_SOURCE_VERSION = re.compile(r"^[0-9]{1,4}(\.[0-9]{1,4}){1,3}$")
+
+
+def valid_source_version(version: str) -> bool:
+    return _SOURCE_VERSION.fullmatch(version) is not None
+
+
+def check_source_version(version: str) -> str:
+    if not valid_source_version(version):
+        raise InstallError(f"{version!r} is not a {SOURCE_PACKAGE} release number (digits and dots, e.g. "
+                           f"{SOURCE_VERSION})")
+    return version
+
+
+def installed_builds(cache_dir: Path, options: Sequence[str]) -> dict[str, Path]:
+    """Blocking: the cached builds made with `options`, by source version (a directory scan; a build
+    still under way lives in a hidden temporary directory and is not listed)."""
+    suffix = build_key("", options)
+    root = cache_dir / "llama.cpp"
+    found: dict[str, Path] = {}
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return found
+    for entry in entries:
+        version = entry.name.removesuffix(suffix)
+        if version != entry.name and valid_source_version(version):
+            binary = entry / "bin" / "llama-server"
+            if binary.is_file():
+                found[version] = binary
+    return dict(sorted(found.items(), key=lambda item: _version_order(item[0])))
+
+
+def _version_order(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
+def remove_build(cache_dir: Path, source_version: str, options: Sequence[str]) -> None:
+    """Blocking: delete one cached build. Renamed aside first, so a half-removed tree never looks installed."""
+    entry = cache_dir / "llama.cpp" / build_key(check_source_version(source_version), options)
+    if not entry.exists():
+        return
+    doomed = entry.with_name(f".removing-{entry.name}-{os.getpid()}")
+    entry.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def _progress(cb: ProgressCallback | None, phase: str, percent: float | None = None, message: str = "") -> None:
     if cb is not None:
         cb(Progress(phase=phase, percent=percent, message=message))
@@ -86,7 +135,7 @@ async def build_llama_server(
 ) -> Path:
     """Build llama-server into the cache and return its path (the cached one if already built)."""
     options = cmake_options(cuda)
-    key = build_key(source_version, options)
+    key = build_key(check_source_version(source_version), options)
     target = cached_binary(cache_dir, key)
     if target.exists():
         return target

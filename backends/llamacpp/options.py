@@ -32,6 +32,9 @@ class LlamaCppOptions(BaseModel):
 
     # llama-server reads it with std::stoi: a value beyond a 32-bit int makes it exit at startup.
     reasoning_budget: int | None = Field(default=None, ge=-1, le=2**31 - 1)
+    # A llama-cpp-python release whose vendored llama-server runs this model (`runnerd backends install
+    # llama.cpp@VERSION` builds it); unset: the backend's default build.
+    backend_version: str | None = Field(default=None, pattern=r"^[0-9]{1,4}(\.[0-9]{1,4}){1,3}$")
 
 
 def llamacpp_options(config: BackendConfiguration) -> LlamaCppOptions:

@@ -8,12 +8,13 @@ import os
 import socket
 import struct
 from collections.abc import MutableMapping
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from backends.base import Backend, BackendState, ProgressCallback
+from backends.base import Backend, BackendConfiguration, BackendState, InstallError, Mode, ProgressCallback
+from backends.catalog import Catalog, CatalogError, PipPlan, SourceBuild, Variant, host_variants, shipped_catalog
 from backends.manifest import ManifestBackend, ManifestError
 from backends.manifest.source import MAX_MANIFEST_BYTES
 from runnerd.api import scopes
@@ -21,7 +22,19 @@ from runnerd.api.context import Daemon, daemon, over_unix_socket
 from runnerd.api.engines import read_json_body
 from runnerd.api.errors import ApiError, parse_body
 from runnerd.api.jobs import job_json, stream_job, wants_stream
+from runnerd.catalog import (
+    env_users,
+    host_items,
+    is_installed,
+    load_catalog,
+    pick,
+    pip_env_python,
+    remove_pip_env,
+    upgrades,
+)
+from runnerd.catalog import install as catalog_install
 from runnerd.engines import BUILTIN, ManifestConflict, as_host_gpus, define_engine, engine_context, forget_engine
+from runnerd.jobs import Job
 from runnerd.scheduler import RunnerState
 
 INSTALL = "install-backend"
@@ -38,6 +51,21 @@ class UninstallBackendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backend: str = Field(min_length=1, max_length=64)
+    version: str | None = Field(default=None, min_length=1, max_length=64,
+                                description="remove this installed version only (an engine that keeps several)")
+    force: bool = Field(default=False, description="with version: stop the runners using it first")
+
+
+@runtime_checkable
+class VersionedBackend(Protocol):
+    """An engine that keeps several versions installed side by side (one of the built-ins does)."""
+
+    def installed_versions(self) -> list[str]: ...
+    def version_problem(self, version: str) -> str | None: ...
+    async def install_version(self, version: str, progress: ProgressCallback | None = None) -> None: ...
+    async def uninstall_version(self, version: str) -> None: ...
+    def pins_version(self, config: BackendConfiguration, version: str) -> bool: ...
+    def runners_on(self, version: str) -> list[tuple[str, Mode]]: ...
 
 
 class BackendView(BaseModel):
@@ -82,7 +110,7 @@ async def list_backends(request: web.Request) -> web.Response:
 
 def _check_version(backend: Backend, wanted: str | None) -> None:
     available = backend.installable_version
-    if wanted is not None and wanted != available:
+    if wanted is not None and wanted != available and not isinstance(backend, VersionedBackend):
         offer = f"only version {available}" if available else "no choice of version"
         raise ApiError(400, f"{backend.name} offers {offer}; asked for {wanted}", code="version_not_available",
                        param="version")
@@ -95,6 +123,42 @@ async def install_backend(request: web.Request) -> web.StreamResponse:
     spec = parse_body(InstallBackendRequest, await read_json_body(request), "install request")
     backend = d.backend(spec.backend)
     _check_version(backend, spec.version)
+    # The default version is the default install, and shares its job.
+    if spec.version not in (None, backend.installable_version) and isinstance(backend, VersionedBackend):
+        if (problem := backend.version_problem(spec.version)) is not None:
+            raise ApiError(400, problem, code="version_not_available", param="version")
+        job = await _install_version(d, backend, spec.version)
+    else:
+        job = await _install_default(d, backend)
+    status_code = 200 if job.done else 202
+    if wants_stream(request):
+        return await stream_job(request, job, status_code)
+    return web.json_response(job_json(job), status=status_code, headers={"Location": job.status_url})
+
+
+async def _install_version(d: Daemon, backend: VersionedBackend, version: str) -> Job:
+    """One job per (engine, version); the versions already built stay as they are."""
+    name = getattr(backend, "name", "")
+    target = f"{name}@{version}"
+    key = f"{INSTALL}:{target}"
+    job = d.jobs.active(key)
+    if job is not None:
+        return job
+    if version in await asyncio.to_thread(backend.installed_versions):
+        return d.jobs.finished(INSTALL, target, f"already installed: {target}")
+
+    async def work(progress: ProgressCallback) -> str:
+        try:
+            await backend.install_version(version, progress)
+        except InstallError as exc:
+            raise InstallError(f"{target}: {exc}") from exc
+        return f"installed {target}"
+
+    job, _ = d.jobs.start(INSTALL, target, work, key=key)
+    return job
+
+
+async def _install_default(d: Daemon, backend: Backend) -> Job:
     key = f"{INSTALL}:{backend.name}"
     job = d.jobs.active(key)
     if job is None:
@@ -107,16 +171,15 @@ async def install_backend(request: web.Request) -> web.StreamResponse:
                 return (await asyncio.to_thread(backend.status)).text
 
             job, _ = d.jobs.start(INSTALL, backend.name, work, key=key)
-    status_code = 200 if job.done else 202
-    if wants_stream(request):
-        return await stream_job(request, job, status_code)
-    return web.json_response(job_json(job), status=status_code, headers={"Location": job.status_url})
+    return job
 
 
 async def uninstall_backend(request: web.Request) -> web.Response:
     d = daemon(request)
     spec = parse_body(UninstallBackendRequest, await read_json_body(request), "uninstall request")
     backend = d.backend(spec.backend)
+    if spec.version is not None:
+        return await _uninstall_version(d, backend, spec.version, spec.force)
     users = [r for r in d.scheduler.ps() if r.backend == backend.name and r.state is not RunnerState.EXITED]
     if users:
         names = ", ".join(sorted({f"{r.model} ({r.mode})" for r in users}))
@@ -128,6 +191,35 @@ async def uninstall_backend(request: web.Request) -> web.Response:
     await backend.uninstall()
     status = await asyncio.to_thread(backend.status)
     return web.json_response({"backend": backend.name, "status": status.text})
+
+
+async def _uninstall_version(d: Daemon, backend: Backend, version: str, force: bool) -> web.Response:
+    """Remove one installed version: 409 naming the models whose stored configuration pins it or whose
+    runner runs it, unless forced (then those runners are stopped first; the configurations stay, and
+    their runners fail to start until the version is installed again)."""
+    if not isinstance(backend, VersionedBackend):
+        raise ApiError(400, f"{backend.name} keeps a single version: uninstall it without one", code="unversioned",
+                       param="version")
+    installed = await asyncio.to_thread(backend.installed_versions)
+    if version not in installed:
+        raise ApiError(404, f"{backend.name} {version} is not installed (installed: {', '.join(installed) or 'none'})",
+                       code="version_not_installed", param="version")
+    if (job := d.jobs.active(f"{INSTALL}:{backend.name}@{version}")) is not None:
+        raise ApiError(409, f"{backend.name} {version} is being installed (job {job.id}); cancel that job first",
+                       code="backend_installing")
+    configured = sorted({f"{c.model} ({c.mode})" for c in await asyncio.to_thread(d.configs.list)
+                         if c.backend == backend.name and backend.pins_version(c.config, version)})
+    running = backend.runners_on(version)
+    if (configured or running) and not force:
+        parts = ([f"pinned by {', '.join(configured)}"] if configured else []) + \
+                ([f"running {', '.join(f'{m} ({mode})' for m, mode in running)}"] if running else [])
+        raise ApiError(409, f"{backend.name} {version} is in use: {'; '.join(parts)}; re-pin or unload them, or "
+                            "uninstall with force", code="version_in_use")
+    stopped = await d.scheduler.unload(backend=backend.name, models=sorted({m for m, _ in running})) if running else []
+    await backend.uninstall_version(version)
+    return web.json_response({"backend": backend.name, "version": version, "unloaded": len(stopped),
+                              "configured": configured,
+                              "versions": await asyncio.to_thread(backend.installed_versions)})
 
 
 # --- engines defined by a manifest ----------------------------------------------------------------
@@ -245,7 +337,145 @@ async def delete_backend(request: web.Request) -> web.Response:
     return web.json_response({"deleted": backend.name, "unloaded": len(stopped), "configured": configured})
 
 
+# --- the catalog: what this host can install, what it has, what is newer -----------------------------
+
+class CatalogInstallRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    engine: str = Field(min_length=1, max_length=64)
+    version: str | None = Field(default=None, min_length=1, max_length=64, description="default: the catalog's")
+    variant: Variant | None = Field(default=None, description="default: this host's best (the meta entry)")
+
+
+class CatalogUninstallRequest(CatalogInstallRequest):
+    force: bool = False
+
+
+class UpgradeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    engine: str = Field(min_length=1, max_length=64)
+
+
+async def _catalog(d: Daemon) -> tuple[Catalog, list[Variant]]:
+    try:
+        found = await asyncio.to_thread(load_catalog, shipped_catalog(), d.settings.catalog_file)
+    except CatalogError as exc:
+        raise ApiError(500, f"catalog refused: {exc}", code="invalid_catalog") from exc
+    return found, host_variants(g.cuda_version for g in d.scheduler.sampler.snapshot.gpus)
+
+
+async def get_catalog(request: web.Request) -> web.Response:
+    """What this host can install: each catalog version with the variant that suits this host."""
+    d = daemon(request)
+    found, preferred = await _catalog(d)
+    items = await asyncio.to_thread(host_items, found, preferred, d.settings.cache_dir, d.backends)
+    return web.json_response({"host_variants": preferred, "items": [i.model_dump(mode="json") for i in items]})
+
+
+async def known_backends(request: web.Request) -> web.Response:
+    """Every engine the daemon knows of: registered ones and every catalog entry, whatever the hardware."""
+    d = daemon(request)
+    found, _ = await _catalog(d)
+    return web.json_response({
+        "registered": sorted(d.backends),
+        "catalog": [{"engine": e.name, "description": e.description, "default_version": e.newest,
+                     "versions": {v: sorted(spec.variants) for v, spec in e.versions.items()}} for e in found.engines]})
+
+
+async def get_upgrades(request: web.Request) -> web.Response:
+    d = daemon(request)
+    found, preferred = await _catalog(d)
+    items = await asyncio.to_thread(host_items, found, preferred, d.settings.cache_dir, d.backends)
+    return web.json_response([u.model_dump(mode="json") for u in upgrades(items)])
+
+
+async def _start_catalog_install(request: web.Request, d: Daemon, spec: CatalogInstallRequest) -> web.StreamResponse:
+    found, preferred = await _catalog(d)
+    try:
+        entry, version, variant, recipe = pick(found, preferred, spec.engine, spec.version, spec.variant)
+    except CatalogError as exc:
+        field = str(exc).split(":", 1)[0]
+        raise ApiError(404 if field in ("engine", "version") else 400, str(exc), code="not_in_catalog",
+                       param=field) from exc
+    target = f"{entry.name}@{version}:{variant}"
+    key = f"{INSTALL}:{target}"
+    job = d.jobs.active(key)
+    if job is None:
+        cache, backends = d.settings.cache_dir, d.backends
+        if await asyncio.to_thread(is_installed, cache, backends, entry.name, version, variant, recipe):
+            job = d.jobs.finished(INSTALL, target, f"already installed: {target}")
+        else:
+            async def work(progress: ProgressCallback) -> str:
+                return await catalog_install(cache, backends, entry.name, version, variant, recipe, progress)
+
+            job, _ = d.jobs.start(INSTALL, target, work, key=key)
+    status_code = 200 if job.done else 202
+    if wants_stream(request):
+        return await stream_job(request, job, status_code)
+    return web.json_response(job_json(job), status=status_code, headers={"Location": job.status_url})
+
+
+async def install_from_catalog(request: web.Request) -> web.StreamResponse:
+    """A job carrying out the catalog's recipe (a source build, a pip plan, a check of a binary)."""
+    d = daemon(request)
+    spec = parse_body(CatalogInstallRequest, await read_json_body(request), "catalog install request")
+    return await _start_catalog_install(request, d, spec)
+
+
+async def upgrade_backend(request: web.Request) -> web.StreamResponse:
+    """Install the catalog's default version beside the installed ones (removing the old is a separate,
+    checked step: models may pin it)."""
+    d = daemon(request)
+    spec = parse_body(UpgradeRequest, await read_json_body(request), "upgrade request")
+    found, preferred = await _catalog(d)
+    items = await asyncio.to_thread(host_items, found, preferred, d.settings.cache_dir, d.backends)
+    upgrade = next((u for u in upgrades(items) if u.engine == spec.engine), None)
+    if upgrade is None:
+        raise ApiError(409, f"no upgrade for {spec.engine}: nothing of it is installed, or the catalog's default "
+                            "version is installed already", code="no_upgrade", param="engine")
+    return await _start_catalog_install(request, d, CatalogInstallRequest(
+        engine=spec.engine, version=upgrade.available, variant=upgrade.variant))
+
+
+async def uninstall_from_catalog(request: web.Request) -> web.Response:
+    """Remove what a catalog entry installed: a source build (the checks of uninstall-backend with a
+    version), or a private environment (409 naming the manifest engines that run from it, unless force)."""
+    d = daemon(request)
+    spec = parse_body(CatalogUninstallRequest, await read_json_body(request), "catalog uninstall request")
+    found, preferred = await _catalog(d)
+    try:
+        entry, version, variant, recipe = pick(found, preferred, spec.engine, spec.version, spec.variant)
+    except CatalogError as exc:
+        raise ApiError(404, str(exc), code="not_in_catalog", param=str(exc).split(":", 1)[0]) from exc
+    if isinstance(recipe, SourceBuild):
+        return await _uninstall_version(d, d.backend(entry.name), recipe.source_version, spec.force)
+    if not isinstance(recipe, PipPlan):
+        raise ApiError(400, f"{entry.name} {version} is an existing binary: runnerd did not install it and does "
+                            "not remove it", code="not_installed_by_runnerd")
+    cache = d.settings.cache_dir
+    if not await asyncio.to_thread(is_installed, cache, d.backends, entry.name, version, variant, recipe):
+        raise ApiError(404, f"{entry.name} {version} ({variant}) is not installed", code="version_not_installed")
+    root = pip_env_python(cache, entry.name, version, variant).parent.parent.parent
+    users = await asyncio.to_thread(env_users, d.backends, root)
+    if users and not spec.force:
+        raise ApiError(409, f"{entry.name} {version} ({variant}) is run by the manifest engine(s) {', '.join(users)}; "
+                            "delete them first, or uninstall with force", code="version_in_use")
+    stopped = []
+    for name in users:
+        stopped += await d.scheduler.unload(backend=name, reason="engine uninstalled")
+    await remove_pip_env(cache, entry.name, version, variant)
+    return web.json_response({"engine": entry.name, "version": version, "variant": variant,
+                              "unloaded": len(stopped), "used_by": users})
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/engines/backends/catalog", get_catalog)
+    app.router.add_get("/engines/backends/known", known_backends)
+    app.router.add_get("/engines/backends/upgrades", get_upgrades)
+    app.router.add_post("/engines/backends/catalog/install", install_from_catalog)
+    app.router.add_post("/engines/backends/catalog/uninstall", uninstall_from_catalog)
+    app.router.add_post("/engines/backends/upgrade", upgrade_backend)
     app.router.add_get("/engines/backends", list_backends)
     app.router.add_post("/engines/backends", define_backend)
     app.router.add_delete("/engines/backends/{name}", delete_backend)

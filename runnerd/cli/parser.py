@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("model")
 
     install = sub.add_parser("install-backend", help="install a backend on this host (no daemon needed)")
-    install.add_argument("backend", nargs="?", help="an engine's name; default: the first registered one")
+    install.add_argument("backend", nargs="?", help="an engine's name, or ENGINE@VERSION to install one more version "
+                         "beside those installed; default: the first registered engine")
     install.add_argument("--config", type=Path)
     install.add_argument("--quiet", action="store_true")
     tokens.add_parser(sub)

@@ -80,11 +80,13 @@ async def install_backend(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     setup_logging(settings.log_level)
     backends = default_backends(settings)
-    args.backend = args.backend or next(iter(backends))
+    args.backend, _, version = (args.backend or next(iter(backends))).partition("@")
     if args.backend not in backends:
         print(f"runnerd: unknown backend {args.backend!r}; known: {', '.join(backends)}", file=sys.stderr)
         return 2
     backend = backends[args.backend]
+    if version:
+        return await _install_version(backend, version, args.quiet)
     status = await asyncio.to_thread(backend.status)
     if status.installed:
         print(f"{args.backend} is already installed: {status.text}")
@@ -95,4 +97,29 @@ async def install_backend(args: argparse.Namespace) -> int:
 
         await backend.install(progress)
     print((await asyncio.to_thread(backend.status)).text)
+    return 0
+
+
+async def _install_version(backend: Any, version: str, quiet: bool) -> int:
+    """`install-backend ENGINE@VERSION`: build one more version beside those installed."""
+    from backends.base import InstallError, Progress
+    from runnerd.cli.output import ProgressView
+
+    target = f"{backend.name}@{version}"
+    if not hasattr(backend, "install_version"):
+        print(f"runnerd: {backend.name} keeps a single version; install it without @{version}", file=sys.stderr)
+        return 2
+    if version in await asyncio.to_thread(backend.installed_versions):
+        print(f"{target} is already installed")
+        return 0
+    with ProgressView(target, enabled=not quiet, percent=True, unit="%") as view:
+        def progress(p: Progress) -> None:
+            view.update(f"{target}: {p.phase}", p.percent)
+
+        try:
+            await backend.install_version(version, progress)
+        except InstallError as exc:
+            print(f"runnerd: {target}: {exc}", file=sys.stderr)
+            return 1
+    print(f"installed {target}")
     return 0

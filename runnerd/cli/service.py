@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from backends.catalog.model import Variant
 from runnerd import node_labels
 from runnerd.cli.output import ProgressView, table
 from runnerd.errors import ClientError
@@ -32,8 +33,21 @@ def _size(n: int | None) -> str:
 
 async def _backends_ls(client: DaemonClient, args: argparse.Namespace) -> Any:
     backends = await client.request("GET", "/engines/backends")
-    rows = [[b["name"], b["status"], _size(b["disk_usage"]), ",".join(b["capabilities"])] for b in backends]
-    return backends, lambda: table(rows, ["BACKEND", "STATUS", "DISK", "CAPABILITIES"])
+    rows = [[b["name"], b["status"], ",".join(b.get("versions") or []) or "-", _size(b["disk_usage"]),
+             ",".join(b["capabilities"])] for b in backends]
+    return backends, lambda: table(rows, ["BACKEND", "STATUS", "VERSIONS", "DISK", "CAPABILITIES"])
+
+
+def split_version(spec: str, version: str | None = None) -> tuple[str, str | None]:
+    """`ENGINE@0.3.30` -> ("ENGINE", "0.3.30"); a --version given as well must agree."""
+    name, at, pinned = spec.partition("@")
+    if not at:
+        return spec, version
+    if not name or not pinned:
+        raise ClientError(f"{spec!r}: write ENGINE@VERSION, e.g. engine@0.3.30")
+    if version is not None and version != pinned:
+        raise ClientError(f"{spec!r} and --version {version} name two versions")
+    return name, pinned
 
 
 async def follow_job(client: DaemonClient, job: dict[str, Any], show_progress: bool) -> dict[str, Any]:
@@ -50,11 +64,19 @@ async def follow_job(client: DaemonClient, job: dict[str, Any], show_progress: b
     return final
 
 
-async def _backends_install(client: DaemonClient, args: argparse.Namespace) -> Any:
-    body: dict[str, Any] = {"backend": args.backend}
-    if args.version is not None:
-        body["version"] = args.version
-    job = await client.request("POST", "/engines/install-backend", body)
+async def _registered(client: DaemonClient) -> set[str]:
+    known = await client.request("GET", "/engines/backends/known")
+    return set(known["registered"])
+
+
+async def _backends_catalog(client: DaemonClient, args: argparse.Namespace) -> Any:
+    found = await client.request("GET", "/engines/backends/catalog")
+    rows = [[i["engine"], i["version"] + (" (default)" if i["default"] else ""), i["variant"], i["kind"],
+             "yes" if i["installed"] else "no"] for i in found["items"]]
+    return found, lambda: table(rows, ["ENGINE", "VERSION", "VARIANT", "INSTALL", "INSTALLED"])
+
+
+async def _watch(client: DaemonClient, args: argparse.Namespace, job: dict[str, Any], what: str) -> Any:
     try:
         final = await follow_job(client, job, show_progress=not args.json and not args.quiet)
     except asyncio.CancelledError:  # Ctrl-C
@@ -63,8 +85,28 @@ async def _backends_install(client: DaemonClient, args: argparse.Namespace) -> A
               f"(GET {job['status_url']}; DELETE it to cancel)", file=sys.stderr)
         raise
     if final["state"] != "succeeded":
-        raise ClientError(f"installing {args.backend} {final['state']}: {final.get('error') or ''}".rstrip(": "))
+        raise ClientError(f"installing {what} {final['state']}: {final.get('error') or ''}".rstrip(": "))
     return final, lambda: print(final["message"])
+
+
+async def _backends_upgrade(client: DaemonClient, args: argparse.Namespace) -> Any:
+    job = await client.request("POST", "/engines/backends/upgrade", {"engine": args.engine})
+    return await _watch(client, args, job, args.engine)
+
+
+async def _backends_install(client: DaemonClient, args: argparse.Namespace) -> Any:
+    name, version = split_version(args.backend, args.version)
+    body: dict[str, Any] = {"backend": name}
+    if version is not None:
+        body["version"] = version
+    if args.variant is not None or name not in await _registered(client):
+        # Not a registered engine (or a variant asked for): the catalog's recipe installs it.
+        catalog_body = {"engine": name, "version": version, "variant": args.variant}
+        job = await client.request("POST", "/engines/backends/catalog/install",
+                                   {k: v for k, v in catalog_body.items() if v is not None})
+        return await _watch(client, args, job, args.backend)
+    job = await client.request("POST", "/engines/install-backend", body)
+    return await _watch(client, args, job, args.backend)
 
 
 async def _backends_rm(client: DaemonClient, args: argparse.Namespace) -> Any:
@@ -77,8 +119,19 @@ async def _backends_rm(client: DaemonClient, args: argparse.Namespace) -> Any:
         deleted = await client.request("DELETE", f"/engines/backends/{quote(args.backend, safe='')}{query}")
         note = f" (stopped {deleted['unloaded']} runner(s))" if deleted.get("unloaded") else ""
         return deleted, lambda: print(f"deleted {deleted['deleted']}{note}")
-    result = await client.request("POST", "/engines/uninstall-backend", {"backend": args.backend})
-    return result, lambda: print(f"{result['backend']}: {result['status']}")
+    name, version = split_version(args.backend)
+    if version is not None and name not in await _registered(client):
+        removed = await client.request("POST", "/engines/backends/catalog/uninstall",
+                                       {"engine": name, "version": version, "force": bool(args.force)})
+        return removed, lambda: print(f"removed {name} {version} ({removed['variant']})")
+    if version is None:
+        result = await client.request("POST", "/engines/uninstall-backend", {"backend": name})
+        return result, lambda: print(f"{result['backend']}: {result['status']}")
+    result = await client.request("POST", "/engines/uninstall-backend",
+                                  {"backend": name, "version": version, "force": bool(args.force)})
+    note = f" (stopped {result['unloaded']} runner(s))" if result.get("unloaded") else ""
+    left = ", ".join(result["versions"]) or "none"
+    return result, lambda: print(f"removed {name} {version}{note}; installed: {left}")
 
 
 async def _backends_add(client: DaemonClient, args: argparse.Namespace) -> Any:
@@ -172,7 +225,7 @@ async def _resume(client: DaemonClient, args: argparse.Namespace) -> Any:
 
 COMMANDS: dict[str, Callable[[DaemonClient, argparse.Namespace], Any]] = {
     "backends.ls": _backends_ls, "backends.install": _backends_install, "backends.rm": _backends_rm,
-    "backends.add": _backends_add,
+    "backends.add": _backends_add, "backends.catalog": _backends_catalog, "backends.upgrade": _backends_upgrade,
     "node": _node, "drain": _drain, "resume": _resume}
 
 
@@ -196,14 +249,23 @@ def add_parsers(sub: Any, client: Callable[..., argparse.ArgumentParser]) -> Non
     add.add_argument("file")
     install = client("install", "backends.install", "install a backend, with a progress bar (Ctrl-C stops "
                      "watching; the install goes on)", bsub)
-    install.add_argument("backend")
+    install.add_argument("backend", help="an engine, or ENGINE@VERSION: for an engine that keeps versions side by "
+                         "side, one more beside those installed")
     install.add_argument("--version", help="the version to install (the backend's pinned one by default)")
+    install.add_argument("--variant", choices=[v.value for v in Variant],
+                         help="install this hardware variant from the catalog (default: this host's best)")
     install.add_argument("--quiet", action="store_true", help="no progress bar")
+    client("catalog", "backends.catalog", "what this host can install from the catalog (README, \"The catalog\")",
+           bsub)
+    upgrade = client("upgrade", "backends.upgrade", "install the catalog's newer version of an engine beside the "
+                     "installed ones", bsub)
+    upgrade.add_argument("engine")
+    upgrade.add_argument("--quiet", action="store_true", help="no progress bar")
     rm = client("rm", "backends.rm", "remove an installed backend, or delete an engine defined by a manifest "
                 "(refused while runners or stored configurations use it)", bsub)
-    rm.add_argument("backend")
-    rm.add_argument("--force", action="store_true", help="delete a manifest engine even while in use (stops its "
-                    "runners)")
+    rm.add_argument("backend", help="an engine, ENGINE@VERSION for one installed version, or a manifest engine")
+    rm.add_argument("--force", action="store_true", help="delete a manifest engine or remove a version even while "
+                    "in use (stops its runners)")
     node = client("node", "node", "show this host's inventory: CPU, memory, GPUs, runners")
     node.add_argument("--labels", action="store_true",
                       help="print the node's Kubernetes labels instead, as a Node Feature Discovery feature file")
