@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench venv engine vllm-engine model systemd-tools
+.PHONY: run test lint bench venv engine engine-old vllm-engine model systemd-tools
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ LLAMACPP_OLD := 0.3.30
 
 engine: venv
 	$(BIN)/runnerd install-backend llama.cpp
+
+# Only the tests need the second build: `make run` does not wait for it.
+engine-old: venv
 	$(BIN)/runnerd install-backend llama.cpp@$(LLAMACPP_OLD) --quiet
 
 # vLLM (the CPU build here) in a private environment under ~/.cache/runnerd/vllm: ~3.5 GB, ~90 s, once per machine.
@@ -43,7 +46,7 @@ systemd-tools:
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; }
 
-test: engine vllm-engine systemd-tools model
+test: engine engine-old vllm-engine systemd-tools model
 	$(BIN)/python -m pytest
 
 lint: venv
