@@ -163,7 +163,10 @@ def test_crash_back_off_grows_between_holds(make_daemon, tmp_path):
 def test_model_asked_for_while_its_runner_stops_gets_files_of_its_own(make_daemon, tiny_model):
     d = make_daemon({"tiny": tiny_model})
     runners = d.root / "run" / "runners"
-    for _ in range(4):
+    # The overlap depends on how fast the engine exits: try until it has happened (and at least 4 times).
+    for attempt in range(20):
+        if attempt >= 4 and "still stopping" in d.output():
+            break
         assert ask(d, "tiny", keep_alive=0).status_code == 200  # its runner stops right after this answer
         assert ask(d, "tiny").status_code == 200  # at once: the previous runner may still be stopping
         d.wait_for(lambda: [r["state"] for r in d.ps()] == ["idle"], what="only the new runner left")
