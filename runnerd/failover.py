@@ -188,6 +188,16 @@ async def relay(request: web.Request, opened: Opened, *, stream: bool) -> web.St
     return response
 
 
+async def _refusal(upstream: aiohttp.ClientResponse) -> ApiError:
+    """An upstream's 4xx (the request is at fault, not the source: no failover), as an ApiError."""
+    raw = await read_at_most(upstream.content, _MAX_REFUSAL_BYTES)
+    try:
+        message = error_text(json.loads(raw))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        message = raw.decode(errors="replace")[:500]
+    return ApiError(upstream.status, message)
+
+
 async def call_upstreams(candidates: list[Candidate], path: str, body: dict[str, Any]) -> dict[str, Any]:
     """A JSON answer from the first candidate that gives one, for routes that translate it."""
     failures: list[str] = []
@@ -196,12 +206,7 @@ async def call_upstreams(candidates: list[Candidate], path: str, body: dict[str,
         if opened is None:
             raise no_source_left(candidates[0].model if candidates else "?", failures)
         if opened.first is None:
-            raw = await read_at_most(opened.upstream.content, _MAX_REFUSAL_BYTES)
-            try:
-                message = error_text(json.loads(raw))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                message = raw.decode(errors="replace")[:500]
-            raise ApiError(opened.upstream.status, message)
+            raise await _refusal(opened.upstream)
         result: dict[str, Any] = opened.first
         return result
 
@@ -215,12 +220,7 @@ async def upstream_events(candidates: list[Candidate], path: str,
         if opened is None:
             raise no_source_left(candidates[0].model if candidates else "?", failures)
         if opened.first is None:
-            raw = await read_at_most(opened.upstream.content, _MAX_REFUSAL_BYTES)
-            try:
-                message = error_text(json.loads(raw))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                message = raw.decode(errors="replace")[:500]
-            raise ApiError(opened.upstream.status, message)
+            raise await _refusal(opened.upstream)
         if opened.first == "done":
             return
         yield opened.first
