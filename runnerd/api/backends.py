@@ -18,8 +18,8 @@ from backends.catalog import Catalog, CatalogError, PipPlan, SourceBuild, Varian
 from backends.manifest import ManifestBackend, ManifestError
 from backends.manifest.source import MAX_MANIFEST_BYTES
 from runnerd.api import scopes
+from runnerd.api.body import read_json_body
 from runnerd.api.context import Daemon, daemon, over_unix_socket
-from runnerd.api.engines import read_json_body
 from runnerd.api.errors import ApiError, parse_body
 from runnerd.api.jobs import job_json, stream_job, wants_stream
 from runnerd.catalog import (

@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backends.base import KEBAB_CASE_TOO, Backend, BackendConfiguration, Mode, SpeculativeOptions
 from backends.flags import FlagError, split_raw_flags
+from runnerd.api.body import read_json_body
 from runnerd.api.context import Daemon, daemon
-from runnerd.api.engines import choose_backend, find_model, read_json_body
+from runnerd.api.engines import choose_backend, find_model
 from runnerd.api.errors import ApiError, validation_error
 from runnerd.api.fit import refuse_unfit
 from runnerd.configs import StoredConfiguration, effective_configuration

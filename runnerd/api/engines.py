@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from backends.base import Backend, BackendConfiguration, BackendError, Capability, Mode, RunnerError
 from runnerd import failover
 from runnerd.api import scopes
-from runnerd.api.body import read_json_body as read_json_body  # re-exported: routes import it from here
+from runnerd.api.body import read_json_body
 from runnerd.api.context import Daemon, daemon
 from runnerd.api.errors import ApiError, parse_body
 from runnerd.configs import effective_configuration

@@ -20,8 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from backends.base import BackendConfiguration
 from runnerd.api import scopes
+from runnerd.api.body import read_json_body
 from runnerd.api.context import daemon, over_unix_socket
-from runnerd.api.engines import find_model, read_json_body
+from runnerd.api.engines import find_model
 from runnerd.api.errors import ApiError, parse_body
 from runnerd.api.estimate import describe, model_estimate
 from runnerd.api.pulling import RequestPull

@@ -10,8 +10,8 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from runnerd.api import scopes
+from runnerd.api.body import read_json_body
 from runnerd.api.context import Daemon
-from runnerd.api.engines import read_json_body
 from runnerd.api.errors import ApiError
 from runnerd.store import ModelEntry, StoreError
 
