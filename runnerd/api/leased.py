@@ -4,15 +4,17 @@ own implementation of an API and translating through its chat completions, and w
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from pydantic import BaseModel
 
 from backends.base import Api, Backend, Capability, Mode
+from runnerd.api.chat_pieces import Change, ChatAnswer, PieceReader
 from runnerd.api.context import daemon
 from runnerd.api.engines import (
     check_capabilities,
@@ -24,7 +26,9 @@ from runnerd.api.engines import (
 )
 from runnerd.configs import effective_configuration
 from runnerd.metrics import REQUEST_MODEL
+from runnerd.proxy import engine_events
 from runnerd.scheduler import Lease, Runner
+from runnerd.sse import error_text
 from runnerd.store import ModelEntry
 
 
@@ -105,3 +109,33 @@ async def prepend(first: dict[str, Any] | None, rest: AsyncIterator[dict[str, An
 def is_stream_error(event: dict[str, Any]) -> bool:
     """An engine's failure inside a stream, as proxy.engine_events reports it."""
     return "error" in event and "type" not in event and "choices" not in event
+
+
+class TranslatedStream(Protocol):
+    """An API's own event sequence, made from an engine's chat-completion chunks."""
+
+    def start(self) -> bytes: ...
+
+    def changes(self, changes: list[Change]) -> bytes: ...
+
+    def finish(self, answer: ChatAnswer) -> bytes: ...
+
+    def fail(self, message: str) -> bytes: ...
+
+
+async def stream_translated(request: web.Request, leased: Leased, body: dict[str, Any],
+                            stream: TranslatedStream) -> tuple[web.StreamResponse, bool]:
+    """Relay the engine's chat-completion stream as `stream`'s events. False when the engine's stream broke
+    (its failure event is written). The caller ends the response."""
+    reader = PieceReader()
+    async with contextlib.aclosing(engine_events(leased.runner, "/v1/chat/completions", body)) as chunks:
+        first = await anext(chunks, None)
+        response = await start_sse(request)
+        await response.write(stream.start())
+        async for chunk in prepend(first, chunks):
+            if is_stream_error(chunk):
+                await response.write(stream.fail(error_text(chunk)))
+                return response, False
+            await response.write(stream.changes(reader.feed(chunk)))
+    await response.write(stream.finish(reader.answer))
+    return response, True

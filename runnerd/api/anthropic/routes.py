@@ -13,7 +13,7 @@ from backends.base import Api
 from runnerd.api.anthropic import translate as tr
 from runnerd.api.anthropic.schema import CountTokensRequest, MessagesRequest
 from runnerd.api.body import read_json_body
-from runnerd.api.chat_pieces import PieceReader, answer_from_completion
+from runnerd.api.chat_pieces import answer_from_completion
 from runnerd.api.errors import ApiError, parse_body
 from runnerd.api.leased import (
     Leased,
@@ -23,6 +23,7 @@ from runnerd.api.leased import (
     prepend,
     sse_event,
     start_sse,
+    stream_translated,
 )
 from runnerd.proxy import call_engine, engine_events
 from runnerd.sse import error_text
@@ -75,19 +76,7 @@ async def _relay_stream(request: web.Request, leased: Leased, payload: dict[str,
 
 
 async def _translate_stream(request: web.Request, leased: Leased, body: dict[str, Any]) -> web.StreamResponse:
-    stream = tr.MessageStream(leased.model.name)
-    reader = PieceReader()
-    async with contextlib.aclosing(engine_events(leased.runner, "/v1/chat/completions", body)) as chunks:
-        first = await anext(chunks, None)
-        response = await start_sse(request)
-        await response.write(stream.start())
-        async for chunk in prepend(first, chunks):
-            if is_stream_error(chunk):
-                await response.write(tr.error_event("api_error", error_text(chunk)))
-                await response.write_eof()
-                return response
-            await response.write(stream.changes(reader.feed(chunk)))
-    await response.write(stream.finish(reader.answer))
+    response, _ = await stream_translated(request, leased, body, tr.MessageStream(leased.model.name))
     await response.write_eof()
     return response
 

@@ -189,6 +189,9 @@ class MessageStream:
                                                          "delta": _delta(self._pieces[change.index], change.text)})
         return out
 
+    def fail(self, message: str) -> bytes:
+        return error_event("api_error", message)
+
     def finish(self, answer: ChatAnswer) -> bytes:
         return self._close() + sse_event("message_delta", {
             "type": "message_delta", "delta": {"stop_reason": stop_reason(answer.finish_reason), "stop_sequence": None},

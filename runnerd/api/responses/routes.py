@@ -13,10 +13,18 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from backends.base import Api
 from runnerd.api.body import read_json_body
-from runnerd.api.chat_pieces import PieceReader, answer_from_completion
+from runnerd.api.chat_pieces import answer_from_completion
 from runnerd.api.context import DAEMON
 from runnerd.api.errors import ApiError, parse_body, validation_error
-from runnerd.api.leased import Leased, is_stream_error, lease_for, needed_capabilities, prepend, start_sse
+from runnerd.api.leased import (
+    Leased,
+    is_stream_error,
+    lease_for,
+    needed_capabilities,
+    prepend,
+    start_sse,
+    stream_translated,
+)
 from runnerd.api.responses import translate as tr
 from runnerd.api.responses.schema import InputItem, InputTokensRequest, ResponsesRequest, input_items
 from runnerd.api.responses.store import RESPONSE_STORE, ResponseStore, StoredResponse
@@ -102,19 +110,9 @@ async def _relay_stream(request: web.Request, leased: Leased, req: ResponsesRequ
 async def _translate_stream(request: web.Request, leased: Leased, req: ResponsesRequest, body: dict[str, Any],
                             conversation: Conversation) -> web.StreamResponse:
     stream = tr.ResponseStream(req, leased.model.name)
-    reader = PieceReader()
-    async with contextlib.aclosing(engine_events(leased.runner, "/v1/chat/completions", body)) as chunks:
-        first = await anext(chunks, None)
-        response = await start_sse(request)
-        await response.write(stream.start())
-        async for chunk in prepend(first, chunks):
-            if is_stream_error(chunk):
-                await response.write(stream.fail(error_text(chunk)))
-                await response.write_eof()
-                return response
-            await response.write(stream.changes(reader.feed(chunk)))
-    await response.write(stream.finish(reader.answer))
-    _remember(request, req, stream.response, conversation)
+    response, completed = await stream_translated(request, leased, body, stream)
+    if completed:
+        _remember(request, req, stream.response, conversation)
     await response.write_eof()
     return response
 
