@@ -6,7 +6,6 @@ through its chat completions. Stored responses are the daemon's either way.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import httpx
@@ -26,16 +25,6 @@ SECRET, QUESTION = "The secret word is banana.", "What is the secret word?"
 
 def client(d: Any) -> openai.OpenAI:
     return d.openai("/v1")
-
-
-def sse_events(resp: httpx.Response) -> list[tuple[str, dict[str, Any]]]:
-    events, name = [], ""
-    for line in resp.iter_lines():
-        if line.startswith("event:"):
-            name = line[6:].strip()
-        elif line.startswith("data:"):
-            events.append((name, json.loads(line[5:])))
-    return events
 
 
 def test_a_response_has_the_responses_shape(api_daemon):
