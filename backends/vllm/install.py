@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from backends.base import InstallError, Progress, ProgressCallback
 from backends.process import run_step
+from backends.vllm.option_list import cache_file, dump_argv, dump_env, parse_dump, write_atomically
 
 VLLM_VERSION = "0.32.0"
 CPU_TORCH_VERSION = "2.13.0"
@@ -85,6 +87,17 @@ def installed_python(cache_dir: Path, plan: InstallPlan) -> Path | None:
     root = install_root(cache_dir, plan)
     python = venv_python(root)
     return python if (root / MARKER).is_file() and python.exists() else None
+
+
+def options_dir(python: Path, cache_dir: Path) -> Path:
+    """Where the option list of the vLLM `python` runs is cached (backends/vllm/option_list.py): inside
+    runnerd's own install, also when the operator names its interpreter; for any other interpreter, under
+    the cache, in a directory named after its path (nothing is written into an environment runnerd does
+    not own)."""
+    root = python.parent.parent.parent
+    if python.parent.parent.name == "venv" and (root / MARKER).is_file():
+        return root
+    return cache_dir / "vllm" / "options" / hashlib.sha256(str(python).encode()).hexdigest()[:16]
 
 
 def interpreter_of(path: Path) -> Path:
@@ -173,6 +186,15 @@ async def install_private(cache_dir: Path, plan: InstallPlan, progress: Progress
         _progress(progress, "verify", 98, "import vllm")
         await run_step([str(python), "-c", "import vllm.entrypoints.openai.api_server"],
                        env={**env, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"})
+        # The release's option list is read now, so the first configure request finds it ready.
+        _progress(progress, "options", 99, "reading vLLM's option list")
+        version = await asyncio.to_thread(read_version, python)
+        lines: list[str] = []
+        await run_step(dump_argv(python), on_line=lines.append, env=dump_env(env))
+        options = parse_dump(lines, python)
+        if version is None or options.vllm != version:
+            raise InstallError(f"the installed vLLM is {options.vllm!r}, its metadata says {version!r}")
+        await asyncio.to_thread(write_atomically, cache_file(stage, version), options)
         (stage / MARKER).write_text("\n".join(plan.requirements()) + "\n")
         # Another install may have finished first; its result is as good as ours.
         with contextlib.suppress(OSError):
