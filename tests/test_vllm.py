@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -246,13 +247,13 @@ def test_every_allowlisted_flag_is_an_option_of_the_pinned_vllm(vllm_python: Pat
                          capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONNOUSERSITE": "1"})
     parser = json.loads(out.stdout.strip().splitlines()[-1])
-    options: dict[str, list[str] | None] = parser["options"]
+    options: dict[str, dict[str, Any]] = parser["options"]
     assert len(options) > 100  # the parser really was read
     allowed = {spelling: spec for spec in VLLM_FLAGS.flags
                for spelling in (*spec.positive_spellings, *spec.negative_spellings)}
     assert sorted(set(allowed) - set(options)) == []
     for spelling, spec in allowed.items():
-        engine_choices = options[spelling]
+        engine_choices = options[spelling]["choices"]
         if spec.choices and engine_choices is not None:
             assert set(spec.choices) <= set(engine_choices), spelling
     # The daemon's own flags must exist too, or the engine would refuse to start.
