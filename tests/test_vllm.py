@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from backends.base import Mode
+from backends.flags import FlagError
 from backends.vllm import VllmBackend
 from backends.vllm.flags import VLLM_FLAGS
 from runnerd.config import load_settings
@@ -124,12 +125,28 @@ def test_estimate_from_headers(vd: Daemon) -> None:
     assert cpu["kv_cache"] >= 64 << 20 and est["vram_bytes"] == 0
 
 
+def test_a_flag_only_the_installed_release_lists_is_accepted(vd: Daemon) -> None:
+    """The allowlist comes from the installed release's parser: flags the pinned table never listed are
+    taken, typed. The runner started by the next test runs with them (its responses show it)."""
+    # Status reads the release's option list (or its cache); configure checks flags against it from then on.
+    assert vd.http.get("/engines/status").json()["vllm"].startswith("Running")
+    flags = ["--fingerprint-mode=custom", "--fingerprint-value=runnerd-test"]
+    with pytest.raises(FlagError, match="not on the vllm allowlist"):
+        VLLM_FLAGS.validate(flags)
+    bad = vd.post("/engines/vllm/_configure", {"model": "tinyhf", "runtime_flags": ["--fingerprint-mode=loud"]})
+    assert bad.status_code == 400 and "must be one of" in bad.json()["error"]["message"], bad.text
+    resp = vd.post("/engines/vllm/_configure", {"model": "tinyhf", "runtime_flags": flags})
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["config"]["runtime_flags"] == flags and vd.ps() == []
+
+
 def test_completions_on_the_runners_socket(vd: Daemon) -> None:
     started = time.monotonic()
     client = vd.openai("/engines/vllm/v1")
     first = client.completions.create(model="tinyhf", prompt="The quick brown", max_tokens=8, temperature=0)
     ready_s = time.monotonic() - started
     assert first.model == "tinyhf:latest"  # the canonical name vLLM serves under
+    assert first.system_fingerprint == "runnerd-test"  # the flags configured above reached vLLM
     assert first.choices[0].text and first.usage is not None and first.usage.completion_tokens > 0
     again = client.completions.create(model="tinyhf", prompt="The quick brown", max_tokens=8, temperature=0)
     assert again.choices[0].text == first.choices[0].text  # greedy decoding is deterministic

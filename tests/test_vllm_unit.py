@@ -143,6 +143,19 @@ def test_gpu_estimate_is_the_utilisation_fraction(tmp_path: Path) -> None:
     assert any("gpu_memory_utilization 0.5" in n and "whatever the model needs" in n for n in est.notes)
 
 
+def test_gpu_estimate_counts_weights_offloaded_to_host_memory(tmp_path: Path) -> None:
+    model = write_model_dir(tmp_path / "m")
+    backend = VllmBackend(cache_dir=tmp_path, launch=VllmLaunch(use_gpu=True), gpu_total=80 << 30)
+    plain = backend.required_memory(_ref(model), Mode.COMPLETION, BackendConfiguration())
+    offloaded = backend.required_memory(_ref(model), Mode.COMPLETION,
+                                        BackendConfiguration(runtime_flags=["--cpu-offload-gb=1"]))
+    # At most the weights there are (in the 16-bit compute dtype here) move to the host, whatever the flag asks.
+    weights = plain.devices[1].breakdown.weights
+    assert 0 < weights < 157
+    assert offloaded.ram_bytes == plain.ram_bytes + weights and offloaded.vram_bytes == plain.vram_bytes
+    assert offloaded.devices[0].breakdown.weights == weights
+
+
 def test_estimate_of_unreadable_model_is_unknown(tmp_path: Path) -> None:
     backend = VllmBackend(cache_dir=tmp_path)
     assert not backend.required_memory(_ref(tmp_path / "missing"), Mode.COMPLETION, BackendConfiguration()).known
