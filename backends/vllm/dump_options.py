@@ -1,7 +1,8 @@
-"""Prints, as one JSON line, every option of the installed vLLM's OpenAI server parser.
+"""Writes, as JSON, every option of the installed vLLM's OpenAI server parser to the file named first.
 
-Run with the vLLM environment's own Python (``python -I dump_options.py``), never imported by runnerd:
-it imports vllm. backends/vllm/option_list.py reads its output into `OptionList`.
+Run with the vLLM environment's own Python (``python -I dump_options.py OUT``), never imported by runnerd:
+it imports vllm. A file, not stdout: vLLM logs on both streams, and the list is one 130 KB line.
+backends/vllm/option_list.py reads the file into `OptionList`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 # vLLM reads its config classes' attribute docstrings into help texts only when "--help" is on the
 # command line (arg_utils.NEEDS_HELP, evaluated at import): the refusal rules read those texts.
+OUT = sys.argv[1]
 sys.argv = [sys.argv[0], "--help"]
 
 from vllm.utils.argparse_utils import FlexibleArgumentParser  # type: ignore[import-not-found]  # noqa: E402
@@ -78,4 +80,5 @@ for action in parser._actions:
         "repeats": isinstance(action, argparse._AppendAction),
         "help": action.help if isinstance(action.help, str) and action.help != argparse.SUPPRESS else "",
     })
-print(json.dumps({"vllm": _version(), "allow_abbrev": parser.allow_abbrev, "options": options}))
+with open(OUT, "w") as f:
+    json.dump({"vllm": _version(), "allow_abbrev": parser.allow_abbrev, "options": options}, f)

@@ -25,12 +25,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from backends.base import InstallError, Progress, ProgressCallback
 from backends.process import run_step
-from backends.vllm.option_list import cache_file, dump_argv, dump_env, parse_dump, write_atomically
+from backends.vllm.option_list import OptionList, cache_file, dump_argv, dump_env, parse_dump, write_atomically
 
 VLLM_VERSION = "0.32.0"
 CPU_TORCH_VERSION = "2.13.0"
@@ -157,6 +158,22 @@ def base_interpreter() -> str:
     return getattr(sys, "_base_executable", None) or sys.executable
 
 
+async def record_options(python: Path, directory: Path, env: Mapping[str, str]) -> OptionList:
+    """Read the option list of the vLLM `python` runs and cache it in `directory` (option_list.py); in a
+    process group killed if the install is cancelled, unlike option_list.read_options."""
+    version = await asyncio.to_thread(read_version, python)
+    out = directory / ".options-dump.json"
+    try:
+        await run_step(dump_argv(python, out), env=dump_env(env))
+        options = await asyncio.to_thread(parse_dump, out, python)
+    finally:
+        out.unlink(missing_ok=True)
+    if version is None or options.vllm != version:
+        raise InstallError(f"the installed vLLM is {options.vllm!r}, its metadata says {version!r}")
+    await asyncio.to_thread(write_atomically, cache_file(directory, version), options)
+    return options
+
+
 async def install_private(cache_dir: Path, plan: InstallPlan, progress: ProgressCallback | None = None) -> Path:
     """Create the private environment for `plan` (if missing) and return its python."""
     existing = installed_python(cache_dir, plan)
@@ -190,13 +207,7 @@ async def install_private(cache_dir: Path, plan: InstallPlan, progress: Progress
                        env={**env, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"})
         # The release's option list is read now, so the first configure request finds it ready.
         _progress(progress, "options", 99, "reading vLLM's option list")
-        version = await asyncio.to_thread(read_version, python)
-        lines: list[str] = []
-        await run_step(dump_argv(python), on_line=lines.append, env=dump_env(env))
-        options = parse_dump(lines, python)
-        if version is None or options.vllm != version:
-            raise InstallError(f"the installed vLLM is {options.vllm!r}, its metadata says {version!r}")
-        await asyncio.to_thread(write_atomically, cache_file(stage, version), options)
+        await record_options(python, stage, env)
         (stage / MARKER).write_text("\n".join(plan.requirements()) + "\n")
         # Another install may have finished first; its result is as good as ours.
         with contextlib.suppress(OSError):

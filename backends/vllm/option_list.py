@@ -15,7 +15,7 @@ import contextlib
 import os
 import subprocess
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -64,8 +64,8 @@ def cache_file(directory: Path, version: str) -> Path:
     return directory / f"{PREFIX}{safe}.json"
 
 
-def dump_argv(python: Path) -> list[str]:
-    return [str(python), "-I", str(DUMP_SCRIPT)]
+def dump_argv(python: Path, out: Path) -> list[str]:
+    return [str(python), "-I", str(DUMP_SCRIPT), str(out)]
 
 
 def dump_env(base: Mapping[str, str]) -> dict[str, str]:
@@ -74,29 +74,32 @@ def dump_env(base: Mapping[str, str]) -> dict[str, str]:
             "PYTHONNOUSERSITE": "1"}
 
 
-def parse_dump(lines: Sequence[str], python: Path) -> OptionList:
-    """The option list among the dump's output lines (vLLM may log around it); InstallError if none."""
-    found = [line for line in lines if line.startswith('{"vllm"')]
-    if not found:
-        raise InstallError(f"reading vLLM's options with {python} printed no option list")
+def parse_dump(out: Path, python: Path) -> OptionList:
+    """The option list the dump script wrote to `out`; InstallError if it wrote none or a malformed one."""
     try:
-        return OptionList.model_validate_json(found[-1])
+        raw = out.read_bytes()
+    except OSError as exc:
+        raise InstallError(f"reading vLLM's options with {python} wrote no option list ({exc.strerror})") from exc
+    try:
+        return OptionList.model_validate_json(raw)
     except ValidationError as exc:
         raise InstallError(f"vLLM's option list from {python} is malformed: {exc.errors()[0]['msg']}") from exc
 
 
 def read_options(python: Path) -> OptionList:
-    """Blocking: run the dump script with `python` (about 10 s of CPU) and parse what it prints;
-    InstallError when it fails or prints something else."""
-    try:
-        done = subprocess.run(dump_argv(python), capture_output=True, text=True, timeout=READ_TIMEOUT_S,
-                              env=dump_env(os.environ), check=False)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise InstallError(f"cannot read vLLM's options with {python}: {exc}") from exc
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise InstallError(f"reading vLLM's options with {python} failed (exit {done.returncode}): {last}")
-    return parse_dump(done.stdout.splitlines(), python)
+    """Blocking: run the dump script with `python` (about 10 s of CPU) and parse what it wrote;
+    InstallError when it fails or writes something else."""
+    with tempfile.TemporaryDirectory(prefix="runnerd-vllm-options-") as work:
+        out = Path(work) / "options.json"
+        try:
+            done = subprocess.run(dump_argv(python, out), capture_output=True, text=True, timeout=READ_TIMEOUT_S,
+                                  env=dump_env(os.environ), check=False)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise InstallError(f"cannot read vLLM's options with {python}: {exc}") from exc
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise InstallError(f"reading vLLM's options with {python} failed (exit {done.returncode}): {last}")
+        return parse_dump(out, python)
 
 
 def _load(path: Path, version: str) -> OptionList | None:
