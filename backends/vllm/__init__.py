@@ -111,6 +111,12 @@ def _mtime(path: Path) -> int:
     return path.stat().st_mtime_ns
 
 
+def _environment_mtime(python: Path) -> int:
+    """The latest modification of `python` and of its environment's site-packages directories."""
+    sites = python.parent.parent.glob("lib/python3*/site-packages")
+    return max([_mtime(python), *(_mtime(site) for site in sites)])
+
+
 def model_weights(model_dir: Path) -> int:
     """Bytes of a model directory's safetensors, read once per version of its files."""
     return _weights(model_dir, max(_mtime(p) for p in [model_dir, *model_dir.glob("*.safetensors")]))
@@ -299,11 +305,13 @@ class VllmBackend(Backend):
             await asyncio.to_thread(shutil.rmtree, install_root(self.cache_dir, self.plan), True)
 
     def version(self) -> str | None:
-        """`<distribution> <version>` from package metadata (cached per interpreter version)."""
+        """`<distribution> <version>` from package metadata, cached per interpreter and state of its
+        site-packages (pip installing or removing a distribution changes that directory's entries, so an
+        upgrade in place is seen, and with it the new release's option list)."""
         python = self.locate()
         if python is None:
             return None
-        key = (python, _mtime(python))
+        key = (python, _environment_mtime(python))
         if key not in self._versions:
             self._versions[key] = read_version(python)
         return self._versions[key]
