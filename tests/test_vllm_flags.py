@@ -165,6 +165,41 @@ HOSTILE = {
 }
 
 
+def test_an_option_is_judged_by_its_name_and_help_text() -> None:
+    """Rules applied to options a future release might add (the installed one is checked above)."""
+    def option(name: str, help: str, kind: str = "str", **extra: Any) -> ParserOption:
+        return ParserOption.model_validate({"names": [name], "takes_value": kind != "bool", "type": kind,
+                                            "help": help, **extra})
+
+    table = version_flags([
+        option("--cache-root", "Where compiled kernels are kept, a directory on the host."),
+        option("--peer", "The hostname of the prefill node."),
+        option("--loader", "Fully-qualified class name of the loader."),
+        option("--arena-gb", "GiB of host memory for the tensor arena.", "float"),
+        option("--mystery", ""),
+        option("--items", "Names of things.", nargs="+"),
+        option("--tuning", "Tuning knobs.", "json"),
+        option("--draft-model", "The draft."),
+        option("--ssl-profile", "A TLS profile name."),
+        option("--prefetch-rounds", "How many rounds to prefetch.", "int"),
+        option("--mode", "How to schedule.", choices=["fast", "fair"]),
+        option("--fancy", "Turn on the fancy kernels.", "bool", names=["--fancy", "--no-fancy", "-f"]),
+    ])
+    reasons = {
+        "--cache-root": "files", "--peer": "network", "--loader": "runs code", "--arena-gb": "does not count",
+        "--mystery": "no help text", "--items": "a list", "--tuning": "structured config",
+        "--draft-model": "'model'", "--ssl-profile": "set by runnerd",
+    }
+    for name, reason in reasons.items():
+        with pytest.raises(FlagError, match=re.escape(reason)):
+            table.validate([f"{name}=x"])
+    assert table.validate(["--prefetch-rounds=3", "--mode=fair", "-f"]) == \
+        ["--prefetch-rounds=3", "--mode=fair", "--fancy"]
+    assert table.validate(["--no-fancy"]) == ["--no-fancy"]
+    with pytest.raises(FlagError, match="must be one of: fast, fair"):
+        table.validate(["--mode=slow"])
+
+
 def test_hostile_flags_are_refused_with_the_reason(table: FlagTable) -> None:
     for flag, reason in HOSTILE.items():
         with pytest.raises(FlagError, match=re.escape(reason)) as refused:

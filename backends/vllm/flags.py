@@ -243,7 +243,7 @@ _MORE_DANGEROUS = (
     refused(RefusalKind.CODE, "--model-class-overrides", "--trust-request-mm-kwargs",
             "--no-trust-request-mm-kwargs", "--enable-mm-embeds", "--no-enable-mm-embeds",
             why="it loads classes or deserialises what clients send"),
-    refused(RefusalKind.PROCESS, "--skip-tokenizer-init", "--no-skip-tokenizer-init",
+    refused(RefusalKind.UNSUPPORTED, "--skip-tokenizer-init", "--no-skip-tokenizer-init",
             "--mm-encoder-only", "--no-mm-encoder-only",
             why="the engine would no longer serve the requests runnerd sends it"),
 )
@@ -276,9 +276,9 @@ def _positive(option: ParserOption) -> tuple[str, ...]:
 
 def _inferred(option: ParserOption) -> FlagSpec | Refusal:
     """A spec or a refusal for an option no table here names, from its parser entry alone (see the
-    module's doc): refused when its name or help text speaks of files, the network or code, when it
-    changes memory, takes a list or an optional value, or takes a JSON config; else typed as the parser
-    types it."""
+    module's doc): refused when its name or help text speaks of files, the network or code, when it has
+    no help text, changes memory, takes a list or an optional value, or takes a JSON config; else typed
+    as the parser types it."""
     names = option.names
     words = {w for n in names for w in n.lstrip("-").split("-")}
     # A switch such as --cohere-is-reasoning-model names no model; an option with a value might.
@@ -289,6 +289,9 @@ def _inferred(option: ParserOption) -> FlagSpec | Refusal:
         if found:
             detail = _SERVER if kind is RefusalKind.DAEMON_OWNED else f"its name has the word {found[0]!r}"
             return refused(kind, *names, why=detail)
+    if not option.help.strip():
+        # The help text is what the rules below read; without it nothing says what the option touches.
+        return refused(RefusalKind.UNSUPPORTED, *names, why="vLLM gives no help text for it to judge it by")
     for kind, pattern in _HELP_WORDS:
         match = pattern.search(option.help)
         if match:
