@@ -237,6 +237,13 @@ def test_options_that_change_memory_are_counted_or_refused(table: FlagTable, rel
 def test_the_backend_uses_the_installed_releases_table(vllm_python: Path, tmp_path: Path) -> None:  # noqa: F811
     backend = VllmBackend(cache_dir=tmp_path, python=vllm_python, host=VllmHostLimits(gpus=0, cpus=2))
     assert backend.flags is VLLM_FLAGS  # not read yet: the pinned table answers, without blocking
+    with pytest.raises(FlagError, match="not on the vllm allowlist") as early:
+        backend.validate_flags(["--performance-mode=throughput"])
+    assert "still being read" not in early.value.reason
+    backend._reading = True  # the state while build_flags reads a release's list the first time
+    with pytest.raises(FlagError, match="still being read"):
+        backend.validate_flags(["--performance-mode=throughput"])
+    backend._reading = False
     table = backend.build_flags()
     assert backend.flags is table and "--performance-mode" in table.allowed_spellings
     assert backend.validate_flags(["--performance-mode=throughput"]) == ["--performance-mode=throughput"]

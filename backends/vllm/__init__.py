@@ -249,6 +249,7 @@ class VllmBackend(Backend):
         self._table: FlagTable | None = None
         # One reader at a time: reading a release's options costs ~10 s of CPU.
         self._table_lock = threading.Lock()
+        self._reading = False
 
     @property
     def source_version(self) -> str:
@@ -331,10 +332,13 @@ class VllmBackend(Backend):
         with self._table_lock:
             table = self._tables.get(key)
             if table is None:
+                self._reading = True
                 try:
                     options = load_options(python, options_dir(python, self.cache_dir), version)
                 except (OSError, InstallError):
                     return VLLM_FLAGS
+                finally:
+                    self._reading = False
                 table = self._tables[key] = version_flags(options.options)
             self._table = table
         return table
@@ -387,7 +391,14 @@ class VllmBackend(Backend):
         (backends/vllm/host_limits.py). Never blocks: until the release's option list has been read the
         pinned table answers, and `run` checks again against the release's own."""
         table = table or self.flags
-        validated = validate_vllm_flags(table, list(flags))
+        try:
+            validated = validate_vllm_flags(table, list(flags))
+        except FlagError as exc:
+            if self._reading and table is VLLM_FLAGS and "allowlist" in exc.reason:
+                raise FlagError(exc.element, f"{exc.reason}; the installed vLLM's own option list is still "
+                                "being read (about 10 s, once per release): try again shortly",
+                                index=exc.index) from None
+            raise
         check_host_flags(table, validated, self.host)
         return validated
 
