@@ -421,6 +421,11 @@ def test_a_request_from_another_daemon_sees_local_models_only(world: World) -> N
     assert [m["name"] for m in world.front.http.get("/api/tags", headers=via).json()["models"]] == ["tiny:latest"]
     resp = world.front.post("/v1/chat/completions", {"model": "shared", "messages": CHAT}, headers=via)
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "model_not_found"
+    for path, body in (("/v1/messages", {"model": "shared", "max_tokens": 4, "messages": CHAT}),
+                       ("/v1/responses", {"model": "shared", "input": "hi"}),
+                       ("/api/embed", {"model": "shared-embed", "input": "hi"}),
+                       ("/api/show", {"model": "remote-tiny"})):
+        assert world.front.post(path, body, headers=via).status_code == 404, path
 
 
 def test_aliases_try_their_candidates_in_order(world: World) -> None:
