@@ -31,7 +31,7 @@ from runnerd.api.errors import ApiError
 from runnerd.api.fit import refuse_unfit
 from runnerd.api.ollama import translate as tr
 from runnerd.api.ollama.common import ModelRequest, lookup_model, ndjson_line, read_body, start_ndjson
-from runnerd.api.ollama.upstream import UpstreamJob, upstream_first, upstream_job
+from runnerd.api.ollama.upstream import UpstreamJob, fallback_job, upstream_first, upstream_job
 from runnerd.configs import StoredConfiguration, effective_configuration
 from runnerd.durations import parse_keep_alive
 from runnerd.metrics import REQUEST_MODEL
@@ -171,7 +171,24 @@ async def _job(request: web.Request, name: str, needed: list[Capability], option
     remote = await upstream_job(request, name, needed)
     if remote is not None:
         return remote
-    return await _lease(request, name, Mode.COMPLETION, needed, options, keep_alive)
+    return await _lease_or_fall_back(request, name, Mode.COMPLETION, needed, options, keep_alive)
+
+
+async def _lease_or_fall_back(request: web.Request, name: str, mode: Mode, needed: list[Capability],
+                              options: tr.OllamaOptions | None, keep_alive: KeepAliveValue) -> Job | UpstreamJob:
+    """A leased local runner; when its engine cannot start (a 5xx before any answer), the upstreams that
+    host the same model, as the OpenAI routes fail over."""
+    try:
+        return await _lease(request, name, mode, needed, options, keep_alive)
+    except ApiError as exc:
+        if exc.status < 500:
+            raise
+        fallback = await fallback_job(request, name, needed)
+        if fallback is None:
+            raise
+        log.warning("the local engine for %s failed before answering, trying its upstreams: %s", name,
+                    exc.message.splitlines()[0])
+        return fallback
 
 
 async def _lease(request: web.Request, name: str, mode: Mode, needed: list[Capability],
@@ -316,7 +333,7 @@ async def _embed(request: web.Request, req: ModelRequest, inputs: Any, options: 
     needed = [Capability.EMBEDDINGS]
     job: Job | UpstreamJob | None = await upstream_job(request, req.model, needed)
     if job is None:
-        job = await _lease(request, req.model, Mode.EMBEDDING, needed, options, keep_alive)
+        job = await _lease_or_fall_back(request, req.model, Mode.EMBEDDING, needed, options, keep_alive)
     try:
         answer = await job.call("/v1/embeddings", {"model": job.name, "input": inputs})
     finally:

@@ -75,6 +75,22 @@ async def upstream_job(request: web.Request, name: str, needed: list[Capability]
     return UpstreamJob(name, remote, clock)
 
 
+async def fallback_job(request: web.Request, name: str, needed: list[Capability]) -> UpstreamJob | None:
+    """The upstreams hosting `name` after the local model of that name, for when its engine failed before
+    answering (it could not start); None when there are none, or none serves what is needed."""
+    d = daemon(request)
+    if not d.sources.active or from_upstream(request) or not scopes.may_use(name):
+        return None
+    remote = [c for c in d.sources.candidates(name, local_has=True)
+              if c.endpoint is not None and all(n in c.endpoint.capabilities for n in needed)]
+    if not remote:
+        return None
+    clock = tr.Clock()
+    clock.mark_loaded()
+    request[REQUEST_MODEL] = name
+    return UpstreamJob(name, remote, clock)
+
+
 async def _ollama_api(endpoint: ExternalEndpoint, method: str, path: str, body: dict[str, Any] | None) -> Any:
     """One call to an upstream's Ollama API, bounded by its discovery timeout. A failure raises
     aiohttp.ClientError, TimeoutError or ValueError (not JSON, too large) for the caller to pass over."""
