@@ -390,8 +390,8 @@ def test_a_capability_the_kind_lacks_is_501_before_any_traffic(world: World) -> 
 
 def test_a_model_no_source_hosts_answers_as_today(world: World) -> None:
     """The second daemon has no upstreams: its answer is today's answer for an unknown model."""
-    body = {"model": "nope", "messages": CHAT}
-    for path in ("/v1/chat/completions", "/api/chat"):
+    body = {"model": "nope", "messages": CHAT, "max_tokens": 4, "input": "hi"}
+    for path in ("/v1/chat/completions", "/api/chat", "/v1/messages", "/v1/responses", "/api/show"):
         here, today = world.front.post(path, body), world.second.post(path, body)
         assert (here.status_code, here.json()) == (today.status_code, today.json())
         assert here.status_code == 404
@@ -406,9 +406,11 @@ def test_a_token_sees_and_reaches_only_its_models_whatever_their_source(world: W
         assert {m["name"] for m in tcp.get("/api/tags").json()["models"]} == {"shared", "shared-embed"}
         resp = tcp.post("/v1/chat/completions", json={"model": "shared", "messages": CHAT, **ANSWER})
         assert resp.status_code == 200, resp.text
-        for path in ("/v1/chat/completions", "/api/chat"):
-            hidden = tcp.post(path, json={"model": "remote-tiny", "messages": CHAT})  # on the second daemon
-            absent = tcp.post(path, json={"model": "remote-none", "messages": CHAT})  # nowhere, same length
+        for path, body in (("/v1/chat/completions", {"messages": CHAT}), ("/api/chat", {"messages": CHAT}),
+                           ("/v1/messages", {"messages": CHAT, "max_tokens": 4}), ("/v1/responses", {"input": "hi"}),
+                           ("/api/embed", {"input": "hi"}), ("/api/show", {})):
+            hidden = tcp.post(path, json={"model": "remote-tiny", **body})  # on the second daemon
+            absent = tcp.post(path, json={"model": "remote-none", **body})  # nowhere, same length
             assert hidden.status_code == absent.status_code == 404, (hidden.text, absent.text)
             assert hidden.content.replace(b"remote-tiny", b"remote-none") == absent.content
 
