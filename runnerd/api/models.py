@@ -162,10 +162,12 @@ async def estimate_or_show(request: web.Request) -> web.Response:
     d = daemon(request)
     name = request.match_info["name"]
     try:
+        scopes.check_model(name)
         d.store.get(name)
     except StoreError:
         whole = f"{name}/estimate"
         with contextlib.suppress(StoreError):
+            scopes.check_model(whole)
             model = d.store.get(whole)
             return web.json_response({**model_json(model), **await describe(d, model)})
     return await model_estimate(request)

@@ -111,3 +111,41 @@ def check_model(name: str) -> None:
 def visible(items: Iterable[_T], name: Callable[[_T], str]) -> list[_T]:
     """The items whose model (`name(item)`) the caller may use, in order."""
     return [item for item in items if may_use(name(item))]
+
+
+def sees_every_model() -> bool:
+    """Whether the caller's patterns let nothing out (the socket, and tokens whose patterns include `*`)."""
+    grant = _CALLER.get()
+    return grant is None or "*" in grant.models
+
+
+def model_filter() -> Callable[[str], bool]:
+    """`may_use` for the caller of now, usable where the request's context is not (a worker thread, a
+    stream's later writes); each name is matched once."""
+    grant = _CALLER.get()
+    if grant is None or "*" in grant.models:
+        return lambda name: True
+    seen: dict[str, bool] = {}
+
+    def allowed(name: str) -> bool:
+        if name not in seen:
+            seen[name] = grant.allows_model(spellings(name))
+        return seen[name]
+    return allowed
+
+
+def hidden_names_pattern(names: Iterable[str]) -> re.Pattern[str] | None:
+    """A pattern that finds, in free text, any of `names` the caller may not use (None: there are none).
+    A name matches as a whole word, with or without its tag, so `tiny` also finds `tiny:latest` and
+    `tiny:q4`; a visible model that shares a hidden one's base name loses those lines too, which hides
+    more than needed rather than less."""
+    allowed = model_filter()
+    bases = sorted({_base(n) for n in names if not allowed(n)}, key=len, reverse=True)
+    if not bases:
+        return None
+    return re.compile(r"(?<![\w./:-])(?:" + "|".join(map(re.escape, bases)) + r")(?![\w./-])")
+
+
+def _base(name: str) -> str:
+    head, slash, last = name.rpartition("/")
+    return head + slash + last.split(":", 1)[0]
