@@ -379,3 +379,75 @@ def test_a_daemon_with_an_unusable_tokens_file_does_not_start(llama_server):
         assert "never the token itself" in message and CAROL not in message
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def same_answer(tiny: httpx.Response, nope: httpx.Response, what: str) -> None:
+    """`tiny` (hidden) and `nope` (missing) answered alike: status, headers, and body once the names swap."""
+    assert tiny.status_code == nope.status_code and tiny.status_code >= 400, (what, tiny.text, nope.text)
+    assert tiny.content.replace(b"tiny", b"nope") == nope.content, (what, tiny.text, nope.text)
+    assert {k: v for k, v in tiny.headers.items() if k != "date"} == \
+           {k: v for k, v in nope.headers.items() if k != "date"}, what
+
+
+def test_an_operator_limited_to_some_models_sees_nothing_of_the_others(tcp):
+    """`gemops` may use `gemma*`: with runners of `tiny` and `gemma-small` up, every route that names
+    models or runners shows it `gemma-small` only and answers for `tiny` as for `nope`, which does not
+    exist; `ops`, with every model, sees both, so each filtered answer had something to leave out."""
+    for name in ("tiny", "gemma-small"):  # stored configurations, and a runner of each (configure preloads)
+        configured = tcp.d.post("/engines/_configure", {"model": name, "context_size": 512})
+        assert configured.status_code == 202, configured.text
+    wait_for(lambda: sorted(r["model"] for r in tcp.d.ps() if r["state"] in ("ready", "idle"))
+             == ["gemma-small:latest", "tiny:latest"], "both runners to be ready")
+    chat = [{"role": "user", "content": "hi"}]
+    for who, model in (("ops", "tiny"), ("gemops", "gemma-small")):
+        answer = tcp.post("/v1/chat/completions", who, {"model": model, "messages": chat, "max_tokens": 2})
+        assert answer.status_code == 200, answer.text
+    both, gem_only = ["gemma-small:latest", "tiny:latest"], ["gemma-small:latest"]
+
+    def runner_models(who: str, path: str) -> list[str]:
+        body = tcp.get(path, who).json()
+        runners = body["runners"] if path == "/node" else body["models"] if path == "/api/ps" else body
+        return sorted(r["model"] for r in runners)
+
+    for path in ("/node", "/engines/ps", "/api/ps"):
+        assert runner_models("ops", path) == both and runner_models("gemops", path) == gem_only, path
+    # What the host holds stays whole: the operator places models on the same memory.
+    assert tcp.get("/node", "gemops").json()["reserved"]["runners"] == 2
+
+    metrics = {who: tcp.get("/metrics", who).text for who in ("ops", "gemops")}
+    assert 'model="tiny:latest"' in metrics["ops"] and 'model="tiny:latest"' not in metrics["gemops"]
+    assert 'model="gemma-small:latest"' in metrics["gemops"]
+    assert re.search(r'^runnerd_runners\{state="ready"\} \d', metrics["gemops"], re.M)  # a host-wide series
+
+    configurations = {who: [c["model"] for c in tcp.get("/engines/_configure", who).json()["configurations"]]
+                      for who in ("ops", "gemops")}
+    assert sorted(configurations["ops"]) == both and configurations["gemops"] == gem_only
+
+    # The daemon's own log names tiny's runner for ops; gemops gets it without those lines.
+    logs = {who: tcp.get("/logs?tail=10000", who).text for who in ("ops", "gemops")}
+    assert "model=tiny:latest" in logs["ops"] and "tiny:latest" not in logs["gemops"]
+    assert "model=gemma-small:latest" in logs["gemops"]
+    assert tcp.get("/logs?runner=tiny", "ops").status_code == 200
+
+    probes: list[tuple[str, str, dict[str, Any] | None]] = [
+        ("GET", "/logs?runner={m}", None),
+        ("GET", "/logs?runner={m}&mode=completion&tail=5", None),
+        ("GET", "/models/{m}/estimate", None),
+        ("GET", "/models/{m}/estimate?ctx=256", None),
+        ("GET", "/engines/_configure?model={m}", None),
+        ("POST", "/engines/unload", {"models": ["{m}"]}),
+    ]
+    for method, path, body in probes:
+        answers = [tcp.client.request(method, path.format(m=m), headers=tcp.as_("gemops"),
+                                      json=json.loads(json.dumps(body).replace("{m}", m)) if body else None)
+                   for m in ("tiny", "nope")]
+        same_answer(*answers, what=path)
+
+    # "Unload everything" from gemops unloads what gemops may use, and says nothing of the rest.
+    unloaded = tcp.post("/engines/unload", "gemops", {"all": True, "timeout": 0})
+    assert unloaded.status_code == 200 and [r["model"] for r in unloaded.json()["runners"]] == gem_only
+    assert runner_models("ops", "/engines/ps") == ["tiny:latest"]
+    assert tcp.post("/engines/unload", "gemops", {"backend": "llama.cpp"}).json()["unloaded"] == 0
+    assert runner_models("ops", "/engines/ps") == ["tiny:latest"]
+    for name in ("tiny", "gemma-small"):
+        assert tcp.d.http.request("DELETE", f"/engines/_configure?model={name}").status_code == 200
