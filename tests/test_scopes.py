@@ -451,3 +451,73 @@ def test_an_operator_limited_to_some_models_sees_nothing_of_the_others(tcp):
     assert runner_models("ops", "/engines/ps") == ["tiny:latest"]
     for name in ("tiny", "gemma-small"):
         assert tcp.d.http.request("DELETE", f"/engines/_configure?model={name}").status_code == 200
+
+
+def test_the_audit_names_the_target_of_a_large_body(tcp):
+    """The target comes from the body the handler read, however large: an unload naming thousands of models
+    (none stored: nothing is unloaded) is audited with them."""
+    names = ["nope"] * 20_000  # about 160 KB of JSON
+    refused = tcp.post("/engines/unload", "ops", {"models": names})
+    assert refused.status_code == 404
+    line = tcp.audit_until(lambda lines: lines and lines[-1]["action"] == "POST /engines/unload" and
+                           (lines[-1]["token"], lines[-1]["result"]) == ("ops", "404"), "the unload")[-1]
+    assert line["target"].startswith('/engines/unload models=["nope", "nope", ')
+    assert len(line["target"]) == len("/engines/unload models=") + 200
+    # A body the handler refused is not parsed again: the path is the target.
+    bad = tcp.client.post("/engines/unload", content=b'{"models": [', headers=tcp.as_("ops"))
+    assert bad.status_code == 400
+    line = tcp.audit_until(lambda lines: lines and lines[-1]["result"] == "400", "the refused unload")[-1]
+    assert line["target"] == "/engines/unload"
+
+
+def test_a_stored_response_is_its_makers(tcp):
+    """A TCP token reads, continues and deletes only the responses it made, the unix socket's callers only
+    theirs, an admin token any; another caller's id is answered byte for byte as an id never stored."""
+    def responses(who: str) -> openai.OpenAI:
+        token = LEGACY if who == "legacy" else TOKENS[who][0]
+        return openai.OpenAI(base_url=tcp.url + "/v1", api_key=token, max_retries=0)
+
+    ask: dict[str, Any] = {"model": "tiny", "input": "hi", "max_output_tokens": 4}
+    alices = responses("alice").responses.create(**ask).id
+    socket_made = tcp.d.post("/v1/responses", ask)
+    assert socket_made.status_code == 200, socket_made.text
+    sockets = socket_made.json()["id"]
+    assert len(alices) == len(sockets)
+    missing = "resp_" + "0" * (len(alices) - len("resp_"))
+
+    assert responses("alice").responses.retrieve(alices).id == alices
+    assert tcp.d.http.get(f"/v1/responses/{sockets}").status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        responses("ops").responses.retrieve(alices)
+
+    def asked(who: str, method: str, path: str, body: Any = None) -> httpx.Response:
+        if who == "socket":
+            return tcp.d.http.request(method, path, json=body)
+        return tcp.client.request(method, path, headers=tcp.as_(who), json=body)
+
+    for who, theirs in [("ops", alices), ("socket", alices), ("alice", sockets)]:
+        for method, path, body in [("GET", "/v1/responses/{id}", None),
+                                   ("GET", "/engines/v1/responses/{id}/input_items", None),
+                                   ("DELETE", "/v1/responses/{id}", None),
+                                   ("POST", "/v1/responses", {**ask, "previous_response_id": "{id}"})]:
+            answers = [asked(who, method, path.format(id=i), json.loads(json.dumps(body).replace("{id}", i))
+                             if body else None) for i in (theirs, missing)]
+            foreign, absent = answers
+            what = (who, method, path)
+            assert foreign.status_code == absent.status_code == 404, (what, foreign.text)
+            assert foreign.content.replace(theirs.encode(), missing.encode()) == absent.content, what
+            assert {k: v for k, v in foreign.headers.items() if k != "date"} == \
+                   {k: v for k, v in absent.headers.items() if k != "date"}, what
+    # Nothing another caller tried to delete is gone; an admin token reads both, and continues alice's.
+    assert asked("alice", "GET", f"/v1/responses/{alices}").status_code == 200
+    assert asked("socket", "GET", f"/v1/responses/{sockets}").status_code == 200
+    admin = responses("legacy").responses
+    assert admin.retrieve(alices).id == alices and admin.retrieve(sockets).id == sockets
+    continued = admin.create(**ask, previous_response_id=alices)
+    assert continued.previous_response_id == alices
+    with pytest.raises(openai.NotFoundError):  # the admin's turn is the admin's
+        responses("alice").responses.retrieve(continued.id)
+    # Its maker deletes it; then it is gone for everyone.
+    assert responses("alice").responses.delete(alices) is None
+    with pytest.raises(openai.NotFoundError):
+        admin.retrieve(alices)
