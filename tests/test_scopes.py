@@ -25,6 +25,7 @@ import pytest
 
 from runnerd.tokens import hash_text
 from tests.conftest import Daemon
+from tests.standin_upstream import StandinUpstream
 
 LEGACY = "rd_legacy-single-token-0123456789abcdef"
 TOKENS = {
@@ -521,3 +522,46 @@ def test_a_stored_response_is_its_makers(tcp):
     assert responses("alice").responses.delete(alices) is None
     with pytest.raises(openai.NotFoundError):
         admin.retrieve(alices)
+
+
+def test_an_upstreams_models_outside_the_patterns_are_hidden_too(llama_server):
+    """A daemon whose only models are an upstream's (a stand-in that lists `tiny-remote` and `gemma-remote`):
+    `gemops` sees the upstream's status with `gemma-remote` only, and `tiny-remote` is answered as
+    `nope-remote`, which no source hosts."""
+    upstream = StandinUpstream("up", "plain", ["tiny-remote", "gemma-remote"])
+    root = Path(tempfile.mkdtemp(prefix="rd-", dir="/tmp"))
+    d = None
+    try:
+        (root / "tokens.toml").write_text(tokens_toml(TOKENS))
+        (root / "upstreams.toml").write_text(
+            f'[[upstreams]]\nname = "up"\nkind = "openai"\nbase_url = "{upstream.base_url}"\n')
+        d = Daemon(root, llama_server, {}, {"RUNNERD_HTTP__TOKENS_FILE": str(root / "tokens.toml")},
+                   ["--listen", "127.0.0.1:0", "--config", str(root / "upstreams.toml")])
+        port = re.search(r"listening on tcp:127\.0\.0\.1:(\d+)", d.output())
+        assert port is not None, d.output()
+        t = Tcp(d, int(port.group(1)))
+        wait_for(lambda: d.http.get("/engines/status?upstreams=1").json()["upstreams"]["up"]["healthy"],
+                 "the upstream's models to be discovered")
+
+        def status(who: str) -> tuple[list[str], str]:
+            full = t.get("/engines/status?upstreams=1", who).json()["upstreams"]["up"]
+            return sorted(full["models"]), t.get("/engines/status", who).json()["up"]
+
+        assert status("ops") == (["gemma-remote", "tiny-remote"], f"Running (upstream openai at {upstream.base_url}, "
+                                                                  "2 models)")
+        assert status("gemops") == (["gemma-remote"], f"Running (upstream openai at {upstream.base_url}, 1 models)")
+        assert [m["id"] for m in t.get("/v1/models", "gemops").json()["data"]] == ["gemma-remote"]
+        chat = [{"role": "user", "content": "hi"}]
+        for method, path, body in [("GET", "/v1/models/{m}-remote", None),
+                                   ("POST", "/v1/chat/completions", {"model": "{m}-remote", "messages": chat})]:
+            answers = [t.client.request(method, path.format(m=m), headers=t.as_("gemops"),
+                                        json=json.loads(json.dumps(body).replace("{m}", m)) if body else None)
+                       for m in ("tiny", "nope")]
+            same_answer(*answers, what=path)
+        assert upstream.inference_requests() == []  # the hidden model's request never left the daemon
+        t.client.close()
+    finally:
+        if d is not None:
+            d.stop()
+        upstream.close()
+        shutil.rmtree(root, ignore_errors=True)
