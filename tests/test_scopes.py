@@ -565,3 +565,22 @@ def test_an_upstreams_models_outside_the_patterns_are_hidden_too(llama_server):
             d.stop()
         upstream.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_followed_daemon_log_leaves_out_the_hidden_models_lines(tcp):
+    """`gemops` follows the daemon's log while runners of `tiny`, then `gemma-small`, start: it gets the
+    second's lines and none of the first's, which came before them."""
+    assert tcp.d.post("/engines/unload", {"all": True, "timeout": 0}).status_code == 200
+    chat = [{"role": "user", "content": "hi"}]
+    seen: list[str] = []
+    with tcp.client.stream("GET", "/logs?follow=true&tail=0", headers=tcp.as_("gemops")) as followed:
+        assert followed.status_code == 200
+        for who, model in (("ops", "tiny"), ("gemops", "gemma-small")):
+            answer = tcp.post("/v1/chat/completions", who, {"model": model, "messages": chat, "max_tokens": 2})
+            assert answer.status_code == 200, answer.text
+        for line in followed.iter_lines():
+            seen.append(line)
+            if "runner ready model=gemma-small:latest" in line:
+                break
+    assert not [line for line in seen if "tiny:latest" in line], seen
+    assert "runner ready model=tiny:latest" in tcp.get("/logs?tail=10000", "ops").text
