@@ -36,6 +36,7 @@ TOKENS = {
     "gemops": ("rd_gemops-operator-token-0123456789abcdef", "operator", {"models": ["gemma*"]}),
     "single": ("rd_single-user-token-0123456789abcdefgh", "user", {"max_concurrent": 1}),
     "rpm": ("rd_rpm-user-token-0123456789abcdefghijklm", "user", {"requests_per_minute": 3}),
+    "gemadmin": ("rd_gemadmin-admin-token-0123456789abcdefg", "admin", {"models": ["gemma*"]}),
 }
 CAROL = "rd_carol-new-token-0123456789abcdefghijklm"
 DAVE = "rd_dave-new-token-00123456789abcdefghijklm"  # as long as CAROL: the file keeps its size
@@ -584,3 +585,35 @@ def test_a_followed_daemon_log_leaves_out_the_hidden_models_lines(tcp):
                 break
     assert not [line for line in seen if "tiny:latest" in line], seen
     assert "runner ready model=tiny:latest" in tcp.get("/logs?tail=10000", "ops").text
+
+
+def test_an_admin_limited_to_some_models_cannot_touch_the_others(tcp):
+    """`gemadmin` may change the host, for `gemma*` only: deleting or tagging `tiny` is answered as for
+    `nope`, and a copy or tag may not be named outside its patterns (403, whether the name is taken or
+    not); `tiny` is untouched."""
+    probes: list[tuple[str, str, dict[str, Any] | None]] = [
+        ("DELETE", "/models/{m}", None),
+        ("DELETE", "/models/{m}?force=true", None),
+        ("POST", "/models/{m}/tag", {"name": "gemma-copy"}),
+        ("POST", "/api/copy", {"source": "{m}", "destination": "gemma-copy"}),
+        ("DELETE", "/api/delete", {"model": "{m}"}),
+        ("POST", "/api/show", {"model": "{m}"}),
+    ]
+    for method, path, body in probes:
+        answers = [tcp.client.request(method, path.format(m=m), headers=tcp.as_("gemadmin"),
+                                      json=json.loads(json.dumps(body).replace("{m}", m)) if body else None)
+                   for m in ("tiny", "nope")]
+        same_answer(*answers, what=f"{method} {path}")
+        assert answers[0].status_code == 404, (path, answers[0].text)
+    for method, path, body in [("POST", "/models/gemma-small/tag", {"name": "{m}"}),
+                               ("POST", "/api/copy", {"source": "gemma-small", "destination": "{m}"})]:
+        answers = [tcp.client.request(method, path, headers=tcp.as_("gemadmin"),
+                                      json=json.loads(json.dumps(body).replace("{m}", m))) for m in ("tiny", "nope")]
+        same_answer(*answers, what=f"{method} {path}")
+        assert answers[0].status_code == 403 and "may only name models its patterns match" in answers[0].text
+    assert {m["name"] for m in tcp.get("/models", "legacy").json()} == {"tiny:latest", "gemma-small:latest"}
+    tiny = tcp.get("/models/tiny", "legacy").json()
+    assert tiny["name"] == "tiny:latest"
+    # Within its patterns it acts as any admin.
+    assert tcp.post("/api/copy", "gemadmin", {"source": "gemma-small", "destination": "gemma-copy"}).status_code == 200
+    assert tcp.delete("/models/gemma-copy", "gemadmin").status_code == 200

@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from aiohttp import web
 
+from runnerd.api.errors import ApiError
 from runnerd.store import ModelNotFound, StoreError, canonical_name
 from runnerd.tokens import Grant, Role
 
@@ -106,6 +107,15 @@ def check_model(name: str) -> None:
     Call it inside the same `try` as the lookup, before it."""
     if not may_use(name):
         raise ModelNotFound(f"model {name!r} not found")
+
+
+def check_new_name(name: str, param: str) -> None:
+    """403 when the caller may not use `name` as the name of a model it makes (a copy, a tag): the same
+    answer whether a model by that name exists or not."""
+    grant = _CALLER.get()
+    if grant is not None and not may_use(name):
+        raise ApiError(403, f"token {grant.name!r} may only name models its patterns match; {name!r} does not",
+                       code="model_not_allowed", type="permission_error", param=param)
 
 
 def visible(items: Iterable[_T], name: Callable[[_T], str]) -> list[_T]:
