@@ -9,7 +9,9 @@ The model allowlist is checked where a route looks a model up (`check_model`, ca
 own error handling) and raises the very error a model that does not exist raises: the answer for a model
 outside the allowlist is the route's own "not found", byte for byte. The check is a string match done
 before the store is consulted, so for a name outside the allowlist the store is never asked and the time
-taken is the same whether the model exists or not. Unix-socket callers carry no grant and see everything.
+taken is the same whether the model exists or not. What lists models, runners, metric series, log lines
+or configurations leaves out what the caller may not use (`visible`, `model_filter`,
+`hidden_names_pattern`). Unix-socket callers carry no grant and see everything.
 """
 
 from __future__ import annotations
