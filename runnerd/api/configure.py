@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backends.base import KEBAB_CASE_TOO, Backend, BackendConfiguration, Mode, SpeculativeOptions
 from backends.flags import FlagError, split_raw_flags
+from runnerd.api import scopes
 from runnerd.api.body import read_json_body
 from runnerd.api.context import Daemon, daemon
 from runnerd.api.engines import choose_backend, find_model
@@ -102,6 +103,7 @@ def _speculative(d: Daemon, backend: Backend, spec: SpeculativeRequest) -> Specu
     name (the path is resolved again whenever a runner starts, see ConfigStore.get)."""
     param = "speculative.draft_model"
     try:
+        scopes.check_model(spec.draft_model)
         draft = d.store.get(spec.draft_model)
     except ModelNotFound:
         raise ApiError(400, f"draft model {spec.draft_model!r} is not in the store; pull or add it first",
@@ -199,7 +201,8 @@ async def list_configurations(request: web.Request) -> web.Response:
     d = daemon(request)
     name = request.query.get("model")
     model = find_model(d, name).name if name else None
-    items = [_shown(c) for c in d.configs.list(model)]
+    # A token limited to some models sees their configurations only.
+    items = [_shown(c) for c in scopes.visible(d.configs.list(model), lambda c: c.model)]
     return web.json_response({"configurations": items, "problems": d.configs.problems})
 
 

@@ -242,9 +242,12 @@ async def engines_status(request: web.Request) -> web.Response:
     # status() may run the engine's --version once; keep it off the event loop.
     statuses = await asyncio.gather(*(asyncio.to_thread(b.status) for b in d.backends.values()))
     engines: dict[str, Any] = {name: status.text for name, status in zip(d.backends, statuses, strict=True)}
+    upstreams = d.sources.status()
+    for upstream in upstreams.values():
+        upstream["models"] = [m for m in upstream["models"] if scopes.may_use(m)]
     if request.query.get("upstreams") in ("1", "true"):
-        return web.json_response({"engines": engines, "upstreams": d.sources.status()})
-    for name, upstream in d.sources.status().items():
+        return web.json_response({"engines": engines, "upstreams": upstreams})
+    for name, upstream in upstreams.items():
         state = "Running" if upstream["healthy"] else f"Error: {upstream['error']}"
         engines[name] = f"{state} (upstream {upstream['kind']} at {upstream['base_url']}, " \
                         f"{len(upstream['models'])} models)"
@@ -287,6 +290,9 @@ async def engines_unload(request: web.Request) -> web.Response:
     if spec.backend is not None:
         d.backend(spec.backend)
     models = None if spec.models is None else [find_model(d, m).name for m in spec.models]
+    if models is None and not scopes.sees_every_model():
+        # `all` or a backend, for a token limited to some models: their runners, never another's.
+        models = sorted({r.model for r in scopes.visible(d.scheduler.ps(), lambda r: r.model)})
     outcome = await d.scheduler.unload_draining(backend=spec.backend, models=models, timeout=spec.timeout)
     return web.json_response({"unloaded": len(outcome.runners), "drained": outcome.drained, "cut": outcome.cut,
                               "timeout": spec.timeout, "runners": [r.model_dump(mode="json") for r in outcome.runners]})

@@ -226,6 +226,7 @@ async def copy(request: web.Request) -> web.Response:
     req = await read_body(request, CopyRequest)
     d = daemon(request)
     lookup_model(d, req.source)
+    scopes.check_new_name(req.destination, "destination")
     try:
         await asyncio.to_thread(d.store.tag, req.source, req.destination, req.force)
     except StoreError as exc:

@@ -32,7 +32,7 @@ from runnerd.api.leased import (
 )
 from runnerd.api.responses import translate as tr
 from runnerd.api.responses.schema import InputItem, InputTokensRequest, ResponsesRequest, input_items
-from runnerd.api.responses.store import RESPONSE_STORE, ResponseStore, StoredResponse
+from runnerd.api.responses.store import RESPONSE_STORE, ResponseStore, StoredResponse, viewer
 from runnerd.metrics import REQUEST_MODEL
 from runnerd.proxy import call_engine, engine_events
 from runnerd.sources import Candidate
@@ -47,7 +47,7 @@ class Conversation:
     def __init__(self, store: ResponseStore, req: InputTokensRequest) -> None:
         earlier: list[dict[str, Any]] = []
         if req.previous_response_id:
-            for entry in store.chain(req.previous_response_id):
+            for entry in store.chain(req.previous_response_id, viewer()):
                 earlier += tr.clean_input(entry.input_items) + tr.output_as_input(entry.response.get("output") or [])
         self.own = tr.stored_input(input_items(req.input))
         self.engine_input = earlier + tr.clean_input(self.own)
@@ -69,7 +69,8 @@ def _native_body(payload: dict[str, Any], conversation: Conversation) -> dict[st
 def _remember(request: web.Request, req: ResponsesRequest, response: dict[str, Any],
               conversation: Conversation) -> None:
     if req.store and response.get("status") in ("completed", "incomplete") and response.get("id"):
-        request.app[RESPONSE_STORE].put(StoredResponse.of(response, conversation.own, req.previous_response_id))
+        request.app[RESPONSE_STORE].put(StoredResponse.of(response, conversation.own, req.previous_response_id,
+                                                          viewer().owner))
 
 
 async def create(request: web.Request) -> web.StreamResponse:
@@ -170,12 +171,12 @@ async def input_tokens(request: web.Request) -> web.Response:
 
 
 async def get_response(request: web.Request) -> web.Response:
-    return web.json_response(request.app[RESPONSE_STORE].get(request.match_info["id"]).response)
+    return web.json_response(request.app[RESPONSE_STORE].get(request.match_info["id"], viewer()).response)
 
 
 async def delete_response(request: web.Request) -> web.Response:
     response_id = request.match_info["id"]
-    if not request.app[RESPONSE_STORE].delete(response_id):
+    if not request.app[RESPONSE_STORE].delete(response_id, viewer()):
         raise ApiError(404, f"no stored response with id {response_id!r}", code="response_not_found")
     return web.json_response({"id": response_id, "object": "response", "deleted": True})
 
@@ -190,7 +191,7 @@ class ItemsQuery(BaseModel):
 
 async def list_input_items(request: web.Request) -> web.Response:
     query = parse_body(ItemsQuery, dict(request.query), "input_items query")
-    items = list(request.app[RESPONSE_STORE].get(request.match_info["id"]).input_items)
+    items = list(request.app[RESPONSE_STORE].get(request.match_info["id"], viewer()).input_items)
     if query.order == "desc":
         items.reverse()
     if query.after is not None:
