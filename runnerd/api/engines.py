@@ -152,7 +152,7 @@ async def inference(kind: RequestKind, request: web.Request) -> web.StreamRespon
     preload = request.headers.get("X-Preload-Only", "").lower() == "true"
     # A model outside the caller's patterns takes the local way, which answers as for a missing model.
     if explicit is None and d.sources.active and not from_upstream(request) and not preload and scopes.may_use(name):
-        candidates = d.sources.candidates(name, local_has=stored(d, name))
+        candidates = await d.sources.candidates_when_known(name, local_has=stored(d, name))
         if candidates and (len(candidates) > 1 or candidates[0].endpoint is not None or candidates[0].model != name):
             needed = required_capabilities(kind, payload)
             return await failover.serve(request, candidates, kind.upstream_path, payload, needed,
@@ -209,9 +209,10 @@ def other_models(d: Daemon) -> dict[str, str]:
     return listed
 
 
-def _other_sources(d: Daemon, request: web.Request) -> list[dict[str, Any]]:
+async def _other_sources(d: Daemon, request: web.Request) -> list[dict[str, Any]]:
     if request.match_info.get("backend") is not None or from_upstream(request):
         return []  # a backend's own listing, or one for another daemon: the local models only
+    await d.sources.discovered()
     return [{"id": name, "object": "model", "created": 0, "owned_by": source}
             for name, source in other_models(d).items()]
 
@@ -220,14 +221,14 @@ async def list_models(request: web.Request) -> web.Response:
     d = daemon(request)
     models = _served_by(d, request)
     return web.json_response({"object": "list",
-                              "data": [*(openai_model(m) for m in models), *_other_sources(d, request)]})
+                              "data": [*(openai_model(m) for m in models), *await _other_sources(d, request)]})
 
 
 async def get_model(request: web.Request) -> web.Response:
     d = daemon(request)
     name = request.match_info["name"]
     if not stored(d, name):
-        for entry in _other_sources(d, request):
+        for entry in await _other_sources(d, request):
             if entry["id"] == name:
                 return web.json_response(entry)
     for model in _served_by(d, request):
