@@ -108,6 +108,8 @@ def test_two_versions_answer_at_once_and_a_pinned_one_is_not_removed(two_builds_
     for model, version in (("new", SOURCE_VERSION), ("old", old)):
         ok = d.post("/engines/llama.cpp/_configure", {"model": model, "options": {"backend_version": version}})
         assert ok.status_code in (200, 202), ok.text
+        estimate = d.http.get(f"/models/{model}/estimate").json()
+        assert (estimate["backend"], estimate["backend_version"], estimate["known"]) == ("llama.cpp", version, True)
 
     # Both runners loaded at the same time, each from its own build, answering requests sent together.
     def chat(model: str) -> str:
