@@ -300,6 +300,16 @@ class EngineContext(BaseModel):
     cpu_count: int = Field(default_factory=host_cpu_count, ge=1)
 
 
+class Launch(BaseModel):
+    """How one runner listens and shows it is ready (engines whose versions differ answer per configuration)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    endpoint_kind: EndpointKind
+    readiness_path: str
+    readiness_timeout: float | None  # None: the daemon's readiness_timeout
+
+
 class NoOptions(BaseModel):
     """An engine with nothing to configure here: any key is refused."""
 
@@ -374,6 +384,12 @@ class Backend(ABC):
         """Blocking, like `status`."""
         status = self.status()
         return [status.version] if status.installed and status.version else []
+
+    def launch_for(self, config: BackendConfiguration) -> Launch:
+        """How a runner started with `config` listens and gets ready: asked before its endpoint is made,
+        so a version a configuration pins may listen or answer readiness its own way."""
+        return Launch(endpoint_kind=self.endpoint_kind, readiness_path=self.readiness_path,
+                      readiness_timeout=self.readiness_timeout)
 
     # --- models and requests -----------------------------------------------------------------------
 
