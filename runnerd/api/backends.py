@@ -41,6 +41,7 @@ from runnerd.catalog import (
     upgrades,
 )
 from runnerd.catalog import install as catalog_install
+from runnerd.catalog_feed import CATALOG_FEED
 from runnerd.engines import BUILTIN, ManifestConflict, as_host_gpus, define_engine, engine_context, forget_engine
 from runnerd.jobs import Job, JobWork
 from runnerd.scheduler import RunnerState
@@ -387,9 +388,12 @@ class UpgradeRequest(BaseModel):
     engine: str = Field(min_length=1, max_length=64)
 
 
-async def _catalog(d: Daemon) -> tuple[Catalog, list[Variant]]:
+async def _catalog(request: web.Request) -> tuple[Catalog, list[Variant]]:
+    d = daemon(request)
+    feed = request.app.get(CATALOG_FEED)
+    fetched = feed.catalog if feed is not None else None
     try:
-        found = await asyncio.to_thread(load_catalog, shipped_catalog(), d.settings.catalog_file)
+        found = await asyncio.to_thread(load_catalog, shipped_catalog(), d.settings.catalog_file, fetched)
     except CatalogError as exc:
         raise ApiError(500, f"catalog refused: {exc}", code="invalid_catalog") from exc
     return found, host_variants(g.cuda_version for g in d.scheduler.sampler.snapshot.gpus)
@@ -398,15 +402,17 @@ async def _catalog(d: Daemon) -> tuple[Catalog, list[Variant]]:
 async def get_catalog(request: web.Request) -> web.Response:
     """What this host can install: each catalog version with the variant that suits this host."""
     d = daemon(request)
-    found, preferred = await _catalog(d)
+    found, preferred = await _catalog(request)
     items = await asyncio.to_thread(host_items, found, preferred, d.settings.cache_dir, d.backends)
-    return web.json_response({"host_variants": preferred, "items": [i.model_dump(mode="json") for i in items]})
+    feed = request.app.get(CATALOG_FEED)
+    return web.json_response({"host_variants": preferred, "items": [i.model_dump(mode="json") for i in items],
+                              "catalog_url": feed.status().model_dump(mode="json") if feed is not None else None})
 
 
 async def known_backends(request: web.Request) -> web.Response:
     """Every engine the daemon knows of: registered ones and every catalog entry, whatever the hardware."""
     d = daemon(request)
-    found, _ = await _catalog(d)
+    found, _ = await _catalog(request)
     return web.json_response({
         "registered": sorted(d.backends),
         "catalog": [{"engine": e.name, "description": e.description, "default_version": e.newest,
@@ -415,13 +421,13 @@ async def known_backends(request: web.Request) -> web.Response:
 
 async def get_upgrades(request: web.Request) -> web.Response:
     d = daemon(request)
-    found, preferred = await _catalog(d)
+    found, preferred = await _catalog(request)
     items = await asyncio.to_thread(host_items, found, preferred, d.settings.cache_dir, d.backends)
     return web.json_response([u.model_dump(mode="json") for u in upgrades(items)])
 
 
 async def _start_catalog_install(request: web.Request, d: Daemon, spec: CatalogInstallRequest) -> web.StreamResponse:
-    found, preferred = await _catalog(d)
+    found, preferred = await _catalog(request)
     try:
         entry, version, variant, recipe = pick(found, preferred, spec.engine, spec.version, spec.variant)
     except CatalogError as exc:
@@ -460,7 +466,7 @@ async def upgrade_backend(request: web.Request) -> web.StreamResponse:
     checked step: models may pin it)."""
     d = daemon(request)
     spec = parse_body(UpgradeRequest, await read_json_body(request), "upgrade request")
-    found, preferred = await _catalog(d)
+    found, preferred = await _catalog(request)
     items = await asyncio.to_thread(host_items, found, preferred, d.settings.cache_dir, d.backends)
     upgrade = next((u for u in upgrades(items) if u.engine == spec.engine), None)
     if upgrade is None:
@@ -477,7 +483,7 @@ async def uninstall_from_catalog(request: web.Request) -> web.StreamResponse:
     checks the users again when it starts, since a runner may have started in between."""
     d = daemon(request)
     spec = parse_body(CatalogUninstallRequest, await read_json_body(request), "catalog uninstall request")
-    found, preferred = await _catalog(d)
+    found, preferred = await _catalog(request)
     try:
         entry, version, variant, recipe = pick(found, preferred, spec.engine, spec.version, spec.variant)
     except CatalogError as exc:
