@@ -288,7 +288,9 @@ def test_versions_listen_and_get_ready_each_their_own_way(mdaemon, llama_server,
         with ThreadPoolExecutor(2) as pool:
             assert sorted(pool.map(chat, ["tiny", "tiny2"])) == ["tiny2:latest", "tiny:latest"]
         runners = {r["model"]: r for r in d.ps() if r["backend"] == "twokinds-custom"}
-        assert {m: r["state"] for m, r in runners.items()} == {"tiny:latest": "idle", "tiny2:latest": "idle"}
+        # Both loaded at once (a lease may be handed back a moment after its answer: ready or idle).
+        assert set(runners) == {"tiny:latest", "tiny2:latest"}, runners
+        assert all(r["state"] in ("ready", "idle") for r in runners.values()), runners
         assert runners["tiny:latest"]["endpoint"]["kind"] == "unix" and runners["tiny:latest"]["socket"]
         assert runners["tiny2:latest"]["endpoint"]["kind"] == "tcp"
         port_number = runners["tiny2:latest"]["endpoint"]["port"]
