@@ -115,6 +115,13 @@ def test_llama_server_from_a_manifest_serves_chat_and_streams(mdaemon, llama_ser
 
     runners = [r for r in d.ps() if r["model"] == "tiny:latest"]
     assert [r["backend"] for r in runners] == ["llama-server-custom"]  # not the built-in llama.cpp
+    # Routes that name no engine follow the model's configuration to it, as /estimate does.
+    generic = d.openai("/v1").chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                      max_tokens=4)
+    assert generic.choices[0].message.content
+    ollama = d.post("/api/generate", {"model": "tiny", "prompt": "hi", "stream": False, "options": {"num_predict": 4}})
+    assert ollama.status_code == 200, ollama.text
+    assert [r["backend"] for r in d.ps() if r["model"] == "tiny:latest"] == ["llama-server-custom"]
     engine = engine_process(d, "--port")
     argv = engine.cmdline()
     port = int(argv[argv.index("--port") + 1])

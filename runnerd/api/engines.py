@@ -72,8 +72,14 @@ def stored(d: Daemon, name: str) -> bool:
     return True
 
 
-def choose_backend(d: Daemon, explicit: str | None, model: ModelEntry) -> Backend:
-    """The backend named in the path, else the first one that serves the model's format."""
+def choose_backend(d: Daemon, explicit: str | None, model: ModelEntry, mode: Mode = Mode.COMPLETION) -> Backend:
+    """The backend named in the path; else the one the model's stored configuration for `mode` names (a
+    manifest engine, say), while that engine is defined; else the first one that serves the model's
+    format."""
+    if explicit is None:
+        stored = d.configs.get(model.name, mode)
+        if stored is not None and stored.backend in d.backends:
+            explicit = stored.backend
     if explicit is not None:
         backend = d.backend(explicit)
         if model.format not in backend.model_formats:
@@ -164,7 +170,7 @@ async def _serve_locally(request: web.Request, kind: RequestKind, payload: dict[
                          raw: bytes | None = None) -> web.StreamResponse:
     d = daemon(request)
     model = find_model(d, requested_model(payload))
-    backend = choose_backend(d, explicit, model)
+    backend = choose_backend(d, explicit, model, kind.mode)
     check_capabilities(backend, required_capabilities(kind, payload), model)
     keep_alive = take_keep_alive(payload)
     # Some engines answer 404 unless `model` is their served name: give them the store's canonical one

@@ -48,15 +48,6 @@ def _flags(backend: Backend, query: Any) -> list[str]:
         raise ApiError(400, f"{exc.element}: {exc.reason}", param=exc.element) from exc
 
 
-def configured_backend(d: Daemon, model: ModelEntry, mode: Mode) -> Backend:
-    """The engine a stored configuration names for the model in this mode (a manifest engine, say),
-    else the first one serving its format. A configuration naming an engine since deleted falls back."""
-    stored = d.configs.get(model.name, mode)
-    if stored is not None and stored.backend in d.backends:
-        return choose_backend(d, stored.backend, model)
-    return choose_backend(d, None, model)
-
-
 def _check_known(query: Any) -> None:
     unknown = sorted(set(query) - _KNOWN)
     if unknown:
@@ -91,7 +82,7 @@ async def model_estimate(request: web.Request) -> web.Response:
     d = daemon(request)
     model = find_model(d, request.match_info["name"])
     _check_known(request.query)
-    backend = configured_backend(d, model, _mode(request.query))
+    backend = choose_backend(d, None, model, _mode(request.query))
     mode, config = requested_configuration(d, backend, model, request.query)
     result = await asyncio.to_thread(backend.required_memory, model.ref(), mode, config)
     return web.json_response(estimate_json(backend, model, mode, config, result))
@@ -112,7 +103,7 @@ async def describe(d: Daemon, model: ModelEntry) -> dict[str, Any]:
     comes from (chat_template_source) and the estimate for the settings runnerd would use."""
     if model.format is not ModelFormat.GGUF:
         return {}
-    backend = configured_backend(d, model, Mode.COMPLETION)
+    backend = choose_backend(d, None, model, Mode.COMPLETION)
     stored = d.configs.get(model.name, Mode.COMPLETION)
     config = effective_configuration(model.config, stored if stored is None or stored.backend == backend.name
                                      else None)

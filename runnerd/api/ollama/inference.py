@@ -196,7 +196,7 @@ async def _lease(request: web.Request, name: str, mode: Mode, needed: list[Capab
     clock = tr.Clock()
     d = daemon(request)
     model = lookup_model(d, name)
-    backend = choose_backend(d, None, model)
+    backend = choose_backend(d, None, model, mode)
     check_capabilities(backend, needed, model)
     ttl = _keep_alive(keep_alive)
     # The request's own fields first: a refused one must not leave a stored context size behind.
