@@ -310,6 +310,15 @@ class Settings(BaseSettings):
                                                   description="name -> ordered (source, model) candidates")
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
 
+    @field_validator("catalog_url")
+    @classmethod
+    def _no_credentials(cls, url: HttpUrl | None) -> HttpUrl | None:
+        # The URL is shown in /engines/backends/catalog, the logs and the kept copy.
+        if url is not None and (url.username or url.password):
+            raise ValueError("must not carry a user name or password: it is shown in /engines/backends/catalog "
+                             "and the logs; serve the catalog from a URL that needs none")
+        return url
+
     @model_validator(mode="after")
     def _sources(self) -> Settings:
         """Upstream names are unique and not an engine's; aliases name known sources."""
