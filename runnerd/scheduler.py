@@ -186,7 +186,7 @@ class Runner:
     def __init__(self, key: RunnerKey, backend: Backend, model: ModelRef, config: BackendConfiguration,
                  endpoint: Endpoint, log_path: Path | None, pid_path: Path, keep_alive: KeepAlive,
                  estimate: MemoryEstimate, spawn: Spawner, idle_timeout: float = 600.0,
-                 release: Callable[[Runner], None] | None = None) -> None:
+                 release: Callable[[Runner], None] | None = None, readiness_path: str = "/health") -> None:
         self.key = key
         self.spawn = spawn  # background work belongs to the scheduler's task group
         # How a lease on it is returned: the scheduler's bookkeeping; without a scheduler, only the count.
@@ -195,6 +195,7 @@ class Runner:
         self.model = model
         self.config = config
         self.endpoint = endpoint
+        self.readiness_path = readiness_path
         self.pid_path = pid_path
         self.output = RunnerOutput(log_path)
         self.output.on_spawn = lambda pid: write_pid_file(pid_path, pid, endpoint.path)
@@ -228,7 +229,7 @@ class Runner:
     async def _load(self, process: asyncio.Task[None], timeout: float) -> None:
         started = time.monotonic()
         try:
-            await wait_until_ready(self.endpoint, self.output, process, timeout, self.backend.readiness_path)
+            await wait_until_ready(self.endpoint, self.output, process, timeout, self.readiness_path)
         except TimeoutError as exc:
             self._fail_load(RunnerError(f"{self.model.name} did not become ready within {timeout:g} s "
                                         f"(readiness_timeout; raise it for big models): {exc}", reason="timeout",
@@ -314,7 +315,7 @@ class Runner:
             return False
         connector = self.endpoint.connector(force_close=True)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as probe:
-            return await probe_health(probe, self.endpoint.url(self.backend.readiness_path), timeout) == 200
+            return await probe_health(probe, self.endpoint.url(self.readiness_path), timeout) == 200
 
     async def stop(self, reason: str) -> None:
         if self._process is None or self._process.done():
@@ -709,9 +710,10 @@ class Scheduler:
         keep_alive = self.default_keep_alive if config.keep_alive is None else parse_keep_alive(config.keep_alive)
         log_path = key.log_path(self.log_dir) if self.log_dir else None
         self.runner_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        endpoint, pid_path = self._instance_paths(key, backend.endpoint_kind)
+        launch = backend.launch_for(config)  # the version the configuration pins decides how it listens
+        endpoint, pid_path = self._instance_paths(key, launch.endpoint_kind)
         runner = Runner(key, backend, model, config, endpoint, log_path, pid_path, keep_alive, estimate,
-                        self.spawn, self.limits.engine_idle_timeout, self._release)
+                        self.spawn, self.limits.engine_idle_timeout, self._release, launch.readiness_path)
         runner.output.log_max_bytes = self.limits.runner_log_max_bytes
         runner.output.log_files = self.limits.runner_log_files
         previous = self._runners.get(key)
@@ -722,7 +724,7 @@ class Scheduler:
         self._runners[key] = runner
         log.info("runner starting model=%s mode=%s backend=%s estimate=%s", model.name, key.mode, key.backend,
                  needed(estimate).describe() if estimate.known else "unknown")
-        runner.start(backend.readiness_timeout or self.limits.readiness_timeout)
+        runner.start(launch.readiness_timeout or self.limits.readiness_timeout)
         self.spawn(self._follow, runner)
         for observer in self.on_start:
             observer(runner)

@@ -18,7 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from backends.base import Backend, ModelRef
-from runnerd import __version__, node_labels
+from runnerd import __version__, catalog_feed, node_labels
 from runnerd.admission import Budget
 from runnerd.api import anthropic, configure, cors, engines, models, ollama, responses
 from runnerd.api import backends as backend_routes
@@ -194,6 +194,7 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     app.on_cleanup.append(stop_upstreams)
     # [node] labels_file: the node's labels for Kubernetes (NFD), from the sampler's readings.
     node_labels.keep_labels_file(app, settings.node, backends, sampler)
+    catalog_feed.keep_catalog_feed(app, settings)  # catalog_url: fetched at start and on an interval
     return app
 
 

@@ -338,6 +338,16 @@ class LlamaCppBackend(Backend):
         check_host_flags(table, validated, self.host)
         return validated
 
+    def validate_flags_for(self, flags: Sequence[str], config: BackendConfiguration) -> list[str]:
+        """Blocking: checked against the table of the build `config` runs (its pinned version's, read from that
+        build's `--help`), which `run` applies too; a pin to a build that is not there is left to
+        configuration_problem, and the default build's table answers meanwhile."""
+        pinned = self.version_for(config)
+        binary = self.version_binary(pinned) if pinned is not None else self.locate()
+        if binary is None or not binary.is_file():
+            return self.validate_flags(flags)
+        return self.validate_flags(flags, self.build_flags(binary if pinned is not None else None))
+
     def configuration_problem(self, model: ModelRef, mode: Mode, config: BackendConfiguration) -> str | None:
         pinned = self.version_for(config)
         if pinned is not None and not self.version_binary(pinned).is_file():
@@ -375,7 +385,7 @@ class LlamaCppBackend(Backend):
             self.validate_flags(config.runtime_flags, table)
         except FlagError as exc:
             raise RunnerError(str(exc), reason="bad_flag") from exc
-        problem = self.configuration_problem(model, mode, config)
+        problem = await asyncio.to_thread(self.configuration_problem, model, mode, config)
         if problem is not None:
             raise RunnerError(problem, reason="bad_config")
         traits = await asyncio.to_thread(model_traits, model.path)

@@ -13,7 +13,15 @@ from typing import Literal, Protocol, runtime_checkable
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from backends.base import Backend, BackendConfiguration, BackendState, InstallError, Mode, ProgressCallback
+from backends.base import (
+    Backend,
+    BackendConfiguration,
+    BackendState,
+    InstallError,
+    Mode,
+    Progress,
+    ProgressCallback,
+)
 from backends.catalog import Catalog, CatalogError, PipPlan, SourceBuild, Variant, host_variants, shipped_catalog
 from backends.manifest import ManifestBackend, ManifestError
 from backends.manifest.source import MAX_MANIFEST_BYTES
@@ -33,11 +41,13 @@ from runnerd.catalog import (
     upgrades,
 )
 from runnerd.catalog import install as catalog_install
+from runnerd.catalog_feed import CATALOG_FEED
 from runnerd.engines import BUILTIN, ManifestConflict, as_host_gpus, define_engine, engine_context, forget_engine
-from runnerd.jobs import Job
+from runnerd.jobs import Job, JobWork
 from runnerd.scheduler import RunnerState
 
 INSTALL = "install-backend"
+UNINSTALL = "uninstall-backend"
 
 
 class InstallBackendRequest(BaseModel):
@@ -193,10 +203,12 @@ async def uninstall_backend(request: web.Request) -> web.Response:
     return web.json_response({"backend": backend.name, "status": status.text})
 
 
-async def _uninstall_version(d: Daemon, backend: Backend, version: str, force: bool) -> web.Response:
-    """Remove one installed version: 409 naming the models whose stored configuration pins it or whose
-    runner runs it, unless forced (then those runners are stopped first; the configurations stay, and
-    their runners fail to start until the version is installed again)."""
+class InUse(Exception):
+    """What a removal would take from under its users; the request answers 409, a job fails with it."""
+
+
+async def _removable_version(d: Daemon, backend: Backend, version: str) -> VersionedBackend:
+    """The engine, when `version` is installed and not being installed now (400 / 404 / 409 otherwise)."""
     if not isinstance(backend, VersionedBackend):
         raise ApiError(400, f"{backend.name} keeps a single version: uninstall it without one", code="unversioned",
                        param="version")
@@ -207,19 +219,38 @@ async def _uninstall_version(d: Daemon, backend: Backend, version: str, force: b
     if (job := d.jobs.active(f"{INSTALL}:{backend.name}@{version}")) is not None:
         raise ApiError(409, f"{backend.name} {version} is being installed (job {job.id}); cancel that job first",
                        code="backend_installing")
+    return backend
+
+
+async def _version_users(d: Daemon, backend: VersionedBackend, name: str, version: str, force: bool) -> \
+        tuple[list[str], list[tuple[str, Mode]]]:
+    """The models whose stored configuration pins `version` and the runners running it; InUse naming them
+    unless `force`."""
     configured = sorted({f"{c.model} ({c.mode})" for c in await asyncio.to_thread(d.configs.list)
-                         if c.backend == backend.name and backend.pins_version(c.config, version)})
+                         if c.backend == name and backend.pins_version(c.config, version)})
     running = backend.runners_on(version)
     if (configured or running) and not force:
         parts = ([f"pinned by {', '.join(configured)}"] if configured else []) + \
                 ([f"running {', '.join(f'{m} ({mode})' for m, mode in running)}"] if running else [])
-        raise ApiError(409, f"{backend.name} {version} is in use: {'; '.join(parts)}; re-pin or unload them, or "
-                            "uninstall with force", code="version_in_use")
+        raise InUse(f"{name} {version} is in use: {'; '.join(parts)}; re-pin or unload them, or uninstall with "
+                    "force")
+    return configured, running
+
+
+async def _uninstall_version(d: Daemon, backend: Backend, version: str, force: bool) -> web.Response:
+    """Remove one installed version: 409 naming the models whose stored configuration pins it or whose
+    runner runs it, unless forced (then those runners are stopped first; the configurations stay, and
+    their runners fail to start until the version is installed again)."""
+    versioned = await _removable_version(d, backend, version)
+    try:
+        configured, running = await _version_users(d, versioned, backend.name, version, force)
+    except InUse as exc:
+        raise ApiError(409, str(exc), code="version_in_use") from exc
     stopped = await d.scheduler.unload(backend=backend.name, models=sorted({m for m, _ in running})) if running else []
-    await backend.uninstall_version(version)
+    await versioned.uninstall_version(version)
     return web.json_response({"backend": backend.name, "version": version, "unloaded": len(stopped),
                               "configured": configured,
-                              "versions": await asyncio.to_thread(backend.installed_versions)})
+                              "versions": await asyncio.to_thread(versioned.installed_versions)})
 
 
 # --- engines defined by a manifest ----------------------------------------------------------------
@@ -357,9 +388,12 @@ class UpgradeRequest(BaseModel):
     engine: str = Field(min_length=1, max_length=64)
 
 
-async def _catalog(d: Daemon) -> tuple[Catalog, list[Variant]]:
+async def _catalog(request: web.Request) -> tuple[Catalog, list[Variant]]:
+    d = daemon(request)
+    feed = request.app.get(CATALOG_FEED)
+    fetched = feed.catalog if feed is not None else None
     try:
-        found = await asyncio.to_thread(load_catalog, shipped_catalog(), d.settings.catalog_file)
+        found = await asyncio.to_thread(load_catalog, shipped_catalog(), d.settings.catalog_file, fetched)
     except CatalogError as exc:
         raise ApiError(500, f"catalog refused: {exc}", code="invalid_catalog") from exc
     return found, host_variants(g.cuda_version for g in d.scheduler.sampler.snapshot.gpus)
@@ -368,15 +402,17 @@ async def _catalog(d: Daemon) -> tuple[Catalog, list[Variant]]:
 async def get_catalog(request: web.Request) -> web.Response:
     """What this host can install: each catalog version with the variant that suits this host."""
     d = daemon(request)
-    found, preferred = await _catalog(d)
+    found, preferred = await _catalog(request)
     items = await asyncio.to_thread(host_items, found, preferred, d.settings.cache_dir, d.backends)
-    return web.json_response({"host_variants": preferred, "items": [i.model_dump(mode="json") for i in items]})
+    feed = request.app.get(CATALOG_FEED)
+    return web.json_response({"host_variants": preferred, "items": [i.model_dump(mode="json") for i in items],
+                              "catalog_url": feed.status().model_dump(mode="json") if feed is not None else None})
 
 
 async def known_backends(request: web.Request) -> web.Response:
     """Every engine the daemon knows of: registered ones and every catalog entry, whatever the hardware."""
     d = daemon(request)
-    found, _ = await _catalog(d)
+    found, _ = await _catalog(request)
     return web.json_response({
         "registered": sorted(d.backends),
         "catalog": [{"engine": e.name, "description": e.description, "default_version": e.newest,
@@ -385,13 +421,13 @@ async def known_backends(request: web.Request) -> web.Response:
 
 async def get_upgrades(request: web.Request) -> web.Response:
     d = daemon(request)
-    found, preferred = await _catalog(d)
+    found, preferred = await _catalog(request)
     items = await asyncio.to_thread(host_items, found, preferred, d.settings.cache_dir, d.backends)
     return web.json_response([u.model_dump(mode="json") for u in upgrades(items)])
 
 
 async def _start_catalog_install(request: web.Request, d: Daemon, spec: CatalogInstallRequest) -> web.StreamResponse:
-    found, preferred = await _catalog(d)
+    found, preferred = await _catalog(request)
     try:
         entry, version, variant, recipe = pick(found, preferred, spec.engine, spec.version, spec.variant)
     except CatalogError as exc:
@@ -399,6 +435,8 @@ async def _start_catalog_install(request: web.Request, d: Daemon, spec: CatalogI
         raise ApiError(404 if field in ("engine", "version") else 400, str(exc), code="not_in_catalog",
                        param=field) from exc
     target = f"{entry.name}@{version}:{variant}"
+    if (removing := d.jobs.active(f"{UNINSTALL}:{target}")) is not None:
+        raise ApiError(409, f"{target} is being removed (job {removing.id}); wait for it", code="backend_removing")
     key = f"{INSTALL}:{target}"
     job = d.jobs.active(key)
     if job is None:
@@ -428,7 +466,7 @@ async def upgrade_backend(request: web.Request) -> web.StreamResponse:
     checked step: models may pin it)."""
     d = daemon(request)
     spec = parse_body(UpgradeRequest, await read_json_body(request), "upgrade request")
-    found, preferred = await _catalog(d)
+    found, preferred = await _catalog(request)
     items = await asyncio.to_thread(host_items, found, preferred, d.settings.cache_dir, d.backends)
     upgrade = next((u for u in upgrades(items) if u.engine == spec.engine), None)
     if upgrade is None:
@@ -438,35 +476,88 @@ async def upgrade_backend(request: web.Request) -> web.StreamResponse:
         engine=spec.engine, version=upgrade.available, variant=upgrade.variant))
 
 
-async def uninstall_from_catalog(request: web.Request) -> web.Response:
-    """Remove what a catalog entry installed: a source build (the checks of uninstall-backend with a
-    version), or a private environment (409 naming the manifest engines that run from it, unless force)."""
+async def uninstall_from_catalog(request: web.Request) -> web.StreamResponse:
+    """Remove what a catalog entry installed, as a job: a source build (the checks of uninstall-backend
+    with a version), or a private environment (409 naming the manifest engines that run from it, unless
+    force: their runners are stopped first). What can be refused is refused here, before the job; the job
+    checks the users again when it starts, since a runner may have started in between."""
     d = daemon(request)
     spec = parse_body(CatalogUninstallRequest, await read_json_body(request), "catalog uninstall request")
-    found, preferred = await _catalog(d)
+    found, preferred = await _catalog(request)
     try:
         entry, version, variant, recipe = pick(found, preferred, spec.engine, spec.version, spec.variant)
     except CatalogError as exc:
         raise ApiError(404, str(exc), code="not_in_catalog", param=str(exc).split(":", 1)[0]) from exc
-    if isinstance(recipe, SourceBuild):
-        return await _uninstall_version(d, d.backend(entry.name), recipe.source_version, spec.force)
-    if not isinstance(recipe, PipPlan):
-        raise ApiError(400, f"{entry.name} {version} is an existing binary: runnerd did not install it and does "
-                            "not remove it", code="not_installed_by_runnerd")
+    target = f"{entry.name}@{version}:{variant}"
+    key = f"{UNINSTALL}:{target}"
+    job = d.jobs.active(key)
+    if job is None:
+        if (installing := d.jobs.active(f"{INSTALL}:{target}")) is not None:
+            raise ApiError(409, f"{target} is being installed (job {installing.id}); cancel that job first",
+                           code="backend_installing")
+        if isinstance(recipe, SourceBuild):
+            work = await _source_build_removal(d, d.backend(entry.name), recipe.source_version, spec.force)
+        elif isinstance(recipe, PipPlan):
+            work = await _pip_env_removal(d, entry.name, version, variant, recipe, spec.force)
+        else:
+            raise ApiError(400, f"{entry.name} {version} is an existing binary: runnerd did not install it and "
+                                "does not remove it", code="not_installed_by_runnerd")
+        job, _ = d.jobs.start(UNINSTALL, target, work, key=key)
+    if wants_stream(request):
+        return await stream_job(request, job, 202)
+    return web.json_response(job_json(job), status=202, headers={"Location": job.status_url})
+
+
+async def _source_build_removal(d: Daemon, backend: Backend, version: str, force: bool) -> JobWork:
+    versioned = await _removable_version(d, backend, version)
+    try:
+        await _version_users(d, versioned, backend.name, version, force)
+    except InUse as exc:
+        raise ApiError(409, str(exc), code="version_in_use") from exc
+
+    async def work(progress: ProgressCallback) -> str:
+        _, running = await _version_users(d, versioned, backend.name, version, force)
+        progress(Progress(phase="stopping runners", percent=0.0, message=f"{len(running)} runner(s)"))
+        models = sorted({m for m, _ in running})
+        stopped = await d.scheduler.unload(backend=backend.name, models=models) if running else []
+        progress(Progress(phase="removing", percent=50.0))
+        await versioned.uninstall_version(version)
+        return f"removed {backend.name} {version}" + (f"; stopped {len(stopped)} runner(s)" if stopped else "")
+
+    return work
+
+
+async def _pip_env_removal(d: Daemon, engine: str, version: str, variant: Variant, recipe: PipPlan,
+                           force: bool) -> JobWork:
     cache = d.settings.cache_dir
-    if not await asyncio.to_thread(is_installed, cache, d.backends, entry.name, version, variant, recipe):
-        raise ApiError(404, f"{entry.name} {version} ({variant}) is not installed", code="version_not_installed")
-    root = pip_env_python(cache, entry.name, version, variant).parent.parent.parent
-    users = await asyncio.to_thread(env_users, d.backends, root)
-    if users and not spec.force:
-        raise ApiError(409, f"{entry.name} {version} ({variant}) is run by the manifest engine(s) {', '.join(users)}; "
-                            "delete them first, or uninstall with force", code="version_in_use")
-    stopped = []
-    for name in users:
-        stopped += await d.scheduler.unload(backend=name, reason="engine uninstalled")
-    await remove_pip_env(cache, entry.name, version, variant)
-    return web.json_response({"engine": entry.name, "version": version, "variant": variant,
-                              "unloaded": len(stopped), "used_by": users})
+    if not await asyncio.to_thread(is_installed, cache, d.backends, engine, version, variant, recipe):
+        raise ApiError(404, f"{engine} {version} ({variant}) is not installed", code="version_not_installed")
+    root = pip_env_python(cache, engine, version, variant).parent.parent.parent
+
+    async def users() -> list[str]:
+        found = await asyncio.to_thread(env_users, d.backends, root)
+        if found and not force:
+            raise InUse(f"{engine} {version} ({variant}) is run by the manifest engine(s) {', '.join(found)}; "
+                        "delete them first, or uninstall with force")
+        return found
+
+    try:
+        await users()
+    except InUse as exc:
+        raise ApiError(409, str(exc), code="version_in_use") from exc
+
+    async def work(progress: ProgressCallback) -> str:
+        engines = await users()
+        progress(Progress(phase="stopping runners", percent=0.0, message=", ".join(engines)))
+        stopped = []
+        for name in engines:
+            stopped += await d.scheduler.unload(backend=name, reason="engine uninstalled")
+        progress(Progress(phase="removing", percent=50.0))
+        await remove_pip_env(cache, engine, version, variant)
+        return f"removed {engine} {version} ({variant})" + (f"; stopped {len(stopped)} runner(s) of "
+                                                             f"{', '.join(engines)}" if stopped else "")
+
+    return work
 
 
 def add_routes(app: web.Application) -> None:
