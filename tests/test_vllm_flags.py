@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.base import InstallError
+from backends.base import BackendConfiguration, InstallError
 from backends.flags import FlagError, FlagSpec, FlagTable, Refusal, RefusalKind, ValueKind
 from backends.vllm import VllmBackend
 from backends.vllm.flags import MEMORY_FLAGS, VLLM_FLAGS, abbreviation_of, validate_vllm_flags, version_flags
@@ -244,6 +244,9 @@ def test_the_backend_uses_the_installed_releases_table(vllm_python: Path, tmp_pa
     with pytest.raises(FlagError, match="still being read"):
         backend.validate_flags(["--performance-mode=throughput"])
     backend._reading = False
+    # What configure requests call, off the event loop: it reads the release's list first.
+    assert backend.validate_flags_for(["--performance-mode=throughput"], BackendConfiguration()) == \
+        ["--performance-mode=throughput"]
     table = backend.build_flags()
     assert backend.flags is table and "--performance-mode" in table.allowed_spellings
     assert backend.validate_flags(["--performance-mode=throughput"]) == ["--performance-mode=throughput"]

@@ -389,7 +389,8 @@ class VllmBackend(Backend):
     def validate_flags(self, flags: Sequence[str], table: FlagTable | None = None) -> list[str]:
         """The installed release's flag table's checks, then this host's bounds on counts
         (backends/vllm/host_limits.py). Never blocks: until the release's option list has been read the
-        pinned table answers, and `run` checks again against the release's own."""
+        pinned table answers (configure requests use `validate_flags_for`, which waits for it), and `run`
+        checks again against the release's own."""
         table = table or self.flags
         try:
             validated = validate_vllm_flags(table, list(flags))
@@ -401,6 +402,11 @@ class VllmBackend(Backend):
             raise
         check_host_flags(table, validated, self.host)
         return validated
+
+    def validate_flags_for(self, flags: Sequence[str], config: BackendConfiguration) -> list[str]:
+        """Blocking: checked against the installed release's own table (read from its parser once per
+        release, about 10 s the first time), which `run` applies too."""
+        return self.validate_flags(flags, self.build_flags())
 
     def request_problem(self, model: ModelRef, config: BackendConfiguration,
                         payload: Mapping[str, Any]) -> str | None:
