@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from backends.base import Mode
-from backends.flags import FlagError
+from backends.flags import FlagError, ValueKind
 from backends.vllm import VllmBackend
 from backends.vllm.flags import VLLM_FLAGS
 from runnerd.config import load_settings
@@ -256,22 +256,30 @@ def test_sigkill_of_the_daemon_takes_the_whole_vllm_tree_down(llama_server: Path
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_every_allowlisted_flag_is_an_option_of_the_pinned_vllm(vllm_python: Path) -> None:
-    # argparse takes an unknown name for the longer option it abbreviates: an allowlisted name that
-    # the installed release lacks could reach a flag the allowlist never vetted.
+def test_every_allowlisted_flag_is_an_option_of_the_installed_vllm(vllm_python: Path, tmp_path: Path) -> None:
+    """The parser read here independently of the backend (tests/vllm_parser_options.py) against the pinned
+    table and the table the backend derives from the installed release (its own reading of the parser).
+    argparse takes an unknown name for the longer option it abbreviates: an allowlisted name that the
+    installed release lacks could reach a flag the allowlist never vetted."""
     out = subprocess.run([str(vllm_python), str(ROOT / "tests" / "vllm_parser_options.py")], check=True,
                          capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONNOUSERSITE": "1"})
     parser = json.loads(out.stdout.strip().splitlines()[-1])
     options: dict[str, dict[str, Any]] = parser["options"]
     assert len(options) > 100  # the parser really was read
-    allowed = {spelling: spec for spec in VLLM_FLAGS.flags
-               for spelling in (*spec.positive_spellings, *spec.negative_spellings)}
-    assert sorted(set(allowed) - set(options)) == []
-    for spelling, spec in allowed.items():
-        engine_choices = options[spelling]["choices"]
-        if spec.choices and engine_choices is not None:
-            assert set(spec.choices) <= set(engine_choices), spelling
+    derived = VllmBackend(cache_dir=tmp_path, python=vllm_python).build_flags()
+    assert derived is not VLLM_FLAGS and len(derived.flags) > len(VLLM_FLAGS.flags)
+    for table in (VLLM_FLAGS, derived):
+        allowed = {spelling: (spec, spelling in spec.positive_spellings) for spec in table.flags
+                   for spelling in (*spec.positive_spellings, *spec.negative_spellings)}
+        assert sorted(set(allowed) - set(options)) == []
+        for spelling, (spec, positive) in allowed.items():
+            assert options[spelling]["takes_value"] == (spec.takes_value and positive), spelling
+            engine_choices = options[spelling]["choices"]
+            if spec.kind is ValueKind.ENUM and engine_choices is not None:
+                assert set(spec.choices) <= set(engine_choices), spelling
+    # Every option of the release is decided by the derived table: accepted with a type, or refused with a reason.
+    assert [name for name in options if derived.lookup(name) is None] == []
     # The daemon's own flags must exist too, or the engine would refuse to start.
     for owned_flag in ("--uds", "--served-model-name", "--max-model-len", "--gpu-memory-utilization",
                        "--dtype", "--enforce-eager", "--runner", "--hf-overrides"):
