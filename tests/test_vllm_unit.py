@@ -134,6 +134,10 @@ def test_cpu_estimate_counts_weights_kv_and_overhead(tmp_path: Path) -> None:
     # The caller's KV-cache size wins over the operator's.
     tuned = BackendConfiguration(runtime_flags=["--kv-cache-memory-bytes=1000000"])
     assert backend.required_memory(_ref(model), Mode.COMPLETION, tuned).devices[0].breakdown.kv_cache == 1_000_000
+    # Stored flags only the installed release's table knows (not read yet after a restart) do not make the
+    # estimate unknown: the memory flags are read all the same.
+    stored = BackendConfiguration(runtime_flags=["--performance-mode=throughput", "--kv-cache-memory-bytes=1000000"])
+    assert backend.required_memory(_ref(model), Mode.COMPLETION, stored).devices[0].breakdown.kv_cache == 1_000_000
 
 
 def test_gpu_estimate_is_the_utilisation_fraction(tmp_path: Path) -> None:

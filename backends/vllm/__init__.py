@@ -362,7 +362,8 @@ class VllmBackend(Backend):
             if self.explicit is None:
                 return BackendStatus(state=BackendState.NOT_INSTALLED)
             return BackendStatus(state=BackendState.ERROR, detail=f"{self.explicit} has no vllm distribution")
-        self.build_flags()  # a new release (installed, upgraded in place) brings its own option list
+        if not self._reading:  # a read under way (about 10 s) would hold up status and readiness probes
+            self.build_flags()  # a new release (installed, upgraded in place) brings its own option list
         return BackendStatus(state=BackendState.INSTALLED, version=version)
 
     def disk_usage(self) -> int:
@@ -494,7 +495,10 @@ class VllmBackend(Backend):
         try:
             shape = self._shape(model, config)
             weights = model_weights(model.path) + draft_weights(config, self.model_formats)
-            flags = self.flags.values(config.runtime_flags)
+            # Not strict: stored flags were checked against the release's table when configured, and until
+            # that table is read again (a daemon start) the pinned one does not know every flag it accepts;
+            # those that change memory are in both.
+            flags = self.flags.values(config.runtime_flags, strict=False)
         except (ModelConfigError, SafetensorsError, FlagError, OSError) as exc:
             return MemoryEstimate.unknown(f"cannot estimate {model.name}: {exc}")
         file_dtype_bytes = shape.dtype_bytes
