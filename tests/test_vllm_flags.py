@@ -171,6 +171,12 @@ def test_an_option_is_judged_by_its_name_and_help_text() -> None:
     assert table.validate(["--no-fancy"]) == ["--no-fancy"]
     with pytest.raises(FlagError, match="must be one of: fast, fair"):
         table.validate(["--mode=slow"])
+    # A hand-typed option whose release changed what it takes is judged afresh, not by its old type.
+    changed = version_flags([option("--seed", "Seed the generator.", "bool"),
+                             option("--enforce-eager", "Eager mode, or a mode name.", choices=["on", "off"])])
+    assert changed.validate(["--seed", "--enforce-eager=off"]) == ["--seed", "--enforce-eager=off"]
+    with pytest.raises(FlagError, match="takes no value"):
+        changed.validate(["--seed=1"])
 
 
 def test_hostile_flags_are_refused_with_the_reason(table: FlagTable) -> None:

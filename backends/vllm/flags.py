@@ -323,10 +323,12 @@ def _inferred(option: ParserOption) -> FlagSpec | Refusal:
 def _typed(spec: FlagSpec, option: ParserOption, taken: set[str]) -> FlagSpec | None:
     """`spec` under the spellings this release gives the option (the spec's canonical name kept when
     listed), with the release's choices where the spec's are a superset; None when the release lists
-    none of its positive spellings."""
+    none of its positive spellings, or the option takes a value where the spec takes none (or the reverse)."""
     listed = [n for n in _positive(option) if n not in taken]
     if spec.name not in listed and not set(spec.aliases) & set(listed):
         return None
+    if spec.takes_value != option.takes_value:
+        return None  # the release changed what the option takes: the hand type no longer fits
     negations = [n for n in option.names if n.startswith("--no-") and n not in taken]
     name = spec.name if spec.name in listed else listed[0]
     update: dict[str, object] = {"name": name, "aliases": tuple(n for n in listed if n != name)}
