@@ -10,8 +10,8 @@ break `import vllm` on a CPU-only host, so they are removed again.
 The environment is built under a temporary name and renamed into place with an `INSTALLED` marker
 inside, so a cancelled or failed install never looks installed. Before the marker, the release's option
 list is read from its parser and cached inside (backends/vllm/option_list.py; the flag allowlist is
-derived from it). Nothing runs the environment's
-console scripts (their shebangs keep the temporary path): runners start `python -m ...`.
+derived from it). Nothing runs the environment's console scripts (their shebangs keep the temporary
+path): runners start `python -m ...`.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ class ParserOption(BaseModel):
 
 
 class OptionList(BaseModel):
-    """What `dump_options.py` prints: the release it read, and every option of its server parser."""
+    """What `dump_options.py` writes: the release it read, and every option of its server parser."""
 
     model_config = ConfigDict(extra="ignore")
 
