@@ -223,6 +223,10 @@ def test_the_backend_uses_the_installed_releases_table(vllm_python: Path, tmp_pa
     with pytest.raises(FlagError, match="still being read"):
         backend.validate_flags(["--performance-mode=throughput"])
     backend._reading = False
+    # Installing (here: checking the configured vLLM) leaves the release's list cached.
+    asyncio.run(backend.install())
+    version = backend.version()
+    assert version is not None and cache_file(options_dir(vllm_python, tmp_path), version).is_file()
     # What configure requests call, off the event loop: it reads the release's list first.
     assert backend.validate_flags_for(["--performance-mode=throughput"], BackendConfiguration()) == \
         ["--performance-mode=throughput"]

@@ -54,6 +54,7 @@ from backends.vllm.install import (
     interpreter_of,
     options_dir,
     read_version,
+    record_options,
 )
 from backends.vllm.memory import (
     EstimateInputs,
@@ -64,7 +65,7 @@ from backends.vllm.memory import (
     kv_cache_bytes,
     model_shape,
 )
-from backends.vllm.option_list import load_options
+from backends.vllm.option_list import cache_file, load_options
 from backends.vllm.options import OPTIONS_KEY, VllmOptions, VllmSettings
 from backends.vllm.overrides import validate_hf_overrides
 from backends.vllm.requests import request_problem
@@ -283,6 +284,7 @@ class VllmBackend(Backend):
             python = await asyncio.to_thread(self.python)
             if await asyncio.to_thread(read_version, python) is None:
                 raise InstallError(f"configured vLLM {self.explicit}: {python} cannot find a vllm distribution")
+            await self._record_options()
             return
         self._error = None
 
@@ -294,11 +296,23 @@ class VllmBackend(Backend):
         try:
             self._installing = "starting"
             await install_private(self.cache_dir, self.plan, report)
+            await self._record_options()
         except InstallError as exc:
             self._error = str(exc).splitlines()[0]
             raise
         finally:
             self._installing = None
+
+    async def _record_options(self) -> None:
+        """Make sure the installed release's option list is cached (an environment installed before runnerd
+        kept one gets it here, in a process killed if the install is cancelled)."""
+        python = await asyncio.to_thread(self.python)
+        version = await asyncio.to_thread(read_version, python)
+        directory = options_dir(python, self.cache_dir)
+        if version is None or await asyncio.to_thread(cache_file(directory, version).is_file):
+            return
+        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+        await record_options(python, directory, os.environ)
 
     async def uninstall(self) -> None:
         """Remove the private environment; a vLLM the operator named is never touched."""
