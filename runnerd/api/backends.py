@@ -344,8 +344,9 @@ async def define_backend(request: web.Request) -> web.Response:
 
 async def delete_backend(request: web.Request) -> web.Response:
     """Delete a manifest engine: 409 naming the models whose stored configuration or running runner uses
-    it, unless `?force=true` (its runners are stopped first; configurations naming it stay, and fail
-    until it is defined again)."""
+    it, unless `?force=true` (its runners are stopped first; configurations naming it are kept, shown as
+    orphaned in GET /engines/_configure, and apply to no other engine: the model is served by the engine
+    for its format with its defaults until the engine is defined again or the configuration replaced)."""
     _owner_only(request, "deleting an engine")
     d = daemon(request)
     backend = d.backend(request.match_info["name"])
