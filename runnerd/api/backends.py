@@ -4,10 +4,11 @@ an engine by a manifest and delete one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import struct
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
 from typing import Literal, Protocol, runtime_checkable
 
 from aiohttp import web
@@ -44,7 +45,7 @@ from runnerd.catalog import install as catalog_install
 from runnerd.catalog_feed import CATALOG_FEED
 from runnerd.engines import BUILTIN, ManifestConflict, as_host_gpus, define_engine, engine_context, forget_engine
 from runnerd.jobs import Job, JobWork
-from runnerd.scheduler import RunnerState
+from runnerd.scheduler import RunnerKey, RunnerState, StartGuard
 
 INSTALL = "install-backend"
 UNINSTALL = "uninstall-backend"
@@ -222,32 +223,55 @@ async def _removable_version(d: Daemon, backend: Backend, version: str) -> Versi
     return backend
 
 
+def _runs_version(backend: VersionedBackend, name: str, version: str) -> StartGuard:
+    """Whether a runner (key and configuration) runs `version` of the engine `name`."""
+    return lambda key, config: key.backend == name and backend.pins_version(config, version)
+
+
+def _running_version(d: Daemon, backend: VersionedBackend, name: str, version: str) -> list[RunnerKey]:
+    """The runners on `version`: those the scheduler has whose configuration runs it (one still loading too),
+    and those the engine saw start from its build."""
+    keys = {*d.scheduler.live(_runs_version(backend, name, version)),
+            *(RunnerKey(name, model, mode) for model, mode in backend.runners_on(version))}
+    return sorted(keys, key=lambda k: (k.model, k.mode))
+
+
 async def _version_users(d: Daemon, backend: VersionedBackend, name: str, version: str, force: bool) -> \
-        tuple[list[str], list[tuple[str, Mode]]]:
+        tuple[list[str], list[RunnerKey]]:
     """The models whose stored configuration pins `version` and the runners running it; InUse naming them
     unless `force`."""
     configured = sorted({f"{c.model} ({c.mode})" for c in await asyncio.to_thread(d.configs.list)
                          if c.backend == name and backend.pins_version(c.config, version)})
-    running = backend.runners_on(version)
+    running = _running_version(d, backend, name, version)
     if (configured or running) and not force:
         parts = ([f"pinned by {', '.join(configured)}"] if configured else []) + \
-                ([f"running {', '.join(f'{m} ({mode})' for m, mode in running)}"] if running else [])
+                ([f"running {', '.join(f'{k.model} ({k.mode})' for k in running)}"] if running else [])
         raise InUse(f"{name} {version} is in use: {'; '.join(parts)}; re-pin or unload them, or uninstall with "
                     "force")
     return configured, running
 
 
+@contextlib.contextmanager
+def _removing_version(d: Daemon, backend: VersionedBackend, name: str, version: str) -> Iterator[None]:
+    """No runner starts on `version` while the block checks its users and removes it (503 naming the
+    removal): the check sees every runner that could hold it."""
+    with d.scheduler.refusing_starts(_runs_version(backend, name, version),
+                                     f"{name} {version} is being removed"):
+        yield
+
+
 async def _uninstall_version(d: Daemon, backend: Backend, version: str, force: bool) -> web.Response:
     """Remove one installed version: 409 naming the models whose stored configuration pins it or whose
-    runner runs it, unless forced (then those runners are stopped first; the configurations stay, and
-    their runners fail to start until the version is installed again)."""
+    runner runs it, unless forced (then the runners on that version, and only those, are stopped first;
+    the configurations stay, and their runners fail to start until the version is installed again)."""
     versioned = await _removable_version(d, backend, version)
-    try:
-        configured, running = await _version_users(d, versioned, backend.name, version, force)
-    except InUse as exc:
-        raise ApiError(409, str(exc), code="version_in_use") from exc
-    stopped = await d.scheduler.unload(backend=backend.name, models=sorted({m for m, _ in running})) if running else []
-    await versioned.uninstall_version(version)
+    with _removing_version(d, versioned, backend.name, version):
+        try:
+            configured, running = await _version_users(d, versioned, backend.name, version, force)
+        except InUse as exc:
+            raise ApiError(409, str(exc), code="version_in_use") from exc
+        stopped = await d.scheduler.unload(keys=running, reason="version uninstalled") if running else []
+        await versioned.uninstall_version(version)
     return web.json_response({"backend": backend.name, "version": version, "unloaded": len(stopped),
                               "configured": configured,
                               "versions": await asyncio.to_thread(versioned.installed_versions)})
@@ -517,12 +541,12 @@ async def _source_build_removal(d: Daemon, backend: Backend, version: str, force
         raise ApiError(409, str(exc), code="version_in_use") from exc
 
     async def work(progress: ProgressCallback) -> str:
-        _, running = await _version_users(d, versioned, backend.name, version, force)
-        progress(Progress(phase="stopping runners", percent=0.0, message=f"{len(running)} runner(s)"))
-        models = sorted({m for m, _ in running})
-        stopped = await d.scheduler.unload(backend=backend.name, models=models) if running else []
-        progress(Progress(phase="removing", percent=50.0))
-        await versioned.uninstall_version(version)
+        with _removing_version(d, versioned, backend.name, version):
+            _, running = await _version_users(d, versioned, backend.name, version, force)
+            progress(Progress(phase="stopping runners", percent=0.0, message=f"{len(running)} runner(s)"))
+            stopped = await d.scheduler.unload(keys=running, reason="version uninstalled") if running else []
+            progress(Progress(phase="removing", percent=50.0))
+            await versioned.uninstall_version(version)
         return f"removed {backend.name} {version}" + (f"; stopped {len(stopped)} runner(s)" if stopped else "")
 
     return work
@@ -543,20 +567,23 @@ async def _pip_env_removal(d: Daemon, engine: str, version: str, variant: Varian
         return found
 
     try:
-        await users()
+        engines = set(await users())
     except InUse as exc:
         raise ApiError(409, str(exc), code="version_in_use") from exc
 
     async def work(progress: ProgressCallback) -> str:
-        engines = await users()
-        progress(Progress(phase="stopping runners", percent=0.0, message=", ".join(engines)))
-        stopped = []
-        for name in engines:
-            stopped += await d.scheduler.unload(backend=name, reason="engine uninstalled")
-        progress(Progress(phase="removing", percent=50.0))
-        await remove_pip_env(cache, engine, version, variant)
+        # The guard reads `engines`, which the check under it completes (an engine defined since the first
+        # check): a runner of any of them either started before the check (and is stopped) or is refused.
+        with d.scheduler.refusing_starts(lambda key, _: key.backend in engines,
+                                         f"{engine} {version} ({variant}) is being removed"):
+            engines.update(await users())
+            progress(Progress(phase="stopping runners", percent=0.0, message=", ".join(sorted(engines))))
+            running = d.scheduler.live(lambda key, _: key.backend in engines)
+            stopped = await d.scheduler.unload(keys=running, reason="engine uninstalled") if running else []
+            progress(Progress(phase="removing", percent=50.0))
+            await remove_pip_env(cache, engine, version, variant)
         return f"removed {engine} {version} ({variant})" + (f"; stopped {len(stopped)} runner(s) of "
-                                                             f"{', '.join(engines)}" if stopped else "")
+                                                             f"{', '.join(sorted(engines))}" if stopped else "")
 
     return work
 
