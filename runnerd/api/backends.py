@@ -434,6 +434,17 @@ async def get_catalog(request: web.Request) -> web.Response:
                               "catalog_url": feed.status().model_dump(mode="json") if feed is not None else None})
 
 
+async def refresh_catalog(request: web.Request) -> web.Response:
+    """Fetch `catalog_url` now: the URL feed's status block as GET /engines/backends/catalog shows it (a
+    failed fetch leaves the catalog in force and is told in its `error`)."""
+    feed = request.app.get(CATALOG_FEED)
+    if feed is None:
+        raise ApiError(409, "no catalog_url is set: nothing to fetch (the shipped catalog and catalog_file are "
+                            "read on every request)", code="no_catalog_url")
+    await feed.refresh()
+    return web.json_response({"catalog_url": feed.status().model_dump(mode="json")})
+
+
 async def known_backends(request: web.Request) -> web.Response:
     """Every engine the daemon knows of: registered ones and every catalog entry, whatever the hardware."""
     d = daemon(request)
@@ -592,6 +603,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/engines/backends/catalog", get_catalog)
     app.router.add_get("/engines/backends/known", known_backends)
     app.router.add_get("/engines/backends/upgrades", get_upgrades)
+    app.router.add_post("/engines/backends/catalog/refresh", refresh_catalog)
     app.router.add_post("/engines/backends/catalog/install", install_from_catalog)
     app.router.add_post("/engines/backends/catalog/uninstall", uninstall_from_catalog)
     app.router.add_post("/engines/backends/upgrade", upgrade_backend)
