@@ -1,7 +1,8 @@
 """Removing a llama.cpp version that runners use, through a real daemon with two real builds: no runner
 starts on the version between the removal's check of its users and the removal (a start in that window
 is refused, 503 naming the removal, in the route's shape), and a forced removal stops only the runners on
-that version, not the same model's runners in other modes on another build.
+that version, not the same model's runners in other modes on another build; the binary named in the
+settings is listed by its own version.
 
 The window is held open for a few seconds by a real, stopped engine: the runner on the version being
 removed is sent SIGSTOP, so its stop waits out the daemon's stop grace before killing it.
@@ -13,6 +14,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +26,7 @@ import psutil
 import pytest
 
 from backends.llamacpp.install import SOURCE_VERSION
-from tests.conftest import Daemon
+from tests.conftest import ROOT, Daemon
 from tests.test_llamacpp_versions import _link_build, _versions, other_build  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.engine
@@ -134,3 +137,42 @@ def test_the_direct_removal_also_stops_only_its_versions_runners(vdaemon, llama_
         assert c.post("/engines/v1/embeddings", json={"model": "old", "input": "x"}).status_code == 200
     for model in ("old", "also"):
         d.http.request("DELETE", "/engines/_configure", params={"model": model})
+
+
+def test_the_binary_named_in_the_settings_is_listed_by_its_own_version(make_daemon, llama_server, tmp_path):
+    """A wrapper script named as the binary counts its `--version` runs: the version is read once per path and
+    modification time, however often the engines are listed."""
+    count = tmp_path / "version-runs"
+    named = tmp_path / "bin" / "llama-server"
+    named.parent.mkdir()
+    named.write_text(f"""#!/bin/sh
+if [ "$1" = "--version" ]; then echo run >> {count}; fi
+LD_LIBRARY_PATH={llama_server.resolve().parent} exec {llama_server.resolve()} "$@"
+""")
+    named.chmod(0o755)
+    runs = subprocess.run([str(named), "--version"], capture_output=True, text=True, timeout=60, check=True)
+    own = next(ln for ln in (runs.stdout + runs.stderr).splitlines() if ln.startswith("version:"))
+    own = own.removeprefix("version:").strip()
+    count.unlink()
+    d = make_daemon(env={"RUNNERD_LLAMA_SERVER": str(named), "RUNNERD_LLAMACPP__CUDA": "off"})
+
+    def llamacpp() -> dict[str, Any]:
+        return next(b for b in d.http.get("/engines/backends").json() if b["name"] == "llama.cpp")
+
+    listed = llamacpp()
+    assert listed["versions"] == [own] and listed["named_binary"] == {"path": str(named), "version": own}, listed
+    for _ in range(3):
+        assert llamacpp()["versions"] == [own]
+    assert count.read_text().count("run") == 1
+    cli = subprocess.run([sys.executable, "-m", "runnerd.cli", "backends", "ls", "--socket", str(d.socket)],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert cli.returncode == 0 and own.split()[0] in cli.stdout, cli.stdout
+
+    os.utime(named, (named.stat().st_atime, named.stat().st_mtime + 10))  # a new binary at the same path
+    assert llamacpp()["versions"] == [own]
+    assert count.read_text().count("run") == 2
+
+    # Listed, but neither pinned nor removed by runnerd.
+    refused = d.post("/engines/uninstall-backend", {"backend": "llama.cpp", "version": own})
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "not_installed_by_runnerd", refused.text
+    assert named.is_file()

@@ -9,6 +9,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterator, MutableMapping
+from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 from aiohttp import web
@@ -79,6 +80,18 @@ class VersionedBackend(Protocol):
     def runners_on(self, version: str) -> list[tuple[str, Mode]]: ...
 
 
+@runtime_checkable
+class NamedBuild(Protocol):
+    """An engine that may run a binary the operator named in the settings instead of one it installed."""
+
+    def named_build(self) -> tuple[Path, str] | None: ...
+
+
+class NamedBinary(BaseModel):
+    path: str
+    version: str = Field(description="the binary's own `--version`")
+
+
 class BackendView(BaseModel):
     name: str
     status: str
@@ -91,7 +104,11 @@ class BackendView(BaseModel):
     disk_usage: int
     install_job: str | None = Field(description="id of the install job running now, if any")
     versions: list[str] = Field(description="the versions installed now (a manifest's: those whose executable is "
-                                            "there)")
+                                            "there), and last the named binary's version, if one is named")
+    named_binary: NamedBinary | None = Field(
+        default=None, description="the binary named in the settings, which serves unpinned models (it is listed "
+                                  "in `versions` by its own `--version`; no configuration pins it, nothing removes "
+                                  "it)")
     defined_by: Literal["built-in", "plug-in", "manifest"]
 
 
@@ -100,11 +117,20 @@ def _describe(d: Daemon, backend: Backend) -> BackendView:
     """Blocking (status may run the engine's --version, disk usage walks a directory)."""
     status = backend.status()
     job = d.jobs.active(f"{INSTALL}:{backend.name}")
+    named = _named_binary(backend)
+    versions = backend.installed_versions()
     return BackendView(name=backend.name, status=status.text, state=status.state, installed=status.installed,
                        version=status.version, installable_version=backend.installable_version,
                        capabilities=sorted(backend.capabilities), model_formats=sorted(backend.model_formats),
                        disk_usage=backend.disk_usage(), install_job=job.id if job else None,
-                       versions=backend.installed_versions(), defined_by=_defined_by(backend))
+                       versions=versions + ([named.version] if named is not None else []), named_binary=named,
+                       defined_by=_defined_by(backend))
+
+
+def _named_binary(backend: Backend) -> NamedBinary | None:
+    """Blocking (it may run the binary's --version once)."""
+    found = backend.named_build() if isinstance(backend, NamedBuild) else None
+    return None if found is None else NamedBinary(path=str(found[0]), version=found[1])
 
 
 def _defined_by(backend: Backend) -> Literal["built-in", "plug-in", "manifest"]:
@@ -214,6 +240,11 @@ async def _removable_version(d: Daemon, backend: Backend, version: str) -> Versi
         raise ApiError(400, f"{backend.name} keeps a single version: uninstall it without one", code="unversioned",
                        param="version")
     installed = await asyncio.to_thread(backend.installed_versions)
+    named = await asyncio.to_thread(_named_binary, backend)
+    if version not in installed and named is not None and version == named.version:
+        raise ApiError(400, f"{backend.name} {version} is the binary named in the settings ({named.path}): runnerd "
+                            "did not install it and does not remove it", code="not_installed_by_runnerd",
+                       param="version")
     if version not in installed:
         raise ApiError(404, f"{backend.name} {version} is not installed (installed: {', '.join(installed) or 'none'})",
                        code="version_not_installed", param="version")
