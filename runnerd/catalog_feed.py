@@ -1,4 +1,5 @@
-"""An operator catalog fetched from a URL (`catalog_url`): at start and every `catalog_refresh` seconds.
+"""An operator catalog fetched from a URL (`catalog_url`): at start, every `catalog_refresh` seconds, and
+when an admin asks (`POST /engines/backends/catalog/refresh`).
 
 A fetch is bounded (`catalog_fetch_timeout` for the whole request, the catalog size cap on the body) and
 its text is checked by the same parser as the operator's file. Only a catalog that passes replaces the one
@@ -86,6 +87,9 @@ class CatalogFeed:
         self._checked_at: float | None = None
         self._error: str | None = None
         self._task: asyncio.Task[None] | None = None
+        # Fetches take turns: a refresh asked for while the timer's is under way fetches again after it,
+        # so its answer reflects the URL as it is after the request came.
+        self._turn = asyncio.Lock()
 
     def status(self) -> FeedStatus:
         return FeedStatus(url=self.url, state=self._state, fetched_at=self._fetched_at, checked_at=self._checked_at,
@@ -118,6 +122,10 @@ class CatalogFeed:
 
     async def refresh(self) -> None:
         """One fetch; on any failure the catalog in force stays and the error is shown."""
+        async with self._turn:
+            await self._fetch()
+
+    async def _fetch(self) -> None:
         now = time.time()
         self._checked_at = now
         try:

@@ -26,7 +26,7 @@ import logging
 import secrets
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from pathlib import Path
@@ -105,6 +105,17 @@ class NodeDraining(SchedulingError):
     status = 503
     code = "node_draining"
 
+
+class StartRefused(SchedulingError):
+    """What the runner would start on (an engine version, an environment) is being removed now."""
+
+    status = 503
+    code = "backend_removing"
+
+
+# Whether a runner for this key, with this configuration, must not start now. Called on the event loop:
+# it must not block.
+StartGuard = Callable[["RunnerKey", BackendConfiguration], bool]
 
 # What a refused load is told to wait before asking this node again (an orchestrator goes elsewhere).
 DRAIN_RETRY_AFTER = 30.0
@@ -481,6 +492,7 @@ class Scheduler:
         self._drain_since: float | None = None
         self._tasks: anyio.abc.TaskGroup | None = None
         self._admission = asyncio.Lock()
+        self._start_guards: dict[object, tuple[StartGuard, str]] = {}
         self._waiting = 0
         self._change = asyncio.Event()
 
@@ -549,6 +561,30 @@ class Scheduler:
             raise
         return Lease(self._release, runner)
 
+    @contextlib.contextmanager
+    def refusing_starts(self, refuses: StartGuard, why: str) -> Iterator[None]:
+        """While the block runs, no runner starts for which `refuses(key, config)` holds: the load gets
+        StartRefused saying `why`. The check and a runner's registration happen with no await between
+        them, so a runner either started before the block (`live` finds it) or does not start at all."""
+        token = object()
+        self._start_guards[token] = (refuses, why)
+        try:
+            yield
+        finally:
+            del self._start_guards[token]
+
+    def _check_guards(self, key: RunnerKey, config: BackendConfiguration) -> None:
+        for refuses, why in list(self._start_guards.values()):
+            if refuses(key, config):
+                raise StartRefused(f"{key.model} ({key.mode}) cannot start on {key.backend} now: {why}",
+                                   retry_after=5)
+
+    def live(self, matches: StartGuard) -> list[RunnerKey]:
+        """The keys of runners not yet exited (loading, serving, stopping, or retiring) that match."""
+        return sorted({r.key for r in self._all_runners()
+                       if r.state is not RunnerState.EXITED and matches(r.key, r.config)},
+                      key=lambda k: (k.backend, k.model, k.mode))
+
     @property
     def draining(self) -> bool:
         return self._drain_since is not None
@@ -611,6 +647,7 @@ class Scheduler:
         another for the admission lock, and no request may wait longer than the timeout in all."""
         deadline = time.monotonic() + self.limits.queue_timeout
         # Answers that waiting cannot change come first, without a queue slot or a turn.
+        self._check_guards(key, config)
         self._check_backoff(key)
         backend = self.backends[key.backend]
         estimate = await asyncio.to_thread(backend.required_memory, model, key.mode, config)
@@ -707,6 +744,7 @@ class Scheduler:
 
     def _start(self, key: RunnerKey, backend: Backend, model: ModelRef, config: BackendConfiguration,
                estimate: MemoryEstimate) -> Runner:
+        self._check_guards(key, config)  # a removal may have begun while this load waited for its turn
         keep_alive = self.default_keep_alive if config.keep_alive is None else parse_keep_alive(config.keep_alive)
         log_path = key.log_path(self.log_dir) if self.log_dir else None
         self.runner_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -800,19 +838,22 @@ class Scheduler:
             await runner.stop("idle")
 
     async def unload(self, *, backend: str | None = None, models: list[str] | None = None,
-                     reason: str = "unload") -> list[RunnerInfo]:
-        """Stop the runners that match (all when neither is given) at once and lift their back-off."""
-        return (await self.unload_draining(backend=backend, models=models, reason=reason, timeout=0)).runners
+                     keys: Collection[RunnerKey] | None = None, reason: str = "unload") -> list[RunnerInfo]:
+        """Stop the runners that match (all when none is given) at once and lift their back-off."""
+        return (await self.unload_draining(backend=backend, models=models, keys=keys, reason=reason,
+                                           timeout=0)).runners
 
     async def unload_draining(self, *, backend: str | None = None, models: list[str] | None = None,
-                              reason: str = "unload", timeout: float) -> UnloadOutcome:
+                              keys: Collection[RunnerKey] | None = None, reason: str = "unload",
+                              timeout: float) -> UnloadOutcome:
         """Stop the runners that match (all when neither is given) and lift their back-off, letting the
         requests in flight on a loaded runner end first, for at most `timeout` s; those still in flight
         then are cut. A runner still loading is stopped at once (its waiting requests are cut). The
         drain goes on if the caller stops waiting for it."""
 
         def matches(key: RunnerKey) -> bool:
-            return (backend is None or key.backend == backend) and (models is None or key.model in models)
+            return (backend is None or key.backend == backend) and (models is None or key.model in models) \
+                and (keys is None or key in keys)
 
         for key in [k for k in self._failures if matches(k)]:
             del self._failures[key]

@@ -231,6 +231,9 @@ def test_catalog_listing_known_and_installed(catalog_daemon):
     assert absent.status_code == 404 and absent.json()["error"]["code"] == "version_not_installed", absent.text
     binary = d.post("/engines/backends/catalog/uninstall", {"engine": "system-true", "version": "1"})
     assert binary.status_code == 400 and binary.json()["error"]["code"] == "not_installed_by_runnerd"
+    # No catalog_url set: nothing to fetch now.
+    refresh = d.post("/engines/backends/catalog/refresh")
+    assert refresh.status_code == 409 and refresh.json()["error"]["code"] == "no_catalog_url", refresh.text
 
 
 def _finish(d: Daemon, job: dict[str, Any]) -> dict[str, Any]:

@@ -183,3 +183,62 @@ async def test_a_body_without_a_length_is_cut_at_the_cap():
                 await fetch_text(f"http://127.0.0.1:{port}{path}", timeout=10)
     finally:
         await runner.cleanup()
+
+
+def test_an_admin_refreshes_the_catalog_url_now(make_daemon, server, tmp_path):
+    """POST /engines/backends/catalog/refresh fetches at once (the timer here would wait an hour), answers
+    with the feed's status block, and is an admin's to ask for; the CLI's `catalog --refresh` too."""
+    import re
+    import subprocess
+    import sys
+
+    import httpx2 as httpx
+
+    from tests.conftest import ROOT
+    from tests.test_scopes import tokens_toml
+
+    server.add(PATH, catalog("1.0"))
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text(tokens_toml({"root": ("refresh-admin-token-0123456789", "admin", {}),
+                                   "ops": ("refresh-operator-token-0123456", "operator", {})}))
+    d: Daemon = make_daemon(env={"RUNNERD_CATALOG_URL": server.url(PATH), "RUNNERD_CATALOG_REFRESH": "3600",
+                                 "RUNNERD_HTTP__TOKENS_FILE": str(tokens)}, args=["--listen", "127.0.0.1:0"])
+    first = wait_feed(d, lambda f: f["state"] == "fetched", "the first fetch")["catalog_url"]
+    assert feedy(d) == ["1.0"]
+
+    server.files[PATH].data = catalog("2.0")
+    refreshed = d.post("/engines/backends/catalog/refresh")
+    assert refreshed.status_code == 200, refreshed.text
+    block = refreshed.json()["catalog_url"]
+    assert block == listing(d)["catalog_url"]  # the same block as the listing's
+    assert block["state"] == "fetched" and block["error"] is None and block["fetched_at"] > first["fetched_at"]
+    assert feedy(d) == ["2.0"]
+
+    # A fetch that fails is told in the block; the catalog in force stays.
+    server.status[PATH] = 500
+    failed = d.post("/engines/backends/catalog/refresh").json()["catalog_url"]
+    assert failed["error"] == "HTTP 500 Internal Server Error" and failed["checked_at"] > block["checked_at"]
+    assert feedy(d) == ["2.0"]
+
+    def cli() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "runnerd.cli", "backends", "catalog", "--refresh", "--socket",
+                               str(d.socket)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+    refused = cli()
+    assert refused.returncode != 0 and "HTTP 500" in refused.stderr and "the catalog in force stays" in refused.stderr
+    del server.status[PATH]
+    server.files[PATH].data = catalog("3.0")
+    listed = cli()
+    assert listed.returncode == 0, listed.stderr
+    assert re.search(r"feedy\s+3\.0", listed.stdout), listed.stdout
+
+    # Over TCP only an admin token may ask for a fetch.
+    port = re.search(r"listening on tcp:127\.0\.0\.1:(\d+)", d.output())
+    assert port is not None, d.output()
+    with httpx.Client(base_url=f"http://127.0.0.1:{port.group(1)}", timeout=30) as tcp:
+        operator = tcp.post("/engines/backends/catalog/refresh",
+                            headers={"Authorization": "Bearer refresh-operator-token-0123456"})
+        assert operator.status_code == 403 and "needs the 'admin' role" in operator.text, operator.text
+        admin = tcp.post("/engines/backends/catalog/refresh",
+                         headers={"Authorization": "Bearer refresh-admin-token-0123456789"})
+        assert admin.status_code == 200 and admin.json()["catalog_url"]["error"] is None, admin.text

@@ -86,8 +86,12 @@ def two_builds_daemon(llama_server: Path, other_build: tuple[str, Path], smollm2
 
 
 def _versions(d: Daemon) -> list[str]:
+    """The cached builds: the listing's versions without the binary the test daemon names in its settings."""
     backends = d.http.get("/engines/backends").json()
-    return next(b["versions"] for b in backends if b["name"] == "llama.cpp")
+    llamacpp = next(b for b in backends if b["name"] == "llama.cpp")
+    named = llamacpp["named_binary"]
+    assert named is not None and llamacpp["versions"][-1] == named["version"]
+    return list(llamacpp["versions"][:-1])
 
 
 def _switches_only_in(new: Path, old: Path, cache: Path) -> dict[str, str]:

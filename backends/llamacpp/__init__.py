@@ -198,6 +198,14 @@ class LlamaCppBackend(Backend):
         """Blocking: the source versions built for this backend's build options, oldest first."""
         return list(installed_builds(self.cache_dir, cmake_options(self.cuda)))
 
+    def named_build(self) -> tuple[Path, str] | None:
+        """Blocking: the binary named in the settings, when there is one, with its own `--version` (run once
+        per path and modification time). It serves unpinned models; it is no release, so no configuration
+        pins it and runnerd never removes it."""
+        if self.explicit_binary is None or not self.explicit_binary.is_file():
+            return None
+        return self.explicit_binary, self.version() or "unknown"
+
     def version_binary(self, version: str) -> Path:
         return cached_binary(self.cache_dir, build_key(check_source_version(version), cmake_options(self.cuda)))
 

@@ -4,10 +4,12 @@ an engine by a manifest and delete one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import struct
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 from aiohttp import web
@@ -44,7 +46,7 @@ from runnerd.catalog import install as catalog_install
 from runnerd.catalog_feed import CATALOG_FEED
 from runnerd.engines import BUILTIN, ManifestConflict, as_host_gpus, define_engine, engine_context, forget_engine
 from runnerd.jobs import Job, JobWork
-from runnerd.scheduler import RunnerState
+from runnerd.scheduler import RunnerKey, RunnerState, StartGuard
 
 INSTALL = "install-backend"
 UNINSTALL = "uninstall-backend"
@@ -78,6 +80,18 @@ class VersionedBackend(Protocol):
     def runners_on(self, version: str) -> list[tuple[str, Mode]]: ...
 
 
+@runtime_checkable
+class NamedBuild(Protocol):
+    """An engine that may run a binary the operator named in the settings instead of one it installed."""
+
+    def named_build(self) -> tuple[Path, str] | None: ...
+
+
+class NamedBinary(BaseModel):
+    path: str
+    version: str = Field(description="the binary's own `--version`")
+
+
 class BackendView(BaseModel):
     name: str
     status: str
@@ -90,7 +104,11 @@ class BackendView(BaseModel):
     disk_usage: int
     install_job: str | None = Field(description="id of the install job running now, if any")
     versions: list[str] = Field(description="the versions installed now (a manifest's: those whose executable is "
-                                            "there)")
+                                            "there), and last the named binary's version, if one is named")
+    named_binary: NamedBinary | None = Field(
+        default=None, description="the binary named in the settings, which serves unpinned models (it is listed "
+                                  "in `versions` by its own `--version`; no configuration pins it, nothing removes "
+                                  "it)")
     defined_by: Literal["built-in", "plug-in", "manifest"]
 
 
@@ -99,11 +117,20 @@ def _describe(d: Daemon, backend: Backend) -> BackendView:
     """Blocking (status may run the engine's --version, disk usage walks a directory)."""
     status = backend.status()
     job = d.jobs.active(f"{INSTALL}:{backend.name}")
+    named = _named_binary(backend)
+    versions = backend.installed_versions()
     return BackendView(name=backend.name, status=status.text, state=status.state, installed=status.installed,
                        version=status.version, installable_version=backend.installable_version,
                        capabilities=sorted(backend.capabilities), model_formats=sorted(backend.model_formats),
                        disk_usage=backend.disk_usage(), install_job=job.id if job else None,
-                       versions=backend.installed_versions(), defined_by=_defined_by(backend))
+                       versions=versions + ([named.version] if named is not None else []), named_binary=named,
+                       defined_by=_defined_by(backend))
+
+
+def _named_binary(backend: Backend) -> NamedBinary | None:
+    """Blocking (it may run the binary's --version once)."""
+    found = backend.named_build() if isinstance(backend, NamedBuild) else None
+    return None if found is None else NamedBinary(path=str(found[0]), version=found[1])
 
 
 def _defined_by(backend: Backend) -> Literal["built-in", "plug-in", "manifest"]:
@@ -213,6 +240,11 @@ async def _removable_version(d: Daemon, backend: Backend, version: str) -> Versi
         raise ApiError(400, f"{backend.name} keeps a single version: uninstall it without one", code="unversioned",
                        param="version")
     installed = await asyncio.to_thread(backend.installed_versions)
+    named = await asyncio.to_thread(_named_binary, backend)
+    if version not in installed and named is not None and version == named.version:
+        raise ApiError(400, f"{backend.name} {version} is the binary named in the settings ({named.path}): runnerd "
+                            "did not install it and does not remove it", code="not_installed_by_runnerd",
+                       param="version")
     if version not in installed:
         raise ApiError(404, f"{backend.name} {version} is not installed (installed: {', '.join(installed) or 'none'})",
                        code="version_not_installed", param="version")
@@ -222,32 +254,55 @@ async def _removable_version(d: Daemon, backend: Backend, version: str) -> Versi
     return backend
 
 
+def _runs_version(backend: VersionedBackend, name: str, version: str) -> StartGuard:
+    """Whether a runner (key and configuration) runs `version` of the engine `name`."""
+    return lambda key, config: key.backend == name and backend.pins_version(config, version)
+
+
+def _running_version(d: Daemon, backend: VersionedBackend, name: str, version: str) -> list[RunnerKey]:
+    """The runners on `version`: those the scheduler has whose configuration runs it (one still loading too),
+    and those the engine saw start from its build."""
+    keys = {*d.scheduler.live(_runs_version(backend, name, version)),
+            *(RunnerKey(name, model, mode) for model, mode in backend.runners_on(version))}
+    return sorted(keys, key=lambda k: (k.model, k.mode))
+
+
 async def _version_users(d: Daemon, backend: VersionedBackend, name: str, version: str, force: bool) -> \
-        tuple[list[str], list[tuple[str, Mode]]]:
+        tuple[list[str], list[RunnerKey]]:
     """The models whose stored configuration pins `version` and the runners running it; InUse naming them
     unless `force`."""
     configured = sorted({f"{c.model} ({c.mode})" for c in await asyncio.to_thread(d.configs.list)
                          if c.backend == name and backend.pins_version(c.config, version)})
-    running = backend.runners_on(version)
+    running = _running_version(d, backend, name, version)
     if (configured or running) and not force:
         parts = ([f"pinned by {', '.join(configured)}"] if configured else []) + \
-                ([f"running {', '.join(f'{m} ({mode})' for m, mode in running)}"] if running else [])
+                ([f"running {', '.join(f'{k.model} ({k.mode})' for k in running)}"] if running else [])
         raise InUse(f"{name} {version} is in use: {'; '.join(parts)}; re-pin or unload them, or uninstall with "
                     "force")
     return configured, running
 
 
+@contextlib.contextmanager
+def _removing_version(d: Daemon, backend: VersionedBackend, name: str, version: str) -> Iterator[None]:
+    """No runner starts on `version` while the block checks its users and removes it (503 naming the
+    removal): the check sees every runner that could hold it."""
+    with d.scheduler.refusing_starts(_runs_version(backend, name, version),
+                                     f"{name} {version} is being removed"):
+        yield
+
+
 async def _uninstall_version(d: Daemon, backend: Backend, version: str, force: bool) -> web.Response:
     """Remove one installed version: 409 naming the models whose stored configuration pins it or whose
-    runner runs it, unless forced (then those runners are stopped first; the configurations stay, and
-    their runners fail to start until the version is installed again)."""
+    runner runs it, unless forced (then the runners on that version, and only those, are stopped first;
+    the configurations stay, and their runners fail to start until the version is installed again)."""
     versioned = await _removable_version(d, backend, version)
-    try:
-        configured, running = await _version_users(d, versioned, backend.name, version, force)
-    except InUse as exc:
-        raise ApiError(409, str(exc), code="version_in_use") from exc
-    stopped = await d.scheduler.unload(backend=backend.name, models=sorted({m for m, _ in running})) if running else []
-    await versioned.uninstall_version(version)
+    with _removing_version(d, versioned, backend.name, version):
+        try:
+            configured, running = await _version_users(d, versioned, backend.name, version, force)
+        except InUse as exc:
+            raise ApiError(409, str(exc), code="version_in_use") from exc
+        stopped = await d.scheduler.unload(keys=running, reason="version uninstalled") if running else []
+        await versioned.uninstall_version(version)
     return web.json_response({"backend": backend.name, "version": version, "unloaded": len(stopped),
                               "configured": configured,
                               "versions": await asyncio.to_thread(versioned.installed_versions)})
@@ -344,8 +399,9 @@ async def define_backend(request: web.Request) -> web.Response:
 
 async def delete_backend(request: web.Request) -> web.Response:
     """Delete a manifest engine: 409 naming the models whose stored configuration or running runner uses
-    it, unless `?force=true` (its runners are stopped first; configurations naming it stay, and fail
-    until it is defined again)."""
+    it, unless `?force=true` (its runners are stopped first; configurations naming it are kept, shown as
+    orphaned in GET /engines/_configure, and apply to no other engine: the model is served by the engine
+    for its format with its defaults until the engine is defined again or the configuration replaced)."""
     _owner_only(request, "deleting an engine")
     d = daemon(request)
     backend = d.backend(request.match_info["name"])
@@ -407,6 +463,17 @@ async def get_catalog(request: web.Request) -> web.Response:
     feed = request.app.get(CATALOG_FEED)
     return web.json_response({"host_variants": preferred, "items": [i.model_dump(mode="json") for i in items],
                               "catalog_url": feed.status().model_dump(mode="json") if feed is not None else None})
+
+
+async def refresh_catalog(request: web.Request) -> web.Response:
+    """Fetch `catalog_url` now: the URL feed's status block as GET /engines/backends/catalog shows it (a
+    failed fetch leaves the catalog in force and is told in its `error`)."""
+    feed = request.app.get(CATALOG_FEED)
+    if feed is None:
+        raise ApiError(409, "no catalog_url is set: nothing to fetch (the shipped catalog and catalog_file are "
+                            "read on every request)", code="no_catalog_url")
+    await feed.refresh()
+    return web.json_response({"catalog_url": feed.status().model_dump(mode="json")})
 
 
 async def known_backends(request: web.Request) -> web.Response:
@@ -516,12 +583,12 @@ async def _source_build_removal(d: Daemon, backend: Backend, version: str, force
         raise ApiError(409, str(exc), code="version_in_use") from exc
 
     async def work(progress: ProgressCallback) -> str:
-        _, running = await _version_users(d, versioned, backend.name, version, force)
-        progress(Progress(phase="stopping runners", percent=0.0, message=f"{len(running)} runner(s)"))
-        models = sorted({m for m, _ in running})
-        stopped = await d.scheduler.unload(backend=backend.name, models=models) if running else []
-        progress(Progress(phase="removing", percent=50.0))
-        await versioned.uninstall_version(version)
+        with _removing_version(d, versioned, backend.name, version):
+            _, running = await _version_users(d, versioned, backend.name, version, force)
+            progress(Progress(phase="stopping runners", percent=0.0, message=f"{len(running)} runner(s)"))
+            stopped = await d.scheduler.unload(keys=running, reason="version uninstalled") if running else []
+            progress(Progress(phase="removing", percent=50.0))
+            await versioned.uninstall_version(version)
         return f"removed {backend.name} {version}" + (f"; stopped {len(stopped)} runner(s)" if stopped else "")
 
     return work
@@ -542,20 +609,23 @@ async def _pip_env_removal(d: Daemon, engine: str, version: str, variant: Varian
         return found
 
     try:
-        await users()
+        engines = set(await users())
     except InUse as exc:
         raise ApiError(409, str(exc), code="version_in_use") from exc
 
     async def work(progress: ProgressCallback) -> str:
-        engines = await users()
-        progress(Progress(phase="stopping runners", percent=0.0, message=", ".join(engines)))
-        stopped = []
-        for name in engines:
-            stopped += await d.scheduler.unload(backend=name, reason="engine uninstalled")
-        progress(Progress(phase="removing", percent=50.0))
-        await remove_pip_env(cache, engine, version, variant)
+        # The guard reads `engines`, which the check under it completes (an engine defined since the first
+        # check): a runner of any of them either started before the check (and is stopped) or is refused.
+        with d.scheduler.refusing_starts(lambda key, _: key.backend in engines,
+                                         f"{engine} {version} ({variant}) is being removed"):
+            engines.update(await users())
+            progress(Progress(phase="stopping runners", percent=0.0, message=", ".join(sorted(engines))))
+            running = d.scheduler.live(lambda key, _: key.backend in engines)
+            stopped = await d.scheduler.unload(keys=running, reason="engine uninstalled") if running else []
+            progress(Progress(phase="removing", percent=50.0))
+            await remove_pip_env(cache, engine, version, variant)
         return f"removed {engine} {version} ({variant})" + (f"; stopped {len(stopped)} runner(s) of "
-                                                             f"{', '.join(engines)}" if stopped else "")
+                                                             f"{', '.join(sorted(engines))}" if stopped else "")
 
     return work
 
@@ -564,6 +634,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/engines/backends/catalog", get_catalog)
     app.router.add_get("/engines/backends/known", known_backends)
     app.router.add_get("/engines/backends/upgrades", get_upgrades)
+    app.router.add_post("/engines/backends/catalog/refresh", refresh_catalog)
     app.router.add_post("/engines/backends/catalog/install", install_from_catalog)
     app.router.add_post("/engines/backends/catalog/uninstall", uninstall_from_catalog)
     app.router.add_post("/engines/backends/upgrade", upgrade_backend)

@@ -166,7 +166,7 @@ async def configure(request: web.Request) -> web.Response:
     except ValidationError as exc:
         raise validation_error(exc, "configure request") from exc
     model = find_model(d, spec.model)
-    backend = choose_backend(d, explicit, model)
+    backend = choose_backend(d, explicit, model, spec.mode)
     configured = await build_configuration(d, backend, model, spec)
     item = StoredConfiguration(model=model.name, mode=spec.mode, backend=backend.name, config=configured,
                                updated_at=time.time())
@@ -211,8 +211,10 @@ async def list_configurations(request: web.Request) -> web.Response:
     d = daemon(request)
     name = request.query.get("model")
     model = find_model(d, name).name if name else None
-    # A token limited to some models sees their configurations only.
-    items = [_shown(c) for c in scopes.visible(d.configs.list(model), lambda c: c.model)]
+    # A token limited to some models sees their configurations only. One naming an engine that is no longer
+    # defined (a manifest engine deleted with force) is kept, applies to no engine, and is shown as orphaned.
+    items = [_shown(c, orphaned=c.backend not in d.backends)
+             for c in scopes.visible(d.configs.list(model), lambda c: c.model)]
     return web.json_response({"configurations": items, "problems": d.configs.problems})
 
 

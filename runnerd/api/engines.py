@@ -93,6 +93,12 @@ def choose_backend(d: Daemon, explicit: str | None, model: ModelEntry, mode: Mod
                    code="unsupported_model_format", param="model")
 
 
+def configuration_for(d: Daemon, backend: Backend, model: ModelEntry, mode: Mode) -> BackendConfiguration:
+    """What a runner of `model` on `backend` runs with: the model's defaults, overridden by its stored
+    configuration for `mode` only when that names `backend`."""
+    return effective_configuration(model.config, d.configs.for_backend(model.name, mode, backend.name))
+
+
 def required_capabilities(kind: RequestKind, payload: dict[str, Any]) -> list[Capability]:
     needed = [kind.capability]
     if payload.get("stream") is True:
@@ -179,7 +185,7 @@ async def _serve_locally(request: web.Request, kind: RequestKind, payload: dict[
     if renamed:
         payload["model"] = model.name
     body = json.dumps(payload).encode() if keep_alive is not UNSET or renamed or raw is None else raw
-    config = effective_configuration(model.config, d.configs.get(model.name, kind.mode))
+    config = configuration_for(d, backend, model, kind.mode)
     check_request(backend, model, config, payload)
     preload = request.headers.get("X-Preload-Only", "").lower() == "true"
     lease = await lease_runner(d, backend, model, kind.mode, config, keep_alive, preload=preload)

@@ -22,13 +22,13 @@ from runnerd.api.engines import (
     check_capabilities,
     check_request,
     choose_backend,
+    configuration_for,
     find_model,
     lease_runner,
     stored,
     take_keep_alive,
 )
 from runnerd.api.errors import ApiError
-from runnerd.configs import effective_configuration
 from runnerd.metrics import REQUEST_MODEL
 from runnerd.scheduler import Lease, Runner
 from runnerd.sources import Candidate, from_upstream
@@ -95,7 +95,7 @@ async def lease_for(request: web.Request, payload: dict[str, Any], needed: list[
     check_capabilities(backend, needed, model)
     keep_alive = take_keep_alive(payload)
     payload["model"] = model.name
-    config = effective_configuration(model.config, d.configs.get(model.name, Mode.COMPLETION))
+    config = configuration_for(d, backend, model, Mode.COMPLETION)
     check_request(backend, model, config, payload)
     lease = await lease_runner(d, backend, model, Mode.COMPLETION, config, keep_alive)
     request[REQUEST_MODEL] = model.name

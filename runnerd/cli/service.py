@@ -70,6 +70,10 @@ async def _registered(client: DaemonClient) -> set[str]:
 
 
 async def _backends_catalog(client: DaemonClient, args: argparse.Namespace) -> Any:
+    if args.refresh:
+        feed = (await client.request("POST", "/engines/backends/catalog/refresh"))["catalog_url"]
+        if feed["error"] is not None:
+            raise ClientError(f"catalog_url {feed['url']} not taken: {feed['error']} (the catalog in force stays)")
     found = await client.request("GET", "/engines/backends/catalog")
     rows = [[i["engine"], i["version"] + (" (default)" if i["default"] else ""), i["variant"], i["kind"],
              "yes" if i["installed"] else "no"] for i in found["items"]]
@@ -256,8 +260,10 @@ def add_parsers(sub: Any, client: Callable[..., argparse.ArgumentParser]) -> Non
     install.add_argument("--variant", choices=[v.value for v in Variant],
                          help="install this hardware variant from the catalog (default: this host's best)")
     install.add_argument("--quiet", action="store_true", help="no progress bar")
-    client("catalog", "backends.catalog", "what this host can install from the catalog (README, \"The catalog\")",
-           bsub)
+    catalog = client("catalog", "backends.catalog", "what this host can install from the catalog (README, "
+                     "\"The catalog\")", bsub)
+    catalog.add_argument("--refresh", action="store_true", help="fetch catalog_url first (fails when that "
+                         "fetch is not taken)")
     upgrade = client("upgrade", "backends.upgrade", "install the catalog's newer version of an engine beside the "
                      "installed ones", bsub)
     upgrade.add_argument("engine")

@@ -26,7 +26,7 @@ from pydantic import Field
 from backends.base import Backend, BackendConfiguration, Capability, Mode
 from backends.formats import FORMAT_ERRORS
 from runnerd.api.context import Daemon, daemon
-from runnerd.api.engines import check_capabilities, check_request, choose_backend, lease_runner
+from runnerd.api.engines import check_capabilities, check_request, choose_backend, configuration_for, lease_runner
 from runnerd.api.errors import ApiError
 from runnerd.api.fit import refuse_unfit
 from runnerd.api.ollama import translate as tr
@@ -117,7 +117,7 @@ async def _configuration(d: Daemon, backend: Backend, model: ModelEntry, mode: M
     """The effective configuration, after storing `num_ctx` as the model's context size when it changes
     (capped at the training context, and only when the result can fit the host)."""
     stored = d.configs.get(model.name, mode)
-    config = effective_configuration(model.config, stored)
+    config = configuration_for(d, backend, model, mode)
     if num_ctx is None or config.context_size == num_ctx:
         return config
     trained = await _trained_context(backend, model)
@@ -134,7 +134,7 @@ async def _configuration(d: Daemon, backend: Backend, model: ModelEntry, mode: M
     # Stored again only if nothing else stored this model's configuration while the checks ran.
     if d.configs.get(model.name, mode) == stored:
         d.configs.put(item)
-    return effective_configuration(model.config, d.configs.get(model.name, mode))
+    return configuration_for(d, backend, model, mode)
 
 
 async def _restart_if_idle(d: Daemon, key: RunnerKey, config: BackendConfiguration) -> None:
@@ -203,7 +203,7 @@ async def _lease(request: web.Request, name: str, mode: Mode, needed: list[Capab
     # Ollama has no tool_choice: tools always leave the choice to the model ("auto"). The sampling options
     # go to the engine under its names: its backend bounds them as it bounds its own API's fields.
     payload = {"tools": Capability.TOOLS in needed, **tr.sampling_fields(options, backend.sampling_dialect)}
-    check_request(backend, model, effective_configuration(model.config, d.configs.get(model.name, mode)), payload)
+    check_request(backend, model, configuration_for(d, backend, model, mode), payload)
     config = await _configuration(d, backend, model, mode, options.num_ctx if options else None)
     if options is not None and options.num_ctx is not None:
         await _restart_if_idle(d, RunnerKey(backend.name, model.name, mode), config)
