@@ -90,6 +90,9 @@ def test_a_configuration_applies_only_to_the_engine_it_names(cdaemon, llama_serv
         _unload(d)
     still = d.http.get("/engines/_configure").json()["configurations"]
     assert [(c["backend"], c["orphaned"]) for c in still] == [(ENGINE, True)]
+    # Ollama's show tells the context the model would run with, not the orphaned 384.
+    shown = d.post("/api/show", {"model": "tiny"}).json()
+    assert f"num_ctx         {DEFAULT_CTX}" in shown["parameters"], shown["parameters"]
 
     # Defined again, the kept configuration is its own again and no longer orphaned.
     assert define(d, llama_manifest(llama_server, name=ENGINE, listen="unix")).status_code == 201

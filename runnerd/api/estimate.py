@@ -13,9 +13,8 @@ from backends.base import Backend, BackendConfiguration, MemoryEstimate, Mode, M
 from backends.flags import FlagError
 from backends.formats.gguf import GGUFParseError, cached_header
 from runnerd.api.context import Daemon, daemon
-from runnerd.api.engines import choose_backend, find_model
+from runnerd.api.engines import choose_backend, configuration_for, find_model
 from runnerd.api.errors import ApiError
-from runnerd.configs import effective_configuration
 from runnerd.estimate_params import ESTIMATE_PARAMS
 from runnerd.store import ModelEntry
 
@@ -59,10 +58,7 @@ def requested_configuration(d: Daemon, backend: Backend, model: ModelEntry, quer
         tuple[Mode, BackendConfiguration]:
     _check_known(query)
     mode = _mode(query)
-    stored = d.configs.get(model.name, mode)
-    # Another engine's stored settings (its options, its flags) mean nothing to this one.
-    base = effective_configuration(model.config, stored if stored is None or stored.backend == backend.name
-                                   else None)
+    base = configuration_for(d, backend, model, mode)
     ctx = _ctx(query)
     extra = _flags(backend, query)
     config = base.model_copy(update={"context_size": ctx or base.context_size,
@@ -104,9 +100,7 @@ async def describe(d: Daemon, model: ModelEntry) -> dict[str, Any]:
     if model.format is not ModelFormat.GGUF:
         return {}
     backend = choose_backend(d, None, model, Mode.COMPLETION)
-    stored = d.configs.get(model.name, Mode.COMPLETION)
-    config = effective_configuration(model.config, stored if stored is None or stored.backend == backend.name
-                                     else None)
+    config = configuration_for(d, backend, model, Mode.COMPLETION)
     try:
         summary = await asyncio.to_thread(backend.describe, model.ref())
         template = await asyncio.to_thread(chat_template_source, backend, model)

@@ -11,13 +11,13 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from backends.base import Capability, Mode
+from backends.base import BackendConfiguration, Capability, Mode
 from backends.formats.gguf import GGUFParseError, cached_header
 from backends.formats.gguf_summary import summarize
 from runnerd import __version__
 from runnerd.api import scopes
 from runnerd.api.context import Daemon, daemon, over_unix_socket
-from runnerd.api.engines import choose_backend, other_models
+from runnerd.api.engines import choose_backend, configuration_for, other_models
 from runnerd.api.errors import ApiError
 from runnerd.api.ollama import translate as tr
 from runnerd.api.ollama import upstream
@@ -179,6 +179,16 @@ def _capabilities(d: Daemon, model: ModelEntry, template: str) -> list[str]:
     return caps
 
 
+def _shown_configuration(d: Daemon, model: ModelEntry) -> BackendConfiguration:
+    """What a generic request would run the model with: the engine it would go to decides whether a stored
+    configuration applies."""
+    try:
+        backend = choose_backend(d, None, model)
+    except ApiError:
+        return effective_configuration(model.config, None)
+    return configuration_for(d, backend, model, Mode.COMPLETION)
+
+
 async def show(request: web.Request) -> web.Response:
     req = await read_body(request, ModelRequest)
     d = daemon(request)
@@ -187,7 +197,7 @@ async def show(request: web.Request) -> web.Response:
         return await upstream.show(remote)
     model = lookup_model(d, req.model)
     summary, header = await asyncio.to_thread(_header_facts, model)
-    config = effective_configuration(model.config, d.configs.get(model.name, Mode.COMPLETION))
+    config = _shown_configuration(d, model)
     params = {"num_ctx": config.context_size or d.settings.default_context_size}
     parameters = "\n".join(f"{k:<15} {v}" for k, v in params.items())
     template = await asyncio.to_thread(_template, d, header, model)
