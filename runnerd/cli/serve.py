@@ -33,6 +33,7 @@ def _http_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
 
 async def serve_daemon(args: argparse.Namespace) -> int:
     from runnerd.config import load_settings
+    from runnerd.heap import settle_after_start
     from runnerd.logs import setup_logging
     from runnerd.server import ListenerError, create_app, serve
     from runnerd.store import StoreError
@@ -53,6 +54,7 @@ async def serve_daemon(args: argparse.Namespace) -> int:
 
     async def announce() -> None:
         await ready.wait()
+        settle_after_start()
         if args.print_chat_command and args.model:
             name = _parse_model_args(args.model)[0][0]  # the first --model is the one to chat with
             print(f"\nrunnerd is ready. Chat with {name}:\n\n    .venv/bin/runnerd run {name}\n", flush=True)
