@@ -43,6 +43,19 @@ def _child_setup(parent_pid: int) -> None:
         os._exit(1)
 
 
+def rotated_logs(path: Path) -> list[Path]:
+    """A rotating log's files that exist, oldest first: `<name>.N` ... `<name>.1`, then `<name>` itself."""
+    prefix = path.name + "."
+    numbered: list[tuple[int, Path]] = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in path.parent.iterdir():
+            suffix = entry.name[len(prefix):] if entry.name.startswith(prefix) else ""
+            if suffix.isascii() and suffix.isdigit():
+                numbered.append((int(suffix), entry))
+    files = [p for _, p in sorted(numbered, reverse=True)]
+    return [*files, path] if path.is_file() else files
+
+
 class RotatingLog:
     """An engine's output file that is renamed to `<name>.1` (older ones shifted up to `<name>.<keep>`,
     the oldest dropped) once it would grow past `max_bytes`: an engine that runs for months, or one

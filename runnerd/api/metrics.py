@@ -28,6 +28,7 @@ from runnerd.api.context import DAEMON, Daemon, daemon
 from runnerd.api.errors import ApiError
 from runnerd.logs import DAEMON_LOG
 from runnerd.metrics import REQUEST_MODEL
+from runnerd.runner_logs import read_end
 from runnerd.scheduler import RunnerInfo, RunnerKey, RunnerState
 from runnerd.store import StoreError, canonical_name
 
@@ -190,14 +191,15 @@ def _read_lines(path: Path, position: int, partial: bool) -> tuple[list[str], in
 
 
 def _tail_file(path: Path, count: int, partial: bool) -> tuple[list[str], int]:
-    try:
-        size = path.stat().st_size
-    except OSError:
-        return [], 0
-    start = max(0, size - _TAIL_BYTES)
-    lines, end = _read_lines(path, start, partial)
-    if start > 0:
-        lines = lines[1:]  # cut mid-line
+    """The last `count` lines within a MiB, read across the rotated files too; and where to follow from."""
+    data, cut, end = read_end(path, _TAIL_BYTES)
+    if not partial:
+        whole = data[: data.rfind(b"\n") + 1]
+        end = max(0, end - (len(data) - len(whole)))  # the line being written is followed from its start
+        data = whole
+    lines = data.decode("utf-8", "replace").splitlines()
+    if cut:
+        lines = lines[1:]
     return (lines[-count:] if count else []), end
 
 
