@@ -37,6 +37,7 @@ from runnerd.engines import EngineRegistryError, as_host_gpus, default_backends,
 from runnerd.limits import Limiter
 from runnerd.metrics import LoopLagMonitor, Metrics, RunnerWatcher
 from runnerd.pidfiles import clean_up_previous_runners
+from runnerd.runner_logs import remove_model_logs
 from runnerd.sampler import HostSampler
 from runnerd.scheduler import RunnerState, Scheduler, SchedulerLimits
 from runnerd.sources import Sources
@@ -132,8 +133,10 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
                           middlewares=[metrics_routes.metrics_middleware, cors.cors_middleware, auth_middleware,
                                        error_middleware])
     # "In use" for the store = some runner (loading, ready or idle) holds the model, or drafts with it.
+    # A removed model's runner logs go with it (they are kept after a runner exits, for reading a crash).
     store = ModelStore(settings.data_dir, settings.store, settings.huggingface,
-                       in_use=lambda name: name in scheduler.models_in_use())
+                       in_use=lambda name: name in scheduler.models_in_use(),
+                       on_removed=lambda name: remove_model_logs(settings.runner_log_dir, backends, name))
     # Stored configurations name a speculative draft model; only the store knows where it lives today.
     configs = ConfigStore(settings.data_dir, resolve_model=lambda name: _model_ref(store, name))
     app[LIMITER] = Limiter()
@@ -434,7 +437,8 @@ async def serve(settings: Settings, app: web.Application | None = None,
             if listener.tcp and limits is not None:
                 await DoorSite(runner, listener.sock, limits).start()
             else:
-                await web.SockSite(runner, listener.sock).start()
+                # The site listens again with its own backlog (128 unless told): keep the daemon's.
+                await web.SockSite(runner, listener.sock, backlog=LISTEN_BACKLOG).start()
             log.info("listening on %s", listener.describe())
         notifier.ready(f"listening on {', '.join(lst.address for lst in listeners)}")
         watchdog = asyncio.create_task(notifier.run(lambda: status_line(app)), name="systemd watchdog")
