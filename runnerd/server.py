@@ -43,15 +43,7 @@ from runnerd.scheduler import RunnerState, Scheduler, SchedulerLimits
 from runnerd.sources import Sources
 from runnerd.store import ModelNotFound, ModelStore
 from runnerd.systemd import Notifier, SocketActivationError, listen_fds
-from runnerd.tcp_door import (
-    ACCEPT_ERROR_MESSAGE,
-    DoorLimits,
-    DoorSite,
-    Throttled,
-    fd_room,
-    raise_fd_limit,
-    throttle_accept_errors,
-)
+from runnerd.tcp_door import DoorLimits, DoorSite, fd_room, raise_fd_limit
 from runnerd.tokens import Keyring, TokenError, load_token
 
 log = logging.getLogger("runnerd")
@@ -419,8 +411,6 @@ async def serve(settings: Settings, app: web.Application | None = None,
                            keepalive_timeout=settings.http.keepalive_timeout)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    accept_errors = Throttled(ACCEPT_ERROR_MESSAGE)
-    restore_loop_errors = throttle_accept_errors(loop, accept_errors)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     reload_tokens = asyncio.Event()
@@ -433,12 +423,9 @@ async def serve(settings: Settings, app: web.Application | None = None,
     try:
         await runner.setup()
         for listener in listeners:
-            # TCP goes through the door (caps, header deadline); the unix socket is trusted and uncounted.
-            if listener.tcp and limits is not None:
-                await DoorSite(runner, listener.sock, limits).start()
-            else:
-                # The site listens again with its own backlog (128 unless told): keep the daemon's.
-                await web.SockSite(runner, listener.sock, backlog=LISTEN_BACKLOG).start()
+            # Both through a door of runnerd's own (the same accept on either event loop); TCP's is counted
+            # and has a header deadline, the unix socket is trusted and uncounted.
+            await DoorSite(runner, listener.sock, limits if listener.tcp else None).start()
             log.info("listening on %s", listener.describe())
         notifier.ready(f"listening on {', '.join(lst.address for lst in listeners)}")
         watchdog = asyncio.create_task(notifier.run(lambda: status_line(app)), name="systemd watchdog")
@@ -457,6 +444,4 @@ async def serve(settings: Settings, app: web.Application | None = None,
         if watchdog is not None:
             watchdog.cancel()
         close_listeners(listeners)
-        restore_loop_errors()
-        accept_errors.close()
         log.info("stopped")
