@@ -121,12 +121,14 @@ class _Families(Collector):
         return iter(self.families)
 
 
-def _exposition(own: list[Metric], scraped: list[tuple[RunnerInfo, str | None]], accept: str) -> tuple[bytes, str]:
-    """Blocking (parsing the engines' texts and encoding everything is the costly part of a scrape)."""
-    registry = CollectorRegistry()
-    registry.register(_Families([*own, *runner_families(scraped)]))
+def _exposition(registry: CollectorRegistry, live: list[Metric], scraped: list[tuple[RunnerInfo, str | None]],
+                accept: str) -> tuple[bytes, str]:
+    """Blocking (collecting the daemon's histograms, parsing the engines' texts and encoding everything is
+    the costly part of a scrape)."""
+    families = CollectorRegistry()
+    families.register(_Families([*registry.collect(), *live, *runner_families(scraped)]))
     encode, content_type = choose_encoder(accept)
-    return encode(registry), content_type
+    return encode(families), content_type
 
 
 async def get_metrics(request: web.Request) -> web.Response:
@@ -134,9 +136,8 @@ async def get_metrics(request: web.Request) -> web.Response:
     # A ready runner with nothing in flight shows as idle: both answer /metrics.
     ready = [r for r in d.scheduler.ps() if r.state in (RunnerState.READY, RunnerState.IDLE)]
     texts = await asyncio.gather(*(scrape_runner(r) for r in ready))
-    # The daemon's own collectors read the scheduler: on the loop. The rest in a thread.
-    own = list(d.metrics.registry.collect())
-    body, content_type = await asyncio.to_thread(_exposition, own, list(zip(ready, texts, strict=True)),
+    body, content_type = await asyncio.to_thread(_exposition, d.metrics.registry, d.metrics.live_families(),
+                                                 list(zip(ready, texts, strict=True)),
                                                  request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})
 
