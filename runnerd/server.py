@@ -411,6 +411,7 @@ async def serve(settings: Settings, app: web.Application | None = None,
                            keepalive_timeout=settings.http.keepalive_timeout)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    log.info("event loop: %s", "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio")
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     reload_tokens = asyncio.Event()

@@ -164,6 +164,7 @@ def test_unix_socket_answers_while_tcp_is_flooded_past_the_fd_limit(make_daemon,
                     env={**tcp_env(token_dir, max_connections=48, max_connections_per_peer=48, header_timeout=2,
                                    fd_reserve=64), "RUNNERD_EVENT_LOOP": event_loop})
     assert psutil.Process(d.proc.pid).rlimit(psutil.RLIMIT_NOFILE) == (256, 256)
+    assert f"event loop: {event_loop}" in d.output()
     port = tcp_port(d)
     lines_before = len(d.output().splitlines())
     with Flood(port, size=300) as flood:
@@ -255,6 +256,7 @@ def test_accept_errors_on_the_unix_socket_are_one_line_per_interval(make_daemon,
     accept, as asyncio's own accept logs; nor silence and a listener closed for good, as uvloop's may),
     and once the flood ends the socket serves again."""
     d = make_daemon(launcher=fd_limit(128, 128), env={"RUNNERD_EVENT_LOOP": event_loop})
+    assert f"event loop: {event_loop}" in d.output()
     flood: list[socket.socket] = []
     deadline = time.monotonic() + 30
     while ACCEPT_ERROR not in d.output() and time.monotonic() < deadline:
