@@ -4,8 +4,8 @@ A full (oldest-generation) collection walks every tracked object. After start-up
 imports and configuration left behind (modules, classes, pydantic schemas: hundreds of thousands of
 objects that live as long as the process), and walking them took 60-80 ms on the event loop, in the
 middle of whichever burst of requests allocated enough to trigger it. Freezing what exists once the
-daemon is ready moves those objects out of the collector's sight: a full collection then walks only
-what was allocated since (about 2 ms under bench/relay.py's 256 streams).
+daemon is configured, before it listens, moves those objects out of the collector's sight: a full
+collection then walks only what was allocated since (about 2 ms under bench/relay.py's 256 streams).
 
 Only for a process that is the daemon: tests run several daemons inside one pytest process, and
 freezing there would keep the tests' own cyclic garbage alive.

@@ -54,12 +54,12 @@ async def serve_daemon(args: argparse.Namespace) -> int:
 
     async def announce() -> None:
         await ready.wait()
-        settle_after_start()
         if args.print_chat_command and args.model:
             name = _parse_model_args(args.model)[0][0]  # the first --model is the one to chat with
             print(f"\nrunnerd is ready. Chat with {name}:\n\n    .venv/bin/runnerd run {name}\n", flush=True)
 
     task = asyncio.create_task(announce())
+    settle_after_start()  # everything imported and configured: freeze it before the first request comes
     try:
         await serve(settings, app, ready)
     except ListenerError as exc:
