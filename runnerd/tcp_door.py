@@ -211,10 +211,13 @@ class Door:
         self._loop.add_reader(self._sock.fileno(), self._accept)
 
     def close(self) -> None:
-        """Stop accepting; connections already open are aiohttp's to close (AppRunner.cleanup)."""
+        """Stop accepting and close the listening socket, so that a client connecting while requests
+        drain is refused at once rather than left in the queue; connections already open are aiohttp's
+        to close (AppRunner.cleanup)."""
         if self._loop is not None:
             self._loop.remove_reader(self._sock.fileno())
             self._loop = None
+        self._sock.close()
         if self._retry is not None:
             self._retry.cancel()
         for task in self._admitting:

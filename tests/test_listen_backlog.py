@@ -1,9 +1,11 @@
 """The daemon's unix socket keeps the listen backlog it was bound with (LISTEN_BACKLOG), not the 128
 aiohttp's site would set: while the daemon is stopped (as a busy loop would be), a thousand clients
-connecting at once all find room in the queue instead of failing with EAGAIN."""
+connecting at once all find room in the queue instead of failing with EAGAIN. Once its door closes
+(the daemon stopping), new clients are refused instead of queued."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import shutil
@@ -12,7 +14,10 @@ import socket
 import tempfile
 from pathlib import Path
 
-from runnerd.server import LISTEN_BACKLOG
+import pytest
+
+from runnerd.server import LISTEN_BACKLOG, bind_unix_socket
+from runnerd.tcp_door import Door
 from tests.conftest import Daemon
 
 CLIENTS = 1000
@@ -45,3 +50,21 @@ def test_a_thousand_connections_queue_while_the_daemon_is_busy(llama_server: Pat
             s.close()
         d.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+
+@pytest.mark.anyio
+async def test_a_closed_door_refuses_new_connections_at_once() -> None:
+    """aiohttp closes a site's door first when the daemon stops, then drains the requests in flight:
+    a client connecting meanwhile is refused, not left waiting in the queue until the drain ends."""
+    path = Path(tempfile.mkdtemp(prefix="rdd-", dir="/tmp")) / "d.sock"
+    door = Door(bind_unix_socket(path), asyncio.Protocol)
+    door.start()
+    try:
+        _, writer = await asyncio.open_unix_connection(str(path))  # taken while the door is open
+        writer.close()
+        door.close()
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_unix_connection(str(path))
+    finally:
+        shutil.rmtree(path.parent, ignore_errors=True)
