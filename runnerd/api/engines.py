@@ -275,7 +275,7 @@ async def engines_df(request: web.Request) -> web.Response:
     d = daemon(request)
     usages = await asyncio.gather(*(asyncio.to_thread(b.disk_usage) for b in d.backends.values()))
     backends = dict(zip(d.backends, usages, strict=True))
-    models = d.store.disk_usage()
+    models = await asyncio.to_thread(d.store.disk_usage)  # a directory walk: the disk may be slow
     return web.json_response({"models_disk_usage": models, "backends_disk_usage": backends,
                               "total": models + sum(backends.values())})
 

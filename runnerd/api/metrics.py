@@ -36,6 +36,7 @@ from runnerd.api.context import DAEMON, Daemon, daemon
 from runnerd.api.errors import ApiError
 from runnerd.logs import DAEMON_LOG
 from runnerd.metrics import REQUEST_MODEL
+from runnerd.runner_logs import read_end
 from runnerd.scheduler import RunnerInfo, RunnerKey, RunnerState
 from runnerd.store import StoreError, canonical_name
 
@@ -138,13 +139,14 @@ class _Families(Collector):
         return iter(self.families)
 
 
-def _exposition(own: list[Metric], scraped: list[tuple[RunnerInfo, str | None]], accept: str,
-                allowed: Callable[[str], bool]) -> tuple[bytes, str]:
-    """Blocking (parsing the engines' texts and encoding everything is the costly part of a scrape)."""
-    registry = CollectorRegistry()
-    registry.register(_Families(_shown_samples([*own, *runner_families(scraped)], allowed)))
+def _exposition(registry: CollectorRegistry, live: list[Metric], scraped: list[tuple[RunnerInfo, str | None]],
+                accept: str, allowed: Callable[[str], bool]) -> tuple[bytes, str]:
+    """Blocking (collecting the daemon's histograms, parsing the engines' texts and encoding everything is
+    the costly part of a scrape)."""
+    families = CollectorRegistry()
+    families.register(_Families(_shown_samples([*registry.collect(), *live, *runner_families(scraped)], allowed)))
     encode, content_type = choose_encoder(accept)
-    return encode(registry), content_type
+    return encode(families), content_type
 
 
 async def get_metrics(request: web.Request) -> web.Response:
@@ -153,9 +155,8 @@ async def get_metrics(request: web.Request) -> web.Response:
     allowed = scopes.model_filter()
     ready = [r for r in d.scheduler.ps() if r.state in (RunnerState.READY, RunnerState.IDLE) and allowed(r.model)]
     texts = await asyncio.gather(*(scrape_runner(r) for r in ready))
-    # The daemon's own collectors read the scheduler: on the loop. The rest in a thread.
-    own = list(d.metrics.registry.collect())
-    body, content_type = await asyncio.to_thread(_exposition, own, list(zip(ready, texts, strict=True)),
+    body, content_type = await asyncio.to_thread(_exposition, d.metrics.registry, d.metrics.live_families(),
+                                                 list(zip(ready, texts, strict=True)),
                                                  request.headers.get("Accept", ""), allowed)
     return web.Response(body=body, headers={"Content-Type": content_type})
 
@@ -224,14 +225,15 @@ def _read_lines(path: Path, position: int, partial: bool) -> tuple[list[str], in
 
 
 def _tail_file(path: Path, count: int, partial: bool) -> tuple[list[str], int]:
-    try:
-        size = path.stat().st_size
-    except OSError:
-        return [], 0
-    start = max(0, size - _TAIL_BYTES)
-    lines, end = _read_lines(path, start, partial)
-    if start > 0:
-        lines = lines[1:]  # cut mid-line
+    """The last `count` lines within a MiB, read across the rotated files too; and where to follow from."""
+    data, cut, end = read_end(path, _TAIL_BYTES)
+    if not partial:
+        whole = data[: data.rfind(b"\n") + 1]
+        end = max(0, end - (len(data) - len(whole)))  # the line being written is followed from its start
+        data = whole
+    lines = data.decode("utf-8", "replace").splitlines()
+    if cut:
+        lines = lines[1:]
     return (lines[-count:] if count else []), end
 
 
