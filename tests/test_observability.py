@@ -37,10 +37,18 @@ def test_request_load_and_engine_metrics(daemon):
     streamed = daemon.openai("/v1")  # its own route label: the stream's numbers stand alone
     list(streamed.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3, stream=True, extra_body=EXACT))
     daemon.http.get("/engines/v1/no-such-route")
-    families = scrape(daemon)
-
     chat = {"route": "/engines/v1/chat/completions", "model": "tiny:latest"}
     stream = {"route": "/v1/chat/completions", "model": "tiny:latest"}
+    families: list = []
+
+    def settled() -> bool:
+        # A stream is counted as its handler ends, which may be just after the client read its last byte;
+        # a runner's memory is measured by the next host sample.
+        families[:] = scrape(daemon)
+        return (value(families, "runnerd_requests_total", status="200", **stream) >= 1
+                and value(families, "runnerd_memory_reserved_bytes", kind="ram", source="measured") > 0)
+    daemon.wait_for(settled, what="the stream counted and the runner's memory measured")
+
     for labels in (chat, stream):
         assert value(families, "runnerd_requests_total", status="200", **labels) >= 1
         assert value(families, "runnerd_request_duration_seconds_count", **labels) >= 1
