@@ -25,7 +25,15 @@ from multidict import CIMultiDict
 from backends.base import RunnerError
 from runnerd.api.errors import ApiError
 from runnerd.metrics import REQUEST_MODEL
-from runnerd.relay import EngineStream, UpstreamHead, drain_unread, open_exchange, relay_raw
+from runnerd.relay import (
+    HOLD_UNTIL_FIRST_CHUNK,
+    EngineStream,
+    UpstreamHead,
+    drain_unread,
+    first_bytes,
+    read_body,
+    relay_raw,
+)
 from runnerd.scheduler import Lease, Runner
 from runnerd.sse import error_text, parse_sse_line
 
@@ -314,7 +322,7 @@ async def _open_raw(runner: Runner, path: str, body: bytes, headers: dict[str, s
     if runner.session is None or runner.session.closed:
         raise await engine_failure(runner, RuntimeError("runner is not ready"))
     try:
-        return await open_exchange(runner.endpoint, path, body, headers, idle_timeout)
+        return await runner.engine_pool.open(path, body, headers, idle_timeout)
     except aiohttp.ClientError as exc:
         raise await engine_failure(runner, exc) from exc
 
@@ -329,11 +337,45 @@ def _raw_response(head: UpstreamHead) -> web.StreamResponse:
     return response
 
 
-async def _relay_raw_body(request: web.Request, response: web.StreamResponse, head: UpstreamHead,
+async def _relay_raw_body(request: web.Request, runner: Runner, response: web.StreamResponse, head: UpstreamHead,
                           engine: EngineStream) -> None:
+    """Start the response and relay the body. A held request (HOLD_UNTIL_FIRST_CHUNK) starts nothing
+    until the engine's first body bytes are in: its 5xx, or a failure before them, raises instead."""
+    first: bytes | bytearray = b""
+    if request.get(HOLD_UNTIL_FIRST_CHUNK):
+        if head.status >= 500:
+            refusal = await read_body(engine, _MAX_REFUSAL_BYTES)
+            raise _engine_error(head.status, refusal, f"the engine serving {runner.model.name} answered "
+                                                      f"{head.status}: ")
+        first = await first_bytes(engine)
     await response.prepare(request)
-    await relay_raw(request, engine, frame=not head.chunked and head.length is None)
+    await relay_raw(request, engine, frame=not head.chunked and head.length is None, first=bytes(first))
     await response.write_eof()
+
+
+async def _relay_broke(request: web.Request, runner: Runner, response: web.StreamResponse | None,
+                       exc: BaseException) -> web.StreamResponse:
+    """The relay's answer to a broken exchange. Before the response started: the engine's failure as the
+    route's error (the client's hang-up as it is). After: a client that hung up is left; an SSE stream
+    ends with the error as its last event; anything else is cut, so that the client sees an answer
+    shorter than announced, never a truncated one that looks whole."""
+    started = response is not None and response.prepared
+    if isinstance(exc, ConnectionResetError) and not isinstance(exc, aiohttp.ClientError):
+        if not started:
+            raise exc
+        assert response is not None
+        return response  # the client hung up: closing the engine's connection stops its work
+    error = await engine_failure(runner, exc)
+    if not started:
+        raise error from exc
+    assert response is not None
+    log.warning("answer from %s broke: %s", runner.model.name, error.message.splitlines()[0])
+    if response.chunked and response.headers.get("Content-Type", "").startswith("text/event-stream"):
+        await response.write(error.sse_event())
+        await response.write_eof()
+    elif request.transport is not None:
+        request.transport.close()
+    return response
 
 
 async def _relay_stream(request: web.Request, runner: Runner, path: str, body: bytes,
@@ -346,27 +388,12 @@ async def _relay_stream(request: web.Request, runner: Runner, path: str, body: b
     try:
         head = await engine.head
         response = _raw_response(head)
-        await _relay_raw_body(request, response, head, engine)
+        await _relay_raw_body(request, runner, response, head, engine)
         return response
-    except ConnectionResetError:
-        if response is None:
-            raise
-        return response  # the client hung up: closing the engine's connection stops its work
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        error = await engine_failure(runner, exc)
-        if response is None:
-            raise error from exc
-        log.warning("stream from %s broke: %s", runner.model.name, error.message.splitlines()[0])
-        if not response.chunked or not response.headers.get("Content-Type", "").startswith("text/event-stream"):
-            if request.transport is not None:
-                request.transport.close()
-            return response
-        # The status line is gone already: end the stream with the error as its last event.
-        await response.write(error.sse_event())
-        await response.write_eof()
-        return response
+    except (TimeoutError, aiohttp.ClientError, ConnectionResetError) as exc:
+        return await _relay_broke(request, runner, response, exc)
     finally:
-        engine.close()
+        runner.engine_pool.release(engine)
 
 
 async def _relay_answer(request: web.Request, runner: Runner, path: str, body: bytes,
@@ -387,23 +414,13 @@ async def _relay_answer(request: web.Request, runner: Runner, path: str, body: b
                 handed_off = True
                 raise
             response = _raw_response(head)
-            await _relay_raw_body(request, response, head, engine)
+            await _relay_raw_body(request, runner, response, head, engine)
         return response
-    except ConnectionResetError:
-        if response is None:
-            raise
-        return response
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        error = await engine_failure(runner, exc)
-        if response is None or not response.prepared:
-            raise error from exc
-        log.warning("answer from %s broke: %s", runner.model.name, error.message.splitlines()[0])
-        if request.transport is not None:
-            request.transport.close()
-        return response
+    except (TimeoutError, aiohttp.ClientError, ConnectionResetError) as exc:
+        return await _relay_broke(request, runner, response, exc)
     finally:
         if not handed_off:
-            engine.close()
+            runner.engine_pool.release(engine)
 
 
 async def _outlive_client_raw(engine: EngineStream, hold: Lease) -> None:
@@ -417,7 +434,7 @@ async def _outlive_client_raw(engine: EngineStream, hold: Lease) -> None:
     except (TimeoutError, aiohttp.ClientError) as exc:
         log.info("the engine serving %s failed an abandoned request: %s", runner.model.name, exc)
     finally:
-        engine.close()
+        runner.engine_pool.release(engine)
         hold.release()
 
 
@@ -445,12 +462,12 @@ async def _relay_stream_parsed(request: web.Request, runner: Runner, path: str, 
         return response
 
 
-def _engine_error(status: int, raw: bytes) -> ApiError:
+def _engine_error(status: int, raw: bytes, prefix: str = "") -> ApiError:
     try:
         message = error_text(json.loads(raw))
     except (UnicodeDecodeError, json.JSONDecodeError):
         message = raw.decode(errors="replace")[:500]
-    return ApiError(status, message)
+    return ApiError(status, prefix + message)
 
 
 async def call_engine(runner: Runner, path: str, body: dict[str, Any]) -> dict[str, Any]:
