@@ -302,7 +302,10 @@ async def _relay_body(request: web.Request, runner: Runner, upstream: aiohttp.Cl
         response.content_length = upstream.content_length
     try:
         async with answer_watch(runner):
+            first = await _held_first(request, runner, upstream)
             await response.prepare(request)
+            if first:
+                await response.write(first)
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
     except (TimeoutError, aiohttp.ClientError) as exc:
@@ -317,6 +320,16 @@ async def _relay_body(request: web.Request, runner: Runner, upstream: aiohttp.Cl
     return response
 
 
+async def _held_first(request: web.Request, runner: Runner, upstream: aiohttp.ClientResponse) -> bytes:
+    """For a held request (HOLD_UNTIL_FIRST_CHUNK), the answer's first body bytes, its 5xx raised."""
+    if not request.get(HOLD_UNTIL_FIRST_CHUNK):
+        return b""
+    if upstream.status >= 500:
+        raise _engine_error(upstream.status, await _refusal(upstream),
+                            f"the engine serving {runner.model.name} answered {upstream.status}: ")
+    return await upstream.content.readany()
+
+
 async def _open_raw(runner: Runner, path: str, body: bytes, headers: dict[str, str],
                     idle_timeout: float | None) -> EngineStream:
     if runner.session is None or runner.session.closed:
@@ -327,8 +340,11 @@ async def _open_raw(runner: Runner, path: str, body: bytes, headers: dict[str, s
         raise await engine_failure(runner, exc) from exc
 
 
-def _raw_response(head: UpstreamHead) -> web.StreamResponse:
+def _raw_response(head: UpstreamHead, whole: bytes | None) -> web.StreamResponse:
     kept = CIMultiDict((k, v) for k, v in head.headers if k.lower() not in _DROPPED_RESPONSE_HEADERS)
+    if whole is not None:
+        # Headers and body leave in one write.
+        return web.Response(status=head.status, headers=kept, body=whole)
     response = web.StreamResponse(status=head.status, headers=kept)
     if head.length is not None and not head.chunked:
         response.content_length = head.length
@@ -337,19 +353,31 @@ def _raw_response(head: UpstreamHead) -> web.StreamResponse:
     return response
 
 
-async def _relay_raw_body(request: web.Request, runner: Runner, response: web.StreamResponse, head: UpstreamHead,
-                          engine: EngineStream) -> None:
-    """Start the response and relay the body. A held request (HOLD_UNTIL_FIRST_CHUNK) starts nothing
-    until the engine's first body bytes are in: its 5xx, or a failure before them, raises instead."""
-    first: bytes | bytearray = b""
-    if request.get(HOLD_UNTIL_FIRST_CHUNK):
-        if head.status >= 500:
-            refusal = await read_body(engine, _MAX_REFUSAL_BYTES)
-            raise _engine_error(head.status, refusal, f"the engine serving {runner.model.name} answered "
-                                                      f"{head.status}: ")
-        first = await first_bytes(engine)
+async def _body_before_start(request: web.Request, runner: Runner, head: UpstreamHead,
+                             engine: EngineStream) -> tuple[bytes | bytearray, bool]:
+    """The body in hand before the response starts, and whether it is all of it: the whole of a sized
+    answer that arrived with its head; for a held request (HOLD_UNTIL_FIRST_CHUNK) its first bytes, a
+    5xx or a failure before them raised instead; otherwise nothing yet."""
+    held = request.get(HOLD_UNTIL_FIRST_CHUNK)
+    if held and head.status >= 500:
+        refusal = await read_body(engine, _MAX_REFUSAL_BYTES)
+        raise _engine_error(head.status, refusal, f"the engine serving {runner.model.name} answered {head.status}: ")
+    whole = engine.whole_body()
+    if whole is not None:
+        return whole, True
+    if not held:
+        return b"", False
+    first = await first_bytes(engine)
+    if not head.chunked and head.length is not None and len(first) >= head.length:
+        return bytes(first), True
+    return first, False  # still filling: relay_raw sends what it holds by then
+
+
+async def _relay_raw_body(request: web.Request, response: web.StreamResponse, head: UpstreamHead,
+                          engine: EngineStream, first: bytes | bytearray, whole: bool) -> None:
     await response.prepare(request)
-    await relay_raw(request, engine, frame=not head.chunked and head.length is None, first=bytes(first))
+    if not whole:
+        await relay_raw(request, engine, frame=not head.chunked and head.length is None, first=first)
     await response.write_eof()
 
 
@@ -387,8 +415,9 @@ async def _relay_stream(request: web.Request, runner: Runner, path: str, body: b
     response: web.StreamResponse | None = None
     try:
         head = await engine.head
-        response = _raw_response(head)
-        await _relay_raw_body(request, runner, response, head, engine)
+        first, whole = await _body_before_start(request, runner, head, engine)
+        response = _raw_response(head, bytes(first) if whole else None)
+        await _relay_raw_body(request, response, head, engine, first, whole)
         return response
     except (TimeoutError, aiohttp.ClientError, ConnectionResetError) as exc:
         return await _relay_broke(request, runner, response, exc)
@@ -413,8 +442,9 @@ async def _relay_answer(request: web.Request, runner: Runner, path: str, body: b
                 runner.spawn(_outlive_client_raw, engine, runner.hold())
                 handed_off = True
                 raise
-            response = _raw_response(head)
-            await _relay_raw_body(request, runner, response, head, engine)
+            first, whole = await _body_before_start(request, runner, head, engine)
+            response = _raw_response(head, bytes(first) if whole else None)
+            await _relay_raw_body(request, response, head, engine, first, whole)
         return response
     except (TimeoutError, aiohttp.ClientError, ConnectionResetError) as exc:
         return await _relay_broke(request, runner, response, exc)
@@ -446,8 +476,11 @@ async def _relay_stream_parsed(request: web.Request, runner: Runner, path: str, 
         async with exchange(runner, path, body, headers, stream=True) as upstream:
             if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
                 return await _relay_body(request, runner, upstream)  # the engine refused the request
+            first = await _held_first(request, runner, upstream)
             response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream))
             await response.prepare(request)
+            if first:
+                await response.write(first)
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
             await response.write_eof()

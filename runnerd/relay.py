@@ -227,6 +227,20 @@ class EngineStream(asyncio.Protocol):
         if rest:
             self.body += rest
 
+    def whole_body(self) -> bytes | None:
+        """A sized answer's whole body if all of it is in and none was handed on, taken (the exchange
+        ends); else None."""
+        if self.sink is not None or self._sized is None or len(self.body) < self._sized or self._failure:
+            return None
+        if len(self.body) > self._sized:
+            self._keep_alive = False
+        whole = bytes(self.body[:self._sized])
+        self.body.clear()
+        self._received = self._sized
+        self.sink = _discard
+        self._end(clean=True)
+        return whole
+
     def start(self, sink: Callable[[bytes], None], downstream: asyncio.BaseTransport | None) -> None:
         """Hand on the body from here on (what arrived before first) to `sink`: whole chunks of a chunked
         answer, frame and all, or the bytes of one that is not. `downstream`, when given, is the transport
@@ -352,6 +366,10 @@ class EngineStream(asyncio.Protocol):
             self.transport.close()
 
 
+def _discard(data: bytes) -> None:
+    pass
+
+
 class EnginePool:
     """Idle keep-alive connections to one runner's engine, most recently used first."""
 
@@ -438,7 +456,8 @@ class EnginePool:
             self._idle.pop().close()
 
 
-async def relay_raw(request: web.Request, engine: EngineStream, *, frame: bool = False, first: bytes = b"") -> None:
+async def relay_raw(request: web.Request, engine: EngineStream, *, frame: bool = False,
+                    first: bytes | bytearray = b"") -> None:
     """Write the engine's body straight to the client's connection until its end: `first` (body bytes
     held back until the response started), then a chunked answer's chunks as they are (the response
     prepared chunked; its terminating chunk is the caller's), a sized one's bytes (the response prepared
@@ -448,16 +467,18 @@ async def relay_raw(request: web.Request, engine: EngineStream, *, frame: bool =
     write = transport.write
     sink = (lambda data: write(b"%x\r\n%s\r\n" % (len(data), data))) if frame else write
     if first:
-        sink(first)
+        sink(bytes(first))
     engine.start(sink, transport)
-    while await engine.signal == "pause":
-        await request.writer.drain()
+    while (what := await engine.signal) != "end":
+        if what == "pause":
+            await request.writer.drain()
         engine.rearm()
 
 
 async def first_bytes(engine: EngineStream) -> bytearray:
-    """Hold the body until its first bytes (whole chunks) have arrived, or it ended without any; what
-    is held keeps growing until the caller passes it to `relay_raw`. Raises the engine's failure."""
+    """Hold the body until its first bytes (whole chunks) have arrived, or it ended without any. What
+    is held keeps growing (the engine is still read) until the caller passes it to `relay_raw`. Raises
+    the engine's failure."""
     held = bytearray()
 
     def hold(data: bytes) -> None:
