@@ -416,13 +416,23 @@ class EnginePool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(_CONNECT_SECONDS):
-                if self.endpoint.kind is EndpointKind.UNIX:
-                    _, engine = await loop.create_unix_connection(EngineStream, str(self.endpoint.path))
-                else:
+                if self.endpoint.kind is not EndpointKind.UNIX:
                     _, engine = await loop.create_connection(EngineStream, LOOPBACK, self.endpoint.port)
+                    return engine
+                pause = 0.002
+                while True:
+                    # A unix socket whose listen queue is full refuses with EAGAIN: uvloop raises it,
+                    # asyncio takes it for a connection under way and reports one made, with no peer.
+                    # Nothing was sent, so trying again is safe (llama-server's queue holds 5).
+                    with contextlib.suppress(BlockingIOError):
+                        transport, engine = await loop.create_unix_connection(EngineStream, str(self.endpoint.path))
+                        if transport.get_extra_info("peername"):
+                            return engine
+                        transport.close()
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 0.1)
         except (OSError, TimeoutError) as exc:
             raise aiohttp.ClientConnectionError(f"cannot connect to the engine: {exc or type(exc).__name__}") from exc
-        return engine
 
     def release(self, engine: EngineStream) -> None:
         """Keep the connection for the next request if its answer ended cleanly, else close it."""
