@@ -8,7 +8,8 @@ arrived, its chunked body is written to the client's connection as it came, chun
 sides speak HTTP/1.1 chunked encoding), cut only at chunk boundaries so that a failure can still end the
 stream with a well-formed error event. The engine is read only as fast as the client takes the bytes. An
 answer that is not chunked goes on as bytes, sized as the engine sized it. A connection goes back to the
-pool only after an answer that ended exactly at its end; anything else closes it.
+pool only after a sized answer that ended exactly at its end (llama-server closes its side after a
+chunked one); anything else closes it.
 
 A request reaches the engine at most once: it is sent again, once and on a new connection, only when the
 connection failed before all of the request was handed to the kernel (an idle connection the engine had
@@ -213,7 +214,10 @@ class EngineStream(asyncio.Protocol):
         except ValueError:
             self._fail(aiohttp.ClientPayloadError(f"the engine answered a malformed status line: {lines[0][:100]!r}"))
             return
-        self._keep_alive = keep_alive
+        # llama-server closes its side right after a chunked answer, announcing keep-alive all the same:
+        # a request sent on in the moment before its close arrives would be lost, so only a sized answer
+        # leaves the connection to carry another.
+        self._keep_alive = keep_alive and not head.chunked
         self.chunked = head.chunked
         self.head.set_result(head)
         if not head.chunked:

@@ -1,8 +1,9 @@
 """The relay's pool of kept-alive connections to an engine (runnerd.relay.EnginePool), over real unix sockets.
 
-The engine here is a STAND-IN defined in this file (a minimal HTTP/1.1 server, not an engine): it counts
-the connections it accepts and the requests it reads, answers each path in a fixed way, and can tear a
-connection down or leave its listen queue unserved, which real engines do only by accident.
+Most tests here use a STAND-IN engine defined in this file (a minimal HTTP/1.1 server, not an engine): it
+counts the connections it accepts and the requests it reads, answers each path in a fixed way, and can
+tear a connection down or leave its listen queue unserved, which real engines do only by accident. The
+last runs mixed traffic through a daemon to a real llama-server.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import anyio
@@ -17,6 +19,7 @@ import pytest
 
 from backends.endpoint import Endpoint
 from runnerd.relay import EnginePool, EngineStream, read_body
+from tests.conftest import Daemon
 
 ANSWERS = {
     "/sized": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n{\"ok\": true}",
@@ -95,13 +98,18 @@ async def _ask(pool: EnginePool, path: str) -> bytes:
 
 
 @pytest.mark.anyio
-async def test_answers_that_end_cleanly_share_one_connection(engine: tuple[StandInEngine, EnginePool]) -> None:
+async def test_sized_answers_share_one_connection_and_a_chunked_one_ends_it(
+        engine: tuple[StandInEngine, EnginePool]) -> None:
     standin, pool = engine
     assert await _ask(pool, "/sized") == b'{"ok": true}'
-    assert await _ask(pool, "/chunked") == b"data: 1data: 2"
     assert await _ask(pool, "/sized") == b'{"ok": true}'
-    assert len(standin.conns) == 1 and standin.requests == ["/sized", "/chunked", "/sized"]
-    assert len(pool) == 1
+    assert len(standin.conns) == 1 and len(pool) == 1
+    # A stream takes the idle connection; after a chunked answer the connection is not kept.
+    assert await _ask(pool, "/chunked") == b"data: 1data: 2"
+    assert len(standin.conns) == 1 and len(pool) == 0
+    await standin.wait_closed(1)
+    assert await _ask(pool, "/sized") == b'{"ok": true}'
+    assert len(standin.conns) == 2 and standin.requests == ["/sized", "/sized", "/chunked", "/sized"]
 
 
 @pytest.mark.anyio
@@ -144,9 +152,9 @@ async def test_a_request_whose_connection_was_gone_before_it_was_written_goes_on
     (conn,) = standin.conns
     assert conn.transport is not None
     conn.transport.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
-    assert await _ask(pool, "/chunked") == b"data: 1data: 2"
+    assert await _ask(pool, "/sized") == b'{"ok": true}'
     assert len(standin.conns) == 2
-    assert standin.requests == ["/sized", "/chunked"]  # it arrived once
+    assert standin.requests == ["/sized", "/sized"]  # it arrived once
 
 
 @pytest.mark.anyio
@@ -179,3 +187,25 @@ async def test_a_full_listen_queue_is_waited_out(tmp_path: Path) -> None:
         for sock in [*accepted, listener]:
             sock.close()
         path.unlink(missing_ok=True)
+
+
+def test_mixed_traffic_on_a_real_engine_is_answered_whole(daemon: Daemon) -> None:
+    """llama-server keeps a connection after a sized answer and closes it after a chunked one: streamed
+    and non-streamed requests, interleaved from several clients, all get their whole answer."""
+    client = daemon.openai("/v1")
+
+    def alternate(worker: int) -> list[str]:
+        endings = []
+        for i in range(10):
+            if (worker + i) % 2:
+                chunks = list(client.completions.create(model="tiny", prompt="the", max_tokens=4, stream=True,
+                                                        extra_body={"ignore_eos": True}))
+                endings.append(str(chunks[-1].choices[0].finish_reason))
+            else:
+                endings.append(str(client.completions.create(model="tiny", prompt="the", max_tokens=4,
+                                                             extra_body={"ignore_eos": True}).choices[0].finish_reason))
+        return endings
+
+    with ThreadPoolExecutor(4) as pool:
+        endings = [e for worker in pool.map(alternate, range(4)) for e in worker]
+    assert endings == ["length"] * 40
