@@ -2,7 +2,7 @@
 
 Every answer, streamed or not, is relayed as it comes: the daemon never holds a whole answer, however
 large the engine makes it. On the OpenAI routes (HTTP/1.1 clients) the engine's bytes go to the client as
-they are, chunk framing included (runnerd.relay), on a connection of their own per request. Only routes
+they are, chunk framing included (runnerd.relay), over the runner's pool of kept-alive connections. Only routes
 that translate an answer read it whole, up to a bound. A client that hangs up while the engine computes
 a non-streamed answer does not stop the engine (an engine may finish it anyway), so the runner stays
 busy, by a lease of its own, until the engine has answered.
