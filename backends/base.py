@@ -300,6 +300,16 @@ class EngineContext(BaseModel):
     cpu_count: int = Field(default_factory=host_cpu_count, ge=1)
 
 
+class Launch(BaseModel):
+    """How one runner listens and shows it is ready (engines whose versions differ answer per configuration)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    endpoint_kind: EndpointKind
+    readiness_path: str
+    readiness_timeout: float | None  # None: the daemon's readiness_timeout
+
+
 class NoOptions(BaseModel):
     """An engine with nothing to configure here: any key is refused."""
 
@@ -375,6 +385,12 @@ class Backend(ABC):
         status = self.status()
         return [status.version] if status.installed and status.version else []
 
+    def launch_for(self, config: BackendConfiguration) -> Launch:
+        """How a runner started with `config` listens and gets ready: asked before its endpoint is made,
+        so a version a configuration pins may listen or answer readiness its own way."""
+        return Launch(endpoint_kind=self.endpoint_kind, readiness_path=self.readiness_path,
+                      readiness_timeout=self.readiness_timeout)
+
     # --- models and requests -----------------------------------------------------------------------
 
     def model_capabilities(self, model: ModelRef) -> frozenset[Capability]:
@@ -389,7 +405,8 @@ class Backend(ABC):
     def configuration_problem(self, model: ModelRef, mode: Mode, config: BackendConfiguration) -> str | None:
         """Why a runner started with `config` (the effective one: defaults, stored and new parts merged)
         would fail or overload the host, for what no single flag or option shows on its own (slots
-        against the context, say); None when nothing is wrong. Asked before a configuration is stored."""
+        against the context, say); None when nothing is wrong. Asked before a configuration is stored.
+        Blocking (it may look at installed files): call it off the event loop."""
         return None
 
     def validate_flags(self, flags: Sequence[str]) -> list[str]:
@@ -401,6 +418,12 @@ class Backend(ABC):
                 raise FlagError(flags[0], f"the {self.name} backend accepts no runtime flags", index=0)
             return []
         return self.flag_table.validate(list(flags))
+
+    def validate_flags_for(self, flags: Sequence[str], config: BackendConfiguration) -> list[str]:
+        """`validate_flags` against the option list of the version a runner with `config` would run (an
+        engine whose versions take different flags answers per version). Blocking: it may read that
+        version's option list once; call it off the event loop."""
+        return self.validate_flags(flags)
 
     def estimate_flags(self, parameters: Mapping[str, str]) -> list[str]:
         """Estimate parameters as validated runtime flags; FlagError names one this engine does not take."""

@@ -15,6 +15,7 @@ import ctypes.util
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
@@ -33,6 +34,8 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 
 _MAX_LINE = 8192
 _READ_CHUNK = 65536
+# Output waiting for a slow log disk, per runner; past this it is dropped (and the drop noted in the log).
+_LOG_BACKLOG_BYTES = 8 << 20
 
 
 def _child_setup(parent_pid: int) -> None:
@@ -41,6 +44,19 @@ def _child_setup(parent_pid: int) -> None:
     # The parent may have died between fork and prctl: then nobody would ever signal us.
     if os.getppid() != parent_pid:
         os._exit(1)
+
+
+def rotated_logs(path: Path) -> list[Path]:
+    """A rotating log's files that exist, oldest first: `<name>.N` ... `<name>.1`, then `<name>` itself."""
+    prefix = path.name + "."
+    numbered: list[tuple[int, Path]] = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in path.parent.iterdir():
+            suffix = entry.name[len(prefix):] if entry.name.startswith(prefix) else ""
+            if suffix.isascii() and suffix.isdigit():
+                numbered.append((int(suffix), entry))
+    files = [p for _, p in sorted(numbered, reverse=True)]
+    return [*files, path] if path.is_file() else files
 
 
 class RotatingLog:
@@ -88,7 +104,68 @@ class RotatingLog:
         self._file.close()
 
 
-async def _pump_output(stream: asyncio.StreamReader, output: RunnerOutput, log: RotatingLog | None) -> None:
+class LogWriter:
+    """A runner's log written by a thread of its own: a slow or stalled disk delays the file, never the
+    event loop that relays every request. Output the disk has not taken past `_LOG_BACKLOG_BYTES` is dropped,
+    and the log says how much when the disk catches up."""
+
+    def __init__(self, path: Path, max_bytes: int | None, keep: int, backlog: int = _LOG_BACKLOG_BYTES) -> None:
+        self._open = partial(RotatingLog, path, max_bytes, keep)
+        self._backlog = backlog
+        self._chunks: list[bytes] = []
+        self._queued = 0
+        self._dropped = 0
+        self._closing = False
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name=f"log {path.name}", daemon=True)
+        self._thread.start()
+
+    def write(self, chunk: bytes) -> None:
+        """Never blocks for the disk (only for the moment the writer thread takes the queue)."""
+        with self._wake:
+            if self._queued + len(chunk) > self._backlog:
+                self._dropped += len(chunk)
+                return
+            self._chunks.append(chunk)
+            self._queued += len(chunk)
+            self._wake.notify()
+
+    def _take(self) -> tuple[list[bytes], int, bool]:
+        with self._wake:
+            while not self._chunks and not self._dropped and not self._closing:
+                self._wake.wait()
+            chunks, self._chunks, self._queued = self._chunks, [], 0
+            dropped, self._dropped = self._dropped, 0
+            return chunks, dropped, self._closing
+
+    def _run(self) -> None:
+        try:
+            log = self._open()
+        except OSError:
+            return  # the tail in memory still has the output; nothing to write it to
+        try:
+            while True:
+                chunks, dropped, closing = self._take()
+                if chunks:
+                    log.write(b"".join(chunks))
+                if dropped:  # what came after the queued chunks: noted after them
+                    log.write(b"\n[runnerd: %d bytes of output dropped: the log disk did not keep up]\n" % dropped)
+                if closing and not chunks and not dropped:
+                    return
+        except OSError:
+            return
+        finally:
+            log.close()
+
+    def close(self) -> None:
+        """Write what is queued and close the file: blocking, call it from a thread."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()
+
+
+async def _pump_output(stream: asyncio.StreamReader, output: RunnerOutput, log: LogWriter | None) -> None:
     """Copy the process's output to the log file and split it into lines for the tail."""
     pending = b""
     while chunk := await stream.read(_READ_CHUNK):
@@ -174,7 +251,7 @@ async def run_process(
     """Run one engine process until it exits (raises RunnerError) or the caller cancels us
     (stops the process group, then re-raises CancelledError). A socket is removed either way."""
     endpoint.remove()
-    log = RotatingLog(output.log_path, output.log_max_bytes, output.log_files) if output.log_path else None
+    log = LogWriter(output.log_path, output.log_max_bytes, output.log_files) if output.log_path else None
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -188,7 +265,7 @@ async def run_process(
         )
     except OSError as exc:
         if log is not None:
-            log.close()
+            await asyncio.to_thread(log.close)
         raise RunnerError(f"cannot start {argv[0]}: {exc.strerror or exc}", reason="spawn_failed") from exc
     output.pid = proc.pid
     output.started_at = time.time()
@@ -212,7 +289,7 @@ async def run_process(
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await pump
         if log is not None:
-            log.close()
+            await asyncio.shield(asyncio.to_thread(log.close))
         endpoint.remove()
 
 

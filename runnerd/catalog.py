@@ -38,17 +38,23 @@ class Upgrade(BaseModel):
     variant: Variant
 
 
-def load_catalog(shipped: Catalog, operator_file: Path | None) -> Catalog:
-    """Blocking (reads the operator's file). An operator engine replaces the shipped one of its name."""
+def _over(base: Catalog, top: Catalog) -> Catalog:
+    """`base` with `top`'s engines added; one of `top` replaces the engine of its name in `base`."""
+    names = {e.name for e in top.engines}
+    return Catalog(engines=[*(e for e in base.engines if e.name not in names), *top.engines])
+
+
+def load_catalog(shipped: Catalog, operator_file: Path | None, fetched: Catalog | None = None) -> Catalog:
+    """Blocking (reads the operator's file). Layers, each replacing the engines of its names in those below:
+    the shipped catalog, the one fetched from `catalog_url`, the operator's file."""
+    catalog = shipped if fetched is None else _over(shipped, fetched)
     if operator_file is None:
-        return shipped
+        return catalog
     try:
         text = operator_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise CatalogError(f"{operator_file}: cannot read: {exc}") from exc
-    operator = parse_catalog(text, str(operator_file))
-    names = {e.name for e in operator.engines}
-    return Catalog(engines=[*(e for e in shipped.engines if e.name not in names), *operator.engines])
+    return _over(catalog, parse_catalog(text, str(operator_file)))
 
 
 @runtime_checkable

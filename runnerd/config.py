@@ -21,6 +21,7 @@ from pydantic import (
     ByteSize,
     ConfigDict,
     Field,
+    HttpUrl,
     PrivateAttr,
     ValidationError,
     field_validator,
@@ -296,6 +297,11 @@ class Settings(BaseSettings):
     store: StoreSettings = Field(default_factory=StoreSettings)
     catalog_file: Path | None = Field(default=None, description="operator catalog (YAML) of installable engines, "
                                       "added to the shipped one; an engine named in both is the operator's")
+    catalog_url: HttpUrl | None = Field(default=None, description="operator catalog fetched over http(s), checked "
+                                        "like catalog_file; the last good copy is kept in the data directory")
+    catalog_refresh: float = Field(default=3600.0, ge=1, description="seconds between fetches of catalog_url")
+    catalog_fetch_timeout: float = Field(default=30.0, gt=0, le=600,
+                                         description="seconds one fetch of catalog_url may take in all")
     huggingface: HuggingFaceSettings = Field(default_factory=HuggingFaceSettings)
     apis: ApiSettings = Field(default_factory=ApiSettings)
     upstreams: list[UpstreamSpec] = Field(default_factory=list, max_length=64,
@@ -303,6 +309,15 @@ class Settings(BaseSettings):
     aliases: dict[str, list[AliasTarget]] = Field(default_factory=dict,
                                                   description="name -> ordered (source, model) candidates")
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
+
+    @field_validator("catalog_url")
+    @classmethod
+    def _no_credentials(cls, url: HttpUrl | None) -> HttpUrl | None:
+        # The URL is shown in /engines/backends/catalog, the logs and the kept copy.
+        if url is not None and (url.username or url.password):
+            raise ValueError("must not carry a user name or password: it is shown in /engines/backends/catalog "
+                             "and the logs; serve the catalog from a URL that needs none")
+        return url
 
     @model_validator(mode="after")
     def _sources(self) -> Settings:

@@ -94,6 +94,13 @@ class ConfigStore:
         item = self._items.get((model, mode))
         return None if item is None else self.resolved(item)
 
+    def for_backend(self, model: str, mode: Mode, backend: str) -> StoredConfiguration | None:
+        """The stored configuration when it names `backend`: another engine's runtime flags and options
+        mean nothing to this one (a request sent to another engine by its path, or a configuration whose
+        manifest engine was deleted)."""
+        item = self.get(model, mode)
+        return item if item is not None and item.backend == backend else None
+
     def resolved(self, item: StoredConfiguration) -> StoredConfiguration:
         spec = item.config.speculative
         if spec is None:

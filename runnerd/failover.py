@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
@@ -49,6 +50,17 @@ class Opened:
     first: Any  # what the `first` reader returned; None for a refusal (status 4xx)
 
 
+@dataclass
+class Tried:
+    """What trying the upstreams found: why each failed, and which one answered."""
+
+    failures: list[str] = field(default_factory=list)
+    source: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        return {"X-Runnerd-Source": self.source} if self.source is not None else {}
+
+
 def usable(candidates: list[Candidate], needed: list[Capability]) -> list[Candidate]:
     """The candidates whose endpoint serves every needed capability (local ones are checked by their
     backend later); 501 when none is left, before any request is sent."""
@@ -62,8 +74,11 @@ def usable(candidates: list[Candidate], needed: list[Capability]) -> list[Candid
     return kept
 
 
+NO_SOURCE_LEFT = "upstream_unavailable"
+
+
 def no_source_left(model: str, failures: list[str]) -> ApiError:
-    return ApiError(502, f"no source could serve {model}: " + "; ".join(failures), code="upstream_unavailable",
+    return ApiError(502, f"no source could serve {model}: " + "; ".join(failures), code=NO_SOURCE_LEFT,
                     type="server_error")
 
 
@@ -199,27 +214,30 @@ async def _refusal(upstream: aiohttp.ClientResponse) -> ApiError:
     return ApiError(upstream.status, message)
 
 
-async def call_upstreams(candidates: list[Candidate], path: str, body: dict[str, Any]) -> dict[str, Any]:
+async def call_upstreams(candidates: list[Candidate], path: str, body: dict[str, Any],
+                         tried: Tried | None = None) -> dict[str, Any]:
     """A JSON answer from the first candidate that gives one, for routes that translate it."""
-    failures: list[str] = []
+    tried = tried if tried is not None else Tried()
     async with open_first(candidates, path, {**body, "stream": False}, "application/json", _read_json,
-                          failures) as opened:
+                          tried.failures) as opened:
         if opened is None:
-            raise no_source_left(candidates[0].model if candidates else "?", failures)
+            raise no_source_left(candidates[0].model if candidates else "?", tried.failures)
+        tried.source = opened.candidate.source
         if opened.first is None:
             raise await _refusal(opened.upstream)
         result: dict[str, Any] = opened.first
         return result
 
 
-async def upstream_events(candidates: list[Candidate], path: str,
-                          body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+async def upstream_events(candidates: list[Candidate], path: str, body: dict[str, Any],
+                          tried: Tried | None = None) -> AsyncGenerator[dict[str, Any], None]:
     """The first candidate's streamed answer, one SSE event at a time, held until its first event; a
     failure after it is yielded as {"error": ...} for the caller to end its own stream with."""
-    failures: list[str] = []
-    async with open_first(candidates, path, body, "text/event-stream", _read_first_event, failures) as opened:
+    tried = tried if tried is not None else Tried()
+    async with open_first(candidates, path, body, "text/event-stream", _read_first_event, tried.failures) as opened:
         if opened is None:
-            raise no_source_left(candidates[0].model if candidates else "?", failures)
+            raise no_source_left(candidates[0].model if candidates else "?", tried.failures)
+        tried.source = opened.candidate.source
         if opened.first is None:
             raise await _refusal(opened.upstream)
         if opened.first == "done":
@@ -234,6 +252,36 @@ async def upstream_events(candidates: list[Candidate], path: str,
                     yield event
         except (TimeoutError, aiohttp.ClientError) as exc:
             yield {"error": f"the upstream {opened.candidate.source} broke off: {exc or type(exc).__name__}"}
+
+
+async def serve_each(candidates: list[Candidate], needed: list[Capability], local: Callable[[str], Awaitable[_T]],
+                     remote: Callable[[list[Candidate], Tried], Awaitable[_T]]) -> _T:
+    """For routes that translate: `local(model)` serves a local candidate the daemon's usual way, `remote`
+    a run of upstream candidates (trying them in order with `Tried`). A failure before the answer started
+    (a 5xx, a local target that is not stored, no upstream of the run answering) moves on to the next."""
+    candidates = usable(candidates, needed)
+    tried = Tried()
+    index = 0
+    while index < len(candidates):
+        candidate = candidates[index]
+        if candidate.endpoint is None:
+            index += 1
+            try:
+                return await local(candidate.model)
+            except ApiError as exc:
+                missing = exc.code == "model_not_found"
+                if (exc.status < 500 and not missing) or index == len(candidates):
+                    raise
+                tried.failures.append(f"local: {exc.message.splitlines()[0]}")
+                continue
+        run = list(itertools.takewhile(lambda c: c.endpoint is not None, candidates[index:]))
+        index += len(run)
+        try:
+            return await remote(run, tried)
+        except ApiError as exc:
+            if exc.code != NO_SOURCE_LEFT or index == len(candidates):
+                raise
+    raise no_source_left(candidates[0].model if candidates else "?", tried.failures)
 
 
 async def serve(request: web.Request, candidates: list[Candidate], path: str, payload: dict[str, Any],

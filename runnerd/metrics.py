@@ -61,6 +61,7 @@ class Metrics:
         # labels() takes a lock and builds a key each call; the request path looks children up here instead.
         self._counted: dict[tuple[str, str, str], Any] = {}
         self._timed: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._scheduler: SchedulerCollector | None = None
 
     def observe_request(self, route: str, model: str, status: int, seconds: float) -> None:
         key = (route, model, str(status))
@@ -81,7 +82,12 @@ class Metrics:
         return pair
 
     def observe_scheduler(self, scheduler: Scheduler) -> None:
-        self.registry.register(SchedulerCollector(scheduler))
+        self._scheduler = SchedulerCollector(scheduler)
+
+    def live_families(self) -> list[Metric]:
+        """What is read from the scheduler at scrape time: on the event loop, where its state changes.
+        The registry's counters and histograms are thread-safe: a scrape collects them in a thread."""
+        return list(self._scheduler.collect()) if self._scheduler is not None else []
 
 
 class LoopLagMonitor:

@@ -187,6 +187,7 @@ class HostSampler:
         self._reading: asyncio.Task[HostSnapshot] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._failing: str | None = None  # why the readings fail, while they do
 
     def watch(self, roots: Callable[[], Iterable[int]]) -> None:
         """Which process trees to measure: `roots` is called on the event loop before each reading and
@@ -225,8 +226,17 @@ class HostSampler:
 
     def _done(self, task: asyncio.Task[HostSnapshot]) -> None:
         self._reading = None
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("cannot read the host: %s", task.exception())
+        if task.cancelled():
+            return
+        error = task.exception()
+        # A failure that lasts (the process out of files) is logged when it starts and when it ends, not
+        # every second; the last good reading stays meanwhile.
+        if error is not None and str(error) != self._failing:
+            self._failing = str(error)
+            log.warning("cannot read the host: %s", error)
+        elif error is None and self._failing is not None:
+            log.warning("host readings resumed (they failed with: %s)", self._failing)
+            self._failing = None
 
     async def _take(self) -> HostSnapshot:
         roots = [pid for pid in self._roots() if pid is not None]

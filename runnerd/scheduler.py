@@ -26,7 +26,7 @@ import logging
 import secrets
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from pathlib import Path
@@ -106,6 +106,17 @@ class NodeDraining(SchedulingError):
     status = 503
     code = "node_draining"
 
+
+class StartRefused(SchedulingError):
+    """What the runner would start on (an engine version, an environment) is being removed now."""
+
+    status = 503
+    code = "backend_removing"
+
+
+# Whether a runner for this key, with this configuration, must not start now. Called on the event loop:
+# it must not block.
+StartGuard = Callable[["RunnerKey", BackendConfiguration], bool]
 
 # What a refused load is told to wait before asking this node again (an orchestrator goes elsewhere).
 DRAIN_RETRY_AFTER = 30.0
@@ -187,7 +198,7 @@ class Runner:
     def __init__(self, key: RunnerKey, backend: Backend, model: ModelRef, config: BackendConfiguration,
                  endpoint: Endpoint, log_path: Path | None, pid_path: Path, keep_alive: KeepAlive,
                  estimate: MemoryEstimate, spawn: Spawner, idle_timeout: float = 600.0,
-                 release: Callable[[Runner], None] | None = None) -> None:
+                 release: Callable[[Runner], None] | None = None, readiness_path: str = "/health") -> None:
         self.key = key
         self.spawn = spawn  # background work belongs to the scheduler's task group
         # How a lease on it is returned: the scheduler's bookkeeping; without a scheduler, only the count.
@@ -196,6 +207,7 @@ class Runner:
         self.model = model
         self.config = config
         self.endpoint = endpoint
+        self.readiness_path = readiness_path
         self.pid_path = pid_path
         self.output = RunnerOutput(log_path)
         self.output.on_spawn = lambda pid: write_pid_file(pid_path, pid, endpoint.path)
@@ -230,7 +242,7 @@ class Runner:
     async def _load(self, process: asyncio.Task[None], timeout: float) -> None:
         started = time.monotonic()
         try:
-            await wait_until_ready(self.endpoint, self.output, process, timeout, self.backend.readiness_path)
+            await wait_until_ready(self.endpoint, self.output, process, timeout, self.readiness_path)
         except TimeoutError as exc:
             self._fail_load(RunnerError(f"{self.model.name} did not become ready within {timeout:g} s "
                                         f"(readiness_timeout; raise it for big models): {exc}", reason="timeout",
@@ -317,7 +329,7 @@ class Runner:
             return False
         connector = self.endpoint.connector(force_close=True)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as probe:
-            return await probe_health(probe, self.endpoint.url(self.backend.readiness_path), timeout) == 200
+            return await probe_health(probe, self.endpoint.url(self.readiness_path), timeout) == 200
 
     async def stop(self, reason: str) -> None:
         if self._process is None or self._process.done():
@@ -483,6 +495,7 @@ class Scheduler:
         self._drain_since: float | None = None
         self._tasks: anyio.abc.TaskGroup | None = None
         self._admission = asyncio.Lock()
+        self._start_guards: dict[object, tuple[StartGuard, str]] = {}
         self._waiting = 0
         self._change = asyncio.Event()
 
@@ -551,6 +564,30 @@ class Scheduler:
             raise
         return Lease(self._release, runner)
 
+    @contextlib.contextmanager
+    def refusing_starts(self, refuses: StartGuard, why: str) -> Iterator[None]:
+        """While the block runs, no runner starts for which `refuses(key, config)` holds: the load gets
+        StartRefused saying `why`. The check and a runner's registration happen with no await between
+        them, so a runner either started before the block (`live` finds it) or does not start at all."""
+        token = object()
+        self._start_guards[token] = (refuses, why)
+        try:
+            yield
+        finally:
+            del self._start_guards[token]
+
+    def _check_guards(self, key: RunnerKey, config: BackendConfiguration) -> None:
+        for refuses, why in list(self._start_guards.values()):
+            if refuses(key, config):
+                raise StartRefused(f"{key.model} ({key.mode}) cannot start on {key.backend} now: {why}",
+                                   retry_after=5)
+
+    def live(self, matches: StartGuard) -> list[RunnerKey]:
+        """The keys of runners not yet exited (loading, serving, stopping, or retiring) that match."""
+        return sorted({r.key for r in self._all_runners()
+                       if r.state is not RunnerState.EXITED and matches(r.key, r.config)},
+                      key=lambda k: (k.backend, k.model, k.mode))
+
     @property
     def draining(self) -> bool:
         return self._drain_since is not None
@@ -613,6 +650,7 @@ class Scheduler:
         another for the admission lock, and no request may wait longer than the timeout in all."""
         deadline = time.monotonic() + self.limits.queue_timeout
         # Answers that waiting cannot change come first, without a queue slot or a turn.
+        self._check_guards(key, config)
         self._check_backoff(key)
         backend = self.backends[key.backend]
         estimate = await asyncio.to_thread(backend.required_memory, model, key.mode, config)
@@ -709,12 +747,14 @@ class Scheduler:
 
     def _start(self, key: RunnerKey, backend: Backend, model: ModelRef, config: BackendConfiguration,
                estimate: MemoryEstimate) -> Runner:
+        self._check_guards(key, config)  # a removal may have begun while this load waited for its turn
         keep_alive = self.default_keep_alive if config.keep_alive is None else parse_keep_alive(config.keep_alive)
         log_path = key.log_path(self.log_dir) if self.log_dir else None
         self.runner_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        endpoint, pid_path = self._instance_paths(key, backend.endpoint_kind)
+        launch = backend.launch_for(config)  # the version the configuration pins decides how it listens
+        endpoint, pid_path = self._instance_paths(key, launch.endpoint_kind)
         runner = Runner(key, backend, model, config, endpoint, log_path, pid_path, keep_alive, estimate,
-                        self.spawn, self.limits.engine_idle_timeout, self._release)
+                        self.spawn, self.limits.engine_idle_timeout, self._release, launch.readiness_path)
         runner.output.log_max_bytes = self.limits.runner_log_max_bytes
         runner.output.log_files = self.limits.runner_log_files
         previous = self._runners.get(key)
@@ -725,7 +765,7 @@ class Scheduler:
         self._runners[key] = runner
         log.info("runner starting model=%s mode=%s backend=%s estimate=%s", model.name, key.mode, key.backend,
                  needed(estimate).describe() if estimate.known else "unknown")
-        runner.start(backend.readiness_timeout or self.limits.readiness_timeout)
+        runner.start(launch.readiness_timeout or self.limits.readiness_timeout)
         self.spawn(self._follow, runner)
         for observer in self.on_start:
             observer(runner)
@@ -801,19 +841,22 @@ class Scheduler:
             await runner.stop("idle")
 
     async def unload(self, *, backend: str | None = None, models: list[str] | None = None,
-                     reason: str = "unload") -> list[RunnerInfo]:
-        """Stop the runners that match (all when neither is given) at once and lift their back-off."""
-        return (await self.unload_draining(backend=backend, models=models, reason=reason, timeout=0)).runners
+                     keys: Collection[RunnerKey] | None = None, reason: str = "unload") -> list[RunnerInfo]:
+        """Stop the runners that match (all when none is given) at once and lift their back-off."""
+        return (await self.unload_draining(backend=backend, models=models, keys=keys, reason=reason,
+                                           timeout=0)).runners
 
     async def unload_draining(self, *, backend: str | None = None, models: list[str] | None = None,
-                              reason: str = "unload", timeout: float) -> UnloadOutcome:
+                              keys: Collection[RunnerKey] | None = None, reason: str = "unload",
+                              timeout: float) -> UnloadOutcome:
         """Stop the runners that match (all when neither is given) and lift their back-off, letting the
         requests in flight on a loaded runner end first, for at most `timeout` s; those still in flight
         then are cut. A runner still loading is stopped at once (its waiting requests are cut). The
         drain goes on if the caller stops waiting for it."""
 
         def matches(key: RunnerKey) -> bool:
-            return (backend is None or key.backend == backend) and (models is None or key.model in models)
+            return (backend is None or key.backend == backend) and (models is None or key.model in models) \
+                and (keys is None or key in keys)
 
         for key in [k for k in self._failures if matches(k)]:
             del self._failures[key]

@@ -18,7 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from backends.base import Backend, ModelRef
-from runnerd import __version__, node_labels
+from runnerd import __version__, catalog_feed, node_labels
 from runnerd.admission import Budget
 from runnerd.api import anthropic, configure, cors, engines, models, ollama, responses
 from runnerd.api import backends as backend_routes
@@ -37,20 +37,13 @@ from runnerd.engines import EngineRegistryError, as_host_gpus, default_backends,
 from runnerd.limits import Limiter
 from runnerd.metrics import LoopLagMonitor, Metrics, RunnerWatcher
 from runnerd.pidfiles import clean_up_previous_runners
+from runnerd.runner_logs import remove_model_logs
 from runnerd.sampler import HostSampler
 from runnerd.scheduler import RunnerState, Scheduler, SchedulerLimits
 from runnerd.sources import Sources
 from runnerd.store import ModelNotFound, ModelStore
 from runnerd.systemd import Notifier, SocketActivationError, listen_fds
-from runnerd.tcp_door import (
-    ACCEPT_ERROR_MESSAGE,
-    DoorLimits,
-    DoorSite,
-    Throttled,
-    fd_room,
-    raise_fd_limit,
-    throttle_accept_errors,
-)
+from runnerd.tcp_door import DoorLimits, DoorSite, fd_room, raise_fd_limit
 from runnerd.tokens import Keyring, TokenError, load_token
 
 log = logging.getLogger("runnerd")
@@ -132,8 +125,10 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
                           middlewares=[metrics_routes.metrics_middleware, cors.cors_middleware, auth_middleware,
                                        error_middleware])
     # "In use" for the store = some runner (loading, ready or idle) holds the model, or drafts with it.
+    # A removed model's runner logs go with it (they are kept after a runner exits, for reading a crash).
     store = ModelStore(settings.data_dir, settings.store, settings.huggingface,
-                       in_use=lambda name: name in scheduler.models_in_use())
+                       in_use=lambda name: name in scheduler.models_in_use(),
+                       on_removed=lambda name: remove_model_logs(settings.runner_log_dir, backends, name))
     # Stored configurations name a speculative draft model; only the store knows where it lives today.
     configs = ConfigStore(settings.data_dir, resolve_model=lambda name: _model_ref(store, name))
     app[LIMITER] = Limiter()
@@ -194,6 +189,7 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     app.on_cleanup.append(stop_upstreams)
     # [node] labels_file: the node's labels for Kubernetes (NFD), from the sampler's readings.
     node_labels.keep_labels_file(app, settings.node, backends, sampler)
+    catalog_feed.keep_catalog_feed(app, settings)  # catalog_url: fetched at start and on an interval
     return app
 
 
@@ -416,8 +412,7 @@ async def serve(settings: Settings, app: web.Application | None = None,
                            keepalive_timeout=settings.http.keepalive_timeout)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    accept_errors = Throttled(ACCEPT_ERROR_MESSAGE)
-    restore_loop_errors = throttle_accept_errors(loop, accept_errors)
+    log.info("event loop: %s", "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio")
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     reload_tokens = asyncio.Event()
@@ -430,11 +425,9 @@ async def serve(settings: Settings, app: web.Application | None = None,
     try:
         await runner.setup()
         for listener in listeners:
-            # TCP goes through the door (caps, header deadline); the unix socket is trusted and uncounted.
-            if listener.tcp and limits is not None:
-                await DoorSite(runner, listener.sock, limits).start()
-            else:
-                await web.SockSite(runner, listener.sock).start()
+            # Both through a door of runnerd's own (the same accept on either event loop); TCP's is counted
+            # and has a header deadline, the unix socket is trusted and uncounted.
+            await DoorSite(runner, listener.sock, limits if listener.tcp else None).start()
             log.info("listening on %s", listener.describe())
         notifier.ready(f"listening on {', '.join(lst.address for lst in listeners)}")
         watchdog = asyncio.create_task(notifier.run(lambda: status_line(app)), name="systemd watchdog")
@@ -453,6 +446,4 @@ async def serve(settings: Settings, app: web.Application | None = None,
         if watchdog is not None:
             watchdog.cancel()
         close_listeners(listeners)
-        restore_loop_errors()
-        accept_errors.close()
         log.info("stopped")

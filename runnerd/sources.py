@@ -42,6 +42,7 @@ class Sources:
         self.aliases = dict(aliases)
         self.routing = routing
         self._poller: asyncio.Task[None] | None = None
+        self._first_round = asyncio.Event()
 
     @classmethod
     def none(cls) -> Sources:
@@ -61,11 +62,24 @@ class Sources:
     async def _poll_forever(self) -> None:
         while True:
             await self.poll()
+            self._first_round.set()
             await asyncio.sleep(self.routing.discovery_interval)
 
     def start(self) -> None:
         if self.endpoints and self._poller is None:
             self._poller = asyncio.create_task(self._poll_forever(), name="upstream discovery")
+
+    async def discovered(self) -> None:
+        """Return once the first poll of every upstream has ended, or when it cannot end any more within
+        the discovery timeouts (a round is a health check then a list, each bounded by its timeout): until
+        then the upstreams' models are unknown, and a listing or a request would miss them."""
+        if self._first_round.is_set() or not self.endpoints:
+            return
+        # A second past the slowest possible round, so a poll that ends at its own bound still counts.
+        bound = max(2 * e.spec.discovery_timeout for e in self.endpoints.values()) + 1
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(bound):
+                await self._first_round.wait()
 
     async def close(self) -> None:
         if self._poller is not None:
@@ -84,6 +98,13 @@ class Sources:
 
     def is_alias(self, name: str) -> bool:
         return name in self.aliases
+
+    async def candidates_when_known(self, name: str, local_has: bool) -> list[Candidate]:
+        """`candidates`, after the first poll when it could change them: a local model routed local-first
+        is served here whatever the upstreams host, and needs no wait."""
+        if not (local_has and self.routing.local_first) and name not in self.aliases:
+            await self.discovered()
+        return self.candidates(name, local_has)
 
     def candidates(self, name: str, local_has: bool) -> list[Candidate]:
         """The sources to try for `name`, in order; an alias's candidates as configured (an upstream not

@@ -1,13 +1,17 @@
-"""The TCP listener's door: a connection cap, global and per peer address, counted at accept (before a byte is
-read, before auth), a deadline for a new connection's first request headers, and an accept loop that backs
-off, with one log line per interval, when the process runs out of file descriptors.
+"""The listeners' doors: an accept loop of runnerd's own for every listening socket, and for TCP a connection
+cap, global and per peer address, counted at accept (before a byte is read, before auth) and a deadline for a
+new connection's first request headers.
 
-Why not asyncio's own accept loop: it accepts a burst of connections before any protocol sees one, and on
-EMFILE it logs once per connection it tried in that burst and schedules as many retries, so a flood of idle
-connections fills the fd table, starves the unix socket and floods the log. Here a connection over a cap
-is closed (RST) in the same call that accepted it, so the TCP listener holds at most its cap of fds.
-The unix socket keeps asyncio's loop (aiohttp's SockSite) and is never counted: its users are trusted,
-and the cap, kept well under the fd limit, leaves it the descriptors it needs.
+Why not the event loop's own accept: asyncio's accepts a burst of connections before any protocol sees one,
+and on EMFILE it logs once per connection it tried in that burst and schedules as many retries, so a flood of
+idle connections fills the fd table, starves the unix socket and floods the log. uvloop's (libuv's) closes
+connections it cannot take a descriptor for at once, logs nothing, and on an accept error it cannot get past
+(ENOBUFS, ENOMEM, or EMFILE once its reserve descriptor is gone) closes the listening socket for good,
+silently. Here both loops behave alike: on EMFILE/ENFILE/ENOBUFS/ENOMEM the door stops reading its socket
+for a second (clients wait in the kernel's queue), with one log line per interval, and tries again. A TCP
+connection over a cap is closed (RST) in the same call that accepted it, so the TCP listener holds at most
+its cap of fds. The unix socket is never counted: its users are trusted, and the TCP cap, kept well under
+the fd limit, leaves it the descriptors it needs.
 """
 
 from __future__ import annotations
@@ -22,20 +26,20 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
 log = logging.getLogger("runnerd.door")
 
-# Connections taken from the kernel's queue per readiness event: others (the unix socket) get their turn.
+# Connections taken from the kernel's queue per readiness event: the other listener and streams get their turn.
 ACCEPT_BATCH = 64
 # After EMFILE/ENFILE the listener rests this long before it tries again (what asyncio does too).
 ACCEPT_RETRY = 1.0
 # At most one line per this many seconds for each kind of repeated event (accept errors, refusals).
 LOG_INTERVAL = 10.0
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-ACCEPT_ERROR_MESSAGE = "socket.accept() out of system resource"
+OUT_OF_RESOURCES = "out of resources"  # in the line logged when accept fails for want of descriptors or memory
 
 
 class Throttled:
@@ -73,23 +77,6 @@ class Throttled:
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
-
-
-def throttle_accept_errors(loop: asyncio.AbstractEventLoop, throttled: Throttled) -> Callable[[], None]:
-    """Route asyncio's "out of system resource" accept errors (the unix listener's) through `throttled`;
-    every other loop error goes where it went. Returns a function that puts the old handler back."""
-    previous = loop.get_exception_handler()
-
-    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        if context.get("message") == ACCEPT_ERROR_MESSAGE:
-            throttled.note(str(context.get("exception") or ACCEPT_ERROR_MESSAGE))
-        elif previous is not None:
-            previous(loop, context)
-        else:
-            loop.default_exception_handler(context)
-
-    loop.set_exception_handler(handler)
-    return lambda: loop.set_exception_handler(previous)
 
 
 # What an unlimited RLIMIT_NOFILE amounts to: the kernel's nr_open, 2^20 by default.
@@ -132,6 +119,13 @@ def _reset(conn: socket.socket) -> None:
     conn.close()
 
 
+def _address(sock: socket.socket) -> str:
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{name.decode(errors='replace') if isinstance(name, bytes) else name}"
+    return f"http://{name[0]}:{name[1]}"
+
+
 def _peer(address: Any) -> str:
     return str(address[0]) if isinstance(address, tuple) and address else str(address)
 
@@ -155,8 +149,7 @@ class _Counted(asyncio.Protocol):
             release()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
         self._timer = asyncio.get_running_loop().call_later(self._header_timeout, self._headers_late)
         self._inner.connection_made(transport)
 
@@ -195,24 +188,19 @@ class _Counted(asyncio.Protocol):
         self._inner.connection_lost(exc)
 
 
-class TcpDoor:
-    """Accepts on a listening TCP socket for `protocol_factory`, within `limits`."""
+class Door:
+    """Accepts on a listening socket for `protocol_factory`, backing off when the process is out of files."""
 
-    def __init__(self, sock: socket.socket, protocol_factory: Callable[[], asyncio.Protocol],
-                 limits: DoorLimits) -> None:
+    def __init__(self, sock: socket.socket, protocol_factory: Callable[[], asyncio.Protocol]) -> None:
         self._sock = sock
         self._factory = protocol_factory
-        self.limits = limits
-        self.open = 0
-        self.refused = 0
-        self._peers: dict[str, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._retry: asyncio.TimerHandle | None = None
         self._admitting: set[asyncio.Task[Any]] = set()
-        self._accept_errors = Throttled(f"TCP accept on {_peer(sock.getsockname())} out of resources, pausing "
-                                        f"{ACCEPT_RETRY:.0f} s")
-        self._refusals = Throttled("closed TCP connections over the cap")
-        self._other_errors = Throttled(f"TCP accept on {_peer(sock.getsockname())} failed")
+        where = _address(sock)
+        self._accept_errors = Throttled(f"accept on {where} {OUT_OF_RESOURCES}, pausing {ACCEPT_RETRY:.0f} s")
+        self._other_errors = Throttled(f"accept on {where} failed")
+        self._throttled = [self._accept_errors, self._other_errors]
 
     @property
     def sockets(self) -> list[socket.socket]:
@@ -223,15 +211,18 @@ class TcpDoor:
         self._loop.add_reader(self._sock.fileno(), self._accept)
 
     def close(self) -> None:
-        """Stop accepting; connections already open are aiohttp's to close (AppRunner.cleanup)."""
+        """Stop accepting and close the listening socket, so that a client connecting while requests
+        drain is refused at once rather than left in the queue; connections already open are aiohttp's
+        to close (AppRunner.cleanup)."""
         if self._loop is not None:
             self._loop.remove_reader(self._sock.fileno())
             self._loop = None
+        self._sock.close()
         if self._retry is not None:
             self._retry.cancel()
         for task in self._admitting:
             task.cancel()
-        for throttled in (self._accept_errors, self._refusals, self._other_errors):
+        for throttled in self._throttled:
             throttled.close()
 
     def _resume(self) -> None:
@@ -261,6 +252,39 @@ class TcpDoor:
             self._admit(conn, _peer(address))
 
     def _admit(self, conn: socket.socket, peer: str) -> None:
+        self._serve(conn, self._factory(), None)
+
+    def _serve(self, conn: socket.socket, protocol: asyncio.Protocol, release: Callable[[], None] | None) -> None:
+        """Hand an accepted connection to `protocol`; `release` is called if that fails."""
+        conn.setblocking(False)
+        assert self._loop is not None
+        task = self._loop.create_task(self._loop.connect_accepted_socket(lambda: protocol, sock=conn))
+        self._admitting.add(task)
+
+        def admitted(task: asyncio.Task[Any]) -> None:
+            self._admitting.discard(task)
+            if task.cancelled() or task.exception() is not None:
+                if release is not None:
+                    release()
+                conn.close()
+
+        task.add_done_callback(admitted)
+
+
+class TcpDoor(Door):
+    """A Door with connection caps, global and per peer address, and a deadline for the first headers."""
+
+    def __init__(self, sock: socket.socket, protocol_factory: Callable[[], asyncio.Protocol],
+                 limits: DoorLimits) -> None:
+        super().__init__(sock, protocol_factory)
+        self.limits = limits
+        self.open = 0
+        self.refused = 0
+        self._peers: dict[str, int] = {}
+        self._refusals = Throttled("closed TCP connections over the cap")
+        self._throttled.append(self._refusals)
+
+    def _admit(self, conn: socket.socket, peer: str) -> None:
         limits = self.limits
         if self.open >= limits.max_connections or self._peers.get(peer, 0) >= limits.max_connections_per_peer:
             _reset(conn)
@@ -271,7 +295,6 @@ class TcpDoor:
             return
         self.open += 1
         self._peers[peer] = self._peers.get(peer, 0) + 1
-        conn.setblocking(False)
 
         def release() -> None:
             self.open -= 1
@@ -282,38 +305,28 @@ class TcpDoor:
                 del self._peers[peer]
 
         protocol = _Counted(self._factory(), release, limits.header_timeout)
-        assert self._loop is not None
-        task = self._loop.create_task(self._loop.connect_accepted_socket(lambda: protocol, sock=conn))
-        self._admitting.add(task)
-
-        def admitted(task: asyncio.Task[Any]) -> None:
-            self._admitting.discard(task)
-            if task.cancelled() or task.exception() is not None:
-                protocol.release()
-                conn.close()
-
-        task.add_done_callback(admitted)
+        self._serve(conn, protocol, protocol.release)
 
 
 class DoorSite(web.BaseSite):
-    """An aiohttp site serving the runner's app on a TCP socket through a TcpDoor."""
+    """An aiohttp site serving the runner's app on a listening socket through a Door: with `limits`, a
+    counted TcpDoor; without, an uncounted one (the unix socket)."""
 
     __slots__ = ("_limits", "_sock")
 
-    def __init__(self, runner: web.BaseRunner, sock: socket.socket, limits: DoorLimits) -> None:
+    def __init__(self, runner: web.BaseRunner, sock: socket.socket, limits: DoorLimits | None = None) -> None:
         super().__init__(runner)
         self._sock = sock
         self._limits = limits
 
     @property
     def name(self) -> str:
-        host, port = self._sock.getsockname()[:2]
-        return f"http://{host}:{port}"
+        return _address(self._sock)
 
     async def start(self) -> None:
         await super().start()
         server = self._runner.server
         assert server is not None
-        door = TcpDoor(self._sock, server, self._limits)
+        door = TcpDoor(self._sock, server, self._limits) if self._limits is not None else Door(self._sock, server)
         door.start()
         self._server = door  # type: ignore[assignment]  # BaseSite.stop() only calls close()

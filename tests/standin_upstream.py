@@ -10,6 +10,9 @@ passes /health, records every request it gets, and answers inference as its mode
 - "answer": a whole answer, streamed as asked: the JSON of "plain", or two SSE chunks `NAME-1 ` and
   `NAME-2` and `[DONE]`.
 
+Its model list can grow while it runs (`models.append`), and its first listing can be made to take
+`first_listing_delay` seconds (a slow first discovery poll).
+
 It runs in a thread of the test process on a loopback port of its own.
 """
 
@@ -27,10 +30,11 @@ PARTIAL = "STANDIN-PARTIAL"
 
 
 class StandinUpstream:
-    def __init__(self, name: str, mode: str, models: list[str]) -> None:
+    def __init__(self, name: str, mode: str, models: list[str], first_listing_delay: float = 0) -> None:
         self.name = name
         self.mode = mode
         self.models = models
+        self._listing_delay = first_listing_delay
         self.seen: list[tuple[str, str]] = []  # (method, path) of every request, discovery included
         self.port = 0
         self._loop = asyncio.new_event_loop()
@@ -75,6 +79,9 @@ class StandinUpstream:
         return web.json_response({"status": "ok"})
 
     async def _models(self, request: web.Request) -> web.Response:
+        delay, self._listing_delay = self._listing_delay, 0
+        if delay:
+            await asyncio.sleep(delay)
         return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
 
     async def _inference(self, request: web.Request) -> web.StreamResponse:

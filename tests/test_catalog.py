@@ -226,6 +226,14 @@ def test_catalog_listing_known_and_installed(catalog_daemon):
     odd = d.post("/engines/backends/catalog/install", {"engine": "llama.cpp", "variant": "cpu",
                                                        "version": SOURCE_VERSION})
     assert odd.status_code == 200 and "already installed" in odd.json()["message"]
+    # Removals that cannot happen are refused at once, not as a failed job.
+    absent = d.post("/engines/backends/catalog/uninstall", {"engine": "llama.cpp", "version": "0.3.30"})
+    assert absent.status_code == 404 and absent.json()["error"]["code"] == "version_not_installed", absent.text
+    binary = d.post("/engines/backends/catalog/uninstall", {"engine": "system-true", "version": "1"})
+    assert binary.status_code == 400 and binary.json()["error"]["code"] == "not_installed_by_runnerd"
+    # No catalog_url set: nothing to fetch now.
+    refresh = d.post("/engines/backends/catalog/refresh")
+    assert refresh.status_code == 409 and refresh.json()["error"]["code"] == "no_catalog_url", refresh.text
 
 
 def _finish(d: Daemon, job: dict[str, Any]) -> dict[str, Any]:
@@ -270,16 +278,29 @@ memory: {{kind: unknown}}
 """
     defined = d.http.post("/engines/backends", content=manifest, headers={"Content-Type": "application/yaml"})
     assert defined.status_code == 201, defined.text
+    jobs_before = {j["id"] for j in d.http.get("/jobs").json()}
     refused = _cli(d, "rm", "tinypip@2.0")
     assert refused.returncode != 0 and "tinypip-custom" in refused.stderr and "409" in refused.stderr
     assert env_python.exists()
+    # Refused before any job is started.
+    assert {j["id"] for j in d.http.get("/jobs").json()} == jobs_before
 
-    removed = _cli(d, "rm", "tinypip@1.0")
-    assert removed.returncode == 0, removed.stderr
+    # A removal is a job with a status URL, like an install.
+    removing = d.post("/engines/backends/catalog/uninstall", {"engine": "tinypip", "version": "1.0"})
+    assert removing.status_code == 202, removing.text
+    job = removing.json()
+    assert job["kind"] == "uninstall-backend" and job["target"] == "tinypip@1.0:cpu"
+    assert removing.headers["Location"] == job["status_url"]
+    final = _finish(d, job)
+    assert final["state"] == "succeeded" and final["message"] == "removed tinypip 1.0 (cpu)", final
     assert not python.parent.parent.parent.exists()
-    forced = _cli(d, "rm", "tinypip@2.0", "--force")
+    again = d.post("/engines/backends/catalog/uninstall", {"engine": "tinypip", "version": "1.0"})
+    assert again.status_code == 404 and again.json()["error"]["code"] == "version_not_installed"
+    # The CLI waits for the job: the environment is gone when it returns.
+    forced = _cli(d, "rm", "tinypip@2.0", "--force", "--quiet")
     assert forced.returncode == 0, forced.stderr
-    assert not env_python.exists()
+    assert "removed tinypip 2.0 (cpu)" in forced.stdout and not env_python.exists()
+    d.http.delete("/engines/backends/tinypip-custom")
     items = _items(d)
     assert not items[("tinypip", "1.0")]["installed"] and not items[("tinypip", "2.0")]["installed"]
 

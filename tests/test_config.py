@@ -60,6 +60,7 @@ def test_short_llama_server_variable(monkeypatch):
     ('[engines."llama.cpp"]\nthread = 4', r"engines\.llama\.cpp\.thread: Extra inputs"),
     ("[engines.vllm]\ndevice = 'tpu'", r"engines\.vllm\.device"),
     ("[engines.sglang]\nthreads = 1", "engines.sglang: no such engine"),
+    ('catalog_url = "https://ops:secret@catalog.example/c.yaml"', "catalog_url: .*must not carry a user name"),
 ])
 def test_bad_config_is_named(tmp_path, text, fragment):
     cfg = tmp_path / "bad.toml"

@@ -180,7 +180,8 @@ def test_docker_model_runners_kebab_case_stores_what_snake_case_does(daemon):
             assert daemon.http.delete("/engines/_configure", params={"model": "tiny"}).status_code == 200
     finally:
         daemon.post("/engines/unload", {"all": True})
-    assert stored[0] == [{"model": "tiny:latest", "mode": "completion", "backend": "llama.cpp", "config": {
+    assert stored[0] == [{"model": "tiny:latest", "mode": "completion", "backend": "llama.cpp", "orphaned": False,
+                          "config": {
         "context_size": 1024, "runtime_flags": ["--temp", "0.5"], "keep_alive": "10m",
         "speculative": {"draft_model": "tiny:latest", "num_tokens": 4}, "llamacpp": {"reasoning_budget": 0}}}]
     assert stored[1] == stored[0] and stored[2] == stored[0] and stored[3] == stored[0]

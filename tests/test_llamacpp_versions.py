@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from backends.base import InstallError
+from backends.flags import FlagError
 from backends.llamacpp import LlamaCppBackend
 from backends.llamacpp.install import (
     SOURCE_VERSION,
@@ -85,8 +86,29 @@ def two_builds_daemon(llama_server: Path, other_build: tuple[str, Path], smollm2
 
 
 def _versions(d: Daemon) -> list[str]:
+    """The cached builds: the listing's versions without the binary the test daemon names in its settings."""
     backends = d.http.get("/engines/backends").json()
-    return next(b["versions"] for b in backends if b["name"] == "llama.cpp")
+    llamacpp = next(b for b in backends if b["name"] == "llama.cpp")
+    named = llamacpp["named_binary"]
+    assert named is not None and llamacpp["versions"][-1] == named["version"]
+    return list(llamacpp["versions"][:-1])
+
+
+def _switches_only_in(new: Path, old: Path, cache: Path) -> dict[str, str]:
+    """For each build, a flag without a value that its own option list has and the other's lacks."""
+    reader = LlamaCppBackend(cache_dir=cache, cuda=False)
+    tables = {"new": reader.build_flags(new), "old": reader.build_flags(old)}
+    found = {}
+    for build, other in (("new", "old"), ("old", "new")):
+        for flag in sorted(tables[build].allowed_spellings - tables[other].allowed_spellings):
+            try:
+                reader.validate_flags([flag], tables[build])
+            except FlagError:
+                continue  # it takes a value
+            found[build] = flag
+            break
+    assert set(found) == {"new", "old"}, f"no switch tells these builds apart: {tables}"
+    return found
 
 
 def _runner_exe(d: Daemon, model: str) -> str:
@@ -94,7 +116,8 @@ def _runner_exe(d: Daemon, model: str) -> str:
     return psutil.Process(runner["pid"]).exe()
 
 
-def test_two_versions_answer_at_once_and_a_pinned_one_is_not_removed(two_builds_daemon, llama_server, other_build):
+def test_two_versions_answer_at_once_and_a_pinned_one_is_not_removed(two_builds_daemon, llama_server, other_build,
+                                                                     tmp_path):
     d, old = two_builds_daemon
     assert _versions(d) == sorted([SOURCE_VERSION, old], key=lambda v: tuple(map(int, v.split("."))))
 
@@ -105,9 +128,20 @@ def test_two_versions_answer_at_once_and_a_pinned_one_is_not_removed(two_builds_
     assert bad.status_code == 400 and "backend_version" in bad.text
     assert all(not c["model"].startswith("old") for c in d.http.get("/engines/_configure").json()["configurations"])
 
-    for model, version in (("new", SOURCE_VERSION), ("old", old)):
-        ok = d.post("/engines/llama.cpp/_configure", {"model": model, "options": {"backend_version": version}})
+    # Flags follow the pinned build at configure time, as at the runner's start: a switch only one build has
+    # is accepted for the model pinned to it and refused, with nothing stored, for the one pinned to the other.
+    only = _switches_only_in(llama_server, other_build[1], tmp_path)
+    for model, version, own, other in (("new", SOURCE_VERSION, only["new"], only["old"]),
+                                       ("old", old, only["old"], only["new"])):
+        refused = d.post("/engines/llama.cpp/_configure", {"model": model, "options": {"backend_version": version},
+                                                          "runtime_flags": [other]})
+        assert refused.status_code == 400 and f"'{other}' refused" in refused.text, refused.text
+        assert all(not c["model"].startswith(model) for c in d.http.get("/engines/_configure").json()["configurations"])
+        ok = d.post("/engines/llama.cpp/_configure", {"model": model, "options": {"backend_version": version},
+                                                     "runtime_flags": [own]})
         assert ok.status_code in (200, 202), ok.text
+        estimate = d.http.get(f"/models/{model}/estimate").json()
+        assert (estimate["backend"], estimate["backend_version"], estimate["known"]) == ("llama.cpp", version, True)
 
     # Both runners loaded at the same time, each from its own build, answering requests sent together.
     def chat(model: str) -> str:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,13 @@ def test_llama_server_from_a_manifest_serves_chat_and_streams(mdaemon, llama_ser
 
     runners = [r for r in d.ps() if r["model"] == "tiny:latest"]
     assert [r["backend"] for r in runners] == ["llama-server-custom"]  # not the built-in llama.cpp
+    # Routes that name no engine follow the model's configuration to it, as /estimate does.
+    generic = d.openai("/v1").chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                      max_tokens=4)
+    assert generic.choices[0].message.content
+    ollama = d.post("/api/generate", {"model": "tiny", "prompt": "hi", "stream": False, "options": {"num_predict": 4}})
+    assert ollama.status_code == 200, ollama.text
+    assert [r["backend"] for r in d.ps() if r["model"] == "tiny:latest"] == ["llama-server-custom"]
     engine = engine_process(d, "--port")
     argv = engine.cmdline()
     port = int(argv[argv.index("--port") + 1])
@@ -253,28 +261,85 @@ def test_a_configuration_pins_a_version(mdaemon, llama_server):
     assert argv[argv.index("--threads-http") + 1] == "3"  # the pinned version's command, not the default's
     assert d.http.delete("/engines/backends/twover-custom", params={"force": "true"}).json()["unloaded"] == 1
     d.http.request("DELETE", "/engines/_configure", params={"model": "tiny"})
-    # Versions that would listen differently are refused: the daemon picks the endpoint before the version.
-    tcp_second = second.replace('--host, "{socket}"', '--host, "{host}", --port, "{port}"').replace(
-        "listen: unix", "listen: tcp")
-    mixed = text.replace("twover-custom", "mixed-custom").replace(second, tcp_second)
-    refused = define(d, mixed)
-    assert refused.status_code == 400, refused.text
-    assert "versions.second.listen (line 20): every version needs the default version's listen" in \
-        refused.json()["error"]["message"]
+
+
+def test_versions_listen_and_get_ready_each_their_own_way(mdaemon, llama_server, tiny_model):
+    """One manifest, a unix-socket version and a loopback-TCP version (with another readiness path): two
+    models pinned one to each answer at once; a version whose readiness path never answers fails its load
+    within its own timeout, not the default version's."""
+    d, _ = mdaemon
+    text = llama_manifest(llama_server, name="twokinds-custom", listen="unix")
+    sock = text[text.index("  pinned:\n"):text.index("default_args")]
+    port = llama_manifest(llama_server, listen="tcp")
+    port = port[port.index("  pinned:\n"):port.index("default_args")].replace("  pinned:", "  port:").replace(
+        "{path: /health, timeout: 60}", "{path: /v1/models, timeout: 50}")
+    stuck = sock.replace("  pinned:", "  stuck:").replace("{path: /health, timeout: 60}",
+                                                           "{path: /never-ready, timeout: 1.5}")
+    text = text.replace(sock, sock.replace("  pinned:", "  sock:") + port + stuck).replace(
+        "default_args", "default_version: sock\ndefault_args")
+    defined = define(d, text)
+    assert defined.status_code == 201, defined.text
+    assert d.post("/models", {"name": "tiny2", "path": str(tiny_model)}).status_code in (200, 201)
+    try:
+        for model, version in (("tiny", "sock"), ("tiny2", "port")):
+            pinned = d.post("/engines/twokinds-custom/_configure",
+                            {"model": model, "options": {"backend_version": version}})
+            assert pinned.status_code == 202, pinned.text
+
+        def chat(model: str) -> str:
+            answer = d.openai("/engines/twokinds-custom/v1").chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+            assert answer.choices[0].message.content
+            return answer.model
+
+        with ThreadPoolExecutor(2) as pool:
+            assert sorted(pool.map(chat, ["tiny", "tiny2"])) == ["tiny2:latest", "tiny:latest"]
+        runners = {r["model"]: r for r in d.ps() if r["backend"] == "twokinds-custom"}
+        # Both loaded at once (a lease may be handed back a moment after its answer: ready or idle).
+        assert set(runners) == {"tiny:latest", "tiny2:latest"}, runners
+        assert all(r["state"] in ("ready", "idle") for r in runners.values()), runners
+        assert runners["tiny:latest"]["endpoint"]["kind"] == "unix" and runners["tiny:latest"]["socket"]
+        assert runners["tiny2:latest"]["endpoint"]["kind"] == "tcp"
+        port_number = runners["tiny2:latest"]["endpoint"]["port"]
+        engine = psutil.Process(runners["tiny2:latest"]["pid"])
+        assert [(c.laddr.ip, c.laddr.port) for c in engine.net_connections("tcp")
+                if c.status == psutil.CONN_LISTEN] == [("127.0.0.1", port_number)]
+        assert not [c for c in psutil.Process(runners["tiny:latest"]["pid"]).net_connections("tcp")
+                    if c.status == psutil.CONN_LISTEN]
+
+        d.post("/engines/unload", {"models": ["tiny2"]})
+        assert d.post("/engines/twokinds-custom/_configure",
+                      {"model": "tiny2", "options": {"backend_version": "stuck"}}).status_code == 202
+        failed = d.post("/engines/twokinds-custom/v1/completions", {"model": "tiny2", "prompt": "a", "max_tokens": 2})
+        assert failed.status_code >= 500 and "did not become ready within 1.5 s" in failed.text, failed.text
+    finally:
+        d.http.delete("/engines/backends/twokinds-custom", params={"force": "true"})
+        for model in ("tiny", "tiny2"):
+            d.http.request("DELETE", "/engines/_configure", params={"model": model})
+        d.http.delete("/models/tiny2")
 
 
 def test_an_engine_of_unknown_size_is_admitted_and_measured(mdaemon, llama_server):
     d, _ = mdaemon
     text = llama_manifest(llama_server, name="unsized-custom").replace("{kind: gguf}", "{kind: unknown}")
     assert define(d, text).status_code == 201
+    assert d.post("/engines/unsized-custom/_configure", {"model": "tiny", "context_size": 512}).status_code == 202
     done = d.post("/engines/unsized-custom/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2})
     assert done.status_code == 200, done.text
     runner = next(r for r in d.ps() if r["backend"] == "unsized-custom")
     assert runner["memory"]["known"] is False
     assert "measured once it has loaded" in runner["memory"]["notes"][0]
+    # The estimate answers for the engine the model is configured for, as ps does, not the built-in.
+    estimate = d.http.get("/models/tiny/estimate").json()
+    assert (estimate["backend"], estimate["known"], estimate["context_size"]) == ("unsized-custom", False, 512)
+    assert estimate["notes"] == runner["memory"]["notes"]
+    assert d.http.get("/models/tiny").json()["estimate"]["backend"] == "unsized-custom"
     d.wait_for(lambda: any(r["measured_ram_bytes"] > 0 for r in d.ps() if r["backend"] == "unsized-custom"),
                what="the runner's memory measured")
     assert d.http.delete("/engines/backends/unsized-custom", params={"force": "true"}).status_code == 200
+    d.http.request("DELETE", "/engines/_configure", params={"model": "tiny"})
+    builtin = d.http.get("/models/tiny/estimate").json()
+    assert (builtin["backend"], builtin["known"]) == ("llama.cpp", True) and builtin["ram_bytes"] > 0
 
 
 def test_on_the_socket_only_the_daemons_user_may_define_an_engine(mdaemon, llama_server):

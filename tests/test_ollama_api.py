@@ -152,7 +152,8 @@ class ChatBackend:
     ("/m/mmproj.gguf", "{% for tool in tools %}<think>", ["tools", "vision", "thinking"]),
 ])
 def test_show_capabilities_vision_and_thinking(mmproj, template, extra):
-    d = SimpleNamespace(backends={"chat": ChatBackend()})
+    # No stored configuration: the backend is chosen by the model's format.
+    d = SimpleNamespace(backends={"chat": ChatBackend()}, configs=SimpleNamespace(get=lambda model, mode: None))
     model = ModelEntry(name="m:latest", path=Path("/m/model.gguf"), size=1,
                        mmproj=Path(mmproj) if mmproj else None)
     assert ollama_routes._capabilities(d, model, template) == ["completion", *extra]  # type: ignore[arg-type]

@@ -1,9 +1,12 @@
 """Runner logs rotate by size: a real engine-like process printing far more than the cap leaves the
-current file and the configured number of older ones, none past the cap, the newest output kept."""
+current file and the configured number of older ones, none past the cap, the newest output kept. They
+are written by a thread: a stalled log disk holds neither the engine's output nor the event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ from pydantic import ValidationError
 
 from backends.base import RunnerError, RunnerOutput
 from backends.endpoint import Endpoint
-from backends.process import RotatingLog, run_process
+from backends.process import LogWriter, RotatingLog, run_process
 from runnerd.config import Settings
 
 
@@ -73,3 +76,55 @@ def test_the_cap_is_validated() -> None:
         Settings(runner_log_max_bytes=10)
     with pytest.raises(ValidationError, match="runner_log_files"):
         Settings(runner_log_files=-1)
+
+
+class _StalledDisk:
+    """A stand-in for a log disk that stops taking writes: RotatingLog.write waits until `release`."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        real = RotatingLog.write
+
+        def write(log: RotatingLog, chunk: bytes) -> None:
+            self.entered.set()
+            assert self.release.wait(30)
+            real(log, chunk)
+
+        monkeypatch.setattr(RotatingLog, "write", write)
+
+
+@pytest.mark.anyio
+async def test_a_stalled_log_disk_does_not_hold_the_engine_output(tmp_path: Path, monkeypatch) -> None:
+    disk = _StalledDisk(monkeypatch)
+    path = tmp_path / "engine.log"
+    output = RunnerOutput(path)
+    script = "import sys\nfor i in range(2000): print('line %04d' % i, flush=i % 100 == 0)\nsys.exit(3)\n"
+    run = asyncio.create_task(run_process([sys.executable, "-c", script], env={"PATH": "/usr/bin:/bin"},
+                                          endpoint=Endpoint.unix(tmp_path / "e.sock"), output=output))
+    # The tail (what the daemon reads on its loop) gets every line while the log's first write waits.
+    for _ in range(500):
+        if output.tail and output.tail[-1] == "line 1999":
+            break
+        await asyncio.sleep(0.02)
+    assert output.tail[-1] == "line 1999"
+    assert disk.entered.is_set() and not run.done()
+    disk.release.set()
+    with pytest.raises(RunnerError):
+        await run
+    assert path.read_text().splitlines() == [f"line {i:04d}" for i in range(2000)]
+
+
+def test_output_past_the_backlog_is_dropped_and_the_drop_noted(tmp_path: Path, monkeypatch) -> None:
+    disk = _StalledDisk(monkeypatch)
+    path = tmp_path / "engine.log"
+    writer = LogWriter(path, max_bytes=None, keep=0, backlog=100)
+    writer.write(b"first\n")
+    assert disk.entered.wait(10)  # the writer thread holds "first" and waits on the disk
+    for i in range(30):
+        writer.write(b"%02d-------\n" % i)  # 10 of these fill the backlog; 20 are dropped
+    disk.release.set()
+    writer.close()
+    lines = path.read_text().splitlines()
+    assert lines[0] == "first" and lines[1:11] == [f"{i:02d}-------" for i in range(10)]
+    assert "[runnerd: 200 bytes of output dropped: the log disk did not keep up]" in lines

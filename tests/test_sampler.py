@@ -195,3 +195,29 @@ async def test_metrics_export_the_event_loop_lag(tmp_path):
     assert lines["runnerd_event_loop_lag_seconds_count"] >= 3
     assert lines['runnerd_event_loop_lag_seconds_bucket{le="0.1"}'] < lines["runnerd_event_loop_lag_seconds_count"]
     assert 0.2 <= lines["runnerd_event_loop_lag_max_seconds"] < 5
+
+
+@pytest.mark.anyio
+async def test_a_lasting_read_failure_is_logged_when_it_starts_and_ends(monkeypatch, caplog):
+    """psutil is made to fail as it does when the daemon is out of files (a stand-in: lowering this
+    process's own limit would break the test runner); one line when it starts, one when it ends."""
+    sampler = HostSampler(gpus=NvmlSession())
+    good = await sampler.fresh()
+    real = psutil.virtual_memory
+
+    def out_of_files() -> None:
+        raise OSError(24, "Too many open files")
+
+    with caplog.at_level("WARNING", logger="runnerd.sampler"):
+        monkeypatch.setattr(psutil, "virtual_memory", out_of_files)
+        for _ in range(5):
+            with pytest.raises(OSError):
+                await sampler.fresh()
+        assert sampler.snapshot is good  # the last good reading stays
+        monkeypatch.setattr(psutil, "virtual_memory", real)
+        assert (await sampler.fresh()).taken_at > good.taken_at
+        await sampler.fresh()
+    assert [r.getMessage() for r in caplog.records] == [
+        "cannot read the host: [Errno 24] Too many open files",
+        "host readings resumed (they failed with: [Errno 24] Too many open files)"]
+    await sampler.stop()

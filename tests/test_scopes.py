@@ -25,6 +25,7 @@ import pytest
 
 from runnerd.tokens import hash_text
 from tests.conftest import Daemon
+from tests.standin_upstream import StandinUpstream
 
 LEGACY = "rd_legacy-single-token-0123456789abcdef"
 TOKENS = {
@@ -35,6 +36,7 @@ TOKENS = {
     "gemops": ("rd_gemops-operator-token-0123456789abcdef", "operator", {"models": ["gemma*"]}),
     "single": ("rd_single-user-token-0123456789abcdefgh", "user", {"max_concurrent": 1}),
     "rpm": ("rd_rpm-user-token-0123456789abcdefghijklm", "user", {"requests_per_minute": 3}),
+    "gemadmin": ("rd_gemadmin-admin-token-0123456789abcdefg", "admin", {"models": ["gemma*"]}),
 }
 CAROL = "rd_carol-new-token-0123456789abcdefghijklm"
 DAVE = "rd_dave-new-token-00123456789abcdefghijklm"  # as long as CAROL: the file keeps its size
@@ -379,3 +381,239 @@ def test_a_daemon_with_an_unusable_tokens_file_does_not_start(llama_server):
         assert "never the token itself" in message and CAROL not in message
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def same_answer(tiny: httpx.Response, nope: httpx.Response, what: str) -> None:
+    """`tiny` (hidden) and `nope` (missing) answered alike: status, headers, and body once the names swap."""
+    assert tiny.status_code == nope.status_code and tiny.status_code >= 400, (what, tiny.text, nope.text)
+    assert tiny.content.replace(b"tiny", b"nope") == nope.content, (what, tiny.text, nope.text)
+    assert {k: v for k, v in tiny.headers.items() if k != "date"} == \
+           {k: v for k, v in nope.headers.items() if k != "date"}, what
+
+
+def test_an_operator_limited_to_some_models_sees_nothing_of_the_others(tcp):
+    """`gemops` may use `gemma*`: with runners of `tiny` and `gemma-small` up, every route that names
+    models or runners shows it `gemma-small` only and answers for `tiny` as for `nope`, which does not
+    exist; `ops`, with every model, sees both, so each filtered answer had something to leave out."""
+    for name in ("tiny", "gemma-small"):  # stored configurations, and a runner of each (configure preloads)
+        configured = tcp.d.post("/engines/_configure", {"model": name, "context_size": 512})
+        assert configured.status_code == 202, configured.text
+    wait_for(lambda: sorted(r["model"] for r in tcp.d.ps() if r["state"] in ("ready", "idle"))
+             == ["gemma-small:latest", "tiny:latest"], "both runners to be ready")
+    chat = [{"role": "user", "content": "hi"}]
+    for who, model in (("ops", "tiny"), ("gemops", "gemma-small")):
+        answer = tcp.post("/v1/chat/completions", who, {"model": model, "messages": chat, "max_tokens": 2})
+        assert answer.status_code == 200, answer.text
+    both, gem_only = ["gemma-small:latest", "tiny:latest"], ["gemma-small:latest"]
+
+    def runner_models(who: str, path: str) -> list[str]:
+        body = tcp.get(path, who).json()
+        runners = body["runners"] if path == "/node" else body["models"] if path == "/api/ps" else body
+        return sorted(r["model"] for r in runners)
+
+    for path in ("/node", "/engines/ps", "/api/ps"):
+        assert runner_models("ops", path) == both and runner_models("gemops", path) == gem_only, path
+    # What the host holds stays whole: the operator places models on the same memory.
+    assert tcp.get("/node", "gemops").json()["reserved"]["runners"] == 2
+
+    metrics = {who: tcp.get("/metrics", who).text for who in ("ops", "gemops")}
+    assert 'model="tiny:latest"' in metrics["ops"] and 'model="tiny:latest"' not in metrics["gemops"]
+    assert 'model="gemma-small:latest"' in metrics["gemops"]
+    assert re.search(r'^runnerd_runners\{state="ready"\} \d', metrics["gemops"], re.M)  # a host-wide series
+
+    configurations = {who: [c["model"] for c in tcp.get("/engines/_configure", who).json()["configurations"]]
+                      for who in ("ops", "gemops")}
+    assert sorted(configurations["ops"]) == both and configurations["gemops"] == gem_only
+
+    # The daemon's own log names tiny's runner for ops; gemops gets it without those lines.
+    logs = {who: tcp.get("/logs?tail=10000", who).text for who in ("ops", "gemops")}
+    assert "model=tiny:latest" in logs["ops"] and "tiny:latest" not in logs["gemops"]
+    assert "model=gemma-small:latest" in logs["gemops"]
+    assert tcp.get("/logs?runner=tiny", "ops").status_code == 200
+
+    probes: list[tuple[str, str, dict[str, Any] | None]] = [
+        ("GET", "/logs?runner={m}", None),
+        ("GET", "/logs?runner={m}&mode=completion&tail=5", None),
+        ("GET", "/models/{m}/estimate", None),
+        ("GET", "/models/{m}/estimate?ctx=256", None),
+        ("GET", "/engines/_configure?model={m}", None),
+        ("POST", "/engines/unload", {"models": ["{m}"]}),
+    ]
+    for method, path, body in probes:
+        answers = [tcp.client.request(method, path.format(m=m), headers=tcp.as_("gemops"),
+                                      json=json.loads(json.dumps(body).replace("{m}", m)) if body else None)
+                   for m in ("tiny", "nope")]
+        same_answer(*answers, what=path)
+
+    # "Unload everything" from gemops unloads what gemops may use, and says nothing of the rest.
+    unloaded = tcp.post("/engines/unload", "gemops", {"all": True, "timeout": 0})
+    assert unloaded.status_code == 200 and [r["model"] for r in unloaded.json()["runners"]] == gem_only
+    assert runner_models("ops", "/engines/ps") == ["tiny:latest"]
+    assert tcp.post("/engines/unload", "gemops", {"backend": "llama.cpp"}).json()["unloaded"] == 0
+    assert runner_models("ops", "/engines/ps") == ["tiny:latest"]
+    for name in ("tiny", "gemma-small"):
+        assert tcp.d.http.request("DELETE", f"/engines/_configure?model={name}").status_code == 200
+
+
+def test_the_audit_names_the_target_of_a_large_body(tcp):
+    """The target comes from the body the handler read, however large: an unload naming thousands of models
+    (none stored: nothing is unloaded) is audited with them."""
+    names = ["nope"] * 20_000  # about 160 KB of JSON
+    refused = tcp.post("/engines/unload", "ops", {"models": names})
+    assert refused.status_code == 404
+    line = tcp.audit_until(lambda lines: lines and lines[-1]["action"] == "POST /engines/unload" and
+                           (lines[-1]["token"], lines[-1]["result"]) == ("ops", "404"), "the unload")[-1]
+    assert line["target"].startswith('/engines/unload models=["nope", "nope", ')
+    assert len(line["target"]) == len("/engines/unload models=") + 200
+    # A body the handler refused is not parsed again: the path is the target.
+    bad = tcp.client.post("/engines/unload", content=b'{"models": [', headers=tcp.as_("ops"))
+    assert bad.status_code == 400
+    line = tcp.audit_until(lambda lines: lines and lines[-1]["result"] == "400", "the refused unload")[-1]
+    assert line["target"] == "/engines/unload"
+
+
+def test_a_stored_response_is_its_makers(tcp):
+    """A TCP token reads, continues and deletes only the responses it made, the unix socket's callers only
+    theirs, an admin token any; another caller's id is answered byte for byte as an id never stored."""
+    def responses(who: str) -> openai.OpenAI:
+        token = LEGACY if who == "legacy" else TOKENS[who][0]
+        return openai.OpenAI(base_url=tcp.url + "/v1", api_key=token, max_retries=0)
+
+    ask: dict[str, Any] = {"model": "tiny", "input": "hi", "max_output_tokens": 4}
+    alices = responses("alice").responses.create(**ask).id
+    socket_made = tcp.d.post("/v1/responses", ask)
+    assert socket_made.status_code == 200, socket_made.text
+    sockets = socket_made.json()["id"]
+    assert len(alices) == len(sockets)
+    missing = "resp_" + "0" * (len(alices) - len("resp_"))
+
+    assert responses("alice").responses.retrieve(alices).id == alices
+    assert tcp.d.http.get(f"/v1/responses/{sockets}").status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        responses("ops").responses.retrieve(alices)
+
+    def asked(who: str, method: str, path: str, body: Any = None) -> httpx.Response:
+        if who == "socket":
+            return tcp.d.http.request(method, path, json=body)
+        return tcp.client.request(method, path, headers=tcp.as_(who), json=body)
+
+    for who, theirs in [("ops", alices), ("socket", alices), ("alice", sockets)]:
+        for method, path, body in [("GET", "/v1/responses/{id}", None),
+                                   ("GET", "/engines/v1/responses/{id}/input_items", None),
+                                   ("DELETE", "/v1/responses/{id}", None),
+                                   ("POST", "/v1/responses", {**ask, "previous_response_id": "{id}"})]:
+            answers = [asked(who, method, path.format(id=i), json.loads(json.dumps(body).replace("{id}", i))
+                             if body else None) for i in (theirs, missing)]
+            foreign, absent = answers
+            what = (who, method, path)
+            assert foreign.status_code == absent.status_code == 404, (what, foreign.text)
+            assert foreign.content.replace(theirs.encode(), missing.encode()) == absent.content, what
+            assert {k: v for k, v in foreign.headers.items() if k != "date"} == \
+                   {k: v for k, v in absent.headers.items() if k != "date"}, what
+    # Nothing another caller tried to delete is gone; an admin token reads both, and continues alice's.
+    assert asked("alice", "GET", f"/v1/responses/{alices}").status_code == 200
+    assert asked("socket", "GET", f"/v1/responses/{sockets}").status_code == 200
+    admin = responses("legacy").responses
+    assert admin.retrieve(alices).id == alices and admin.retrieve(sockets).id == sockets
+    continued = admin.create(**ask, previous_response_id=alices)
+    assert continued.previous_response_id == alices
+    with pytest.raises(openai.NotFoundError):  # the admin's turn is the admin's
+        responses("alice").responses.retrieve(continued.id)
+    # Its maker deletes it; then it is gone for everyone.
+    assert responses("alice").responses.delete(alices) is None
+    with pytest.raises(openai.NotFoundError):
+        admin.retrieve(alices)
+
+
+def test_an_upstreams_models_outside_the_patterns_are_hidden_too(llama_server):
+    """A daemon whose only models are an upstream's (a stand-in that lists `tiny-remote` and `gemma-remote`):
+    `gemops` sees the upstream's status with `gemma-remote` only, and `tiny-remote` is answered as
+    `nope-remote`, which no source hosts."""
+    upstream = StandinUpstream("up", "plain", ["tiny-remote", "gemma-remote"])
+    root = Path(tempfile.mkdtemp(prefix="rd-", dir="/tmp"))
+    d = None
+    try:
+        (root / "tokens.toml").write_text(tokens_toml(TOKENS))
+        (root / "upstreams.toml").write_text(
+            f'[[upstreams]]\nname = "up"\nkind = "openai"\nbase_url = "{upstream.base_url}"\n')
+        d = Daemon(root, llama_server, {}, {"RUNNERD_HTTP__TOKENS_FILE": str(root / "tokens.toml")},
+                   ["--listen", "127.0.0.1:0", "--config", str(root / "upstreams.toml")])
+        port = re.search(r"listening on tcp:127\.0\.0\.1:(\d+)", d.output())
+        assert port is not None, d.output()
+        t = Tcp(d, int(port.group(1)))
+        wait_for(lambda: d.http.get("/engines/status?upstreams=1").json()["upstreams"]["up"]["healthy"],
+                 "the upstream's models to be discovered")
+
+        def status(who: str) -> tuple[list[str], str]:
+            full = t.get("/engines/status?upstreams=1", who).json()["upstreams"]["up"]
+            return sorted(full["models"]), t.get("/engines/status", who).json()["up"]
+
+        assert status("ops") == (["gemma-remote", "tiny-remote"], f"Running (upstream openai at {upstream.base_url}, "
+                                                                  "2 models)")
+        assert status("gemops") == (["gemma-remote"], f"Running (upstream openai at {upstream.base_url}, 1 models)")
+        assert [m["id"] for m in t.get("/v1/models", "gemops").json()["data"]] == ["gemma-remote"]
+        chat = [{"role": "user", "content": "hi"}]
+        for method, path, body in [("GET", "/v1/models/{m}-remote", None),
+                                   ("POST", "/v1/chat/completions", {"model": "{m}-remote", "messages": chat})]:
+            answers = [t.client.request(method, path.format(m=m), headers=t.as_("gemops"),
+                                        json=json.loads(json.dumps(body).replace("{m}", m)) if body else None)
+                       for m in ("tiny", "nope")]
+            same_answer(*answers, what=path)
+        assert upstream.inference_requests() == []  # the hidden model's request never left the daemon
+        t.client.close()
+    finally:
+        if d is not None:
+            d.stop()
+        upstream.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_followed_daemon_log_leaves_out_the_hidden_models_lines(tcp):
+    """`gemops` follows the daemon's log while runners of `tiny`, then `gemma-small`, start: it gets the
+    second's lines and none of the first's, which came before them."""
+    assert tcp.d.post("/engines/unload", {"all": True, "timeout": 0}).status_code == 200
+    chat = [{"role": "user", "content": "hi"}]
+    seen: list[str] = []
+    with tcp.client.stream("GET", "/logs?follow=true&tail=0", headers=tcp.as_("gemops")) as followed:
+        assert followed.status_code == 200
+        for who, model in (("ops", "tiny"), ("gemops", "gemma-small")):
+            answer = tcp.post("/v1/chat/completions", who, {"model": model, "messages": chat, "max_tokens": 2})
+            assert answer.status_code == 200, answer.text
+        for line in followed.iter_lines():
+            seen.append(line)
+            if "runner ready model=gemma-small:latest" in line:
+                break
+    assert not [line for line in seen if "tiny:latest" in line], seen
+    assert "runner ready model=tiny:latest" in tcp.get("/logs?tail=10000", "ops").text
+
+
+def test_an_admin_limited_to_some_models_cannot_touch_the_others(tcp):
+    """`gemadmin` may change the host, for `gemma*` only: deleting or tagging `tiny` is answered as for
+    `nope`, and a copy or tag may not be named outside its patterns (403, whether the name is taken or
+    not); `tiny` is untouched."""
+    probes: list[tuple[str, str, dict[str, Any] | None]] = [
+        ("DELETE", "/models/{m}", None),
+        ("DELETE", "/models/{m}?force=true", None),
+        ("POST", "/models/{m}/tag", {"name": "gemma-copy"}),
+        ("POST", "/api/copy", {"source": "{m}", "destination": "gemma-copy"}),
+        ("DELETE", "/api/delete", {"model": "{m}"}),
+        ("POST", "/api/show", {"model": "{m}"}),
+    ]
+    for method, path, body in probes:
+        answers = [tcp.client.request(method, path.format(m=m), headers=tcp.as_("gemadmin"),
+                                      json=json.loads(json.dumps(body).replace("{m}", m)) if body else None)
+                   for m in ("tiny", "nope")]
+        same_answer(*answers, what=f"{method} {path}")
+        assert answers[0].status_code == 404, (path, answers[0].text)
+    for method, path, body in [("POST", "/models/gemma-small/tag", {"name": "{m}"}),
+                               ("POST", "/api/copy", {"source": "gemma-small", "destination": "{m}"})]:
+        answers = [tcp.client.request(method, path, headers=tcp.as_("gemadmin"),
+                                      json=json.loads(json.dumps(body).replace("{m}", m))) for m in ("tiny", "nope")]
+        same_answer(*answers, what=f"{method} {path}")
+        assert answers[0].status_code == 403 and "may only name models its patterns match" in answers[0].text
+    assert {m["name"] for m in tcp.get("/models", "legacy").json()} == {"tiny:latest", "gemma-small:latest"}
+    tiny = tcp.get("/models/tiny", "legacy").json()
+    assert tiny["name"] == "tiny:latest"
+    # Within its patterns it acts as any admin.
+    assert tcp.post("/api/copy", "gemadmin", {"source": "gemma-small", "destination": "gemma-copy"}).status_code == 200
+    assert tcp.delete("/models/gemma-copy", "gemadmin").status_code == 200

@@ -213,5 +213,6 @@ def test_every_route_has_the_role_it_should(tmp_path):
                               "POST /engines/_configure", "POST /engines/{backend}/_configure",
                               "DELETE /engines/_configure", "POST /engines/install-backend",
                               "POST /engines/uninstall-backend", "POST /engines/backends",
-                              "DELETE /engines/backends/{name}", "DELETE /jobs/{id}"}
+                              "DELETE /engines/backends/{name}", "DELETE /jobs/{id}",
+                              "POST /engines/backends/catalog/refresh"}
     assert role_for("POST", "/some/route/added/later") == "admin"

@@ -14,10 +14,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import httpx2
 import ollama
@@ -28,6 +30,7 @@ from backends.external import KINDS
 from backends.llamacpp.argv import build_env
 from runnerd.config import ConfigError, load_settings
 from runnerd.tokens import hash_text
+from tests.api_daemons import anthropic_client
 from tests.conftest import Daemon
 from tests.standin_upstream import PARTIAL, StandinUpstream
 
@@ -47,12 +50,12 @@ def _free_port() -> int:
 class BareLlamaServer:
     """A real llama-server that runnerd did not start, on a loopback port, serving one model as `alias`."""
 
-    def __init__(self, binary: Path, model: Path, alias: str, log: Path) -> None:
+    def __init__(self, binary: Path, model: Path, alias: str, log: Path, extra: tuple[str, ...] = ()) -> None:
         self.port = _free_port()
         self.log = log.open("wb")
         self.proc = subprocess.Popen(
             [str(binary), "--model", str(model), "--host", "127.0.0.1", "--port", str(self.port), "--alias", alias,
-             "--ctx-size", "256", "--threads", "1", "--n-gpu-layers", "0", "--no-webui"],
+             "--ctx-size", "256", "--threads", "1", "--n-gpu-layers", "0", "--no-webui", *extra],
             env=build_env(binary), stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -86,12 +89,13 @@ class World:
     front: Daemon
     second: Daemon
     bare: BareLlamaServer
+    bare_embed: BareLlamaServer
     standins: dict[str, StandinUpstream]
     front_port: int
 
 
-def _front_config(root: Path, second: Daemon, second_port: int, bare: BareLlamaServer, dead: BareLlamaServer,
-                  standins: dict[str, StandinUpstream]) -> Path:
+def _front_config(root: Path, second: Daemon, second_port: int, bare: BareLlamaServer, bare_embed: BareLlamaServer,
+                  dead: BareLlamaServer, standins: dict[str, StandinUpstream]) -> Path:
     (root / "second.token").write_text(SECOND_TOKEN + "\n")
 
     def upstream(name: str, kind: str, url: str, priority: int, extra: str = "") -> str:
@@ -110,10 +114,12 @@ def _front_config(root: Path, second: Daemon, second_port: int, bare: BareLlamaS
         # ollama: runnerd serves Ollama's API, so its model list is read from /api/tags.
         upstream("second-unix", "ollama", f"unix:{second.socket}", 30),
         upstream("bare", "llamacpp", bare.base_url, 50),
+        upstream("bare-embed", "llamacpp", bare_embed.base_url, 51),
         upstream("failing", "openai", standins["failing"].base_url, 60),
         upstream("cut", "vllm", standins["cut"].base_url, 61),
         upstream("half", "sglang", standins["half"].base_url, 62),
-        upstream("tgi", "tgi", standins["tgi"].base_url, 63),
+        # TGI without tools (a per-endpoint override): neither tools nor embeddings may reach it.
+        upstream("tgi", "tgi", standins["tgi"].base_url, 63, "capabilities = {tools = false}"),
         upstream("slow", "lmstudio", standins["slow"].base_url, 64, "first_byte_timeout = 1"),
         "[aliases]",
         f"via-500 = {via('failing')}",
@@ -155,6 +161,9 @@ def world(llama_server: Path, tiny_model: Path) -> Iterator[World]:
         assert found, second.output()
         bare = BareLlamaServer(llama_server, tiny_model, "shared", root / "bare.log")
         started.append(bare)
+        bare_embed = BareLlamaServer(llama_server, tiny_model, "shared-embed", root / "bare-embed.log",
+                                     ("--embeddings", "--pooling", "mean"))
+        started.append(bare_embed)
         dead = BareLlamaServer(llama_server, tiny_model, "shared", root / "dead.log")
         started.append(dead)
         standins = {"failing": StandinUpstream("failing", "500", ["standin-failing"]),
@@ -164,7 +173,7 @@ def world(llama_server: Path, tiny_model: Path) -> Iterator[World]:
                     "slow": StandinUpstream("slow", "slow", ["standin-slow"])}
         started.extend(standins.values())
         (root / "front").mkdir()
-        config = _front_config(root, second, int(found.group(1)), bare, dead, standins)
+        config = _front_config(root, second, int(found.group(1)), bare, bare_embed, dead, standins)
         (root / "tokens.toml").write_text(
             f'[[tokens]]\nname = "shared-only"\nrole = "user"\nhash = "{hash_text(SCOPED_TOKEN)}"\n'
             'models = ["shared*"]\n')
@@ -174,9 +183,9 @@ def world(llama_server: Path, tiny_model: Path) -> Iterator[World]:
         started.append(front)
         front_port = re.search(r"listening on tcp:127\.0\.0\.1:(\d+)", front.output())
         assert front_port, front.output()
-        _wait_discovered(front, {"second", "second-unix", "dead", "bare", "tgi"})
+        _wait_discovered(front, {"second", "second-unix", "dead", "bare", "bare-embed", "tgi"})
         dead.stop()  # still listed by the front daemon: its requests must fail over to `bare`
-        yield World(front, second, bare, standins, int(front_port.group(1)))
+        yield World(front, second, bare, bare_embed, standins, int(front_port.group(1)))
     finally:
         for thing in reversed(started):
             thing.stop() if not isinstance(thing, StandinUpstream) else thing.close()
@@ -208,9 +217,9 @@ def _streamed(stream: Any) -> str:
 
 
 def test_lists_show_the_union_each_model_once(world: World) -> None:
-    expected = {"tiny:latest", "remote-tiny:latest", "shared", "tgi-model", "standin-failing", "standin-cut",
-                "standin-half", "standin-slow", "via-500", "via-cut", "via-half", "via-slow", "local-first",
-                "ghost-first", "via-unix", "nowhere"}
+    expected = {"tiny:latest", "remote-tiny:latest", "shared", "shared-embed", "tgi-model", "standin-failing",
+                "standin-cut", "standin-half", "standin-slow", "via-500", "via-cut", "via-half", "via-slow",
+                "local-first", "ghost-first", "via-unix", "nowhere"}
     for path in ("/v1/models", "/engines/v1/models"):
         ids = _ids(world.front.http.get(path))
         assert set(ids) == expected
@@ -381,8 +390,8 @@ def test_a_capability_the_kind_lacks_is_501_before_any_traffic(world: World) -> 
 
 def test_a_model_no_source_hosts_answers_as_today(world: World) -> None:
     """The second daemon has no upstreams: its answer is today's answer for an unknown model."""
-    body = {"model": "nope", "messages": CHAT}
-    for path in ("/v1/chat/completions", "/api/chat"):
+    body = {"model": "nope", "messages": CHAT, "max_tokens": 4, "input": "hi"}
+    for path in ("/v1/chat/completions", "/api/chat", "/v1/messages", "/v1/responses", "/api/show"):
         here, today = world.front.post(path, body), world.second.post(path, body)
         assert (here.status_code, here.json()) == (today.status_code, today.json())
         assert here.status_code == 404
@@ -393,13 +402,15 @@ def test_a_token_sees_and_reaches_only_its_models_whatever_their_source(world: W
     model outside its patterns is answered exactly as a model that exists nowhere."""
     with httpx2.Client(base_url=f"http://127.0.0.1:{world.front_port}", timeout=120,
                        headers={"Authorization": f"Bearer {SCOPED_TOKEN}"}) as tcp:
-        assert set(_ids(tcp.get("/v1/models"))) == {"shared"}
-        assert {m["name"] for m in tcp.get("/api/tags").json()["models"]} == {"shared"}
+        assert set(_ids(tcp.get("/v1/models"))) == {"shared", "shared-embed"}
+        assert {m["name"] for m in tcp.get("/api/tags").json()["models"]} == {"shared", "shared-embed"}
         resp = tcp.post("/v1/chat/completions", json={"model": "shared", "messages": CHAT, **ANSWER})
         assert resp.status_code == 200, resp.text
-        for path in ("/v1/chat/completions", "/api/chat"):
-            hidden = tcp.post(path, json={"model": "remote-tiny", "messages": CHAT})  # on the second daemon
-            absent = tcp.post(path, json={"model": "remote-none", "messages": CHAT})  # nowhere, same length
+        for path, body in (("/v1/chat/completions", {"messages": CHAT}), ("/api/chat", {"messages": CHAT}),
+                           ("/v1/messages", {"messages": CHAT, "max_tokens": 4}), ("/v1/responses", {"input": "hi"}),
+                           ("/api/embed", {"input": "hi"}), ("/api/show", {})):
+            hidden = tcp.post(path, json={"model": "remote-tiny", **body})  # on the second daemon
+            absent = tcp.post(path, json={"model": "remote-none", **body})  # nowhere, same length
             assert hidden.status_code == absent.status_code == 404, (hidden.text, absent.text)
             assert hidden.content.replace(b"remote-tiny", b"remote-none") == absent.content
 
@@ -412,6 +423,11 @@ def test_a_request_from_another_daemon_sees_local_models_only(world: World) -> N
     assert [m["name"] for m in world.front.http.get("/api/tags", headers=via).json()["models"]] == ["tiny:latest"]
     resp = world.front.post("/v1/chat/completions", {"model": "shared", "messages": CHAT}, headers=via)
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "model_not_found"
+    for path, body in (("/v1/messages", {"model": "shared", "max_tokens": 4, "messages": CHAT}),
+                       ("/v1/responses", {"model": "shared", "input": "hi"}),
+                       ("/api/embed", {"model": "shared-embed", "input": "hi"}),
+                       ("/api/show", {"model": "remote-tiny"})):
+        assert world.front.post(path, body, headers=via).status_code == 404, path
 
 
 def test_aliases_try_their_candidates_in_order(world: World) -> None:
@@ -484,3 +500,233 @@ def test_the_readme_example_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyP
     for kind, profile in KINDS.items():
         caps = ", ".join(c for c in order if c in profile.capabilities)
         assert f"| `{kind}` | `{profile.health_path}` | `{profile.models_path}` | {caps} |" in section, kind
+
+
+# ---------------------------------------------------------------- Messages and Responses
+
+
+# This SDK's create() takes no temperature: it goes in the body as an extra field, which the route reads.
+GREEDY = {"temperature": 0}
+
+
+def _claude(world: World) -> anthropic.Anthropic:
+    return anthropic_client(world.front)
+
+
+def _message_text(message: Any) -> str:
+    return "".join(block.text for block in message.content if block.type == "text")
+
+
+def test_messages_reach_both_upstreams(world: World) -> None:
+    claude = _claude(world)
+    second = world.second.openai("/v1")
+    for model, source, direct in (
+            ("remote-tiny", "second", second.chat.completions.create(model="remote-tiny", messages=CHAT, **ANSWER)
+             .choices[0].message.content),
+            ("shared", "bare", _direct(world))):
+        raw = claude.messages.with_raw_response.create(model=model, max_tokens=6, messages=CHAT, extra_body=GREEDY)
+        assert raw.headers["x-runnerd-source"] == source
+        message = raw.parse()
+        assert message.model == model and message.stop_reason == "max_tokens"
+        assert _message_text(message) and _message_text(message) == direct
+    # Streamed, the first upstream ("dead") is stopped: the events come whole from "bare".
+    with claude.messages.with_streaming_response.create(model="shared", max_tokens=6, messages=CHAT, stream=True,
+                                                        extra_body=GREEDY) as resp:
+        assert resp.headers["x-runnerd-source"] == "bare"
+        events = list(resp.parse())
+    assert events[0].type == "message_start" and events[-1].type == "message_stop"
+    text = "".join(e.delta.text for e in events if e.type == "content_block_delta" and e.delta.type == "text_delta")
+    assert text == _direct_stream(world)
+
+
+def test_messages_fail_over_and_end_in_their_own_shape(world: World) -> None:
+    claude = _claude(world)
+    cut = world.standins["cut"]
+    before = len(cut.inference_requests())
+    with claude.messages.stream(model="via-cut", max_tokens=6, messages=CHAT, extra_body=GREEDY) as stream:
+        text = "".join(stream.text_stream)
+    assert text == _direct_stream(world) and len(cut.inference_requests()) == before + 1
+    # After the first chunk there is no failover: Anthropic's error event ends the stream.
+    seen: list[str] = []
+    with pytest.raises(anthropic.APIStatusError, match="half"), \
+            claude.messages.stream(model="via-half", max_tokens=6, messages=CHAT) as stream:
+        seen.extend(stream.text_stream)
+    assert seen == [PARTIAL]
+    for stream_it in (False, True):
+        resp = world.front.post("/v1/messages", {"model": "nowhere", "max_tokens": 6, "messages": CHAT,
+                                                 "stream": stream_it})
+        assert resp.status_code == 502, resp.text
+        body = resp.json()
+        assert body["type"] == "error" and body["error"]["type"] == "api_error"
+        assert "dead" in body["error"]["message"] and "failing" in body["error"]["message"]
+
+
+def test_a_capability_the_kind_lacks_is_501_on_every_route(world: World) -> None:
+    tgi = world.standins["tgi"]
+    before = list(tgi.seen)
+    tool = {"name": "weather", "input_schema": {"type": "object", "properties": {}}}
+    with pytest.raises(anthropic.APIStatusError) as refused:
+        _claude(world).messages.create(model="tgi-model", max_tokens=6, messages=CHAT, tools=[tool])  # type: ignore
+    assert refused.value.status_code == 501 and "tools" in str(refused.value)
+    with pytest.raises(openai.APIStatusError) as refused_too:
+        world.front.openai("/v1").responses.create(model="tgi-model", input="hi", tools=[
+            {"type": "function", "name": "weather", "parameters": {"type": "object", "properties": {}}}])
+    assert refused_too.value.status_code == 501
+    embed = world.front.post("/api/embed", {"model": "tgi-model", "input": "hello"})
+    assert embed.status_code == 501 and "embeddings" in embed.json()["error"]
+    assert tgi.seen == before  # nothing reached the endpoint
+    # Without tools the endpoint answers.
+    message = _claude(world).messages.create(model="tgi-model", max_tokens=6, messages=CHAT)  # type: ignore
+    assert _message_text(message) == "tgi"
+
+
+def test_responses_reach_upstreams_and_are_stored(world: World) -> None:
+    client = world.front.openai("/v1")
+    raw = client.responses.with_raw_response.create(model="remote-tiny", input="hello world", max_output_tokens=6,
+                                                    temperature=0)
+    assert raw.headers["x-runnerd-source"] == "second"
+    first = raw.parse()
+    second = world.second.openai("/v1").chat.completions.create(model="remote-tiny", messages=CHAT, **ANSWER)
+    assert first.output_text and first.output_text == second.choices[0].message.content
+    # Stored here, as for a local engine: it can be read back and continued, on another upstream too.
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    with client.responses.with_streaming_response.create(model="shared", input="and then", max_output_tokens=6,
+                                                         temperature=0, previous_response_id=first.id,
+                                                         stream=True) as resp:
+        assert resp.headers["x-runnerd-source"] == "bare"
+        events = list(resp.parse())
+    done = events[-1]
+    assert done.type == "response.incomplete"  # at max_output_tokens; stored all the same
+    direct = world.bare.openai().chat.completions.create(
+        model="shared", messages=[*CHAT, {"role": "assistant", "content": first.output_text},
+                                  {"role": "user", "content": "and then"}], stream=True, **ANSWER)
+    assert done.response.output_text == _streamed(direct)
+    items = client.responses.input_items.list(done.response.id)
+    assert [i.content[0].text for i in items.data if i.type == "message"] == ["and then"]  # type: ignore[union-attr]
+    resp = world.front.post("/v1/responses", {"model": "nowhere", "input": "hi"})
+    assert resp.status_code == 502 and resp.json()["error"]["code"] == "upstream_unavailable"
+
+
+# ---------------------------------------------------------------- Ollama's other routes
+
+
+def _ollama(world: World) -> ollama.Client:
+    return ollama.Client(host="http://runnerd", transport=httpx.HTTPTransport(uds=str(world.front.socket)), timeout=60)
+
+
+def test_ollama_embed_reaches_both_upstreams(world: World) -> None:
+    client = _ollama(world)
+    via_second = client.embed(model="remote-tiny", input=["hello", "the world"])
+    direct = ollama.Client(host="http://runnerd", transport=httpx.HTTPTransport(uds=str(world.second.socket)),
+                           timeout=60).embed(model="remote-tiny", input=["hello", "the world"])
+    assert len(via_second.embeddings) == 2 and via_second.embeddings == direct.embeddings
+    via_bare = client.embed(model="shared-embed", input="hello")
+    own = httpx2.post(f"{world.bare_embed.base_url}/v1/embeddings", json={"model": "shared-embed", "input": "hello"},
+                      timeout=60).json()
+    assert via_bare.model == "shared-embed" and via_bare.embeddings == [own["data"][0]["embedding"]]
+    older = world.front.post("/api/embeddings", {"model": "shared-embed", "prompt": "hello"})
+    assert older.status_code == 200 and older.json()["embedding"] == own["data"][0]["embedding"]
+
+
+def test_ollama_show_relays_or_says_what_discovery_knows(world: World) -> None:
+    client = _ollama(world)
+    relayed = world.front.post("/api/show", {"model": "remote-tiny"})
+    assert relayed.status_code == 200 and relayed.headers["x-runnerd-source"] == "second"
+    assert relayed.json() == world.second.post("/api/show", {"model": "remote-tiny"}).json()
+    assert client.show("remote-tiny").modelinfo  # the second daemon read the file's header
+    minimal = client.show("tgi-model")  # a kind without Ollama's API: what its profile says
+    assert minimal.capabilities == ["completion"] and minimal.modelinfo == {}
+    assert world.front.post("/api/show", {"model": "nope"}).status_code == 404
+
+
+def test_ollama_load_of_an_upstream_model_sends_nothing(world: World) -> None:
+    tgi = world.standins["tgi"]
+    before = list(tgi.seen)
+    client = _ollama(world)
+    loaded = client.chat(model="tgi-model", messages=[])
+    assert loaded.done and loaded.done_reason == "load" and loaded.message.content == ""
+    unloaded = client.generate(model="tgi-model", prompt="", keep_alive=0)
+    assert unloaded.done and unloaded.done_reason == "unload"
+    assert client.embed(model="tgi-model", input=[]).embeddings == []
+    assert tgi.seen == before
+
+
+def test_ollama_ps_shows_models_loaded_on_upstreams(world: World) -> None:
+    client = _ollama(world)
+    client.chat(model="remote-tiny", messages=CHAT, options={"num_predict": 2})
+    names = [m.model for m in client.ps().models]
+    assert "remote-tiny:latest" in [r["model"] for r in world.second.ps()]
+    assert names.count("remote-tiny:latest") == 1  # loaded on "second", seen through it and "second-unix"
+    via = world.front.http.get("/api/ps", headers={"X-Runnerd-Upstream": "1"}).json()["models"]
+    assert "remote-tiny:latest" not in [m["name"] for m in via]
+
+
+# ---------------------------------------------------------------- discovery as it happens
+
+
+@dataclass
+class Late:
+    front: Daemon
+    upstream: StandinUpstream
+
+
+@pytest.fixture(scope="module")
+def late(llama_server: Path, tiny_model: Path) -> Iterator[Late]:
+    """A daemon whose only upstream is slow to answer its first model list, polled every second, and whose
+    local engine cannot start (its llama-server does not exist)."""
+    root = Path(tempfile.mkdtemp(prefix="rdl-", dir="/tmp"))
+    upstream = StandinUpstream("plain", "plain", ["early", "twin"], first_listing_delay=2)
+    front: Daemon | None = None
+    try:
+        config = root / "late.toml"
+        config.write_text(f'[routing]\ndiscovery_interval = 1\n[[upstreams]]\nname = "plain"\nkind = "openai"\n'
+                          f'base_url = "{upstream.base_url}"\n')
+        (root / "front").mkdir()
+        front = Daemon(root / "front", llama_server, {"twin": tiny_model},
+                       {"RUNNERD_LLAMA_SERVER": str(root / "no-such-llama-server")}, ["--config", str(config)])
+        yield Late(front, upstream)
+    finally:
+        if front is not None:
+            front.stop()
+        upstream.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_requests_and_lists_wait_for_the_first_poll(late: Late) -> None:
+    """Right after start the first poll is still waiting for the model list: a request for the upstream's
+    model and a listing wait for it instead of answering not-found."""
+    with ThreadPoolExecutor(2) as pool:
+        listing = pool.submit(late.front.http.get, "/v1/models")
+        chat = pool.submit(late.front.post, "/v1/chat/completions", {"model": "early", "messages": CHAT})
+        assert chat.result().status_code == 200, chat.result().text
+        assert chat.result().json()["choices"][0]["message"]["content"] == "plain"
+        assert "early" in _ids(listing.result())
+
+
+def test_a_model_added_upstream_appears_on_a_later_poll(late: Late) -> None:
+    _ids(late.front.http.get("/v1/models"))  # after the first poll
+    late.upstream.models.append("later")
+    deadline = time.monotonic() + 30
+    while "later" not in _ids(late.front.http.get("/v1/models")):
+        assert time.monotonic() < deadline, "the added model never showed"
+        time.sleep(0.2)
+    message = anthropic_client(late.front).messages.create(model="later", max_tokens=6, messages=CHAT)
+    assert _message_text(message) == "plain"
+
+
+def test_a_local_engine_that_cannot_start_fails_over_to_an_upstream(late: Late) -> None:
+    """`twin` is stored here and hosted upstream; local first, its engine cannot start (503 before any
+    answer): every route answers from the upstream (Ollama's too, the stand-in answering whole JSON)."""
+    # A model stored here does not wait for the first poll: until it ends, its upstreams are unknown.
+    assert "twin:latest" in _ids(late.front.http.get("/v1/models"))
+    before = len(late.upstream.inference_requests())
+    chat = late.front.post("/v1/chat/completions", {"model": "twin", "messages": CHAT})
+    assert chat.status_code == 200 and chat.headers["x-runnerd-source"] == "plain", chat.text
+    message = anthropic_client(late.front).messages.with_raw_response.create(model="twin", max_tokens=6,
+                                                                             messages=CHAT)
+    assert message.headers["x-runnerd-source"] == "plain" and _message_text(message.parse()) == "plain"
+    response = late.front.openai("/v1").responses.create(model="twin", input="hi")
+    assert response.output_text == "plain"
+    ollama_chat = late.front.post("/api/chat", {"model": "twin", "messages": CHAT, "stream": False})
+    assert ollama_chat.status_code == 200 and ollama_chat.json()["message"]["content"] == "plain", ollama_chat.text
+    assert len(late.upstream.inference_requests()) == before + 4

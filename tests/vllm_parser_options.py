@@ -1,7 +1,9 @@
 """Prints, as JSON, every option of the installed vLLM's OpenAI server parser: run with vLLM's Python.
 
 The allowlist names flags; argparse accepts unambiguous prefixes, so a name the installed release
-does not know could be read as a longer option. tests/test_vllm.py compares the two.
+does not know could be read as a longer option. tests/test_vllm.py and tests/test_vllm_flags.py compare
+the two. Written apart from backends/vllm/dump_options.py on purpose: the tests check the backend's
+reading of the parser against this one.
 """
 
 import json
@@ -15,7 +17,8 @@ except ImportError:  # releases before the launchers package
 
 parser = make_arg_parser(FlexibleArgumentParser())
 options = {
-    name: sorted(str(c) for c in action.choices) if action.choices else None
+    name: {"choices": sorted(str(c) for c in action.choices if c is not None) if action.choices else None,
+           "takes_value": action.nargs != 0}
     for action in parser._actions
     for name in action.option_strings
 }

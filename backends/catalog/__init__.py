@@ -11,8 +11,8 @@ from pydantic import ValidationError
 from backends.catalog.model import Catalog, CatalogEngine, ExistingBinary, PipPlan, SourceBuild, Variant
 from backends.catalog.variants import host_variants, resolve
 
-__all__ = ["Catalog", "CatalogEngine", "CatalogError", "ExistingBinary", "PipPlan", "SourceBuild", "Variant",
-           "host_variants", "parse_catalog", "resolve", "shipped_catalog"]
+__all__ = ["MAX_CATALOG_BYTES", "Catalog", "CatalogEngine", "CatalogError", "ExistingBinary", "PipPlan", "SourceBuild",
+           "Variant", "host_variants", "parse_catalog", "resolve", "shipped_catalog"]
 
 MAX_CATALOG_BYTES = 1 << 20
 

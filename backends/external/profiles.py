@@ -25,6 +25,8 @@ class KindProfile:
     # The header a token goes in, and what precedes it there.
     auth_header: str = "Authorization"
     auth_scheme: str = "Bearer "
+    # It also serves Ollama's own API (/api/show, /api/ps), which says more than the OpenAI model list.
+    ollama_api: bool = False
 
 
 _C = Capability
@@ -36,13 +38,14 @@ _PROFILES = (
     KindProfile("vllm", "/health", "/v1/models", Listing.OPENAI, _ALL),
     KindProfile("llamacpp", "/health", "/v1/models", Listing.OPENAI, _ALL),
     # Ollama lists under its own API and serves OpenAI routes under /v1; it has no rerank.
-    KindProfile("ollama", "/api/version", "/api/tags", Listing.OLLAMA, _GENERATIVE | {_C.EMBEDDINGS}),
+    KindProfile("ollama", "/api/version", "/api/tags", Listing.OLLAMA, _GENERATIVE | {_C.EMBEDDINGS},
+                ollama_api=True),
     # TGI's Messages API serves chat and completions; embeddings are another server (TEI).
     KindProfile("tgi", "/health", "/v1/models", Listing.OPENAI, _GENERATIVE),
     KindProfile("sglang", "/health", "/v1/models", Listing.OPENAI, _GENERATIVE | {_C.EMBEDDINGS}),
     KindProfile("localai", "/readyz", "/v1/models", Listing.OPENAI, _ALL),
     KindProfile("lmstudio", "/v1/models", "/v1/models", Listing.OPENAI, _GENERATIVE | {_C.EMBEDDINGS}),
-    KindProfile("runnerd", "/health", "/v1/models", Listing.OPENAI, _ALL),
+    KindProfile("runnerd", "/health", "/v1/models", Listing.OPENAI, _ALL, ollama_api=True),
 )
 
 KINDS: dict[str, KindProfile] = {p.kind: p for p in _PROFILES}

@@ -198,6 +198,14 @@ class LlamaCppBackend(Backend):
         """Blocking: the source versions built for this backend's build options, oldest first."""
         return list(installed_builds(self.cache_dir, cmake_options(self.cuda)))
 
+    def named_build(self) -> tuple[Path, str] | None:
+        """Blocking: the binary named in the settings, when there is one, with its own `--version` (run once
+        per path and modification time). It serves unpinned models; it is no release, so no configuration
+        pins it and runnerd never removes it."""
+        if self.explicit_binary is None or not self.explicit_binary.is_file():
+            return None
+        return self.explicit_binary, self.version() or "unknown"
+
     def version_binary(self, version: str) -> Path:
         return cached_binary(self.cache_dir, build_key(check_source_version(version), cmake_options(self.cuda)))
 
@@ -338,6 +346,16 @@ class LlamaCppBackend(Backend):
         check_host_flags(table, validated, self.host)
         return validated
 
+    def validate_flags_for(self, flags: Sequence[str], config: BackendConfiguration) -> list[str]:
+        """Blocking: checked against the table of the build `config` runs (its pinned version's, read from that
+        build's `--help`), which `run` applies too; a pin to a build that is not there is left to
+        configuration_problem, and the default build's table answers meanwhile."""
+        pinned = self.version_for(config)
+        binary = self.version_binary(pinned) if pinned is not None else self.locate()
+        if binary is None or not binary.is_file():
+            return self.validate_flags(flags)
+        return self.validate_flags(flags, self.build_flags(binary if pinned is not None else None))
+
     def configuration_problem(self, model: ModelRef, mode: Mode, config: BackendConfiguration) -> str | None:
         pinned = self.version_for(config)
         if pinned is not None and not self.version_binary(pinned).is_file():
@@ -375,7 +393,7 @@ class LlamaCppBackend(Backend):
             self.validate_flags(config.runtime_flags, table)
         except FlagError as exc:
             raise RunnerError(str(exc), reason="bad_flag") from exc
-        problem = self.configuration_problem(model, mode, config)
+        problem = await asyncio.to_thread(self.configuration_problem, model, mode, config)
         if problem is not None:
             raise RunnerError(problem, reason="bad_config")
         traits = await asyncio.to_thread(model_traits, model.path)

@@ -19,6 +19,7 @@ from backends.base import (
     BackendStatus,
     EngineContext,
     InstallError,
+    Launch,
     MemoryEstimate,
     Mode,
     ModelFormatError,
@@ -108,6 +109,14 @@ class ManifestBackend(Backend):
         pinned: str | None = self.options(config).backend_version
         return pinned or self.manifest.chosen_version
 
+    def launch_for(self, config: BackendConfiguration) -> Launch:
+        """The pinned version's listen kind and readiness (options run refuses: the default version's)."""
+        try:
+            key = self.version_for(config)
+        except RunnerError:
+            key = self.manifest.chosen_version
+        return version_launch(self.manifest.versions[key])
+
     def argv(self, endpoint: Endpoint, model: ModelRef, mode: Mode, config: BackendConfiguration) -> list[str]:
         """The command line: the version's command, its mode arguments, the default arguments, then the
         caller's validated flags (last, so they tune the defaults; they can never name a template option)."""
@@ -166,6 +175,11 @@ class ManifestBackend(Backend):
                                       "unmeasured and measured once it has loaded")
 
 
+def version_launch(version: VersionSpec) -> Launch:
+    return Launch(endpoint_kind=EndpointKind.TCP if version.listen is ListenKind.TCP else EndpointKind.UNIX,
+                  readiness_path=version.readiness.path, readiness_timeout=version.readiness.timeout)
+
+
 def _options_model(manifest: EngineManifest) -> type[BaseModel]:
     """Per-model options: `backend_version`, one of the manifest's versions (unset: the default)."""
     versions: Any = Literal[tuple(manifest.versions)]
@@ -174,15 +188,15 @@ def _options_model(manifest: EngineManifest) -> type[BaseModel]:
 
 
 def backend_class(manifest: EngineManifest, flags: FlagTable | None) -> type[ManifestBackend]:
-    """A Backend subclass for one checked manifest (parse_manifest gives both arguments). Every version
-    listens and gets ready the same way (checks.py), so the class's endpoint and readiness hold for all."""
-    version = manifest.version
+    """A Backend subclass for one checked manifest (parse_manifest gives both arguments). The class's
+    endpoint and readiness are the default version's; `launch` answers for a pinned one."""
+    launch = version_launch(manifest.version)
     attributes = {
         "options_model": _options_model(manifest),
         "name": manifest.name, "manifest": manifest, "capabilities": frozenset(manifest.capabilities),
         "model_formats": frozenset(manifest.model_formats), "flag_table": flags,
-        "readiness_path": version.readiness.path, "readiness_timeout": version.readiness.timeout,
-        "endpoint_kind": EndpointKind.TCP if version.listen is ListenKind.TCP else EndpointKind.UNIX,
+        "readiness_path": launch.readiness_path, "readiness_timeout": launch.readiness_timeout,
+        "endpoint_kind": launch.endpoint_kind,
         "native_apis": manifest.native_apis, "__doc__": manifest.description or f"the {manifest.name} manifest",
     }
     cls = type(f"Manifest_{manifest.name.replace('-', '_').replace('.', '_')}", (ManifestBackend,), attributes)

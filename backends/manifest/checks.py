@@ -151,12 +151,6 @@ def check_manifest(manifest: EngineManifest, *, reserved: Collection[str],
         if never in used:
             raise ManifestError(f"{field}.command", f"{{{never}}} has no value when listen is {version.listen}")
         _check_daemon_options(f"{field}.command", version.command[1:], offset=1)
-        first = manifest.versions[manifest.chosen_version]
-        # The daemon chooses a runner's endpoint and polls it before it knows which version will run.
-        for what in ("listen", "readiness"):
-            if getattr(version, what) != getattr(first, what):
-                raise ManifestError(f"{field}.{what}", f"every version needs the default version's {what} "
-                                    f"({manifest.chosen_version}'s)")
     for i, e in enumerate(manifest.default_args):
         if {"port", "socket"} & set(_placeholders(f"default_args[{i}]", e)):
             raise ManifestError(f"default_args[{i}]", "the listen address belongs in the version's command")

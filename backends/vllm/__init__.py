@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,12 @@ from backends.base import (
     host_cpu_count,
 )
 from backends.endpoint import Endpoint
-from backends.flags import FlagError
+from backends.flags import FlagError, FlagTable
 from backends.formats.safetensors import ModelConfigError, SafetensorsError, read_model_config, weights_bytes
 from backends.gpus import cuda_visible
 from backends.process import ExitPatterns, run_process
 from backends.vllm.argv import VllmLaunch, build_argv, build_env, write_site
-from backends.vllm.flags import VLLM_FLAGS
+from backends.vllm.flags import VLLM_FLAGS, validate_vllm_flags, version_flags
 from backends.vllm.host_limits import VllmHostLimits, check_host_flags
 from backends.vllm.install import (
     InstallPlan,
@@ -51,16 +52,20 @@ from backends.vllm.install import (
     install_root,
     installed_python,
     interpreter_of,
+    options_dir,
     read_version,
+    record_options,
 )
 from backends.vllm.memory import (
     EstimateInputs,
+    GiB,
     ModelShape,
     estimate,
     kv_bytes_per_token,
     kv_cache_bytes,
     model_shape,
 )
+from backends.vllm.option_list import cache_file, load_options
 from backends.vllm.options import OPTIONS_KEY, VllmOptions, VllmSettings
 from backends.vllm.overrides import validate_hf_overrides
 from backends.vllm.requests import request_problem
@@ -105,6 +110,12 @@ def _weights(path: Path, mtime_ns: int) -> int:
 
 def _mtime(path: Path) -> int:
     return path.stat().st_mtime_ns
+
+
+def _environment_mtime(python: Path) -> int:
+    """The latest modification of `python` and of its environment's site-packages directories."""
+    sites = python.parent.parent.glob("lib/python3*/site-packages")
+    return max([_mtime(python), *(_mtime(site) for site in sites)])
 
 
 def model_weights(model_dir: Path) -> int:
@@ -206,8 +217,12 @@ class VllmBackend(Backend):
                             cache_root=context.cache_dir / "vllm" / "cache")
         plan = default_plan(use_gpu, package=settings.package, version=settings.version, torch=settings.torch)
         host = VllmHostLimits(gpus=len(seen) or (context.gpu_count if use_gpu else 0), cpus=context.cpu_count)
-        return cls(cache_dir=context.cache_dir, python=settings.python, launch=launch, plan=plan,
-                   stop_grace=context.stop_grace, gpu_total=gpu_total, host=host)
+        backend = cls(cache_dir=context.cache_dir, python=settings.python, launch=launch, plan=plan,
+                      stop_grace=context.stop_grace, gpu_total=gpu_total, host=host)
+        # Read (or load from its cache) the release's option list now, in a thread, so configure requests
+        # check flags against it.
+        threading.Thread(target=backend.build_flags, name="vllm options", daemon=True).start()
+        return backend
 
     def __init__(
         self,
@@ -231,6 +246,11 @@ class VllmBackend(Backend):
         self._installing: str | None = None
         self._error: str | None = None
         self._versions: dict[tuple[Path, int], str | None] = {}
+        self._tables: dict[tuple[Path, str], FlagTable] = {}
+        self._table: FlagTable | None = None
+        # One reader at a time: reading a release's options costs ~10 s of CPU.
+        self._table_lock = threading.Lock()
+        self._reading = False
 
     @property
     def source_version(self) -> str:
@@ -264,6 +284,7 @@ class VllmBackend(Backend):
             python = await asyncio.to_thread(self.python)
             if await asyncio.to_thread(read_version, python) is None:
                 raise InstallError(f"configured vLLM {self.explicit}: {python} cannot find a vllm distribution")
+            await self._record_options()
             return
         self._error = None
 
@@ -275,11 +296,23 @@ class VllmBackend(Backend):
         try:
             self._installing = "starting"
             await install_private(self.cache_dir, self.plan, report)
+            await self._record_options()
         except InstallError as exc:
             self._error = str(exc).splitlines()[0]
             raise
         finally:
             self._installing = None
+
+    async def _record_options(self) -> None:
+        """Make sure the installed release's option list is cached (an environment installed before runnerd
+        kept one gets it here, in a process killed if the install is cancelled)."""
+        python = await asyncio.to_thread(self.python)
+        version = await asyncio.to_thread(read_version, python)
+        directory = options_dir(python, self.cache_dir)
+        if version is None or await asyncio.to_thread(cache_file(directory, version).is_file):
+            return
+        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+        await record_options(python, directory, os.environ)
 
     async def uninstall(self) -> None:
         """Remove the private environment; a vLLM the operator named is never touched."""
@@ -287,14 +320,47 @@ class VllmBackend(Backend):
             await asyncio.to_thread(shutil.rmtree, install_root(self.cache_dir, self.plan), True)
 
     def version(self) -> str | None:
-        """`<distribution> <version>` from package metadata (cached per interpreter version)."""
+        """`<distribution> <version>` from package metadata, cached per interpreter and state of its
+        site-packages (pip installing or removing a distribution changes that directory's entries, so an
+        upgrade in place is seen, and with it the new release's option list)."""
         python = self.locate()
         if python is None:
             return None
-        key = (python, _mtime(python))
+        key = (python, _environment_mtime(python))
         if key not in self._versions:
             self._versions[key] = read_version(python)
         return self._versions[key]
+
+    def build_flags(self) -> FlagTable:
+        """Blocking: the allowlist of the installed release, from its own option list (backends/vllm/flags.py,
+        `version_flags`), cached beside the install per version (backends/vllm/option_list.py) and here per
+        interpreter and version; the pinned release's table when none is installed or its list cannot be read."""
+        try:
+            python = self.locate()
+            version = self.version() if python is not None else None
+        except (OSError, subprocess.SubprocessError, InstallError):
+            return VLLM_FLAGS
+        if python is None or version is None:
+            return VLLM_FLAGS
+        key = (python, version)
+        with self._table_lock:
+            table = self._tables.get(key)
+            if table is None:
+                self._reading = True
+                try:
+                    options = load_options(python, options_dir(python, self.cache_dir), version)
+                except (OSError, InstallError):
+                    return VLLM_FLAGS
+                finally:
+                    self._reading = False
+                table = self._tables[key] = version_flags(options.options)
+            self._table = table
+        return table
+
+    @property
+    def flags(self) -> FlagTable:
+        """The installed release's allowlist once read (`build_flags`), else the pinned release's table."""
+        return self._table or VLLM_FLAGS
 
     def status(self) -> BackendStatus:
         if self._installing is not None:
@@ -310,6 +376,8 @@ class VllmBackend(Backend):
             if self.explicit is None:
                 return BackendStatus(state=BackendState.NOT_INSTALLED)
             return BackendStatus(state=BackendState.ERROR, detail=f"{self.explicit} has no vllm distribution")
+        if not self._reading:  # a read under way (about 10 s) would hold up status and readiness probes
+            self.build_flags()  # a new release (installed, upgraded in place) brings its own option list
         return BackendStatus(state=BackendState.INSTALLED, version=version)
 
     def disk_usage(self) -> int:
@@ -333,11 +401,27 @@ class VllmBackend(Backend):
             scorer = False
         return self.capabilities if scorer else self.capabilities - {Capability.RERANK}
 
-    def validate_flags(self, flags: Sequence[str]) -> list[str]:
-        """The flag table's checks, then this host's bounds on counts (backends/vllm/host_limits.py)."""
-        validated = VLLM_FLAGS.validate(list(flags))
-        check_host_flags(VLLM_FLAGS, validated, self.host)
+    def validate_flags(self, flags: Sequence[str], table: FlagTable | None = None) -> list[str]:
+        """The installed release's flag table's checks, then this host's bounds on counts
+        (backends/vllm/host_limits.py). Never blocks: until the release's option list has been read the
+        pinned table answers (configure requests use `validate_flags_for`, which waits for it), and `run`
+        checks again against the release's own."""
+        table = table or self.flags
+        try:
+            validated = validate_vllm_flags(table, list(flags))
+        except FlagError as exc:
+            if self._reading and table is VLLM_FLAGS and "allowlist" in exc.reason:
+                raise FlagError(exc.element, f"{exc.reason}; the installed vLLM's own option list is still "
+                                "being read (about 10 s, once per release): try again shortly",
+                                index=exc.index) from None
+            raise
+        check_host_flags(table, validated, self.host)
         return validated
+
+    def validate_flags_for(self, flags: Sequence[str], config: BackendConfiguration) -> list[str]:
+        """Blocking: checked against the installed release's own table (read from its parser once per
+        release, about 10 s the first time), which `run` applies too."""
+        return self.validate_flags(flags, self.build_flags())
 
     def request_problem(self, model: ModelRef, config: BackendConfiguration,
                         payload: Mapping[str, Any]) -> str | None:
@@ -390,10 +474,12 @@ class VllmBackend(Backend):
         if config.speculative is not None:
             config.speculative.usable_draft(self.name, self.model_formats)
         python = self.python()
+        table = await asyncio.to_thread(self.build_flags)
         try:
-            # Checked again here, not only at configure time: a stored configuration may be old or hand-edited.
-            flags = VLLM_FLAGS.values(config.runtime_flags)  # validates as VLLM_FLAGS.validate does
-            check_host_flags(VLLM_FLAGS, config.runtime_flags, self.host)
+            # Checked again here, not only at configure time: a stored configuration may be old or hand-edited,
+            # or checked before the release's option list was read.
+            self.validate_flags(config.runtime_flags, table)
+            flags = table.values(config.runtime_flags)
             options = self.options(config)  # a RunnerError when the stored options fail today's checks
             overrides = validate_hf_overrides(options.hf_overrides) if options.hf_overrides is not None else None
         except FlagError as exc:
@@ -423,7 +509,10 @@ class VllmBackend(Backend):
         try:
             shape = self._shape(model, config)
             weights = model_weights(model.path) + draft_weights(config, self.model_formats)
-            flags = VLLM_FLAGS.values(config.runtime_flags)
+            # Not strict: stored flags were checked against the release's table when configured, and until
+            # that table is read again (a daemon start) the pinned one does not know every flag it accepts;
+            # those that change memory are in both.
+            flags = self.flags.values(config.runtime_flags, strict=False)
         except (ModelConfigError, SafetensorsError, FlagError, OSError) as exc:
             return MemoryEstimate.unknown(f"cannot estimate {model.name}: {exc}")
         file_dtype_bytes = shape.dtype_bytes
@@ -437,5 +526,9 @@ class VllmBackend(Backend):
             dtype = flags.get("--kv-cache-dtype")
             kv = kv_bytes_per_token(shape, dtype if isinstance(dtype, str) else None) * max_len
         utilization = self.options(config).gpu_memory_utilization or self.launch.gpu_memory_utilization
+        offload = flags.get("--cpu-offload-gb")
+        # Weights are on the host anyway on a CPU host; on a GPU host the offloaded part takes host memory too.
+        offload_bytes = int(float(offload) * GiB) if isinstance(offload, str) and self.gpu_total is not None else 0
         return estimate(EstimateInputs(weights=weights, shape=shape, max_model_len=max_len, kv_cache=kv,
-                                       gpu_total=self.gpu_total, gpu_memory_utilization=utilization))
+                                       gpu_total=self.gpu_total, gpu_memory_utilization=utilization,
+                                       cpu_offload=min(offload_bytes, weights)))

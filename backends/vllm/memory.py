@@ -14,7 +14,8 @@
   elements: hidden states and the logits of the sampled positions.
 
 On GPU hosts vLLM reserves ``gpu_memory_utilization`` x the GPU's TOTAL memory at startup whatever the
-model needs; that, not the model's own need, is the VRAM figure, and the notes say so.
+model needs; that, not the model's own need, is the VRAM figure, and the notes say so. Weights offloaded
+with ``--cpu-offload-gb`` are held in host memory as well (counted as host weights).
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class EstimateInputs:
     kv_cache: int  # bytes of KV cache the runner is configured to hold (CPU) or needs at least (GPU)
     gpu_total: int | None = None  # total memory of the GPU vLLM runs on; None on CPU hosts
     gpu_memory_utilization: float = 0.9
+    cpu_offload: int = 0  # GPU hosts: weight bytes held in host memory (--cpu-offload-gb)
 
 
 def estimate(inputs: EstimateInputs) -> MemoryEstimate:
@@ -122,7 +124,7 @@ def estimate(inputs: EstimateInputs) -> MemoryEstimate:
     # vLLM takes the whole fraction: what is not weights or activations becomes KV cache.
     gpu = MemoryBreakdown(weights=inputs.weights, compute=compute, overhead=GPU_DEVICE_OVERHEAD,
                           kv_cache=max(0, reserved - inputs.weights - compute - GPU_DEVICE_OVERHEAD))
-    host = MemoryBreakdown(overhead=GPU_HOST_OVERHEAD)
+    host = MemoryBreakdown(weights=inputs.cpu_offload, overhead=GPU_HOST_OVERHEAD)
     notes = [f"vLLM reserves gpu_memory_utilization {inputs.gpu_memory_utilization:g} x "
              f"{inputs.gpu_total / GiB:.1f} GiB total VRAM = {reserved / GiB:.2f} GiB at startup, whatever the "
              f"model needs (the model itself needs {device_need.total / GiB:.2f} GiB with one "

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import hmac
 import json
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from runnerd.api import scopes
+from runnerd.api.body import JSON_BODY
 from runnerd.api.context import over_unix_socket
 from runnerd.api.errors import ApiError, render_error
 from runnerd.audit import AUDIT
@@ -89,26 +91,27 @@ def _audit(request: web.Request, grant: Grant | None, result: str, *, body: bool
 
 
 _TARGET_FIELDS = ("model", "name", "models", "backend", "source", "destination")
-# A body larger than this is not parsed again for its target (it would hold the event loop): the path stays.
-_TARGET_BODY_BYTES = 64 * 1024
 
 
 def _target(request: web.Request, body: bool) -> str:
-    """The path, and the fields of a JSON body that name what was acted on, when the handler read it."""
+    """The path, and the fields of the JSON body that name what was acted on, when the handler read it
+    (read_json_body keeps it on the request); a body the handler did not read or refused is not read here."""
     parts = [request.path]
-    # aiohttp keeps the body it read for the handler; a body the handler did not read is not read here.
-    raw = getattr(request, "_read_bytes", None) if body else None
-    if raw and len(raw) <= _TARGET_BODY_BYTES:
-        try:
-            payload = json.loads(raw)
-        except (ValueError, RecursionError):  # what the handler refused (400): the path is target enough
-            payload = None
-        if isinstance(payload, dict):
-            for key in _TARGET_FIELDS:
-                value = payload.get(key)
-                if isinstance(value, str | list) and value:
-                    parts.append(f"{key}={json.dumps(value, ensure_ascii=False)[:200]}")
+    payload: dict[str, Any] = request.get(JSON_BODY, {}) if body else {}
+    for key in _TARGET_FIELDS:
+        value = payload.get(key)
+        if isinstance(value, str | list) and value:
+            parts.append(f"{key}={_clipped(value)}")
     return " ".join(parts)
+
+
+def _clipped(value: str | list[Any]) -> str:
+    """`value` as JSON, at most 200 characters, cut before it is encoded: a body may hold megabytes."""
+    if isinstance(value, list):  # names; anything else in the list was refused by the handler
+        value = [v[:200] if isinstance(v, str) else None for v in value[:200]]
+    else:
+        value = value[:200]
+    return json.dumps(value, ensure_ascii=False)[:200]
 
 
 def _changes_something(request: web.Request, role: str) -> bool:

@@ -29,6 +29,11 @@ _INT_DIGITS = len(str(INT_MAX))
 THREAD_THRESHOLD = 256 * 1024
 
 
+# The object read_json_body returned, for what reports on a request after its handler (the audit log
+# names what an action was done to). A shallow copy: what the handler then changes in its own does not show.
+JSON_BODY = web.RequestKey("json_body", dict)
+
+
 class BodyRefused(ValueError):
     """A request body that is not a JSON object runnerd can pass on; the message says why."""
 
@@ -114,11 +119,14 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
 
 async def read_json_body(request: web.Request) -> dict[str, Any]:
     """The request's JSON object; 413 past the body limit, 400 for anything but a JSON object runnerd can
-    forward to an engine."""
+    forward to an engine. A copy stays on the request under JSON_BODY."""
     raw = await request.read()
     try:
         if len(raw) > THREAD_THRESHOLD:
-            return await asyncio.to_thread(parse_json_object, raw)
-        return parse_json_object(raw)
+            payload = await asyncio.to_thread(parse_json_object, raw)
+        else:
+            payload = parse_json_object(raw)
     except BodyRefused as exc:
         raise ApiError(400, str(exc), code="invalid_json") from exc
+    request[JSON_BODY] = dict(payload)
+    return payload

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backends.base import KEBAB_CASE_TOO, Backend, BackendConfiguration, Mode, SpeculativeOptions
 from backends.flags import FlagError, split_raw_flags
+from runnerd.api import scopes
 from runnerd.api.body import read_json_body
 from runnerd.api.context import Daemon, daemon
 from runnerd.api.engines import choose_backend, find_model
@@ -59,18 +60,23 @@ class ConfigureRequest(BaseModel):
     speculative: SpeculativeRequest | None = None
 
 
-def _flags(backend: Backend, spec: ConfigureRequest) -> list[str] | None:
+async def _flags(backend: Backend, model: ModelEntry, spec: ConfigureRequest,
+                 partial: BackendConfiguration) -> list[str] | None:
+    """The request's flags, checked against the option list of the version the configuration will run
+    (`partial`: the request's other parts; its pin decides), as the runner's start checks them."""
     if spec.runtime_flags is not None and spec.raw_runtime_flags is not None:
         raise ApiError(400, "send either runtime_flags or raw_runtime_flags, not both", param="runtime_flags")
+    param = "raw_runtime_flags" if spec.raw_runtime_flags is not None else "runtime_flags"
     try:
-        if spec.raw_runtime_flags is not None:
-            return backend.validate_flags(split_raw_flags(spec.raw_runtime_flags))
-        if spec.runtime_flags is not None:
-            return backend.validate_flags(spec.runtime_flags)
+        flags = split_raw_flags(spec.raw_runtime_flags) if spec.raw_runtime_flags is not None else spec.runtime_flags
+        if flags is None:
+            return None
+        runs = effective_configuration(model.config, StoredConfiguration(
+            model=model.name, mode=spec.mode, backend=backend.name, config=partial, updated_at=0.0))
+        # Reading a version's option list runs its build once: off the event loop.
+        return await asyncio.to_thread(backend.validate_flags_for, flags, runs)
     except FlagError as exc:
-        param = "raw_runtime_flags" if spec.raw_runtime_flags is not None else "runtime_flags"
         raise ApiError(400, str(exc), code="flag_refused", param=param) from exc
-    return None
 
 
 def _engine_options(d: Daemon, backend: Backend, spec: ConfigureRequest) -> dict[str, Any]:
@@ -102,6 +108,7 @@ def _speculative(d: Daemon, backend: Backend, spec: SpeculativeRequest) -> Specu
     name (the path is resolved again whenever a runner starts, see ConfigStore.get)."""
     param = "speculative.draft_model"
     try:
+        scopes.check_model(spec.draft_model)
         draft = d.store.get(spec.draft_model)
     except ModelNotFound:
         raise ApiError(400, f"draft model {spec.draft_model!r} is not in the store; pull or add it first",
@@ -113,12 +120,13 @@ def _speculative(d: Daemon, backend: Backend, spec: SpeculativeRequest) -> Specu
     return SpeculativeOptions.model_validate(spec.model_dump(exclude_unset=True) | {"draft_model": draft.name})
 
 
-def build_configuration(d: Daemon, backend: Backend, spec: ConfigureRequest) -> BackendConfiguration:
+async def build_configuration(d: Daemon, backend: Backend, model: ModelEntry,
+                              spec: ConfigureRequest) -> BackendConfiguration:
     """Validate every part of the request into a configuration holding only what was sent."""
     fields: dict[str, Any] = _engine_options(d, backend, spec)
     if spec.context_size is not None:
         fields["context_size"] = spec.context_size
-    flags = _flags(backend, spec)
+    flags = await _flags(backend, model, spec, _configuration(fields))
     if flags is not None:
         fields["runtime_flags"] = flags
     if spec.keep_alive is not None:
@@ -129,6 +137,10 @@ def build_configuration(d: Daemon, backend: Backend, spec: ConfigureRequest) -> 
         fields["keep_alive"] = str(spec.keep_alive)
     if spec.speculative is not None:
         fields["speculative"] = _speculative(d, backend, spec.speculative)
+    return _configuration(fields)
+
+
+def _configuration(fields: dict[str, Any]) -> BackendConfiguration:
     try:
         return BackendConfiguration(**fields)
     except ValidationError as exc:
@@ -154,8 +166,8 @@ async def configure(request: web.Request) -> web.Response:
     except ValidationError as exc:
         raise validation_error(exc, "configure request") from exc
     model = find_model(d, spec.model)
-    backend = choose_backend(d, explicit, model)
-    configured = build_configuration(d, backend, spec)
+    backend = choose_backend(d, explicit, model, spec.mode)
+    configured = await build_configuration(d, backend, model, spec)
     item = StoredConfiguration(model=model.name, mode=spec.mode, backend=backend.name, config=configured,
                                updated_at=time.time())
     # Compared with the running configuration, which was built with the draft resolved.
@@ -199,7 +211,10 @@ async def list_configurations(request: web.Request) -> web.Response:
     d = daemon(request)
     name = request.query.get("model")
     model = find_model(d, name).name if name else None
-    items = [_shown(c) for c in d.configs.list(model)]
+    # A token limited to some models sees their configurations only. One naming an engine that is no longer
+    # defined (a manifest engine deleted with force) is kept, applies to no engine, and is shown as orphaned.
+    items = [_shown(c, orphaned=c.backend not in d.backends)
+             for c in scopes.visible(d.configs.list(model), lambda c: c.model)]
     return web.json_response({"configurations": items, "problems": d.configs.problems})
 
 

@@ -72,8 +72,14 @@ def stored(d: Daemon, name: str) -> bool:
     return True
 
 
-def choose_backend(d: Daemon, explicit: str | None, model: ModelEntry) -> Backend:
-    """The backend named in the path, else the first one that serves the model's format."""
+def choose_backend(d: Daemon, explicit: str | None, model: ModelEntry, mode: Mode = Mode.COMPLETION) -> Backend:
+    """The backend named in the path; else the one the model's stored configuration for `mode` names (a
+    manifest engine, say), while that engine is defined; else the first one that serves the model's
+    format."""
+    if explicit is None:
+        stored = d.configs.get(model.name, mode)
+        if stored is not None and stored.backend in d.backends:
+            explicit = stored.backend
     if explicit is not None:
         backend = d.backend(explicit)
         if model.format not in backend.model_formats:
@@ -85,6 +91,12 @@ def choose_backend(d: Daemon, explicit: str | None, model: ModelEntry) -> Backen
             return backend
     raise ApiError(400, f"no backend serves {model.format} models like {model.name}",
                    code="unsupported_model_format", param="model")
+
+
+def configuration_for(d: Daemon, backend: Backend, model: ModelEntry, mode: Mode) -> BackendConfiguration:
+    """What a runner of `model` on `backend` runs with: the model's defaults, overridden by its stored
+    configuration for `mode` only when that names `backend`."""
+    return effective_configuration(model.config, d.configs.for_backend(model.name, mode, backend.name))
 
 
 def required_capabilities(kind: RequestKind, payload: dict[str, Any]) -> list[Capability]:
@@ -152,7 +164,7 @@ async def inference(kind: RequestKind, request: web.Request) -> web.StreamRespon
     preload = request.headers.get("X-Preload-Only", "").lower() == "true"
     # A model outside the caller's patterns takes the local way, which answers as for a missing model.
     if explicit is None and d.sources.active and not from_upstream(request) and not preload and scopes.may_use(name):
-        candidates = d.sources.candidates(name, local_has=stored(d, name))
+        candidates = await d.sources.candidates_when_known(name, local_has=stored(d, name))
         if candidates and (len(candidates) > 1 or candidates[0].endpoint is not None or candidates[0].model != name):
             needed = required_capabilities(kind, payload)
             return await failover.serve(request, candidates, kind.upstream_path, payload, needed,
@@ -164,7 +176,7 @@ async def _serve_locally(request: web.Request, kind: RequestKind, payload: dict[
                          raw: bytes | None = None) -> web.StreamResponse:
     d = daemon(request)
     model = find_model(d, requested_model(payload))
-    backend = choose_backend(d, explicit, model)
+    backend = choose_backend(d, explicit, model, kind.mode)
     check_capabilities(backend, required_capabilities(kind, payload), model)
     keep_alive = take_keep_alive(payload)
     # Some engines answer 404 unless `model` is their served name: give them the store's canonical one
@@ -173,7 +185,7 @@ async def _serve_locally(request: web.Request, kind: RequestKind, payload: dict[
     if renamed:
         payload["model"] = model.name
     body = json.dumps(payload).encode() if keep_alive is not UNSET or renamed or raw is None else raw
-    config = effective_configuration(model.config, d.configs.get(model.name, kind.mode))
+    config = configuration_for(d, backend, model, kind.mode)
     check_request(backend, model, config, payload)
     preload = request.headers.get("X-Preload-Only", "").lower() == "true"
     lease = await lease_runner(d, backend, model, kind.mode, config, keep_alive, preload=preload)
@@ -209,9 +221,10 @@ def other_models(d: Daemon) -> dict[str, str]:
     return listed
 
 
-def _other_sources(d: Daemon, request: web.Request) -> list[dict[str, Any]]:
+async def _other_sources(d: Daemon, request: web.Request) -> list[dict[str, Any]]:
     if request.match_info.get("backend") is not None or from_upstream(request):
         return []  # a backend's own listing, or one for another daemon: the local models only
+    await d.sources.discovered()
     return [{"id": name, "object": "model", "created": 0, "owned_by": source}
             for name, source in other_models(d).items()]
 
@@ -220,14 +233,14 @@ async def list_models(request: web.Request) -> web.Response:
     d = daemon(request)
     models = _served_by(d, request)
     return web.json_response({"object": "list",
-                              "data": [*(openai_model(m) for m in models), *_other_sources(d, request)]})
+                              "data": [*(openai_model(m) for m in models), *await _other_sources(d, request)]})
 
 
 async def get_model(request: web.Request) -> web.Response:
     d = daemon(request)
     name = request.match_info["name"]
     if not stored(d, name):
-        for entry in _other_sources(d, request):
+        for entry in await _other_sources(d, request):
             if entry["id"] == name:
                 return web.json_response(entry)
     for model in _served_by(d, request):
@@ -241,9 +254,12 @@ async def engines_status(request: web.Request) -> web.Response:
     # status() may run the engine's --version once; keep it off the event loop.
     statuses = await asyncio.gather(*(asyncio.to_thread(b.status) for b in d.backends.values()))
     engines: dict[str, Any] = {name: status.text for name, status in zip(d.backends, statuses, strict=True)}
+    upstreams = d.sources.status()
+    for upstream in upstreams.values():
+        upstream["models"] = [m for m in upstream["models"] if scopes.may_use(m)]
     if request.query.get("upstreams") in ("1", "true"):
-        return web.json_response({"engines": engines, "upstreams": d.sources.status()})
-    for name, upstream in d.sources.status().items():
+        return web.json_response({"engines": engines, "upstreams": upstreams})
+    for name, upstream in upstreams.items():
         state = "Running" if upstream["healthy"] else f"Error: {upstream['error']}"
         engines[name] = f"{state} (upstream {upstream['kind']} at {upstream['base_url']}, " \
                         f"{len(upstream['models'])} models)"
@@ -259,7 +275,7 @@ async def engines_df(request: web.Request) -> web.Response:
     d = daemon(request)
     usages = await asyncio.gather(*(asyncio.to_thread(b.disk_usage) for b in d.backends.values()))
     backends = dict(zip(d.backends, usages, strict=True))
-    models = d.store.disk_usage()
+    models = await asyncio.to_thread(d.store.disk_usage)  # a directory walk: the disk may be slow
     return web.json_response({"models_disk_usage": models, "backends_disk_usage": backends,
                               "total": models + sum(backends.values())})
 
@@ -286,6 +302,9 @@ async def engines_unload(request: web.Request) -> web.Response:
     if spec.backend is not None:
         d.backend(spec.backend)
     models = None if spec.models is None else [find_model(d, m).name for m in spec.models]
+    if models is None and not scopes.sees_every_model():
+        # `all` or a backend, for a token limited to some models: their runners, never another's.
+        models = sorted({r.model for r in scopes.visible(d.scheduler.ps(), lambda r: r.model)})
     outcome = await d.scheduler.unload_draining(backend=spec.backend, models=models, timeout=spec.timeout)
     return web.json_response({"unloaded": len(outcome.runners), "drained": outcome.drained, "cut": outcome.cut,
                               "timeout": spec.timeout, "runners": [r.model_dump(mode="json") for r in outcome.runners]})

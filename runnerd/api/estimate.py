@@ -1,5 +1,6 @@
-"""GET /models/{name}/estimate: what a model would cost, from its header, with the settings runnerd
-would run it with (the model's stored configuration), optionally changed by query parameters."""
+"""GET /models/{name}/estimate: what a model would cost, from its header, with the engine and settings
+runnerd would run it with (the model's stored configuration: its backend, its pinned version, its
+flags), optionally changed by query parameters."""
 
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ from backends.base import Backend, BackendConfiguration, MemoryEstimate, Mode, M
 from backends.flags import FlagError
 from backends.formats.gguf import GGUFParseError, cached_header
 from runnerd.api.context import Daemon, daemon
-from runnerd.api.engines import choose_backend, find_model
+from runnerd.api.engines import choose_backend, configuration_for, find_model
 from runnerd.api.errors import ApiError
-from runnerd.configs import effective_configuration
 from runnerd.estimate_params import ESTIMATE_PARAMS
 from runnerd.store import ModelEntry
 
@@ -47,14 +47,18 @@ def _flags(backend: Backend, query: Any) -> list[str]:
         raise ApiError(400, f"{exc.element}: {exc.reason}", param=exc.element) from exc
 
 
-def requested_configuration(d: Daemon, backend: Backend, model: ModelEntry, query: Any) -> \
-        tuple[Mode, BackendConfiguration]:
+def _check_known(query: Any) -> None:
     unknown = sorted(set(query) - _KNOWN)
     if unknown:
         raise ApiError(400, f"unknown query parameter(s): {', '.join(unknown)}; known: {', '.join(sorted(_KNOWN))}",
                        param=unknown[0])
+
+
+def requested_configuration(d: Daemon, backend: Backend, model: ModelEntry, query: Any) -> \
+        tuple[Mode, BackendConfiguration]:
+    _check_known(query)
     mode = _mode(query)
-    base = effective_configuration(model.config, d.configs.get(model.name, mode))
+    base = configuration_for(d, backend, model, mode)
     ctx = _ctx(query)
     extra = _flags(backend, query)
     config = base.model_copy(update={"context_size": ctx or base.context_size,
@@ -62,19 +66,22 @@ def requested_configuration(d: Daemon, backend: Backend, model: ModelEntry, quer
     return mode, config
 
 
-def estimate_json(model: ModelEntry, mode: Mode, config: BackendConfiguration, result: MemoryEstimate) -> \
-        dict[str, Any]:
-    return {"model": model.name, "mode": mode.value, "context_size": config.context_size,
+def estimate_json(backend: Backend, model: ModelEntry, mode: Mode, config: BackendConfiguration,
+                  result: MemoryEstimate) -> dict[str, Any]:
+    return {"model": model.name, "mode": mode.value, "backend": backend.name,
+            "backend_version": config.engine_table(backend.options_table).get("backend_version"),
+            "context_size": config.context_size,
             "runtime_flags": config.runtime_flags, **result.model_dump(mode="json")}
 
 
 async def model_estimate(request: web.Request) -> web.Response:
     d = daemon(request)
     model = find_model(d, request.match_info["name"])
-    backend = choose_backend(d, None, model)
+    _check_known(request.query)
+    backend = choose_backend(d, None, model, _mode(request.query))
     mode, config = requested_configuration(d, backend, model, request.query)
     result = await asyncio.to_thread(backend.required_memory, model.ref(), mode, config)
-    return web.json_response(estimate_json(model, mode, config, result))
+    return web.json_response(estimate_json(backend, model, mode, config, result))
 
 
 def chat_template_source(backend: Backend, model: ModelEntry) -> str | None:
@@ -92,8 +99,8 @@ async def describe(d: Daemon, model: ModelEntry) -> dict[str, Any]:
     comes from (chat_template_source) and the estimate for the settings runnerd would use."""
     if model.format is not ModelFormat.GGUF:
         return {}
-    backend = choose_backend(d, None, model)
-    config = effective_configuration(model.config, d.configs.get(model.name, Mode.COMPLETION))
+    backend = choose_backend(d, None, model, Mode.COMPLETION)
+    config = configuration_for(d, backend, model, Mode.COMPLETION)
     try:
         summary = await asyncio.to_thread(backend.describe, model.ref())
         template = await asyncio.to_thread(chat_template_source, backend, model)
@@ -101,4 +108,4 @@ async def describe(d: Daemon, model: ModelEntry) -> dict[str, Any]:
         return {"summary": None, "estimate": MemoryEstimate.unknown(str(exc)).model_dump(mode="json")}
     result = await asyncio.to_thread(backend.required_memory, model.ref(), Mode.COMPLETION, config)
     return {"summary": summary.model_dump(mode="json"), "chat_template": template,
-            "estimate": estimate_json(model, Mode.COMPLETION, config, result)}
+            "estimate": estimate_json(backend, model, Mode.COMPLETION, config, result)}

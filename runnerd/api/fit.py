@@ -22,7 +22,7 @@ async def refuse_unfit(d: Daemon, backend: Backend, model: ModelEntry, mode: Mod
                        *, param: str) -> None:
     """ApiError 400 naming `param` when `config` (the effective configuration to be stored) would make the
     engine fail, or could never fit this host whatever else is unloaded."""
-    problem = backend.configuration_problem(model.ref(), mode, config)
+    problem = await asyncio.to_thread(backend.configuration_problem, model.ref(), mode, config)  # stats builds
     if problem is not None:
         raise ApiError(400, f"{model.name} on {backend.name}: {problem}", code="configuration_refused", param=param)
     estimate = await asyncio.to_thread(backend.required_memory, model.ref(), mode, config)

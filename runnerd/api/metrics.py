@@ -3,14 +3,21 @@
 The request middleware does two metric observations per request plus one when the headers go out
 (time to first byte); it never parses a body. The model label comes from the proxy, which knows
 which registered model a request was served by, so unknown names never become label values.
+
+A token limited to some models sees only their series: a sample whose `model` label it may not use is
+left out, and only its models' runners are scraped; the host's own series (queue, memory held, runners
+by state, event-loop lag) stay whole. Its `?runner=` logs for a model it may not use answer exactly as
+for a model that has no logs, and the daemon's own log reaches it without the lines that name such a
+model.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -24,10 +31,12 @@ from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from backends.base import Mode
+from runnerd.api import scopes
 from runnerd.api.context import DAEMON, Daemon, daemon
 from runnerd.api.errors import ApiError
 from runnerd.logs import DAEMON_LOG
 from runnerd.metrics import REQUEST_MODEL
+from runnerd.runner_logs import read_end
 from runnerd.scheduler import RunnerInfo, RunnerKey, RunnerState
 from runnerd.store import StoreError, canonical_name
 
@@ -112,6 +121,16 @@ def runner_families(scraped: Iterable[tuple[RunnerInfo, str | None]]) -> list[Me
     return [up, *merged.values()]
 
 
+def _shown_samples(families: list[Metric], allowed: Callable[[str], bool]) -> list[Metric]:
+    """The families with only the samples whose model (if they name one) is `allowed`."""
+    shown = []
+    for family in families:
+        kept = Metric(family.name, family.documentation, family.type)
+        kept.samples = [s for s in family.samples if not s.labels.get("model") or allowed(s.labels["model"])]
+        shown.append(kept)
+    return shown
+
+
 class _Families(Collector):
     def __init__(self, families: list[Metric]) -> None:
         self.families = families
@@ -120,23 +139,25 @@ class _Families(Collector):
         return iter(self.families)
 
 
-def _exposition(own: list[Metric], scraped: list[tuple[RunnerInfo, str | None]], accept: str) -> tuple[bytes, str]:
-    """Blocking (parsing the engines' texts and encoding everything is the costly part of a scrape)."""
-    registry = CollectorRegistry()
-    registry.register(_Families([*own, *runner_families(scraped)]))
+def _exposition(registry: CollectorRegistry, live: list[Metric], scraped: list[tuple[RunnerInfo, str | None]],
+                accept: str, allowed: Callable[[str], bool]) -> tuple[bytes, str]:
+    """Blocking (collecting the daemon's histograms, parsing the engines' texts and encoding everything is
+    the costly part of a scrape)."""
+    families = CollectorRegistry()
+    families.register(_Families(_shown_samples([*registry.collect(), *live, *runner_families(scraped)], allowed)))
     encode, content_type = choose_encoder(accept)
-    return encode(registry), content_type
+    return encode(families), content_type
 
 
 async def get_metrics(request: web.Request) -> web.Response:
     d = daemon(request)
     # A ready runner with nothing in flight shows as idle: both answer /metrics.
-    ready = [r for r in d.scheduler.ps() if r.state in (RunnerState.READY, RunnerState.IDLE)]
+    allowed = scopes.model_filter()
+    ready = [r for r in d.scheduler.ps() if r.state in (RunnerState.READY, RunnerState.IDLE) and allowed(r.model)]
     texts = await asyncio.gather(*(scrape_runner(r) for r in ready))
-    # The daemon's own collectors read the scheduler: on the loop. The rest in a thread.
-    own = list(d.metrics.registry.collect())
-    body, content_type = await asyncio.to_thread(_exposition, own, list(zip(ready, texts, strict=True)),
-                                                 request.headers.get("Accept", ""))
+    body, content_type = await asyncio.to_thread(_exposition, d.metrics.registry, d.metrics.live_families(),
+                                                 list(zip(ready, texts, strict=True)),
+                                                 request.headers.get("Accept", ""), allowed)
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
@@ -167,10 +188,24 @@ def _runner_logs(d: Daemon, name: str, mode: Mode | None) -> list[tuple[str, Pat
             path = RunnerKey(backend, model, m).log_path(log_dir)
             if path.is_file():
                 found.setdefault(path, str(m))
-    if not found:
+    # A model the caller may not use is looked for all the same and then not found: the answer and the
+    # time it takes are those for a model that has no logs.
+    if not found or not scopes.may_use(model):
         raise ApiError(404, f"no runner logs for {model}" + (f" ({mode})" if mode else ""), code="logs_not_found",
                        param="runner")
     return [(m, p) for p, m in sorted(found.items(), key=lambda item: item[1])]
+
+
+def _hidden_models(d: Daemon) -> re.Pattern[str] | None:
+    """What finds, in the daemon's log, the models the caller may not use; None when there are none."""
+    if scopes.sees_every_model():
+        return None
+    names = [m.name for m in d.store.list()] + [r.model for r in d.scheduler.ps()]
+    return scopes.hidden_names_pattern([*names, *d.sources.external_models(), *d.sources.aliases])
+
+
+def _without(hidden: re.Pattern[str] | None, lines: list[str]) -> list[str]:
+    return lines if hidden is None else [line for line in lines if not hidden.search(line)]
 
 
 def _read_lines(path: Path, position: int, partial: bool) -> tuple[list[str], int]:
@@ -190,14 +225,15 @@ def _read_lines(path: Path, position: int, partial: bool) -> tuple[list[str], in
 
 
 def _tail_file(path: Path, count: int, partial: bool) -> tuple[list[str], int]:
-    try:
-        size = path.stat().st_size
-    except OSError:
-        return [], 0
-    start = max(0, size - _TAIL_BYTES)
-    lines, end = _read_lines(path, start, partial)
-    if start > 0:
-        lines = lines[1:]  # cut mid-line
+    """The last `count` lines within a MiB, read across the rotated files too; and where to follow from."""
+    data, cut, end = read_end(path, _TAIL_BYTES)
+    if not partial:
+        whole = data[: data.rfind(b"\n") + 1]
+        end = max(0, end - (len(data) - len(whole)))  # the line being written is followed from its start
+        data = whole
+    lines = data.decode("utf-8", "replace").splitlines()
+    if cut:
+        lines = lines[1:]
     return (lines[-count:] if count else []), end
 
 
@@ -218,7 +254,8 @@ async def _follow(request: web.Request, response: web.StreamResponse, files: lis
             await asyncio.wait_for(closing.wait(), _FOLLOW_POLL)
         if not files:
             lines, seq = DAEMON_LOG.since(seq)
-            await _send(response, lines)
+            if lines:  # the names to hide asked again: a model stored or loaded since may be one
+                await _send(response, _without(_hidden_models(daemon(request)), lines))
         for i, (mode, path) in enumerate(files):
             lines, positions[i] = await asyncio.to_thread(_read_lines, path, positions[i], False)
             await _send(response, _prefixed(mode if len(files) > 1 else None, lines))
@@ -240,6 +277,7 @@ async def get_logs(request: web.Request) -> web.StreamResponse:
     seq = 0
     if not files:
         lines, seq = DAEMON_LOG.tail(query.tail)
+        lines = _without(_hidden_models(d), lines)
     for mode, path in files:
         # Up to a MiB per file: read off the event loop, which proxies inference meanwhile.
         tail, end = await asyncio.to_thread(_tail_file, path, query.tail, not query.follow)

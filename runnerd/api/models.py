@@ -140,6 +140,7 @@ async def delete_model(request: web.Request) -> web.Response:
     d = daemon(request)
     force = request.query.get("force", "").lower() in ("1", "true", "yes")
     try:
+        scopes.check_model(request.match_info["name"])
         # The store's lock may be held by a commit thread, and removal syncs to disk: not on the event loop.
         entry = await asyncio.to_thread(d.store.remove, request.match_info["name"], force=force)
     except StoreError as exc:
@@ -162,10 +163,12 @@ async def estimate_or_show(request: web.Request) -> web.Response:
     d = daemon(request)
     name = request.match_info["name"]
     try:
+        scopes.check_model(name)
         d.store.get(name)
     except StoreError:
         whole = f"{name}/estimate"
         with contextlib.suppress(StoreError):
+            scopes.check_model(whole)
             model = d.store.get(whole)
             return web.json_response({**model_json(model), **await describe(d, model)})
     return await model_estimate(request)
@@ -174,6 +177,8 @@ async def estimate_or_show(request: web.Request) -> web.Response:
 async def tag_model(request: web.Request) -> web.Response:
     spec = parse_body(TagRequest, await read_json_body(request), "tag request")
     try:
+        scopes.check_model(request.match_info["name"])
+        scopes.check_new_name(spec.name, "name")
         entry = await asyncio.to_thread(daemon(request).store.tag, request.match_info["name"], spec.name,
                                         force=spec.force)
     except StoreError as exc:

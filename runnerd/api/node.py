@@ -1,5 +1,9 @@
 """GET /node: the host inventory a parent scheduler places models with; POST /node/drain and
-/node/resume: stop taking new models (and unload each as it goes idle), and take them again."""
+/node/resume: stop taking new models (and unload each as it goes idle), and take them again.
+
+A token limited to some models is shown only their runners. The host's memory, GPUs, what the runners
+hold in all (`reserved`) and the drain's counts stay whole: they are the host's, what placing one more
+model needs, and they name no model."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import asyncio
 from aiohttp import web
 
 from runnerd import node
+from runnerd.api import scopes
 from runnerd.api.context import daemon
 
 
@@ -21,6 +26,7 @@ async def get_node(request: web.Request) -> web.Response:
     shown = {name: status.text for name, status in zip(d.backends, statuses, strict=True)}
     info = await asyncio.to_thread(node.collect, runners, shown,
                                    d.scheduler.sampler.snapshot, drain)
+    info.runners = scopes.visible(info.runners, lambda r: r.model)
     return web.json_response(info.model_dump(mode="json"))
 
 

@@ -9,7 +9,9 @@ The model allowlist is checked where a route looks a model up (`check_model`, ca
 own error handling) and raises the very error a model that does not exist raises: the answer for a model
 outside the allowlist is the route's own "not found", byte for byte. The check is a string match done
 before the store is consulted, so for a name outside the allowlist the store is never asked and the time
-taken is the same whether the model exists or not. Unix-socket callers carry no grant and see everything.
+taken is the same whether the model exists or not. What lists models, runners, metric series, log lines
+or configurations leaves out what the caller may not use (`visible`, `model_filter`,
+`hidden_names_pattern`). Unix-socket callers carry no grant and see everything.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import TypeVar
 
 from aiohttp import web
 
+from runnerd.api.errors import ApiError
 from runnerd.store import ModelNotFound, StoreError, canonical_name
 from runnerd.tokens import Grant, Role
 
@@ -108,6 +111,53 @@ def check_model(name: str) -> None:
         raise ModelNotFound(f"model {name!r} not found")
 
 
+def check_new_name(name: str, param: str) -> None:
+    """403 when the caller may not use `name` as the name of a model it makes (a copy, a tag): the same
+    answer whether a model by that name exists or not."""
+    grant = _CALLER.get()
+    if grant is not None and not may_use(name):
+        raise ApiError(403, f"token {grant.name!r} may only name models its patterns match; {name!r} does not",
+                       code="model_not_allowed", type="permission_error", param=param)
+
+
 def visible(items: Iterable[_T], name: Callable[[_T], str]) -> list[_T]:
     """The items whose model (`name(item)`) the caller may use, in order."""
     return [item for item in items if may_use(name(item))]
+
+
+def sees_every_model() -> bool:
+    """Whether the caller's patterns let nothing out (the socket, and tokens whose patterns include `*`)."""
+    grant = _CALLER.get()
+    return grant is None or "*" in grant.models
+
+
+def model_filter() -> Callable[[str], bool]:
+    """`may_use` for the caller of now, usable where the request's context is not (a worker thread, a
+    stream's later writes); each name is matched once."""
+    grant = _CALLER.get()
+    if grant is None or "*" in grant.models:
+        return lambda name: True
+    seen: dict[str, bool] = {}
+
+    def allowed(name: str) -> bool:
+        if name not in seen:
+            seen[name] = grant.allows_model(spellings(name))
+        return seen[name]
+    return allowed
+
+
+def hidden_names_pattern(names: Iterable[str]) -> re.Pattern[str] | None:
+    """A pattern that finds, in free text, any of `names` the caller may not use (None: there are none).
+    A name matches as a whole word, with or without its tag, so `tiny` also finds `tiny:latest` and
+    `tiny:q4`; a visible model that shares a hidden one's base name loses those lines too, which hides
+    more than needed rather than less."""
+    allowed = model_filter()
+    bases = sorted({_base(n) for n in names if not allowed(n)}, key=len, reverse=True)
+    if not bases:
+        return None
+    return re.compile(r"(?<![\w./:-])(?:" + "|".join(map(re.escape, bases)) + r")(?![\w./-])")
+
+
+def _base(name: str) -> str:
+    head, slash, last = name.rpartition("/")
+    return head + slash + last.split(":", 1)[0]

@@ -33,6 +33,7 @@ def _http_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
 
 async def serve_daemon(args: argparse.Namespace) -> int:
     from runnerd.config import load_settings
+    from runnerd.heap import settle_after_start
     from runnerd.logs import setup_logging
     from runnerd.server import ListenerError, create_app, serve
     from runnerd.store import StoreError
@@ -58,6 +59,7 @@ async def serve_daemon(args: argparse.Namespace) -> int:
             print(f"\nrunnerd is ready. Chat with {name}:\n\n    .venv/bin/runnerd run {name}\n", flush=True)
 
     task = asyncio.create_task(announce())
+    settle_after_start()  # everything imported and configured: freeze it before the first request comes
     try:
         await serve(settings, app, ready)
     except ListenerError as exc:

@@ -70,22 +70,27 @@ async def _registered(client: DaemonClient) -> set[str]:
 
 
 async def _backends_catalog(client: DaemonClient, args: argparse.Namespace) -> Any:
+    if args.refresh:
+        feed = (await client.request("POST", "/engines/backends/catalog/refresh"))["catalog_url"]
+        if feed["error"] is not None:
+            raise ClientError(f"catalog_url {feed['url']} not taken: {feed['error']} (the catalog in force stays)")
     found = await client.request("GET", "/engines/backends/catalog")
     rows = [[i["engine"], i["version"] + (" (default)" if i["default"] else ""), i["variant"], i["kind"],
              "yes" if i["installed"] else "no"] for i in found["items"]]
     return found, lambda: table(rows, ["ENGINE", "VERSION", "VARIANT", "INSTALL", "INSTALLED"])
 
 
-async def _watch(client: DaemonClient, args: argparse.Namespace, job: dict[str, Any], what: str) -> Any:
+async def _watch(client: DaemonClient, args: argparse.Namespace, job: dict[str, Any], what: str,
+                 doing: str = "installing") -> Any:
     try:
         final = await follow_job(client, job, show_progress=not args.json and not args.quiet)
     except asyncio.CancelledError:  # Ctrl-C
-        # The install belongs to the daemon (and perhaps to other callers): it goes on.
-        print(f"\nrunnerd: stopped watching; the install goes on as job {job['id']} "
+        # The job belongs to the daemon (and perhaps to other callers): it goes on.
+        print(f"\nrunnerd: stopped watching; {doing} {what} goes on as job {job['id']} "
               f"(GET {job['status_url']}; DELETE it to cancel)", file=sys.stderr)
         raise
     if final["state"] != "succeeded":
-        raise ClientError(f"installing {what} {final['state']}: {final.get('error') or ''}".rstrip(": "))
+        raise ClientError(f"{doing} {what} {final['state']}: {final.get('error') or ''}".rstrip(": "))
     return final, lambda: print(final["message"])
 
 
@@ -121,9 +126,9 @@ async def _backends_rm(client: DaemonClient, args: argparse.Namespace) -> Any:
         return deleted, lambda: print(f"deleted {deleted['deleted']}{note}")
     name, version = split_version(args.backend)
     if version is not None and name not in await _registered(client):
-        removed = await client.request("POST", "/engines/backends/catalog/uninstall",
-                                       {"engine": name, "version": version, "force": bool(args.force)})
-        return removed, lambda: print(f"removed {name} {version} ({removed['variant']})")
+        job = await client.request("POST", "/engines/backends/catalog/uninstall",
+                                   {"engine": name, "version": version, "force": bool(args.force)})
+        return await _watch(client, args, job, args.backend, doing="removing")
     if version is None:
         result = await client.request("POST", "/engines/uninstall-backend", {"backend": name})
         return result, lambda: print(f"{result['backend']}: {result['status']}")
@@ -255,8 +260,10 @@ def add_parsers(sub: Any, client: Callable[..., argparse.ArgumentParser]) -> Non
     install.add_argument("--variant", choices=[v.value for v in Variant],
                          help="install this hardware variant from the catalog (default: this host's best)")
     install.add_argument("--quiet", action="store_true", help="no progress bar")
-    client("catalog", "backends.catalog", "what this host can install from the catalog (README, \"The catalog\")",
-           bsub)
+    catalog = client("catalog", "backends.catalog", "what this host can install from the catalog (README, "
+                     "\"The catalog\")", bsub)
+    catalog.add_argument("--refresh", action="store_true", help="fetch catalog_url first (fails when that "
+                         "fetch is not taken)")
     upgrade = client("upgrade", "backends.upgrade", "install the catalog's newer version of an engine beside the "
                      "installed ones", bsub)
     upgrade.add_argument("engine")
@@ -266,6 +273,7 @@ def add_parsers(sub: Any, client: Callable[..., argparse.ArgumentParser]) -> Non
     rm.add_argument("backend", help="an engine, ENGINE@VERSION for one installed version, or a manifest engine")
     rm.add_argument("--force", action="store_true", help="delete a manifest engine or remove a version even while "
                     "in use (stops its runners)")
+    rm.add_argument("--quiet", action="store_true", help="no progress bar (a catalog removal is a job)")
     node = client("node", "node", "show this host's inventory: CPU, memory, GPUs, runners")
     node.add_argument("--labels", action="store_true",
                       help="print the node's Kubernetes labels instead, as a Node Feature Discovery feature file")

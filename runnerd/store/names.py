@@ -8,6 +8,7 @@ written under still fits.
 
 from __future__ import annotations
 
+import functools
 import re
 from urllib.parse import quote
 
@@ -44,14 +45,24 @@ def canonical_name(name: str) -> str:
     if not isinstance(name, str) or len(name) > 4 * MAX_NAME_CHARS:
         raise StoreError(f"invalid model name: at most {MAX_NAME_CHARS} characters are allowed (name and tag "
                          "together, each '/' and ':' counts as 3)", code="name_too_long")
-    invalid = StoreError(f"invalid model name {name!r}: use letters, digits, '.', '_', '-', optional '/' "
-                         "namespaces and an optional ':tag'", code="invalid_name")
+    return _canonical(name)
+
+
+# Every request looks its model up by name: checking a name costs microseconds, a cached answer
+# nanoseconds. A refused name raises, so only valid names are kept, at most this many.
+@functools.lru_cache(maxsize=4096)
+def _canonical(name: str) -> str:
     if not _CHARACTERS.match(name):
-        raise invalid
+        raise _invalid(name)
     too_long = _too_long(name)
     if too_long is not None:
         raise too_long
     match = _NAME.match(name)
     if match is None or ".." in name:
-        raise invalid
+        raise _invalid(name)
     return name if match.group("tag") else f"{name}:{DEFAULT_TAG}"
+
+
+def _invalid(name: str) -> StoreError:
+    return StoreError(f"invalid model name {name!r}: use letters, digits, '.', '_', '-', optional '/' "
+                      "namespaces and an optional ':tag'", code="invalid_name")

@@ -85,7 +85,8 @@ def _store_error(exc: PullError) -> StoreError:
 class ModelStore:
     def __init__(self, data_dir: Path, settings: StoreSettings | None = None,
                  huggingface: HuggingFaceSettings | None = None,
-                 in_use: Callable[[str], bool] | None = None) -> None:
+                 in_use: Callable[[str], bool] | None = None,
+                 on_removed: Callable[[str], object] | None = None) -> None:
         self.data_dir = data_dir
         self.root = data_dir / "store"
         self.blobs = self.root / "blobs"
@@ -96,6 +97,7 @@ class ModelStore:
         self.settings = settings or StoreSettings()
         self.huggingface = huggingface or HuggingFaceSettings()
         self.in_use = in_use
+        self.on_removed = on_removed  # called with a removed model's name, in the thread that removed it
         self._lock = threading.RLock()  # manifests and blob reference counts change under it
         self._downloads = Downloads(self.partial, self.settings, self.huggingface)
         # Local imports and in-place registrations read files a caller names: their own bounded pool, so
@@ -198,7 +200,9 @@ class ModelStore:
             self._manifest_path(entry.name).unlink(missing_ok=True)
             self._models = {k: v for k, v in self._models.items() if k != entry.name}
             self._collect(entry)
-            return entry
+        if self.on_removed is not None:
+            self.on_removed(entry.name)
+        return entry
 
     def _collect(self, gone: ModelEntry) -> None:
         """Delete the blobs and link directory of `gone` that no remaining manifest refers to."""

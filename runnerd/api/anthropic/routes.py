@@ -1,15 +1,19 @@
 """Anthropic's Messages API: `POST /v1/messages` and `/v1/messages/count_tokens`, relayed to an engine that
-serves it, otherwise translated through the engine's chat completions (translate.py). Errors, before and
-during a stream, are in Anthropic's shape (runnerd/api/errors.py picks it by path)."""
+serves it, otherwise translated through the engine's chat completions (translate.py). A model an upstream
+hosts is translated through the upstream's chat completions, with failover before the first event
+(runnerd/failover.py). Errors, before and during a stream, are in Anthropic's shape (runnerd/api/errors.py
+picks it by path)."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
 
-from backends.base import Api
+from backends.base import OPENAI_SAMPLING, Api, Capability
+from runnerd import failover
 from runnerd.api.anthropic import translate as tr
 from runnerd.api.anthropic.schema import CountTokensRequest, MessagesRequest
 from runnerd.api.body import read_json_body
@@ -21,19 +25,35 @@ from runnerd.api.leased import (
     lease_for,
     needed_capabilities,
     prepend,
+    refuse_upstream_count,
+    route_candidates,
     sse_event,
     start_sse,
     stream_translated,
 )
+from runnerd.metrics import REQUEST_MODEL
 from runnerd.proxy import call_engine, engine_events
+from runnerd.sources import Candidate
 from runnerd.sse import error_text
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
     payload = await read_json_body(request)
     req = parse_body(MessagesRequest, payload, "Messages request")
-    leased = await lease_for(request, payload, needed_capabilities(stream=req.stream, tools=bool(req.tools)),
-                             Api.MESSAGES)
+    needed = needed_capabilities(stream=req.stream, tools=bool(req.tools))
+    name = str(payload["model"])
+    candidates = await route_candidates(request, name)
+    if candidates is None:
+        return await _serve_locally(request, req, payload, needed)
+    request[REQUEST_MODEL] = name
+    return await failover.serve_each(
+        candidates, needed, lambda model: _serve_locally(request, req, {**payload, "model": model}, needed),
+        lambda run, tried: _serve_upstream(request, req, name, run, tried))
+
+
+async def _serve_locally(request: web.Request, req: MessagesRequest, payload: dict[str, Any],
+                         needed: list[Capability]) -> web.StreamResponse:
+    leased = await lease_for(request, payload, needed, Api.MESSAGES)
     try:
         if leased.native:
             if req.stream:
@@ -41,13 +61,26 @@ async def messages(request: web.Request) -> web.StreamResponse:
             answer = await call_engine(leased.runner, "/v1/messages", payload)
             answer["model"] = leased.model.name
             return web.json_response(answer)
-        body = tr.chat_body(req, leased)
+        body = tr.chat_body(req, leased.model.name, leased.backend.sampling_dialect)
         if req.stream:
-            return await _translate_stream(request, leased, body)
+            chunks = engine_events(leased.runner, "/v1/chat/completions", body)
+            return await _translate_stream(request, chunks, leased.model.name)
         completion = await call_engine(leased.runner, "/v1/chat/completions", body)
         return web.json_response(tr.message(answer_from_completion(completion), leased.model.name, tr.message_id()))
     finally:
         leased.lease.release()
+
+
+async def _serve_upstream(request: web.Request, req: MessagesRequest, name: str, run: list[Candidate],
+                          tried: failover.Tried) -> web.StreamResponse:
+    """Through the upstreams' chat completions, whatever their kind (each names the model its own way)."""
+    body = tr.chat_body(req, name, OPENAI_SAMPLING)
+    if req.stream:
+        chunks = failover.upstream_events(run, "/v1/chat/completions", body, tried)
+        return await _translate_stream(request, chunks, name, tried.headers)
+    completion = await failover.call_upstreams(run, "/v1/chat/completions", body, tried)
+    return web.json_response(tr.message(answer_from_completion(completion), name, tr.message_id()),
+                             headers=tried.headers())
 
 
 async def _relay_stream(request: web.Request, leased: Leased, payload: dict[str, Any]) -> web.StreamResponse:
@@ -75,8 +108,9 @@ async def _relay_stream(request: web.Request, leased: Leased, payload: dict[str,
     return response
 
 
-async def _translate_stream(request: web.Request, leased: Leased, body: dict[str, Any]) -> web.StreamResponse:
-    response, _ = await stream_translated(request, leased, body, tr.MessageStream(leased.model.name))
+async def _translate_stream(request: web.Request, chunks: AsyncGenerator[dict[str, Any], None], model: str,
+                            headers: Callable[[], Mapping[str, str]] = dict) -> web.StreamResponse:
+    response, _ = await stream_translated(request, chunks, tr.MessageStream(model), headers)
     await response.write_eof()
     return response
 
@@ -84,6 +118,7 @@ async def _translate_stream(request: web.Request, leased: Leased, body: dict[str
 async def count_tokens(request: web.Request) -> web.Response:
     payload = await read_json_body(request)
     parse_body(CountTokensRequest, payload, "count_tokens request")
+    await refuse_upstream_count(request, str(payload["model"]), "count the tokens of a Messages request")
     leased = await lease_for(request, payload, needed_capabilities(stream=False, tools=False), Api.MESSAGES)
     try:
         if not leased.native or Api.MESSAGES_COUNT_TOKENS not in leased.backend.native_apis:

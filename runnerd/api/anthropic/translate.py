@@ -8,6 +8,7 @@ import json
 import secrets
 from typing import Any
 
+from backends.base import SamplingDialect
 from runnerd.api.anthropic.schema import (
     ContentBlock,
     ImageBlock,
@@ -21,7 +22,7 @@ from runnerd.api.anthropic.schema import (
     ToolUseBlock,
 )
 from runnerd.api.chat_pieces import Appended, Change, ChatAnswer, Piece, PieceKind, Started, Usage
-from runnerd.api.leased import Leased, sse_event
+from runnerd.api.leased import extra_fields, sampling, sse_event
 
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
                  "content_filter": "refusal"}
@@ -97,11 +98,12 @@ def _tool_choice(choice: ToolChoice) -> Any:
     return {"auto": "auto", "any": "required", "none": "none"}[choice.type]
 
 
-def chat_body(req: MessagesRequest, leased: Leased) -> dict[str, Any]:
-    body: dict[str, Any] = {**leased.extra_fields(req), "model": leased.model.name,
+def chat_body(req: MessagesRequest, model: str, dialect: SamplingDialect) -> dict[str, Any]:
+    """The chat-completion request for `model` on an engine whose option names are `dialect`."""
+    body: dict[str, Any] = {**extra_fields(req), "model": model,
                             "messages": chat_messages(req.system, req.messages),
                             "max_tokens": req.max_tokens,
-                            **leased.sampling({"temperature": req.temperature, "top_p": req.top_p,
+                            **sampling(dialect, {"temperature": req.temperature, "top_p": req.top_p,
                                                "top_k": req.top_k})}
     if req.stop_sequences:
         body["stop"] = req.stop_sequences

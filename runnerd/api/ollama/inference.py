@@ -26,12 +26,12 @@ from pydantic import Field
 from backends.base import Backend, BackendConfiguration, Capability, Mode
 from backends.formats import FORMAT_ERRORS
 from runnerd.api.context import Daemon, daemon
-from runnerd.api.engines import check_capabilities, check_request, choose_backend, lease_runner
+from runnerd.api.engines import check_capabilities, check_request, choose_backend, configuration_for, lease_runner
 from runnerd.api.errors import ApiError
 from runnerd.api.fit import refuse_unfit
 from runnerd.api.ollama import translate as tr
 from runnerd.api.ollama.common import ModelRequest, lookup_model, ndjson_line, read_body, start_ndjson
-from runnerd.api.ollama.upstream import UpstreamJob, upstream_job
+from runnerd.api.ollama.upstream import UpstreamJob, fallback_job, upstream_first, upstream_job
 from runnerd.configs import StoredConfiguration, effective_configuration
 from runnerd.durations import parse_keep_alive
 from runnerd.metrics import REQUEST_MODEL
@@ -117,7 +117,7 @@ async def _configuration(d: Daemon, backend: Backend, model: ModelEntry, mode: M
     """The effective configuration, after storing `num_ctx` as the model's context size when it changes
     (capped at the training context, and only when the result can fit the host)."""
     stored = d.configs.get(model.name, mode)
-    config = effective_configuration(model.config, stored)
+    config = configuration_for(d, backend, model, mode)
     if num_ctx is None or config.context_size == num_ctx:
         return config
     trained = await _trained_context(backend, model)
@@ -134,7 +134,7 @@ async def _configuration(d: Daemon, backend: Backend, model: ModelEntry, mode: M
     # Stored again only if nothing else stored this model's configuration while the checks ran.
     if d.configs.get(model.name, mode) == stored:
         d.configs.put(item)
-    return effective_configuration(model.config, d.configs.get(model.name, mode))
+    return configuration_for(d, backend, model, mode)
 
 
 async def _restart_if_idle(d: Daemon, key: RunnerKey, config: BackendConfiguration) -> None:
@@ -168,10 +168,27 @@ class Job:
 async def _job(request: web.Request, name: str, needed: list[Capability], options: tr.OllamaOptions | None,
                keep_alive: KeepAliveValue) -> Job | UpstreamJob:
     """Where a chat or generate goes: the upstreams hosting the model, or a leased local runner."""
-    remote = upstream_job(request, name, needed)
+    remote = await upstream_job(request, name, needed)
     if remote is not None:
         return remote
-    return await _lease(request, name, Mode.COMPLETION, needed, options, keep_alive)
+    return await _lease_or_fall_back(request, name, Mode.COMPLETION, needed, options, keep_alive)
+
+
+async def _lease_or_fall_back(request: web.Request, name: str, mode: Mode, needed: list[Capability],
+                              options: tr.OllamaOptions | None, keep_alive: KeepAliveValue) -> Job | UpstreamJob:
+    """A leased local runner; when its engine cannot start (a 5xx before any answer), the upstreams that
+    host the same model, as the OpenAI routes fail over."""
+    try:
+        return await _lease(request, name, mode, needed, options, keep_alive)
+    except ApiError as exc:
+        if exc.status < 500:
+            raise
+        fallback = await fallback_job(request, name, needed)
+        if fallback is None:
+            raise
+        log.warning("the local engine for %s failed before answering, trying its upstreams: %s", name,
+                    exc.message.splitlines()[0])
+        return fallback
 
 
 async def _lease(request: web.Request, name: str, mode: Mode, needed: list[Capability],
@@ -179,14 +196,14 @@ async def _lease(request: web.Request, name: str, mode: Mode, needed: list[Capab
     clock = tr.Clock()
     d = daemon(request)
     model = lookup_model(d, name)
-    backend = choose_backend(d, None, model)
+    backend = choose_backend(d, None, model, mode)
     check_capabilities(backend, needed, model)
     ttl = _keep_alive(keep_alive)
     # The request's own fields first: a refused one must not leave a stored context size behind.
     # Ollama has no tool_choice: tools always leave the choice to the model ("auto"). The sampling options
     # go to the engine under its names: its backend bounds them as it bounds its own API's fields.
     payload = {"tools": Capability.TOOLS in needed, **tr.sampling_fields(options, backend.sampling_dialect)}
-    check_request(backend, model, effective_configuration(model.config, d.configs.get(model.name, mode)), payload)
+    check_request(backend, model, configuration_for(d, backend, model, mode), payload)
     config = await _configuration(d, backend, model, mode, options.num_ctx if options else None)
     if options is not None and options.num_ctx is not None:
         await _restart_if_idle(d, RunnerKey(backend.name, model.name, mode), config)
@@ -209,10 +226,13 @@ def _openai_body(req: _Inference, job: Job | UpstreamJob) -> dict[str, Any]:
 
 
 async def _load_only(request: web.Request, req: _Inference, *, chat: bool) -> web.Response:
-    """An empty chat/generate: load the model, or unload it when keep_alive is 0 (Ollama's idiom)."""
+    """An empty chat/generate: load the model, or unload it when keep_alive is 0 (Ollama's idiom). For a
+    model an upstream serves, the same answer and nothing sent: the upstream manages its own models."""
     d = daemon(request)
-    model = lookup_model(d, req.model)
     ttl = _keep_alive(req.keep_alive)
+    if await upstream_first(request, req.model) is not None:
+        return web.json_response(tr.load_answer(req.model, chat=chat, unloaded=ttl == 0))
+    model = lookup_model(d, req.model)
     if ttl == 0:
         await d.scheduler.unload(models=[model.name], reason="unload")
         return web.json_response(tr.load_answer(model.name, chat=chat, unloaded=True))
@@ -308,32 +328,39 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 async def _embed(request: web.Request, req: ModelRequest, inputs: Any, options: tr.OllamaOptions | None,
-                 keep_alive: KeepAliveValue, dimensions: int | None = None) -> tuple[Job, list[list[float]], int]:
-    job = await _lease(request, req.model, Mode.EMBEDDING, [Capability.EMBEDDINGS], options, keep_alive)
+                 keep_alive: KeepAliveValue, dimensions: int | None = None) -> tuple[Job | UpstreamJob,
+                                                                                     list[list[float]], int]:
+    needed = [Capability.EMBEDDINGS]
+    job: Job | UpstreamJob | None = await upstream_job(request, req.model, needed)
+    if job is None:
+        job = await _lease_or_fall_back(request, req.model, Mode.EMBEDDING, needed, options, keep_alive)
     try:
-        answer = await call_engine(job.lease.runner, "/v1/embeddings", {"model": job.model.name, "input": inputs})
+        answer = await job.call("/v1/embeddings", {"model": job.name, "input": inputs})
     finally:
-        job.lease.release()
+        job.release()
     usage = answer.get("usage") or {}
     return job, tr.embeddings_from(answer, dimensions), int(usage.get("prompt_tokens") or 0)
 
 
 async def _load_embedding(request: web.Request, name: str, options: tr.OllamaOptions | None,
-                          keep_alive: KeepAliveValue) -> Job:
-    """Nothing to embed: Ollama's way to load the model (an unknown model is still a 404)."""
+                          keep_alive: KeepAliveValue) -> str:
+    """Nothing to embed: Ollama's way to load the model (an unknown model is still a 404); nothing is sent
+    to an upstream. The model's name as answered."""
+    if await upstream_first(request, name) is not None:
+        return name
     job = await _lease(request, name, Mode.EMBEDDING, [Capability.EMBEDDINGS], options, keep_alive, preload=True)
     job.lease.release()
-    return job
+    return job.model.name
 
 
 async def embed(request: web.Request) -> web.Response:
     req = await read_body(request, EmbedRequest)
     if req.input == "" or req.input == []:
-        job = await _load_embedding(request, req.model, req.options, req.keep_alive)
-        return web.json_response({"model": job.model.name, "embeddings": []})
+        name = await _load_embedding(request, req.model, req.options, req.keep_alive)
+        return web.json_response({"model": name, "embeddings": []})
     job, vectors, prompt_tokens = await _embed(request, req, req.input, req.options, req.keep_alive,
                                                req.dimensions)
-    return web.json_response({"model": job.model.name, "embeddings": vectors, **job.clock.durations(),
+    return web.json_response({"model": job.name, "embeddings": vectors, **job.clock.durations(),
                               "prompt_eval_count": prompt_tokens})
 
 

@@ -1,5 +1,5 @@
 """Ollama's model routes: list (/api/tags), running (/api/ps), show, version, and the store
-operations delete, copy and pull."""
+operations delete, copy and pull. Listings hold the upstreams' models too (upstream.py)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,18 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from backends.base import Capability, Mode
+from backends.base import BackendConfiguration, Capability, Mode
 from backends.formats.gguf import GGUFParseError, cached_header
 from backends.formats.gguf_summary import summarize
 from runnerd import __version__
 from runnerd.api import scopes
 from runnerd.api.context import Daemon, daemon, over_unix_socket
-from runnerd.api.engines import choose_backend, other_models
+from runnerd.api.engines import choose_backend, configuration_for, other_models
 from runnerd.api.errors import ApiError
 from runnerd.api.ollama import translate as tr
+from runnerd.api.ollama import upstream
 from runnerd.api.ollama.common import ModelRequest, lookup_model, ndjson_line, read_body, start_ndjson
+from runnerd.api.ollama.upstream import upstream_first
 from runnerd.api.pulling import RequestPull
 from runnerd.configs import effective_configuration
 from runnerd.scheduler import RunnerKey
@@ -84,6 +86,8 @@ def _listed(model: ModelEntry, summary: Any) -> dict[str, Any]:
 
 
 async def tags(request: web.Request) -> web.Response:
+    if not from_upstream(request):
+        await daemon(request).sources.discovered()
     models = scopes.visible(daemon(request).store.list(), lambda m: m.name)
     facts = await asyncio.gather(*(asyncio.to_thread(_header_facts, m) for m in models))
     listed = [_listed(m, f[0]) for m, f in zip(models, facts, strict=True)]
@@ -113,6 +117,7 @@ async def ps(request: web.Request) -> web.Response:
             time.time() + 10 * 365 * 86400 if info.keep_alive is None else time.time() + info.keep_alive)
         out.append({**_listed(model, summary), "size": ram + vram, "size_vram": vram, "expires_at": _iso(expires),
                     "context_length": ctx})
+    out += await upstream.running(request, {m["name"] for m in out})
     return web.json_response({"models": out})
 
 
@@ -174,12 +179,25 @@ def _capabilities(d: Daemon, model: ModelEntry, template: str) -> list[str]:
     return caps
 
 
+def _shown_configuration(d: Daemon, model: ModelEntry) -> BackendConfiguration:
+    """What a generic request would run the model with: the engine it would go to decides whether a stored
+    configuration applies."""
+    try:
+        backend = choose_backend(d, None, model)
+    except ApiError:
+        return effective_configuration(model.config, None)
+    return configuration_for(d, backend, model, Mode.COMPLETION)
+
+
 async def show(request: web.Request) -> web.Response:
     req = await read_body(request, ModelRequest)
     d = daemon(request)
+    remote = await upstream_first(request, req.model)
+    if remote is not None:
+        return await upstream.show(remote)
     model = lookup_model(d, req.model)
     summary, header = await asyncio.to_thread(_header_facts, model)
-    config = effective_configuration(model.config, d.configs.get(model.name, Mode.COMPLETION))
+    config = _shown_configuration(d, model)
     params = {"num_ctx": config.context_size or d.settings.default_context_size}
     parameters = "\n".join(f"{k:<15} {v}" for k, v in params.items())
     template = await asyncio.to_thread(_template, d, header, model)
@@ -218,6 +236,7 @@ async def copy(request: web.Request) -> web.Response:
     req = await read_body(request, CopyRequest)
     d = daemon(request)
     lookup_model(d, req.source)
+    scopes.check_new_name(req.destination, "destination")
     try:
         await asyncio.to_thread(d.store.tag, req.source, req.destination, req.force)
     except StoreError as exc:

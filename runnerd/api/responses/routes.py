@@ -1,17 +1,20 @@
 """OpenAI's Responses API: `POST /v1/responses` and `/v1/responses/input_tokens`, relayed to an engine that
-serves it, otherwise translated through the engine's chat completions; the stored responses behind
+serves it, otherwise translated through the engine's chat completions (or, for a model an upstream
+hosts, the upstream's, with failover before the first event); the stored responses behind
 `previous_response_id` and `GET`/`DELETE /v1/responses/{id}` and `/input_items` are the daemon's own
 (store.py), whichever engine answered: engines keep no conversation."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from backends.base import Api
+from backends.base import OPENAI_SAMPLING, Api, Capability
+from runnerd import failover
 from runnerd.api.body import read_json_body
 from runnerd.api.chat_pieces import answer_from_completion
 from runnerd.api.context import DAEMON
@@ -22,13 +25,17 @@ from runnerd.api.leased import (
     lease_for,
     needed_capabilities,
     prepend,
+    refuse_upstream_count,
+    route_candidates,
     start_sse,
     stream_translated,
 )
 from runnerd.api.responses import translate as tr
 from runnerd.api.responses.schema import InputItem, InputTokensRequest, ResponsesRequest, input_items
-from runnerd.api.responses.store import RESPONSE_STORE, ResponseStore, StoredResponse
+from runnerd.api.responses.store import RESPONSE_STORE, ResponseStore, StoredResponse, viewer
+from runnerd.metrics import REQUEST_MODEL
 from runnerd.proxy import call_engine, engine_events
+from runnerd.sources import Candidate
 from runnerd.sse import error_text
 
 _ITEMS = TypeAdapter(list[InputItem])
@@ -40,7 +47,7 @@ class Conversation:
     def __init__(self, store: ResponseStore, req: InputTokensRequest) -> None:
         earlier: list[dict[str, Any]] = []
         if req.previous_response_id:
-            for entry in store.chain(req.previous_response_id):
+            for entry in store.chain(req.previous_response_id, viewer()):
                 earlier += tr.clean_input(entry.input_items) + tr.output_as_input(entry.response.get("output") or [])
         self.own = tr.stored_input(input_items(req.input))
         self.engine_input = earlier + tr.clean_input(self.own)
@@ -62,15 +69,29 @@ def _native_body(payload: dict[str, Any], conversation: Conversation) -> dict[st
 def _remember(request: web.Request, req: ResponsesRequest, response: dict[str, Any],
               conversation: Conversation) -> None:
     if req.store and response.get("status") in ("completed", "incomplete") and response.get("id"):
-        request.app[RESPONSE_STORE].put(StoredResponse.of(response, conversation.own, req.previous_response_id))
+        request.app[RESPONSE_STORE].put(StoredResponse.of(response, conversation.own, req.previous_response_id,
+                                                          viewer().owner))
 
 
 async def create(request: web.Request) -> web.StreamResponse:
     payload = await read_json_body(request)
     req = parse_body(ResponsesRequest, payload, "Responses request")
     conversation = Conversation(request.app[RESPONSE_STORE], req)
-    leased = await lease_for(request, payload, needed_capabilities(stream=req.stream, tools=bool(req.tools)),
-                             Api.RESPONSES)
+    needed = needed_capabilities(stream=req.stream, tools=bool(req.tools))
+    name = str(payload["model"])
+    candidates = await route_candidates(request, name)
+    if candidates is None:
+        return await _serve_locally(request, req, payload, needed, conversation)
+    request[REQUEST_MODEL] = name
+    return await failover.serve_each(
+        candidates, needed,
+        lambda model: _serve_locally(request, req, {**payload, "model": model}, needed, conversation),
+        lambda run, tried: _serve_upstream(request, req, name, run, tried, conversation))
+
+
+async def _serve_locally(request: web.Request, req: ResponsesRequest, payload: dict[str, Any],
+                         needed: list[Capability], conversation: Conversation) -> web.StreamResponse:
+    leased = await lease_for(request, payload, needed, Api.RESPONSES)
     try:
         if leased.native:
             body = _native_body(payload, conversation)
@@ -79,15 +100,29 @@ async def create(request: web.Request) -> web.StreamResponse:
             response = tr.completed_native(req, leased.model.name,
                                            await call_engine(leased.runner, "/v1/responses", body))
         else:
-            body = tr.chat_body(req, conversation.items(), leased)
+            body = tr.chat_body(req, conversation.items(), leased.model.name, leased.backend.sampling_dialect)
             if req.stream:
-                return await _translate_stream(request, leased, req, body, conversation)
+                chunks = engine_events(leased.runner, "/v1/chat/completions", body)
+                return await _translate_stream(request, chunks, req, leased.model.name, conversation)
             completion = await call_engine(leased.runner, "/v1/chat/completions", body)
             response = tr.from_answer(req, leased.model.name, answer_from_completion(completion))
     finally:
         leased.lease.release()
     _remember(request, req, response, conversation)
     return web.json_response(response)
+
+
+async def _serve_upstream(request: web.Request, req: ResponsesRequest, name: str, run: list[Candidate],
+                          tried: failover.Tried, conversation: Conversation) -> web.StreamResponse:
+    """Through the upstreams' chat completions; the conversation stays here, as for a local engine."""
+    body = tr.chat_body(req, conversation.items(), name, OPENAI_SAMPLING)
+    if req.stream:
+        chunks = failover.upstream_events(run, "/v1/chat/completions", body, tried)
+        return await _translate_stream(request, chunks, req, name, conversation, tried.headers)
+    completion = await failover.call_upstreams(run, "/v1/chat/completions", body, tried)
+    response = tr.from_answer(req, name, answer_from_completion(completion))
+    _remember(request, req, response, conversation)
+    return web.json_response(response, headers=tried.headers())
 
 
 async def _relay_stream(request: web.Request, leased: Leased, req: ResponsesRequest, body: dict[str, Any],
@@ -107,10 +142,11 @@ async def _relay_stream(request: web.Request, leased: Leased, req: ResponsesRequ
     return response
 
 
-async def _translate_stream(request: web.Request, leased: Leased, req: ResponsesRequest, body: dict[str, Any],
-                            conversation: Conversation) -> web.StreamResponse:
-    stream = tr.ResponseStream(req, leased.model.name)
-    response, completed = await stream_translated(request, leased, body, stream)
+async def _translate_stream(request: web.Request, chunks: AsyncGenerator[dict[str, Any], None],
+                            req: ResponsesRequest, model: str, conversation: Conversation,
+                            headers: Callable[[], Mapping[str, str]] = dict) -> web.StreamResponse:
+    stream = tr.ResponseStream(req, model)
+    response, completed = await stream_translated(request, chunks, stream, headers)
     if completed:
         _remember(request, req, stream.response, conversation)
     await response.write_eof()
@@ -121,6 +157,7 @@ async def input_tokens(request: web.Request) -> web.Response:
     payload = await read_json_body(request)
     req = parse_body(InputTokensRequest, payload, "input_tokens request")
     conversation = Conversation(request.app[RESPONSE_STORE], req)
+    await refuse_upstream_count(request, str(payload["model"]), "count the input tokens of a Responses request")
     leased = await lease_for(request, payload, needed_capabilities(stream=False, tools=False), Api.RESPONSES)
     try:
         if not leased.native or Api.RESPONSES_INPUT_TOKENS not in leased.backend.native_apis:
@@ -134,12 +171,12 @@ async def input_tokens(request: web.Request) -> web.Response:
 
 
 async def get_response(request: web.Request) -> web.Response:
-    return web.json_response(request.app[RESPONSE_STORE].get(request.match_info["id"]).response)
+    return web.json_response(request.app[RESPONSE_STORE].get(request.match_info["id"], viewer()).response)
 
 
 async def delete_response(request: web.Request) -> web.Response:
     response_id = request.match_info["id"]
-    if not request.app[RESPONSE_STORE].delete(response_id):
+    if not request.app[RESPONSE_STORE].delete(response_id, viewer()):
         raise ApiError(404, f"no stored response with id {response_id!r}", code="response_not_found")
     return web.json_response({"id": response_id, "object": "response", "deleted": True})
 
@@ -154,7 +191,7 @@ class ItemsQuery(BaseModel):
 
 async def list_input_items(request: web.Request) -> web.Response:
     query = parse_body(ItemsQuery, dict(request.query), "input_items query")
-    items = list(request.app[RESPONSE_STORE].get(request.match_info["id"]).input_items)
+    items = list(request.app[RESPONSE_STORE].get(request.match_info["id"], viewer()).input_items)
     if query.order == "desc":
         items.reverse()
     if query.after is not None:

@@ -7,9 +7,10 @@ import secrets
 import time
 from typing import Any
 
+from backends.base import SamplingDialect
 from runnerd.api.chat_pieces import Appended, Change, ChatAnswer, Piece, PieceKind, Started, Usage
 from runnerd.api.errors import ApiError
-from runnerd.api.leased import Leased, sse_event
+from runnerd.api.leased import extra_fields, sampling, sse_event
 from runnerd.api.responses.schema import (
     FunctionCallItem,
     FunctionCallOutputItem,
@@ -145,10 +146,11 @@ def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
     raise ApiError(400, f"text.format of type {fmt.get('type')!r} is not supported", param="text.format")
 
 
-def chat_body(req: ResponsesRequest, items: list[InputItem], leased: Leased) -> dict[str, Any]:
-    body: dict[str, Any] = {**leased.extra_fields(req), "model": leased.model.name,
+def chat_body(req: ResponsesRequest, items: list[InputItem], model: str, dialect: SamplingDialect) -> dict[str, Any]:
+    """The chat-completion request for `model` on an engine whose option names are `dialect`."""
+    body: dict[str, Any] = {**extra_fields(req), "model": model,
                             "messages": chat_messages(req.instructions, items),
-                            **leased.sampling({"temperature": req.temperature, "top_p": req.top_p})}
+                            **sampling(dialect, {"temperature": req.temperature, "top_p": req.top_p})}
     if req.max_output_tokens is not None:
         body["max_tokens"] = req.max_output_tokens
     if req.tools:
