@@ -65,12 +65,16 @@ async def stream_once(session: aiohttp.ClientSession, url: str, body: dict[str, 
                     first = False
                 if b'"error"' in line:
                     tally.errors += 1
+                    if tally.errors <= 3:
+                        print(f"error event from {url}: {line[:300]!r}", file=sys.stderr)
                     return
                 if b'"text"' in line or b'"content"' in line:
                     tally.tokens += 1
         tally.requests += 1
-    except aiohttp.ClientError:
+    except aiohttp.ClientError as exc:
         tally.errors += 1
+        if tally.errors <= 3:
+            print(f"{type(exc).__name__} from {url}: {exc}", file=sys.stderr)
 
 
 async def run_load(targets: list[tuple[str, str]], clients: int, seconds: float, max_tokens: int) -> Tally:

@@ -244,8 +244,13 @@ class _Client(asyncio.Protocol):
 
 
 async def _connect(sock: str) -> _Client:
-    _, protocol = await asyncio.get_running_loop().create_unix_connection(_Client, sock)
-    return protocol
+    while True:
+        transport, protocol = await asyncio.get_running_loop().create_unix_connection(_Client, sock)
+        # A full listen queue is reported by asyncio as a connection made with no peer: try again.
+        if transport.get_extra_info("peername"):
+            return protocol
+        transport.close()
+        await asyncio.sleep(0.01)
 
 
 async def streams_pass(sock: str, path: str, model: str, streams: int, events: int) -> tuple[int, float]:

@@ -24,6 +24,7 @@ from backends.base import Capability
 from backends.external import ExternalEndpoint, read_at_most
 from runnerd.api.errors import ApiError
 from runnerd.metrics import REQUEST_MODEL
+from runnerd.relay import HOLD_UNTIL_FIRST_CHUNK
 from runnerd.sources import Candidate
 from runnerd.sse import error_text, parse_sse_line
 
@@ -293,6 +294,8 @@ async def serve(request: web.Request, candidates: list[Candidate], path: str, pa
     failures: list[str] = []
     for index, candidate in enumerate(candidates):
         if candidate.endpoint is None:
+            # With a source still to try, the local answer is held until the engine's first body bytes.
+            request[HOLD_UNTIL_FIRST_CHUNK] = index < len(candidates) - 1
             try:
                 return await local(candidate.model)
             except ApiError as exc:

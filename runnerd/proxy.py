@@ -2,7 +2,7 @@
 
 Every answer, streamed or not, is relayed as it comes: the daemon never holds a whole answer, however
 large the engine makes it. On the OpenAI routes (HTTP/1.1 clients) the engine's bytes go to the client as
-they are, chunk framing included (runnerd.relay), on a connection of their own per request. Only routes
+they are, chunk framing included (runnerd.relay), over the runner's pool of kept-alive connections. Only routes
 that translate an answer read it whole, up to a bound. A client that hangs up while the engine computes
 a non-streamed answer does not stop the engine (an engine may finish it anyway), so the runner stays
 busy, by a lease of its own, until the engine has answered.
@@ -25,7 +25,15 @@ from multidict import CIMultiDict
 from backends.base import RunnerError
 from runnerd.api.errors import ApiError
 from runnerd.metrics import REQUEST_MODEL
-from runnerd.relay import EngineStream, UpstreamHead, drain_unread, open_exchange, relay_raw
+from runnerd.relay import (
+    HOLD_UNTIL_FIRST_CHUNK,
+    EngineStream,
+    UpstreamHead,
+    drain_unread,
+    first_bytes,
+    read_body,
+    relay_raw,
+)
 from runnerd.scheduler import Lease, Runner
 from runnerd.sse import error_text, parse_sse_line
 
@@ -294,7 +302,10 @@ async def _relay_body(request: web.Request, runner: Runner, upstream: aiohttp.Cl
         response.content_length = upstream.content_length
     try:
         async with answer_watch(runner):
+            first = await _held_first(request, runner, upstream)
             await response.prepare(request)
+            if first:
+                await response.write(first)
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
     except (TimeoutError, aiohttp.ClientError) as exc:
@@ -309,18 +320,31 @@ async def _relay_body(request: web.Request, runner: Runner, upstream: aiohttp.Cl
     return response
 
 
+async def _held_first(request: web.Request, runner: Runner, upstream: aiohttp.ClientResponse) -> bytes:
+    """For a held request (HOLD_UNTIL_FIRST_CHUNK), the answer's first body bytes, its 5xx raised."""
+    if not request.get(HOLD_UNTIL_FIRST_CHUNK):
+        return b""
+    if upstream.status >= 500:
+        raise _engine_error(upstream.status, await _refusal(upstream),
+                            f"the engine serving {runner.model.name} answered {upstream.status}: ")
+    return await upstream.content.readany()
+
+
 async def _open_raw(runner: Runner, path: str, body: bytes, headers: dict[str, str],
                     idle_timeout: float | None) -> EngineStream:
     if runner.session is None or runner.session.closed:
         raise await engine_failure(runner, RuntimeError("runner is not ready"))
     try:
-        return await open_exchange(runner.endpoint, path, body, headers, idle_timeout)
+        return await runner.engine_pool.open(path, body, headers, idle_timeout)
     except aiohttp.ClientError as exc:
         raise await engine_failure(runner, exc) from exc
 
 
-def _raw_response(head: UpstreamHead) -> web.StreamResponse:
+def _raw_response(head: UpstreamHead, whole: bytes | None) -> web.StreamResponse:
     kept = CIMultiDict((k, v) for k, v in head.headers if k.lower() not in _DROPPED_RESPONSE_HEADERS)
+    if whole is not None:
+        # Headers and body leave in one write.
+        return web.Response(status=head.status, headers=kept, body=whole)
     response = web.StreamResponse(status=head.status, headers=kept)
     if head.length is not None and not head.chunked:
         response.content_length = head.length
@@ -329,11 +353,57 @@ def _raw_response(head: UpstreamHead) -> web.StreamResponse:
     return response
 
 
+async def _body_before_start(request: web.Request, runner: Runner, head: UpstreamHead,
+                             engine: EngineStream) -> tuple[bytes | bytearray, bool]:
+    """The body in hand before the response starts, and whether it is all of it: the whole of a sized
+    answer that arrived with its head; for a held request (HOLD_UNTIL_FIRST_CHUNK) its first bytes, a
+    5xx or a failure before them raised instead; otherwise nothing yet."""
+    held = request.get(HOLD_UNTIL_FIRST_CHUNK)
+    if held and head.status >= 500:
+        refusal = await read_body(engine, _MAX_REFUSAL_BYTES)
+        raise _engine_error(head.status, refusal, f"the engine serving {runner.model.name} answered {head.status}: ")
+    whole = engine.whole_body()
+    if whole is not None:
+        return whole, True
+    if not held:
+        return b"", False
+    first = await first_bytes(engine)
+    if not head.chunked and head.length is not None and len(first) >= head.length:
+        return bytes(first), True
+    return first, False  # still filling: relay_raw sends what it holds by then
+
+
 async def _relay_raw_body(request: web.Request, response: web.StreamResponse, head: UpstreamHead,
-                          engine: EngineStream) -> None:
+                          engine: EngineStream, first: bytes | bytearray, whole: bool) -> None:
     await response.prepare(request)
-    await relay_raw(request, engine, frame=not head.chunked and head.length is None)
+    if not whole:
+        await relay_raw(request, engine, frame=not head.chunked and head.length is None, first=first)
     await response.write_eof()
+
+
+async def _relay_broke(request: web.Request, runner: Runner, response: web.StreamResponse | None,
+                       exc: BaseException) -> web.StreamResponse:
+    """The relay's answer to a broken exchange. Before the response started: the engine's failure as the
+    route's error (the client's hang-up as it is). After: a client that hung up is left; an SSE stream
+    ends with the error as its last event; anything else is cut, so that the client sees an answer
+    shorter than announced, never a truncated one that looks whole."""
+    started = response is not None and response.prepared
+    if isinstance(exc, ConnectionResetError) and not isinstance(exc, aiohttp.ClientError):
+        if not started:
+            raise exc
+        assert response is not None
+        return response  # the client hung up: closing the engine's connection stops its work
+    error = await engine_failure(runner, exc)
+    if not started:
+        raise error from exc
+    assert response is not None
+    log.warning("answer from %s broke: %s", runner.model.name, error.message.splitlines()[0])
+    if response.chunked and response.headers.get("Content-Type", "").startswith("text/event-stream"):
+        await response.write(error.sse_event())
+        await response.write_eof()
+    elif request.transport is not None:
+        request.transport.close()
+    return response
 
 
 async def _relay_stream(request: web.Request, runner: Runner, path: str, body: bytes,
@@ -345,28 +415,14 @@ async def _relay_stream(request: web.Request, runner: Runner, path: str, body: b
     response: web.StreamResponse | None = None
     try:
         head = await engine.head
-        response = _raw_response(head)
-        await _relay_raw_body(request, response, head, engine)
+        first, whole = await _body_before_start(request, runner, head, engine)
+        response = _raw_response(head, bytes(first) if whole else None)
+        await _relay_raw_body(request, response, head, engine, first, whole)
         return response
-    except ConnectionResetError:
-        if response is None:
-            raise
-        return response  # the client hung up: closing the engine's connection stops its work
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        error = await engine_failure(runner, exc)
-        if response is None:
-            raise error from exc
-        log.warning("stream from %s broke: %s", runner.model.name, error.message.splitlines()[0])
-        if not response.chunked or not response.headers.get("Content-Type", "").startswith("text/event-stream"):
-            if request.transport is not None:
-                request.transport.close()
-            return response
-        # The status line is gone already: end the stream with the error as its last event.
-        await response.write(error.sse_event())
-        await response.write_eof()
-        return response
+    except (TimeoutError, aiohttp.ClientError, ConnectionResetError) as exc:
+        return await _relay_broke(request, runner, response, exc)
     finally:
-        engine.close()
+        runner.engine_pool.release(engine)
 
 
 async def _relay_answer(request: web.Request, runner: Runner, path: str, body: bytes,
@@ -386,24 +442,15 @@ async def _relay_answer(request: web.Request, runner: Runner, path: str, body: b
                 runner.spawn(_outlive_client_raw, engine, runner.hold())
                 handed_off = True
                 raise
-            response = _raw_response(head)
-            await _relay_raw_body(request, response, head, engine)
+            first, whole = await _body_before_start(request, runner, head, engine)
+            response = _raw_response(head, bytes(first) if whole else None)
+            await _relay_raw_body(request, response, head, engine, first, whole)
         return response
-    except ConnectionResetError:
-        if response is None:
-            raise
-        return response
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        error = await engine_failure(runner, exc)
-        if response is None or not response.prepared:
-            raise error from exc
-        log.warning("answer from %s broke: %s", runner.model.name, error.message.splitlines()[0])
-        if request.transport is not None:
-            request.transport.close()
-        return response
+    except (TimeoutError, aiohttp.ClientError, ConnectionResetError) as exc:
+        return await _relay_broke(request, runner, response, exc)
     finally:
         if not handed_off:
-            engine.close()
+            runner.engine_pool.release(engine)
 
 
 async def _outlive_client_raw(engine: EngineStream, hold: Lease) -> None:
@@ -417,7 +464,7 @@ async def _outlive_client_raw(engine: EngineStream, hold: Lease) -> None:
     except (TimeoutError, aiohttp.ClientError) as exc:
         log.info("the engine serving %s failed an abandoned request: %s", runner.model.name, exc)
     finally:
-        engine.close()
+        runner.engine_pool.release(engine)
         hold.release()
 
 
@@ -429,8 +476,11 @@ async def _relay_stream_parsed(request: web.Request, runner: Runner, path: str, 
         async with exchange(runner, path, body, headers, stream=True) as upstream:
             if not upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
                 return await _relay_body(request, runner, upstream)  # the engine refused the request
+            first = await _held_first(request, runner, upstream)
             response = web.StreamResponse(status=upstream.status, headers=_response_headers(upstream))
             await response.prepare(request)
+            if first:
+                await response.write(first)
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
             await response.write_eof()
@@ -445,12 +495,12 @@ async def _relay_stream_parsed(request: web.Request, runner: Runner, path: str, 
         return response
 
 
-def _engine_error(status: int, raw: bytes) -> ApiError:
+def _engine_error(status: int, raw: bytes, prefix: str = "") -> ApiError:
     try:
         message = error_text(json.loads(raw))
     except (UnicodeDecodeError, json.JSONDecodeError):
         message = raw.decode(errors="replace")[:500]
-    return ApiError(status, message)
+    return ApiError(status, prefix + message)
 
 
 async def call_engine(runner: Runner, path: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -53,6 +53,7 @@ from runnerd.admission import Amount, Budget, Holding, needed
 from runnerd.durations import KeepAlive, parse_keep_alive
 from runnerd.pidfiles import remove_pid_file, write_pid_file
 from runnerd.ports import free_loopback_port
+from runnerd.relay import EnginePool
 from runnerd.sampler import HostSampler, HostSnapshot
 
 log = logging.getLogger("runnerd.scheduler")
@@ -224,6 +225,7 @@ class Runner:
         self.stop_reason: str | None = None  # why runnerd stopped it: idle, unload, memory, abandoned, ...
         self.unloading = False  # an unload waits for its requests in flight to end before it stops it
         self.session: aiohttp.ClientSession | None = None
+        self.engine_pool = EnginePool(endpoint)  # the relay's kept-alive connections to the engine
         self._expiry: anyio.CancelScope | None = None
         self._process: asyncio.Task[None] | None = None
         self._loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -278,6 +280,7 @@ class Runner:
         """Wait for the engine process to end, then record how and release what it held."""
         await asyncio.wait({process})
         self._on_process_done(process)
+        self.engine_pool.close()
         if self.session is not None:
             await self.session.close()
 

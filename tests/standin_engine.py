@@ -7,7 +7,10 @@ asks, so that tests can produce what real engines do only rarely:
 - `{"silent_after": n}`: stream n chunks, then keep the connection open and send nothing more;
 - `{"delay": seconds}` (not streamed): answer after `delay` seconds, health checks passing meanwhile;
 - `{"hang": true}`: never answer this or any later request, and stop answering health checks too;
-- `{"drop": true}`: read the whole request, then close the connection without answering.
+- `{"drop": true}`: read the whole request, then close the connection without answering;
+- `{"status": code}`: answer at once with that status and a JSON error, streamed or not;
+- `{"cut": true}`: send the status line and headers of a 200 (SSE when streamed, a sized JSON answer when
+  not), then close the connection before the first byte of the body.
 
 `GET /arrivals` answers how many chat requests arrived.
 
@@ -40,6 +43,19 @@ async def chat(request: web.Request) -> web.StreamResponse:
         assert request.transport is not None
         request.transport.close()
         await asyncio.sleep(3600)
+    if "status" in plan:
+        return web.json_response({"error": {"message": "stand-in engine failure", "type": "server_error"}},
+                                 status=int(plan["status"]))
+    if plan.get("cut"):
+        cut = web.StreamResponse(headers={"Content-Type": "text/event-stream" if body.get("stream") else
+                                          "application/json"})
+        if not body.get("stream"):
+            cut.content_length = 100
+        await cut.prepare(request)
+        await cut.drain()
+        assert request.transport is not None
+        request.transport.close()
+        return cut
     if plan.get("hang") or request.app[HUNG].is_set():
         request.app[HUNG].set()
         await asyncio.sleep(3600)

@@ -6,7 +6,9 @@ passes /health, records every request it gets, and answers inference as its mode
 - "cut": a 200 text/event-stream status line, then it hangs up before any byte of the body;
 - "half": one SSE chunk whose content is PARTIAL, then it hangs up;
 - "slow": nothing for a minute (a timeout before the first byte), then a 500;
-- "plain": a JSON chat answer whose content is its name (for capability checks, which must never reach it).
+- "plain": a JSON chat answer whose content is its name (for capability checks, which must never reach it);
+- "answer": a whole answer, streamed as asked: the JSON of "plain", or two SSE chunks `NAME-1 ` and
+  `NAME-2` and `[DONE]`.
 
 Its model list can grow while it runs (`models.append`), and its first listing can be made to take
 `first_listing_delay` seconds (a slow first discovery poll).
@@ -83,14 +85,16 @@ class StandinUpstream:
         return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
 
     async def _inference(self, request: web.Request) -> web.StreamResponse:
-        await request.read()
+        raw = await request.read()
+        if self.mode == "answer" and json.loads(raw).get("stream") is True:
+            return await self._stream_answer(request)
         if self.mode == "slow":
             # Until the stand-in closes: aiohttp does not cancel a handler whose client hung up.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), 60)
         if self.mode in ("500", "slow"):
             return web.json_response({"error": {"message": "stand-in failure", "type": "server_error"}}, status=500)
-        if self.mode == "plain":
+        if self.mode in ("plain", "answer"):
             return web.json_response({"choices": [{"index": 0, "message": {"role": "assistant", "content": self.name},
                                                    "finish_reason": "stop"}]})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -101,6 +105,17 @@ class StandinUpstream:
             await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
         assert request.transport is not None
         request.transport.close()  # hang up mid-answer
+        return response
+
+    async def _stream_answer(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i, text in enumerate((f"{self.name}-1 ", f"{self.name}-2")):
+            chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "standin",
+                     "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": "stop" if i else None}]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
         return response
 
     def close(self) -> None:
