@@ -2,13 +2,13 @@
 Python object per event.
 
 Each runner has an EnginePool: a bounded set of idle HTTP/1.1 connections to its engine, each dropped well
-before the engine's own keep-alive timeout would close it (llama-server and uvicorn close idle ones after
-5 s). A request takes an idle connection or opens one; once the engine's status line and headers have
+before the engine's own keep-alive timeout would close it (the engine servers seen close idle ones
+after 5 s). A request takes an idle connection or opens one; once the engine's status line and headers have
 arrived, its chunked body is written to the client's connection as it came, chunk framing included (both
 sides speak HTTP/1.1 chunked encoding), cut only at chunk boundaries so that a failure can still end the
 stream with a well-formed error event. The engine is read only as fast as the client takes the bytes. An
 answer that is not chunked goes on as bytes, sized as the engine sized it. A connection goes back to the
-pool only after a sized answer that ended exactly at its end (llama-server closes its side after a
+pool only after a sized answer that ended exactly at its end (an engine may close its side after a
 chunked one); anything else closes it.
 
 A request reaches the engine at most once: it is sent again, once and on a new connection, only when the
@@ -214,7 +214,7 @@ class EngineStream(asyncio.Protocol):
         except ValueError:
             self._fail(aiohttp.ClientPayloadError(f"the engine answered a malformed status line: {lines[0][:100]!r}"))
             return
-        # llama-server closes its side right after a chunked answer, announcing keep-alive all the same:
+        # Some engines close their side right after a chunked answer, announcing keep-alive all the same:
         # a request sent on in the moment before its close arrives would be lost, so only a sized answer
         # leaves the connection to carry another.
         self._keep_alive = keep_alive and not head.chunked
@@ -427,7 +427,7 @@ class EnginePool:
                 while True:
                     # A unix socket whose listen queue is full refuses with EAGAIN: uvloop raises it,
                     # asyncio takes it for a connection under way and reports one made, with no peer.
-                    # Nothing was sent, so trying again is safe (llama-server's queue holds 5).
+                    # Nothing was sent, so trying again is safe (an engine's listen queue may hold as few as 5).
                     with contextlib.suppress(BlockingIOError):
                         transport, engine = await loop.create_unix_connection(EngineStream, str(self.endpoint.path))
                         if transport.get_extra_info("peername"):
