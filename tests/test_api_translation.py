@@ -178,6 +178,11 @@ CHUNK = st.fixed_dictionaries({"choices": st.lists(st.fixed_dictionaries({
 @settings(max_examples=300, deadline=None)
 @given(st.lists(CHUNK, max_size=8))
 @example([{"choices": [{"delta": {"tool_calls": 1}, "finish_reason": None}]}])  # once crashed the reader
+# A tool call interrupted by text and resumed once gave two output items one call_id.
+@example([{"choices": [{"delta": {"content": None, "reasoning_content": None, "tool_calls": [{}]},
+                        "finish_reason": None}]},
+          {"choices": [{"delta": {"content": "0"}, "finish_reason": None}]},
+          {"choices": [{"delta": {"tool_calls": [{}]}, "finish_reason": None}]}])
 def test_whatever_an_engine_streams_the_translations_end_well_formed(chunks):
     final = anthropic_final(chunks)
     assert final.stop_reason in ("end_turn", "max_tokens", "tool_use", "refusal")

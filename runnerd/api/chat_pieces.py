@@ -102,6 +102,18 @@ def _reasoning(message: dict[str, Any]) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _unique_tool_id(answer: ChatAnswer, wanted: str) -> str:
+    """`wanted`, or `wanted` with a suffix when an earlier tool call of the answer has that id: clients match
+    results to calls by id, and an engine that interrupts a call with text (then resumes it as a new
+    piece) or repeats an id would otherwise give two calls one id."""
+    taken = {p.tool_id for p in answer.pieces if p.kind is PieceKind.TOOL}
+    candidate, n = wanted, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{wanted}_{n}"
+    return candidate
+
+
 def answer_from_completion(body: dict[str, Any]) -> ChatAnswer:
     """A whole (non-streamed) chat completion as pieces."""
     answer = ChatAnswer(usage=Usage.from_openai(body.get("usage")))
@@ -120,8 +132,9 @@ def answer_from_completion(body: dict[str, Any]) -> ChatAnswer:
         function = _object(call.get("function"))
         arguments = function.get("arguments")
         text = arguments if isinstance(arguments, str) else json.dumps(arguments or {})
-        answer.pieces.append(Piece(PieceKind.TOOL, text, tool_id=str(call.get("id") or f"call_{i}"),
-                                   tool_name=str(function.get("name") or ""), tool_index=i))
+        tool_id = _unique_tool_id(answer, str(call.get("id") or f"call_{i}"))
+        answer.pieces.append(Piece(PieceKind.TOOL, text, tool_id=tool_id, tool_name=str(function.get("name") or ""),
+                                   tool_index=i))
     return answer
 
 
@@ -155,8 +168,9 @@ class PieceReader:
         function = _object(call.get("function"))
         open_piece = self._open
         if open_piece is None or open_piece.kind is not PieceKind.TOOL or open_piece.tool_index != index:
-            changes.append(self._start(Piece(PieceKind.TOOL, tool_id=str(call.get("id") or f"call_{index}"),
-                                             tool_name=str(function.get("name") or ""), tool_index=index)))
+            tool_id = _unique_tool_id(self.answer, str(call.get("id") or f"call_{index}"))
+            changes.append(self._start(Piece(PieceKind.TOOL, tool_id=tool_id, tool_name=str(function.get("name") or ""),
+                                             tool_index=index)))
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
             piece = self._open
