@@ -77,6 +77,19 @@ def usable(candidates: list[Candidate], needed: list[Capability]) -> list[Candid
 NO_SOURCE_LEFT = "upstream_unavailable"
 
 
+def local_moves_on(exc: ApiError, *, last: bool) -> bool:
+    """Whether a local candidate's failure before its answer started passes the request to the next source:
+    a 5xx (its engine could not start, answered 5xx or dropped the connection) or an alias's local target
+    that is not stored (passed over like a source that is down). A 4xx blames the request, which every
+    other source would refuse too; with no source left the failure is the answer."""
+    return not last and (exc.status >= 500 or exc.code == "model_not_found")
+
+
+def local_failure(exc: ApiError) -> str:
+    """A local failure as `Tried.failures` lists it."""
+    return f"local: {exc.message.splitlines()[0]}"
+
+
 def no_source_left(model: str, failures: list[str]) -> ApiError:
     return ApiError(502, f"no source could serve {model}: " + "; ".join(failures), code=NO_SOURCE_LEFT,
                     type="server_error")
@@ -269,10 +282,9 @@ async def serve_each(candidates: list[Candidate], needed: list[Capability], loca
             try:
                 return await local(candidate.model)
             except ApiError as exc:
-                missing = exc.code == "model_not_found"
-                if (exc.status < 500 and not missing) or index == len(candidates):
+                if not local_moves_on(exc, last=index == len(candidates)):
                     raise
-                tried.failures.append(f"local: {exc.message.splitlines()[0]}")
+                tried.failures.append(local_failure(exc))
                 continue
         run = list(itertools.takewhile(lambda c: c.endpoint is not None, candidates[index:]))
         index += len(run)
@@ -299,11 +311,9 @@ async def serve(request: web.Request, candidates: list[Candidate], path: str, pa
             try:
                 return await local(candidate.model)
             except ApiError as exc:
-                # An alias's local target that is not stored is passed over like a source that is down.
-                missing = exc.code == "model_not_found"
-                if (exc.status < 500 and not missing) or index == len(candidates) - 1:
+                if not local_moves_on(exc, last=index == len(candidates) - 1):
                     raise
-                failures.append(f"local: {exc.message.splitlines()[0]}")
+                failures.append(local_failure(exc))
                 continue
         async with open_first([candidate], path, payload, request.headers.get("Accept"), _read_first_chunk,
                               failures) as opened:
