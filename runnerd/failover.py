@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -267,11 +267,23 @@ async def upstream_events(candidates: list[Candidate], path: str, body: dict[str
             yield {"error": f"the upstream {opened.candidate.source} broke off: {exc or type(exc).__name__}"}
 
 
+def _same_way(candidate: Candidate) -> Hashable:
+    return None
+
+
+def _run(candidates: list[Candidate], way: Callable[[Candidate], Hashable]) -> list[Candidate]:
+    """The upstream candidates from the first on that are served the way the first is."""
+    alike = way(candidates[0])
+    return list(itertools.takewhile(lambda c: c.endpoint is not None and way(c) == alike, candidates))
+
+
 async def serve_each(candidates: list[Candidate], needed: list[Capability], local: Callable[[str], Awaitable[_T]],
-                     remote: Callable[[list[Candidate], Tried], Awaitable[_T]]) -> _T:
+                     remote: Callable[[list[Candidate], Tried], Awaitable[_T]],
+                     way: Callable[[Candidate], Hashable] = _same_way) -> _T:
     """For routes that translate: `local(model)` serves a local candidate the daemon's usual way, `remote`
-    a run of upstream candidates (trying them in order with `Tried`). A failure before the answer started
-    (a 5xx, a local target that is not stored, no upstream of the run answering) moves on to the next."""
+    a run of upstream candidates (trying them in order with `Tried`) that `way` says are served alike (one
+    relayed, another translated). A failure before the answer started (a 5xx, a local target that is not
+    stored, no upstream of the run answering) moves on to the next."""
     candidates = usable(candidates, needed)
     tried = Tried()
     index = 0
@@ -286,7 +298,7 @@ async def serve_each(candidates: list[Candidate], needed: list[Capability], loca
                     raise
                 tried.failures.append(local_failure(exc))
                 continue
-        run = list(itertools.takewhile(lambda c: c.endpoint is not None, candidates[index:]))
+        run = _run(candidates[index:], way)
         index += len(run)
         try:
             return await remote(run, tried)
