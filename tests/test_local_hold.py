@@ -45,6 +45,7 @@ class StandInEmbeddingBackend(StandInBackend):
 class Front:
     http: httpx2.AsyncClient
     socket: Path
+    upstream: StandinUpstream
 
     def openai(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url="http://runnerd/v1", api_key="unused", max_retries=0,
@@ -73,7 +74,7 @@ async def front(tmp_path: Path, tiny_model: Path) -> AsyncIterator[Front]:
                 while (await client.get("/engines/status", params={"upstreams": "1"})).json()["upstreams"]["up"][
                         "models"] != ["tiny"]:
                     await anyio.sleep(0.05)
-            yield Front(client, socket)
+            yield Front(client, socket, upstream)
     finally:
         upstream.close()
 
@@ -156,6 +157,18 @@ async def test_ollama_routes_pass_a_local_engine_failing_before_its_first_event_
     assert await arrivals(front.http) == tried + 5 * len(FAILURES)
     # The local runner's lease was given back each time: it still serves, and no request waits on it.
     assert (await client.chat(model="tiny", messages=hi)).message.content == "done"
+    # With the upstream failing too, no source is left: a 502 naming why each one failed.
+    front.upstream.mode = "500"
+    said = [{"role": "user", "content": _planned({"status": 503})}]
+    for stream in (False, True):
+        with pytest.raises(ollama.ResponseError) as refused:
+            if stream:  # the streamed request is sent when its parts are first asked for
+                [p async for p in await client.chat(model="tiny", messages=said, stream=True)]
+            else:
+                await client.chat(model="tiny", messages=said)
+        assert refused.value.status_code == 502, stream
+        assert "local: stand-in engine failure" in refused.value.error and "up: it answered 500" in \
+            refused.value.error, refused.value.error
 
 
 @pytest.mark.anyio
