@@ -499,7 +499,8 @@ def test_the_readme_example_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyP
     order = ["chat", "completions", "embeddings", "rerank", "streaming", "tools"]
     for kind, profile in KINDS.items():
         caps = ", ".join(c for c in order if c in profile.capabilities)
-        assert f"| `{kind}` | `{profile.health_path}` | `{profile.models_path}` | {caps} |" in section, kind
+        relayed = ", ".join(sorted(profile.native_apis)) or "-"
+        assert f"| `{kind}` | `{profile.health_path}` | `{profile.models_path}` | {caps} | {relayed} |" in section, kind
 
 
 # ---------------------------------------------------------------- Messages and Responses
