@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -75,6 +75,19 @@ def usable(candidates: list[Candidate], needed: list[Capability]) -> list[Candid
 
 
 NO_SOURCE_LEFT = "upstream_unavailable"
+
+
+def local_moves_on(exc: ApiError, *, last: bool) -> bool:
+    """Whether a local candidate's failure before its answer started passes the request to the next source:
+    a 5xx (its engine could not start, answered 5xx or dropped the connection) or an alias's local target
+    that is not stored (passed over like a source that is down). A 4xx blames the request, which every
+    other source would refuse too; with no source left the failure is the answer."""
+    return not last and (exc.status >= 500 or exc.code == "model_not_found")
+
+
+def local_failure(exc: ApiError) -> str:
+    """A local failure as `Tried.failures` lists it."""
+    return f"local: {exc.message.splitlines()[0]}"
 
 
 def no_source_left(model: str, failures: list[str]) -> ApiError:
@@ -254,11 +267,23 @@ async def upstream_events(candidates: list[Candidate], path: str, body: dict[str
             yield {"error": f"the upstream {opened.candidate.source} broke off: {exc or type(exc).__name__}"}
 
 
+def _same_way(candidate: Candidate) -> Hashable:
+    return None
+
+
+def _run(candidates: list[Candidate], way: Callable[[Candidate], Hashable]) -> list[Candidate]:
+    """The upstream candidates from the first on that are served the way the first is."""
+    alike = way(candidates[0])
+    return list(itertools.takewhile(lambda c: c.endpoint is not None and way(c) == alike, candidates))
+
+
 async def serve_each(candidates: list[Candidate], needed: list[Capability], local: Callable[[str], Awaitable[_T]],
-                     remote: Callable[[list[Candidate], Tried], Awaitable[_T]]) -> _T:
+                     remote: Callable[[list[Candidate], Tried], Awaitable[_T]],
+                     way: Callable[[Candidate], Hashable] = _same_way) -> _T:
     """For routes that translate: `local(model)` serves a local candidate the daemon's usual way, `remote`
-    a run of upstream candidates (trying them in order with `Tried`). A failure before the answer started
-    (a 5xx, a local target that is not stored, no upstream of the run answering) moves on to the next."""
+    a run of upstream candidates (trying them in order with `Tried`) that `way` says are served alike (one
+    relayed, another translated). A failure before the answer started (a 5xx, a local target that is not
+    stored, no upstream of the run answering) moves on to the next."""
     candidates = usable(candidates, needed)
     tried = Tried()
     index = 0
@@ -269,12 +294,11 @@ async def serve_each(candidates: list[Candidate], needed: list[Capability], loca
             try:
                 return await local(candidate.model)
             except ApiError as exc:
-                missing = exc.code == "model_not_found"
-                if (exc.status < 500 and not missing) or index == len(candidates):
+                if not local_moves_on(exc, last=index == len(candidates)):
                     raise
-                tried.failures.append(f"local: {exc.message.splitlines()[0]}")
+                tried.failures.append(local_failure(exc))
                 continue
-        run = list(itertools.takewhile(lambda c: c.endpoint is not None, candidates[index:]))
+        run = _run(candidates[index:], way)
         index += len(run)
         try:
             return await remote(run, tried)
@@ -299,11 +323,9 @@ async def serve(request: web.Request, candidates: list[Candidate], path: str, pa
             try:
                 return await local(candidate.model)
             except ApiError as exc:
-                # An alias's local target that is not stored is passed over like a source that is down.
-                missing = exc.code == "model_not_found"
-                if (exc.status < 500 and not missing) or index == len(candidates) - 1:
+                if not local_moves_on(exc, last=index == len(candidates) - 1):
                     raise
-                failures.append(f"local: {exc.message.splitlines()[0]}")
+                failures.append(local_failure(exc))
                 continue
         async with open_first([candidate], path, payload, request.headers.get("Accept"), _read_first_chunk,
                               failures) as opened:

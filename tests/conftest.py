@@ -231,7 +231,8 @@ async def app_on_socket(tmp_path: Path, backends: dict[str, Any], models: dict[s
     from runnerd.api.context import DAEMON
     from runnerd.server import bind_unix_socket, create_app
 
-    sock_path = Path("/tmp") / f"rd-app-{os.getpid()}-{time.monotonic_ns()}.sock"
+    # A caller that needs the path for a client of its own (one on another httpx) names it.
+    sock_path = settings.pop("socket", None) or Path("/tmp") / f"rd-app-{os.getpid()}-{time.monotonic_ns()}.sock"
     app = create_app(load_settings(runtime_dir=tmp_path / "run", data_dir=tmp_path / "data", socket=sock_path,
                                    **settings), backends=backends)
     for name, path in (models or {}).items():

@@ -12,7 +12,13 @@ asks, so that tests can produce what real engines do only rarely:
 - `{"cut": true}`: send the status line and headers of a 200 (SSE when streamed, a sized JSON answer when
   not), then close the connection before the first byte of the body.
 
-`GET /arrivals` answers how many chat requests arrived.
+Routes that build the engine's request themselves (Ollama's) carry no `standin` field: for them the plan
+is the request's text when that starts with `standin:` followed by the plan's JSON (the last message's
+content, or the embeddings `input`).
+
+`POST /v1/embeddings` follows a plan's `drop`, `status` and `cut`, else answers one vector per input.
+
+`GET /arrivals` answers how many chat and embeddings requests arrived.
 
     python tests/standin_engine.py SOCKET_PATH
 """
@@ -35,10 +41,23 @@ def _chunk(i: int) -> bytes:
     return f"data: {json.dumps(event)}\n\n".encode()
 
 
-async def chat(request: web.Request) -> web.StreamResponse:
-    body: dict[str, Any] = await request.json()
-    request.app[ARRIVALS].append(1)
-    plan: dict[str, Any] = body.get("standin", {})
+_PLAN_PREFIX = "standin:"
+
+
+def _plan(body: dict[str, Any]) -> dict[str, Any]:
+    if "standin" in body:
+        plan: dict[str, Any] = body["standin"]
+        return plan
+    messages = body.get("messages") or [{}]
+    text = body.get("input", messages[-1].get("content"))
+    if isinstance(text, str) and text.startswith(_PLAN_PREFIX):
+        found: dict[str, Any] = json.loads(text[len(_PLAN_PREFIX):])
+        return found
+    return {}
+
+
+async def _failure(request: web.Request, body: dict[str, Any], plan: dict[str, Any]) -> web.StreamResponse | None:
+    """The planned failure before the first body byte, if any."""
     if plan.get("drop"):
         assert request.transport is not None
         request.transport.close()
@@ -56,6 +75,16 @@ async def chat(request: web.Request) -> web.StreamResponse:
         assert request.transport is not None
         request.transport.close()
         return cut
+    return None
+
+
+async def chat(request: web.Request) -> web.StreamResponse:
+    body: dict[str, Any] = await request.json()
+    request.app[ARRIVALS].append(1)
+    plan = _plan(body)
+    failed = await _failure(request, body, plan)
+    if failed is not None:
+        return failed
     if plan.get("hang") or request.app[HUNG].is_set():
         request.app[HUNG].set()
         await asyncio.sleep(3600)
@@ -78,6 +107,18 @@ async def chat(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    body: dict[str, Any] = await request.json()
+    request.app[ARRIVALS].append(1)
+    failed = await _failure(request, body, _plan(body))
+    if failed is not None:
+        return failed
+    inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+    return web.json_response({"object": "list", "data": [{"object": "embedding", "index": i, "embedding": [0.0, 1.0]}
+                                                         for i in range(len(inputs))],
+                              "usage": {"prompt_tokens": len(inputs), "total_tokens": len(inputs)}})
+
+
 async def health(request: web.Request) -> web.Response:
     if request.app[HUNG].is_set():
         await asyncio.sleep(3600)
@@ -85,7 +126,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def arrivals(request: web.Request) -> web.Response:
-    return web.json_response({"chat": len(request.app[ARRIVALS])})
+    return web.json_response({"chat": len(request.app[ARRIVALS])})  # embeddings counted too
 
 
 def main() -> None:
@@ -93,6 +134,7 @@ def main() -> None:
     app[ARRIVALS] = []
     app[HUNG] = asyncio.Event()
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/health", health)
     app.router.add_get("/arrivals", arrivals)
     web.run_app(app, path=sys.argv[1], print=None, handle_signals=True)

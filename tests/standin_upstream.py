@@ -8,7 +8,8 @@ passes /health, records every request it gets, and answers inference as its mode
 - "slow": nothing for a minute (a timeout before the first byte), then a 500;
 - "plain": a JSON chat answer whose content is its name (for capability checks, which must never reach it);
 - "answer": a whole answer, streamed as asked: the JSON of "plain", or two SSE chunks `NAME-1 ` and
-  `NAME-2` and `[DONE]`.
+  `NAME-2` and `[DONE]`; to /v1/embeddings one vector per input, [1.0, 0.0, 0.5] (its first is 1.0 where
+  the stand-in engine's is 0.0, so the two can be told apart).
 
 Its model list can grow while it runs (`models.append`), and its first listing can be made to take
 `first_listing_delay` seconds (a slow first discovery poll).
@@ -86,6 +87,12 @@ class StandinUpstream:
 
     async def _inference(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
+        if self.mode == "answer" and request.path == "/v1/embeddings":
+            given = json.loads(raw)["input"]
+            count = len(given) if isinstance(given, list) else 1
+            return web.json_response({"object": "list", "data": [{"object": "embedding", "index": i,
+                                                                  "embedding": [1.0, 0.0, 0.5]} for i in range(count)],
+                                      "usage": {"prompt_tokens": count, "total_tokens": count}})
         if self.mode == "answer" and json.loads(raw).get("stream") is True:
             return await self._stream_answer(request)
         if self.mode == "slow":

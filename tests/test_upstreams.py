@@ -499,7 +499,8 @@ def test_the_readme_example_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyP
     order = ["chat", "completions", "embeddings", "rerank", "streaming", "tools"]
     for kind, profile in KINDS.items():
         caps = ", ".join(c for c in order if c in profile.capabilities)
-        assert f"| `{kind}` | `{profile.health_path}` | `{profile.models_path}` | {caps} |" in section, kind
+        relayed = ", ".join(sorted(profile.native_apis)) or "-"
+        assert f"| `{kind}` | `{profile.health_path}` | `{profile.models_path}` | {caps} | {relayed} |" in section, kind
 
 
 # ---------------------------------------------------------------- Messages and Responses
@@ -517,9 +518,32 @@ def _message_text(message: Any) -> str:
     return "".join(block.text for block in message.content if block.type == "text")
 
 
+def _answered(d: Daemon, route: str) -> float:
+    """How many requests the daemon answered on `route`, by its own /metrics."""
+    text = d.http.get("/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("runnerd_requests_total{") and f'route="{route}"' in line)
+
+
 def test_messages_reach_both_upstreams(world: World) -> None:
     claude = _claude(world)
     second = world.second.openai("/v1")
+    # Both kinds serve Messages themselves: the request reaches the second daemon's /v1/messages (which
+    # relays it to its llama-server's), not its chat completions.
+    before = {route: _answered(world.second, route) for route in ("/v1/messages", "/v1/chat/completions")}
+    raw = claude.messages.with_raw_response.create(model="remote-tiny", max_tokens=6, messages=CHAT,
+                                                   extra_body=GREEDY)
+    with claude.messages.stream(model="remote-tiny", max_tokens=6, messages=CHAT, extra_body=GREEDY) as stream:
+        streamed = "".join(stream.text_stream)
+    assert raw.headers["x-runnerd-source"] == "second" and raw.parse().model == "remote-tiny"
+    assert _answered(world.second, "/v1/messages") == before["/v1/messages"] + 2
+    assert _answered(world.second, "/v1/chat/completions") == before["/v1/chat/completions"]
+    # What the second daemon answers its own clients, streamed and not.
+    direct = anthropic_client(world.second)
+    assert _message_text(raw.parse()) == _message_text(direct.messages.create(
+        model="remote-tiny", max_tokens=6, messages=CHAT, extra_body=GREEDY))  # type: ignore[arg-type]
+    with direct.messages.stream(model="remote-tiny", max_tokens=6, messages=CHAT, extra_body=GREEDY) as stream:
+        assert streamed == "".join(stream.text_stream)
     for model, source, direct in (
             ("remote-tiny", "second", second.chat.completions.create(model="remote-tiny", messages=CHAT, **ANSWER)
              .choices[0].message.content),

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from backends.base import Capability
+from backends.base import Api, Capability
 
 
 class Listing(StrEnum):
@@ -27,6 +27,9 @@ class KindProfile:
     auth_scheme: str = "Bearer "
     # It also serves Ollama's own API (/api/show, /api/ps), which says more than the OpenAI model list.
     ollama_api: bool = False
+    # APIs beyond OpenAI's it serves itself under the base URL: relayed to it rather than translated
+    # through its chat completions.
+    native_apis: frozenset[Api] = frozenset()
 
 
 _C = Capability
@@ -36,7 +39,8 @@ _GENERATIVE = frozenset({_C.CHAT, _C.COMPLETIONS, _C.STREAMING, _C.TOOLS})
 _PROFILES = (
     KindProfile("openai", "/v1/models", "/v1/models", Listing.OPENAI, _GENERATIVE | {_C.EMBEDDINGS}),
     KindProfile("vllm", "/health", "/v1/models", Listing.OPENAI, _ALL),
-    KindProfile("llamacpp", "/health", "/v1/models", Listing.OPENAI, _ALL),
+    # llama-server serves Anthropic's /v1/messages itself (the pinned build; route strings in its library).
+    KindProfile("llamacpp", "/health", "/v1/models", Listing.OPENAI, _ALL, native_apis=frozenset({Api.MESSAGES})),
     # Ollama lists under its own API and serves OpenAI routes under /v1; it has no rerank.
     KindProfile("ollama", "/api/version", "/api/tags", Listing.OLLAMA, _GENERATIVE | {_C.EMBEDDINGS},
                 ollama_api=True),
@@ -45,7 +49,8 @@ _PROFILES = (
     KindProfile("sglang", "/health", "/v1/models", Listing.OPENAI, _GENERATIVE | {_C.EMBEDDINGS}),
     KindProfile("localai", "/readyz", "/v1/models", Listing.OPENAI, _ALL),
     KindProfile("lmstudio", "/v1/models", "/v1/models", Listing.OPENAI, _GENERATIVE | {_C.EMBEDDINGS}),
-    KindProfile("runnerd", "/health", "/v1/models", Listing.OPENAI, _ALL, ollama_api=True),
+    KindProfile("runnerd", "/health", "/v1/models", Listing.OPENAI, _ALL, ollama_api=True,
+                native_apis=frozenset({Api.MESSAGES})),
 )
 
 KINDS: dict[str, KindProfile] = {p.kind: p for p in _PROFILES}

@@ -1,6 +1,7 @@
 """Anthropic's Messages API: `POST /v1/messages` and `/v1/messages/count_tokens`, relayed to an engine that
 serves it, otherwise translated through the engine's chat completions (translate.py). A model an upstream
-hosts is translated through the upstream's chat completions, with failover before the first event
+hosts is relayed to the upstream's own /v1/messages when its kind serves it (llamacpp, runnerd), otherwise
+translated through its chat completions, with failover before the first event either way
 (runnerd/failover.py). Errors, before and during a stream, are in Anthropic's shape (runnerd/api/errors.py
 picks it by path)."""
 
@@ -18,9 +19,9 @@ from runnerd.api.anthropic import translate as tr
 from runnerd.api.anthropic.schema import CountTokensRequest, MessagesRequest
 from runnerd.api.body import read_json_body
 from runnerd.api.chat_pieces import answer_from_completion
+from runnerd.api.context import daemon
 from runnerd.api.errors import ApiError, parse_body
 from runnerd.api.leased import (
-    Leased,
     is_stream_error,
     lease_for,
     needed_capabilities,
@@ -48,7 +49,14 @@ async def messages(request: web.Request) -> web.StreamResponse:
     request[REQUEST_MODEL] = name
     return await failover.serve_each(
         candidates, needed, lambda model: _serve_locally(request, req, {**payload, "model": model}, needed),
-        lambda run, tried: _serve_upstream(request, req, name, run, tried))
+        lambda run, tried: _serve_upstream(request, req, payload, name, run, tried),
+        lambda candidate: _relayed_to(request, candidate))
+
+
+def _relayed_to(request: web.Request, candidate: Candidate) -> bool:
+    """Whether the upstream serves Messages itself (and the daemon is not set to translate it)."""
+    return candidate.endpoint is not None and Api.MESSAGES in candidate.endpoint.profile.native_apis \
+        and Api.MESSAGES.value not in daemon(request).settings.apis.translate
 
 
 async def _serve_locally(request: web.Request, req: MessagesRequest, payload: dict[str, Any],
@@ -57,7 +65,8 @@ async def _serve_locally(request: web.Request, req: MessagesRequest, payload: di
     try:
         if leased.native:
             if req.stream:
-                return await _relay_stream(request, leased, payload)
+                return await _relay_stream(request, engine_events(leased.runner, "/v1/messages", payload),
+                                           leased.model.name)
             answer = await call_engine(leased.runner, "/v1/messages", payload)
             answer["model"] = leased.model.name
             return web.json_response(answer)
@@ -71,9 +80,18 @@ async def _serve_locally(request: web.Request, req: MessagesRequest, payload: di
         leased.lease.release()
 
 
-async def _serve_upstream(request: web.Request, req: MessagesRequest, name: str, run: list[Candidate],
-                          tried: failover.Tried) -> web.StreamResponse:
-    """Through the upstreams' chat completions, whatever their kind (each names the model its own way)."""
+async def _serve_upstream(request: web.Request, req: MessagesRequest, payload: dict[str, Any], name: str,
+                          run: list[Candidate], tried: failover.Tried) -> web.StreamResponse:
+    """Through a run of upstreams that serve Messages themselves (the request as it came, each naming the
+    model its own way), or else through their chat completions."""
+    if _relayed_to(request, run[0]):
+        body = {k: v for k, v in payload.items() if k != "keep_alive"}  # runnerd's own field
+        if req.stream:
+            events = failover.upstream_events(run, "/v1/messages", body, tried)
+            return await _relay_stream(request, events, name, tried.headers)
+        answer = await failover.call_upstreams(run, "/v1/messages", body, tried)
+        answer["model"] = name
+        return web.json_response(answer, headers=tried.headers())
     body = tr.chat_body(req, name, OPENAI_SAMPLING)
     if req.stream:
         chunks = failover.upstream_events(run, "/v1/chat/completions", body, tried)
@@ -83,24 +101,26 @@ async def _serve_upstream(request: web.Request, req: MessagesRequest, name: str,
                              headers=tried.headers())
 
 
-async def _relay_stream(request: web.Request, leased: Leased, payload: dict[str, Any]) -> web.StreamResponse:
-    """The engine's own event sequence, with the daemon's model name and a ping after message_start.
-    An engine may leave message_start out (one does when the whole prompt came from its cache); the SDKs
-    refuse a stream without it, so one is put first."""
+async def _relay_stream(request: web.Request, engine: AsyncGenerator[dict[str, Any], None], model: str,
+                        headers: Callable[[], Mapping[str, str]] = dict) -> web.StreamResponse:
+    """An engine's (or an upstream's) own event sequence, with the name the client asked for and a ping
+    after message_start. An engine may leave message_start out (one does when the whole prompt came from
+    its cache); the SDKs refuse a stream without it, so one is put first. `headers` are read once the first
+    event is in (which source answered)."""
     started = False
-    async with contextlib.aclosing(engine_events(leased.runner, "/v1/messages", payload)) as events:
-        first = await anext(events, None)  # an engine refusal still gets a real status line
-        response = await start_sse(request)
+    async with contextlib.aclosing(engine) as events:
+        first = await anext(events, None)  # a refusal still gets a real status line
+        response = await start_sse(request, headers())
         async for event in prepend(first, events):
             if is_stream_error(event):
                 await response.write(tr.error_event("api_error", error_text(event)))
                 break
             kind = str(event.get("type") or "")
             if kind == "message_start" and isinstance(event.get("message"), dict):
-                event["message"]["model"] = leased.model.name
+                event["message"]["model"] = model
                 await response.write(sse_event(kind, event) + sse_event("ping", {"type": "ping"}))
             elif not started:
-                await response.write(tr.MessageStream(leased.model.name).start() + sse_event(kind, event))
+                await response.write(tr.MessageStream(model).start() + sse_event(kind, event))
             else:
                 await response.write(sse_event(kind, event))
             started = True

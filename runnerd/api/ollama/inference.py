@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -25,6 +25,7 @@ from pydantic import Field
 
 from backends.base import Backend, BackendConfiguration, Capability, Mode
 from backends.formats import FORMAT_ERRORS
+from runnerd import failover
 from runnerd.api.context import Daemon, daemon
 from runnerd.api.engines import check_capabilities, check_request, choose_backend, configuration_for, lease_runner
 from runnerd.api.errors import ApiError
@@ -154,12 +155,29 @@ class Job:
         self.clock = clock
         self.name = model.name
         self.dialect = backend.sampling_dialect
+        # The engine's own failure before its answer started (none of it reached the client), which the
+        # upstreams hosting the model may still answer; any other ApiError is not theirs to retry.
+        self.failure: ApiError | None = None
 
     async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await call_engine(self.lease.runner, path, body)
+        try:
+            return await call_engine(self.lease.runner, path, body)
+        except ApiError as exc:
+            self.failure = exc
+            raise
 
-    def events(self, path: str, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
-        return engine_events(self.lease.runner, path, body)
+    async def events(self, path: str, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        async with contextlib.aclosing(engine_events(self.lease.runner, path, body)) as events:
+            try:
+                first = await anext(events, None)
+            except ApiError as exc:
+                self.failure = exc
+                raise
+            if first is None:
+                return
+            yield first
+            async for event in events:  # a failure from here on is an event, not an ApiError
+                yield event
 
     def release(self) -> None:
         self.lease.release()
@@ -181,14 +199,46 @@ async def _lease_or_fall_back(request: web.Request, name: str, mode: Mode, neede
     try:
         return await _lease(request, name, mode, needed, options, keep_alive)
     except ApiError as exc:
-        if exc.status < 500:
-            raise
-        fallback = await fallback_job(request, name, needed)
+        fallback = await _fall_back(request, name, needed, exc)
         if fallback is None:
             raise
+        return fallback
+
+
+async def _fall_back(request: web.Request, name: str, needed: list[Capability], exc: ApiError) -> \
+        UpstreamJob | None:
+    """The upstreams hosting `name` when the local engine's failure `exc` passes the request on to them
+    (failover.local_moves_on: the rule every route follows); None: `exc` is the answer."""
+    if not failover.local_moves_on(exc, last=False):
+        return None
+    fallback = await fallback_job(request, name, needed, [failover.local_failure(exc)])
+    if fallback is not None:
         log.warning("the local engine for %s failed before answering, trying its upstreams: %s", name,
                     exc.message.splitlines()[0])
-        return fallback
+    return fallback
+
+
+async def _served(request: web.Request, name: str, job: Job | UpstreamJob, needed: list[Capability],
+                  answer: Callable[[Job | UpstreamJob], Awaitable[_R]]) -> _R:
+    """`answer(job)`, the job's lease released after it. When a local engine fails before its answer
+    started, `answer` runs again for the upstreams hosting `name` (as the request named it: the store's
+    canonical name may differ) and builds the body for whichever job it is given (their sampling names,
+    their model name); the local lease is released first."""
+    try:
+        try:
+            return await answer(job)
+        finally:
+            job.release()
+    except ApiError as exc:
+        if not isinstance(job, Job) or exc is not job.failure:
+            raise
+        fallback = await _fall_back(request, name, needed, exc)
+        if fallback is None:
+            raise
+    try:
+        return await answer(fallback)
+    finally:
+        fallback.release()
 
 
 async def _lease(request: web.Request, name: str, mode: Mode, needed: list[Capability],
@@ -287,13 +337,14 @@ async def chat(request: web.Request) -> web.StreamResponse:
         ([Capability.TOOLS] if req.tools else [])
     messages = _translated(tr.openai_messages, req.messages)
     job = await _job(request, req.model, needed, req.options, req.keep_alive)
-    try:
+
+    async def answer(job: Job | UpstreamJob) -> web.StreamResponse:
         body = {**_openai_body(req, job), "messages": messages}
         if req.tools:
             body["tools"] = req.tools
         return await _answer(request, job, "/v1/chat/completions", body, req.stream, tr.chat_part, tr.chat_final)
-    finally:
-        job.release()
+
+    return await _served(request, req.model, job, needed, answer)
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
@@ -317,11 +368,12 @@ async def generate(request: web.Request) -> web.StreamResponse:
         extra = {"messages": _translated(tr.openai_messages, messages)}
     needed = [kind] + ([Capability.STREAMING] if req.stream else [])
     job = await _job(request, req.model, needed, req.options, req.keep_alive)
-    try:
+
+    async def answer(job: Job | UpstreamJob) -> web.StreamResponse:
         body = {**_openai_body(req, job), **extra}
         return await _answer(request, job, path, body, req.stream, tr.generate_part, tr.generate_final)
-    finally:
-        job.release()
+
+    return await _served(request, req.model, job, needed, answer)
 
 
 # ---------------------------------------------------------------- embeddings
@@ -334,12 +386,13 @@ async def _embed(request: web.Request, req: ModelRequest, inputs: Any, options: 
     job: Job | UpstreamJob | None = await upstream_job(request, req.model, needed)
     if job is None:
         job = await _lease_or_fall_back(request, req.model, Mode.EMBEDDING, needed, options, keep_alive)
-    try:
-        answer = await job.call("/v1/embeddings", {"model": job.name, "input": inputs})
-    finally:
-        job.release()
-    usage = answer.get("usage") or {}
-    return job, tr.embeddings_from(answer, dimensions), int(usage.get("prompt_tokens") or 0)
+
+    async def answer(job: Job | UpstreamJob) -> tuple[Job | UpstreamJob, dict[str, Any]]:
+        return job, await job.call("/v1/embeddings", {"model": job.name, "input": inputs})
+
+    served, answered = await _served(request, req.model, job, needed, answer)
+    usage = answered.get("usage") or {}
+    return served, tr.embeddings_from(answered, dimensions), int(usage.get("prompt_tokens") or 0)
 
 
 async def _load_embedding(request: web.Request, name: str, options: tr.OllamaOptions | None,

@@ -32,18 +32,23 @@ _MAX_DETAILS_BYTES = 8 << 20
 class UpstreamJob:
     """One inference sent to the upstreams that host the model, tried in order."""
 
-    def __init__(self, name: str, candidates: list[Candidate], clock: tr.Clock) -> None:
+    def __init__(self, name: str, candidates: list[Candidate], clock: tr.Clock,
+                 failures: list[str] | None = None) -> None:
         self.name = name
         self.candidates = candidates
         self.clock = clock
         # Upstreams take OpenAI's names for the sampling options.
         self.dialect: SamplingDialect = OPENAI_SAMPLING
+        self._failures = failures or []  # of sources tried before these, for the answer when none is left
+
+    def _tried(self) -> failover.Tried:
+        return failover.Tried(failures=list(self._failures))
 
     async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await failover.call_upstreams(self.candidates, path, body)
+        return await failover.call_upstreams(self.candidates, path, body, self._tried())
 
     def events(self, path: str, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
-        return failover.upstream_events(self.candidates, path, body)
+        return failover.upstream_events(self.candidates, path, body, self._tried())
 
     def release(self) -> None:
         pass  # nothing is held: runnerd does not load or unload an upstream's models
@@ -75,9 +80,11 @@ async def upstream_job(request: web.Request, name: str, needed: list[Capability]
     return UpstreamJob(name, remote, clock)
 
 
-async def fallback_job(request: web.Request, name: str, needed: list[Capability]) -> UpstreamJob | None:
-    """The upstreams hosting `name` after the local model of that name, for when its engine failed before
-    answering (it could not start); None when there are none, or none serves what is needed."""
+async def fallback_job(request: web.Request, name: str, needed: list[Capability],
+                       failures: list[str]) -> UpstreamJob | None:
+    """The upstreams hosting `name` (as the request named it) after the local model of that name, for when
+    its engine failed before its answer started (`failures` says how); None when there are none, or none
+    serves what is needed."""
     d = daemon(request)
     if not d.sources.active or from_upstream(request) or not scopes.may_use(name):
         return None
@@ -88,7 +95,7 @@ async def fallback_job(request: web.Request, name: str, needed: list[Capability]
     clock = tr.Clock()
     clock.mark_loaded()
     request[REQUEST_MODEL] = name
-    return UpstreamJob(name, remote, clock)
+    return UpstreamJob(name, remote, clock, failures)
 
 
 async def _ollama_api(endpoint: ExternalEndpoint, method: str, path: str, body: dict[str, Any] | None) -> Any:
