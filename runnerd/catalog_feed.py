@@ -21,8 +21,9 @@ import aiohttp
 from aiohttp import web
 from pydantic import BaseModel, Field, ValidationError
 
+from backends.atomic import write_atomically
 from backends.catalog import MAX_CATALOG_BYTES, Catalog, CatalogError, parse_catalog
-from runnerd.atomic import write_atomically
+from runnerd.app_life import runs_with
 from runnerd.config import Settings
 
 log = logging.getLogger("runnerd.catalog_feed")
@@ -174,13 +175,5 @@ def keep_catalog_feed(app: web.Application, settings: Settings) -> CatalogFeed |
     feed = app[CATALOG_FEED] = CatalogFeed(str(settings.catalog_url), settings.data_dir,
                                            timeout=settings.catalog_fetch_timeout,
                                            interval=settings.catalog_refresh)
-
-    async def start(app: web.Application) -> None:
-        await feed.start()
-
-    async def stop(app: web.Application) -> None:
-        await feed.stop()
-
-    app.on_startup.append(start)
-    app.on_cleanup.append(stop)
+    runs_with(app, feed)
     return feed

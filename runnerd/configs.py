@@ -19,8 +19,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 
+from backends.atomic import write_atomically
 from backends.base import BackendConfiguration, Mode, ModelRef
-from runnerd.atomic import write_atomically
 
 log = logging.getLogger("runnerd.configs")
 

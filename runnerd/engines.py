@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
+from backends.atomic import write_atomically
 from backends.base import Backend, EngineContext, GpuProvider, HostGpu, ModelFormat, NoOptions
 from backends.external import ExternalEndpoint, ExternalError
 from backends.manifest import Format, ManifestError, backend_class, format_of, parse_manifest
-from runnerd.atomic import write_atomically
 
 if TYPE_CHECKING:
     from runnerd.config import Settings

@@ -38,8 +38,9 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from backends.atomic import write_atomically
 from runnerd import __version__
-from runnerd.atomic import write_atomically
+from runnerd.app_life import runs_with
 from runnerd.gpus import GpuInfo
 
 if TYPE_CHECKING:
@@ -240,13 +241,5 @@ def keep_labels_file(app: web.Application, settings: NodeSettings, backends: Map
     if settings.labels_file is None:
         return None
     labels = LabelsFile(settings.labels_file, lambda: read(backends, sampler.snapshot), settings.labels_interval)
-
-    async def start(app: web.Application) -> None:
-        await labels.start()
-
-    async def stop(app: web.Application) -> None:
-        await labels.stop()
-
-    app.on_startup.append(start)
-    app.on_cleanup.append(stop)
+    runs_with(app, labels)
     return labels

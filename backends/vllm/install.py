@@ -31,7 +31,7 @@ from pathlib import Path
 
 from backends.base import InstallError, Progress, ProgressCallback
 from backends.process import run_step
-from backends.vllm.option_list import OptionList, cache_file, dump_argv, dump_env, parse_dump, write_atomically
+from backends.vllm.option_list import OptionList, cache_file, dump_argv, dump_env, parse_dump, store
 
 VLLM_VERSION = "0.32.0"
 CPU_TORCH_VERSION = "2.13.0"
@@ -170,7 +170,7 @@ async def record_options(python: Path, directory: Path, env: Mapping[str, str]) 
         out.unlink(missing_ok=True)
     if version is None or options.vllm != version:
         raise InstallError(f"the installed vLLM is {options.vllm!r}, its metadata says {version!r}")
-    await asyncio.to_thread(write_atomically, cache_file(directory, version), options)
+    await asyncio.to_thread(store, cache_file(directory, version), options)
     return options
 
 

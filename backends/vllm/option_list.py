@@ -21,6 +21,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from backends.atomic import write_atomically
 from backends.base import InstallError
 
 DUMP_SCRIPT = Path(__file__).with_name("dump_options.py")
@@ -110,20 +111,9 @@ def _load(path: Path, version: str) -> OptionList | None:
     return found if found.format == FORMAT and found.vllm == version else None
 
 
-def write_atomically(path: Path, options: OptionList) -> None:
+def store(path: Path, options: OptionList) -> None:
     """The whole file or nothing: a reader never sees half a list, and older releases' lists are removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=".options-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(options.model_dump_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
+    write_atomically(path, options.model_dump_json().encode())
     for old in path.parent.glob(f"{PREFIX}*.json"):
         if old != path:
             with contextlib.suppress(OSError):
@@ -143,5 +133,5 @@ def load_options(python: Path, directory: Path, version: str) -> OptionList:
         raise InstallError(f"{python} reports {version!r} in its metadata but its parser is {fresh.vllm!r}")
     # An unwritable cache costs a new read next time, nothing else.
     with contextlib.suppress(OSError):
-        write_atomically(path, fresh)
+        store(path, fresh)
     return fresh

@@ -20,11 +20,11 @@ from urllib.parse import quote, unquote
 
 from pydantic import BaseModel, Field, ValidationError
 
+from backends.atomic import write_atomically
 from backends.base import BackendConfiguration, ModelFormat, ModelRef
 from backends.formats import describe
 from backends.formats.gguf import GGUFParseError
 from backends.formats.safetensors import ModelConfigError
-from runnerd.atomic import write_atomically
 from runnerd.store.errors import StoreError
 from runnerd.store.names import canonical_name
 

@@ -1,6 +1,6 @@
 """Anthropic's Messages API: `POST /v1/messages` and `/v1/messages/count_tokens`, relayed to an engine that
 serves it, otherwise translated through the engine's chat completions (translate.py). A model an upstream
-hosts is relayed to the upstream's own /v1/messages when its kind serves it (llamacpp, runnerd), otherwise
+hosts is relayed to the upstream's own /v1/messages when its kind serves it (its profile says so), otherwise
 translated through its chat completions, with failover before the first event either way
 (runnerd/failover.py). Errors, before and during a stream, are in Anthropic's shape (runnerd/api/errors.py
 picks it by path)."""
