@@ -311,6 +311,9 @@ class Runner:
         return self._loaded.done() and not self._loaded.cancelled() and self._loaded.exception() is None
 
     async def wait_loaded(self) -> None:
+        if self._loaded.done():  # the common case, a loaded runner: no shield, no trip through the loop
+            self._loaded.result()
+            return
         await asyncio.shield(self._loaded)
 
     async def wait_exited(self) -> None:
