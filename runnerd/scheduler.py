@@ -226,7 +226,10 @@ class Runner:
         self.unloading = False  # an unload waits for its requests in flight to end before it stops it
         self.session: aiohttp.ClientSession | None = None
         self.engine_pool = EnginePool(endpoint)  # the relay's kept-alive connections to the engine
-        self._expiry: anyio.CancelScope | None = None
+        self._expiry: anyio.CancelScope | None = None  # the keep-alive timer's
+        self._expiry_wake = 0.0  # when that timer next wakes (monotonic)
+        self._expiry_due: float | None = None  # when the runner expires if still idle (monotonic)
+        self._expire: Callable[[], Coroutine[Any, Any, Any]] | None = None
         self._process: asyncio.Task[None] | None = None
         self._loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._exited = asyncio.Event()
@@ -311,6 +314,9 @@ class Runner:
         return self._loaded.done() and not self._loaded.cancelled() and self._loaded.exception() is None
 
     async def wait_loaded(self) -> None:
+        if self._loaded.done():  # the common case, a loaded runner: no shield, no trip through the loop
+            self._loaded.result()
+            return
         await asyncio.shield(self._loaded)
 
     async def wait_exited(self) -> None:
@@ -350,7 +356,7 @@ class Runner:
         (a client that hung up while the engine still computes its answer): the runner counts as busy,
         for ps, keep-alive, eviction and unload, until the lease is returned."""
         self.active += 1
-        self.cancel_expiry()
+        self.pause_expiry()
         return Lease(self._release_lease, self)
 
     def note_idle(self) -> None:
@@ -380,25 +386,43 @@ class Runner:
         self.cancel_expiry()
 
     def cancel_expiry(self) -> None:
+        """No expiry any more, and no timer: the runner stops or is taken out of service."""
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
+        self.pause_expiry()
+
+    def pause_expiry(self) -> None:
+        """No expiry while a request holds the runner. A timer already running sleeps on: when the runner
+        goes idle again `set_expiry` moves its deadline, rather than each request that leaves the runner
+        idle starting a task and the next one cancelling it."""
+        self._expiry_due = None
         self.expires_at = None
 
     def set_expiry(self, delay: float, expire: Callable[[], Coroutine[Any, Any, Any]]) -> None:
-        """Run `expire` after `delay` seconds unless the expiry is cancelled or set again first."""
-        self.cancel_expiry()
-        self._expiry = anyio.CancelScope()
-        self.spawn(self._expire_later, self._expiry, delay, expire)
+        """Run `expire` after `delay` seconds unless the expiry is paused, cancelled or set again first."""
+        due = time.monotonic() + delay
+        self._expiry_due = due
+        self._expire = expire
         self.expires_at = time.time() + delay
+        if self._expiry is not None and self._expiry_wake <= due:
+            return  # the timer wakes first and sleeps on to `due`
+        if self._expiry is not None:
+            self._expiry.cancel()  # it would wake too late: a shorter keep-alive was asked for
+        self._expiry = anyio.CancelScope()
+        self._expiry_wake = due
+        self.spawn(self._expire_later, self._expiry)
 
-    async def _expire_later(self, scope: anyio.CancelScope, delay: float,
-                            expire: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+    async def _expire_later(self, scope: anyio.CancelScope) -> None:
         with scope:
-            await anyio.sleep(delay)
-        # Outside the scope: expiring stops the runner, which cancels the expiry it is running from.
-        if not scope.cancel_called:
-            await expire()
+            while (due := self._expiry_due) is not None and (left := due - time.monotonic()) > 0:
+                self._expiry_wake = due
+                await anyio.sleep(left)
+        if self._expiry is scope:
+            self._expiry = None  # the next idle spell starts a timer of its own
+        # Outside the scope: expiring stops the runner, which cancels any expiry.
+        if not scope.cancel_called and self._expiry_due is not None and self._expire is not None:
+            await self._expire()
 
     def measure(self, snapshot: HostSnapshot) -> None:
         """What the host sampler measured of the engine's process tree: resident memory, and the GPU
@@ -553,7 +577,7 @@ class Scheduler:
         if not isinstance(keep_alive, Unset):
             runner.keep_alive = keep_alive
         runner.active += 1
-        runner.cancel_expiry()
+        runner.pause_expiry()
         try:
             await runner.wait_loaded()
             if started:

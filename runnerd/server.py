@@ -20,15 +20,15 @@ from aiohttp import web
 from backends.base import Backend, ModelRef
 from runnerd import __version__, catalog_feed, node_labels
 from runnerd.admission import Budget
-from runnerd.api import anthropic, configure, cors, engines, models, ollama, responses
+from runnerd.api import anthropic, configure, engines, models, ollama, responses
 from runnerd.api import backends as backend_routes
 from runnerd.api import jobs as job_routes
 from runnerd.api import metrics as metrics_routes
 from runnerd.api import node as node_routes
 from runnerd.api import ready as ready_routes
-from runnerd.api.auth import KEYRING, LIMITER, auth_middleware
+from runnerd.api.auth import KEYRING, LIMITER
 from runnerd.api.context import DAEMON, Daemon
-from runnerd.api.errors import error_middleware
+from runnerd.api.middleware import on_response_prepare, request_middleware
 from runnerd.audit import AUDIT, AuditLog
 from runnerd.config import ConfigError, Settings, parse_listen
 from runnerd.configs import ConfigStore
@@ -120,10 +120,8 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
                           on_start=[RunnerWatcher(metrics)], sampler=sampler)
     loop_lag = LoopLagMonitor(metrics)
     metrics.observe_scheduler(scheduler)
-    # Outermost first: metrics see every answer (401s included); auth runs before any handler.
-    app = web.Application(client_max_size=settings.max_body_bytes,
-                          middlewares=[metrics_routes.metrics_middleware, cors.cors_middleware, auth_middleware,
-                                       error_middleware])
+    # One middleware: metrics, CORS, authentication and error answers, in that order (see its module).
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[request_middleware])
     # "In use" for the store = some runner (loading, ready or idle) holds the model, or drafts with it.
     # A removed model's runner logs go with it (they are kept after a runner exits, for reading a crash).
     store = ModelStore(settings.data_dir, settings.store, settings.huggingface,
@@ -153,7 +151,7 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
     ollama.add_routes(app)
     anthropic.add_routes(app)
     responses.add_routes(app)
-    app.on_response_prepare.append(cors.add_headers)
+    app.on_response_prepare.append(on_response_prepare)
 
     scheduling = HeldOpen(scheduler.running)
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from runnerd.api import scopes
 from runnerd.api.body import JSON_BODY
@@ -27,10 +27,10 @@ from runnerd.api.context import over_unix_socket
 from runnerd.api.errors import ApiError, render_error
 from runnerd.audit import AUDIT
 from runnerd.limits import Limiter, LimitHit
-from runnerd.tokens import Grant, Keyring, TokenError, digest, load_token
+from runnerd.tokens import Grant, Keyring, Role, TokenError, digest, load_token
 
-__all__ = ["HTTP_TOKEN", "KEYRING", "LIMITER", "Keyring", "TokenError", "auth_middleware", "bearer_token", "load_token",
-           "token_matches"]
+__all__ = ["HTTP_TOKEN", "KEYRING", "LIMITER", "Admission", "Keyring", "TokenError", "admit", "bearer_token",
+           "load_token", "token_matches"]
 
 KEYRING = web.AppKey("keyring", Keyring)
 # A single admin token, for an app served without `serve` (tests embed the app): `serve` sets KEYRING.
@@ -114,23 +114,43 @@ def _clipped(value: str | list[Any]) -> str:
     return json.dumps(value, ensure_ascii=False)[:200]
 
 
-def _changes_something(request: web.Request, role: str) -> bool:
-    # Reads (ps, metrics, status) are polled by monitors: auditing each would drown the actions.
-    return role != "user" and request.method not in ("GET", "HEAD", "OPTIONS")
+# (method, route template) -> role: the rules are regular expressions, and each route's answer never changes.
+_ROLES: dict[tuple[str, str], Role] = {}
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-async def _handle(request: web.Request, handler: Handler, grant: Grant | None, role: str) -> web.StreamResponse:
-    if not _changes_something(request, role):
-        with scopes.acting_as(grant):
-            return await handler(request)
-    result = "interrupted"
-    try:
-        with scopes.acting_as(grant):
-            response = await handler(request)
-        result = str(response.status)
-        return response
-    finally:
-        _audit(request, grant, result, body=True)
+def _role(request: web.Request) -> Role:
+    resource = request.match_info.route.resource
+    if resource is None:
+        return scopes.required_role(request)
+    key = (request.method, resource.canonical)
+    role = _ROLES.get(key)
+    if role is None:
+        role = _ROLES[key] = scopes.required_role(request)
+    return role
+
+
+class Admission:
+    """A request let through: the grant it acts under, whether its outcome is audited, and its place
+    under the token's limits, given back by `finish`."""
+
+    __slots__ = ("audited", "grant", "release")
+
+    def __init__(self, grant: Grant | None, audited: bool, release: Callable[[], None] | None = None) -> None:
+        self.grant = grant
+        self.audited = audited
+        self.release = release
+
+    def finish(self, request: web.Request, result: str) -> None:
+        """`result`: the answer's status, or "interrupted" when the handler raised."""
+        if self.release is not None:
+            self.release()
+        if self.audited:
+            _audit(request, self.grant, result, body=True)
+
+
+# Reads (ps, metrics, status) are polled by monitors: auditing each would drown the actions.
+_TRUSTED_READ = Admission(None, audited=False)
 
 
 def authenticate(request: web.Request, presented: list[str]) -> Grant | None:
@@ -148,13 +168,16 @@ def authenticate(request: web.Request, presented: list[str]) -> Grant | None:
     return grants[0]
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    role = scopes.required_role(request)
+def admit(request: web.Request) -> Admission | web.Response:
+    """Whether the request may reach its handler: an Admission, or the refusal to send (401, 403, 429, or
+    400 for a credential header sent twice) in the route's error shape."""
     if over_unix_socket(request):
-        return await _handle(request, handler, None, role)
+        if request.method in _READS:
+            return _TRUSTED_READ
+        return Admission(None, audited=_role(request) != "user")
     if _open_route(request):
-        return await handler(request)
+        return _TRUSTED_READ
+    role = _role(request)
     try:
         presented = presented_tokens(request)
     except ApiError as exc:
@@ -177,8 +200,4 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return render_error(request, ApiError(429, hit.message(grant.name), code="rate_limit_exceeded",
                                               type="rate_limit_error",
                                               headers={"Retry-After": str(hit.retry_after)}))
-    try:
-        return await _handle(request, handler, grant, role)
-    finally:
-        if release is not None:
-            release()
+    return Admission(grant, audited=role != "user" and request.method not in _READS, release=release)

@@ -14,7 +14,6 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from runnerd.api.context import daemon
 from runnerd.api.errors import ApiError, render_error
@@ -52,11 +51,12 @@ def origin_allowed(origin: str, patterns: list[str]) -> bool:
     return False
 
 
-@web.middleware
-async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def screen(request: web.Request) -> web.Response | None:
+    """The answer to a browser's request that goes no further (a refused origin's 403, a preflight's
+    204), or None to let it through; an allowed origin is kept on the request for `add_headers`."""
     origin = request.headers.get("Origin")
     if origin is None:
-        return await handler(request)
+        return None
     if not origin_allowed(origin, daemon(request).settings.allowed_origins):
         return render_error(request, ApiError(403, f"origin {origin!r} is not allowed; add it to allowed_origins "
                                                    "in the daemon's settings", code="origin_not_allowed"))
@@ -69,11 +69,11 @@ async def cors_middleware(request: web.Request, handler: Handler) -> web.StreamR
             "Access-Control-Max-Age": "600",
         }
         return web.Response(status=204, headers=headers)
-    return await handler(request)
+    return None
 
 
-async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: streaming handlers send their headers themselves, so add ours at that moment."""
+def add_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """When the headers go out (streaming handlers send theirs themselves): an allowed origin's."""
     origin = request.get(_ORIGIN_KEY)
     if origin is None:
         return

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from backends.base import Backend, BackendConfiguration, BackendError, Capability, Mode, RunnerError
+from backends.base import Backend, BackendConfiguration, BackendError, Capability, Mode, ModelRef, RunnerError
 from runnerd import failover
 from runnerd.api import scopes
 from runnerd.api.body import read_json_body
@@ -108,9 +108,11 @@ def required_capabilities(kind: RequestKind, payload: dict[str, Any]) -> list[Ca
     return needed
 
 
-def check_capabilities(backend: Backend, needed: list[Capability], model: ModelEntry | None = None) -> None:
+def check_capabilities(backend: Backend, needed: list[Capability], model: ModelEntry | None = None,
+                       ref: ModelRef | None = None) -> None:
+    """`ref`: the model's, when the caller has it already (building one validates every field)."""
     # Some backends serve a capability only for some models (e.g. rerank only with a scorer model).
-    available = backend.model_capabilities(model.ref()) if model is not None else backend.capabilities
+    available = backend.model_capabilities(ref or model.ref()) if model is not None else backend.capabilities
     for capability in needed:
         if capability not in available:
             which = f" for {model.name}" if model is not None and capability in backend.capabilities else ""
@@ -118,10 +120,11 @@ def check_capabilities(backend: Backend, needed: list[Capability], model: ModelE
                            code="capability_not_supported", type="not_implemented_error")
 
 
-def check_request(backend: Backend, model: ModelEntry, config: BackendConfiguration, payload: dict[str, Any]) -> None:
+def check_request(backend: Backend, model: ModelEntry, config: BackendConfiguration, payload: dict[str, Any],
+                  ref: ModelRef | None = None) -> None:
     """400 for a request the backend, run with `config`, would accept but answer wrongly (the daemon
     knows nothing of engines' flags: the backend says)."""
-    why = backend.request_problem(model.ref(), config, payload)
+    why = backend.request_problem(ref or model.ref(), config, payload)
     if why:
         raise ApiError(400, f"{model.name} on {backend.name}: {why}", code="engine_not_configured")
 
@@ -138,11 +141,12 @@ def take_keep_alive(payload: dict[str, Any]) -> float | Unset | None:
 
 
 async def lease_runner(d: Daemon, backend: Backend, model: ModelEntry, mode: Mode, config: BackendConfiguration,
-                       keep_alive: float | Unset | None, *, preload: bool = False) -> Lease:
+                       keep_alive: float | Unset | None, *, preload: bool = False,
+                       ref: ModelRef | None = None) -> Lease:
     """A lease on the model's runner; `preload`: the request only loads it (refused while draining)."""
     key = RunnerKey(backend.name, model.name, mode)
     try:
-        return await d.scheduler.acquire(key, model.ref(), config, keep_alive, preload=preload)
+        return await d.scheduler.acquire(key, ref or model.ref(), config, keep_alive, preload=preload)
     except SchedulingError as exc:
         headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after is not None else None
         raise ApiError(exc.status, str(exc), code=exc.code, type="server_error", headers=headers) from exc
@@ -176,8 +180,9 @@ async def _serve_locally(request: web.Request, kind: RequestKind, payload: dict[
                          raw: bytes | None = None) -> web.StreamResponse:
     d = daemon(request)
     model = find_model(d, requested_model(payload))
+    ref = model.ref()
     backend = choose_backend(d, explicit, model, kind.mode)
-    check_capabilities(backend, required_capabilities(kind, payload), model)
+    check_capabilities(backend, required_capabilities(kind, payload), model, ref)
     keep_alive = take_keep_alive(payload)
     # Some engines answer 404 unless `model` is their served name: give them the store's canonical one
     # (`x` -> `x:latest`).
@@ -186,9 +191,9 @@ async def _serve_locally(request: web.Request, kind: RequestKind, payload: dict[
         payload["model"] = model.name
     body = json.dumps(payload).encode() if keep_alive is not UNSET or renamed or raw is None else raw
     config = configuration_for(d, backend, model, kind.mode)
-    check_request(backend, model, config, payload)
+    check_request(backend, model, config, payload, ref)
     preload = request.headers.get("X-Preload-Only", "").lower() == "true"
-    lease = await lease_runner(d, backend, model, kind.mode, config, keep_alive, preload=preload)
+    lease = await lease_runner(d, backend, model, kind.mode, config, keep_alive, preload=preload, ref=ref)
     try:
         if preload:
             return web.Response(status=200)

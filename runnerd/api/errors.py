@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ValidationError
 
 _TYPES = {
@@ -81,7 +80,7 @@ class ApiError(Exception):
         return f"data: {json.dumps(self.body())}\n\n".encode()
 
 
-def _from_http_exception(exc: web.HTTPException) -> ApiError:
+def from_http_exception(exc: web.HTTPException) -> ApiError:
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return ApiError(413, f"request body too large: {exc.text}", code="body_too_large")
     if isinstance(exc, web.HTTPNotFound):
@@ -92,24 +91,20 @@ def _from_http_exception(exc: web.HTTPException) -> ApiError:
     return ApiError(exc.status, exc.text or exc.reason)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ApiError as exc:
+def answer_for(request: web.Request, exc: Exception) -> web.Response | None:
+    """The error answer for what a handler raised, in the route's shape; None when it must propagate
+    (a redirect, or a failure after a streamed answer's status line went out)."""
+    if isinstance(exc, ApiError):
         return render_error(request, exc)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return render_error(request, _from_http_exception(exc))
-    except Exception:
-        if request.writer.output_size > 0:
-            # A streamed answer already sent its status line: no second one can follow. aiohttp logs
-            # the exception and drops the connection, which the client sees as a cut stream.
-            raise
-        # A bug, not a client's mistake: the traceback goes to the log, never to the client.
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return render_error(request, internal_error())
+    if isinstance(exc, web.HTTPException):
+        return render_error(request, from_http_exception(exc)) if exc.status >= 400 else None
+    if request.writer.output_size > 0:
+        # A streamed answer already sent its status line: no second one can follow. aiohttp logs
+        # the exception and drops the connection, which the client sees as a cut stream.
+        return None
+    # A bug, not a client's mistake: the traceback goes to the log, never to the client.
+    log.exception("unhandled error in %s %s", request.method, request.path)
+    return render_error(request, internal_error())
 
 
 def internal_error() -> ApiError:

@@ -1,8 +1,9 @@
 """Observability routes: GET /metrics (Prometheus) and GET /logs (the daemon's and runners' logs).
 
-The request middleware does two metric observations per request plus one when the headers go out
-(time to first byte); it never parses a body. The model label comes from the proxy, which knows
-which registered model a request was served by, so unknown names never become label values.
+The request middleware (runnerd/api/middleware.py) makes two metric observations per request plus one
+when the headers go out (time to first byte); it never parses a body. The model label comes from the
+proxy, which knows which registered model a request was served by, so unknown names never become label
+values.
 
 A token limited to some models sees only their series: a sample whose `model` label it may not use is
 left out, and only its models' runners are scraped; the host's own series (queue, memory held, runners
@@ -22,7 +23,6 @@ from pathlib import Path
 
 import aiohttp
 from aiohttp import web
-from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
@@ -40,7 +40,7 @@ from runnerd.runner_logs import read_end
 from runnerd.scheduler import RunnerInfo, RunnerKey, RunnerState
 from runnerd.store import StoreError, canonical_name
 
-_STARTED = web.RequestKey("started", float)
+STARTED = web.RequestKey("started", float)
 _SCRAPE_TIMEOUT = 1.0
 _FOLLOW_POLL = 0.25
 _TAIL_BYTES = 1024 * 1024
@@ -49,34 +49,22 @@ LOGS_CLOSING = web.AppKey("logs_closing", asyncio.Event)
 
 # --- request metrics ---------------------------------------------------------------------------
 
-def _route(request: web.Request) -> str:
+def route_label(request: web.Request) -> str:
     resource = request.match_info.route.resource
     return resource.canonical if resource is not None else "unmatched"
 
 
-@web.middleware
-async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request[_STARTED] = started = time.perf_counter()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    except asyncio.CancelledError:
-        status = 499  # the client went away first
-        raise
-    finally:
-        request.app[DAEMON].metrics.observe_request(_route(request), request.get(REQUEST_MODEL, ""), status,
-                                                    time.perf_counter() - started)
+def observe_answer(request: web.Request, started: float, status: int) -> None:
+    """The request's count and duration, once its handler returned (499: the client went away first)."""
+    request.app[DAEMON].metrics.observe_request(route_label(request), request.get(REQUEST_MODEL, ""), status,
+                                                time.perf_counter() - started)
 
 
-async def _on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    started = request.get(_STARTED)
+def observe_first_byte(request: web.Request) -> None:
+    """The time to the response's headers, when they go out."""
+    started = request.get(STARTED)
     if started is not None:
-        request.app[DAEMON].metrics.observe_first_byte(_route(request), request.get(REQUEST_MODEL, ""),
+        request.app[DAEMON].metrics.observe_first_byte(route_label(request), request.get(REQUEST_MODEL, ""),
                                                        time.perf_counter() - started)
 
 
@@ -302,7 +290,6 @@ def add_routes(app: web.Application) -> None:
     app[LOGS_CLOSING] = asyncio.Event()
     app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/logs", get_logs)
-    app.on_response_prepare.append(_on_response_prepare)
 
     async def end_follows(app: web.Application) -> None:
         app[LOGS_CLOSING].set()
