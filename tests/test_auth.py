@@ -73,7 +73,7 @@ def test_bearer_header(header, token):
 
 @pytest.mark.anyio
 async def test_refusals_over_tcp_take_the_shape_of_the_route(tmp_path):
-    """401s (and the CORS 403) come from middlewares outside error_middleware: they too must be
+    """401s (and the CORS 403) are answered before any route handler runs: they too must be
     {"error": "..."} under /api/, where Ollama's clients read a string, and OpenAI's shape elsewhere."""
     settings = load_settings(runtime_dir=tmp_path / "run", data_dir=tmp_path / "data")
     app = create_app(settings, backends={})
