@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from aiohttp import web
+if TYPE_CHECKING:  # node_labels is imported by CLI commands that must not load aiohttp
+    from aiohttp import web
 
 
 class Service(Protocol):
