@@ -222,6 +222,20 @@ def daemon(llama_server: Path, tiny_model: Path) -> Iterator[Daemon]:
 
 
 @contextlib.asynccontextmanager
+async def app_on_loopback(app: Any) -> AsyncIterator[int]:
+    """An aiohttp app served in this process on a free loopback TCP port (yielded), cleaned up after."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
 async def app_on_socket(tmp_path: Path, backends: dict[str, Any], models: dict[str, Path] | None = None,
                         **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
     """The daemon's app served in this process on a short unix socket, with a client for it: for

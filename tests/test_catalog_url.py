@@ -15,7 +15,7 @@ import pytest
 
 from backends.catalog import MAX_CATALOG_BYTES
 from runnerd.catalog_feed import KEPT_NAME
-from tests.conftest import Daemon
+from tests.conftest import Daemon, app_on_loopback
 from tests.fileserver import FileServer
 
 PATH = "/runnerd/catalog.yaml"
@@ -172,17 +172,10 @@ async def test_a_body_without_a_length_is_cut_at_the_cap():
     app = web.Application()
     app.router.add_get("/chunked", chunked)
     app.router.add_get("/bomb", bomb)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    async with app_on_loopback(app) as port:
         for path in ("/chunked", "/bomb"):
             with pytest.raises(FetchError, match=f"larger than {MAX_CATALOG_BYTES} bytes"):
                 await fetch_text(f"http://127.0.0.1:{port}{path}", timeout=10)
-    finally:
-        await runner.cleanup()
 
 
 def test_an_admin_refreshes_the_catalog_url_now(make_daemon, server, tmp_path):

@@ -20,6 +20,7 @@ import pytest
 from backends.base import Capability, ModelFormat
 from runnerd.api.ollama import models as ollama_routes
 from runnerd.store import ModelEntry
+from tests.conftest import app_on_loopback
 
 pytestmark = pytest.mark.engine
 
@@ -289,8 +290,6 @@ async def test_capability_the_backend_lacks_is_501_in_ollama_shape(tmp_path, tin
 
 @pytest.mark.anyio
 async def test_preflight_over_tcp_needs_no_token_and_origins_are_configurable(tmp_path):
-    from aiohttp import web
-
     from runnerd.api.auth import HTTP_TOKEN
     from runnerd.config import load_settings
     from runnerd.server import create_app
@@ -299,20 +298,12 @@ async def test_preflight_over_tcp_needs_no_token_and_origins_are_configurable(tm
                              allowed_origins=["https://chat.example"])
     app = create_app(settings, backends={})
     app[HTTP_TOKEN] = "s3cret"
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
-            preflight_headers = {"Origin": "https://chat.example:444", "Access-Control-Request-Method": "GET"}
-            preflight = await c.options("/api/tags", headers=preflight_headers)
-            no_token = await c.get("/api/tags", headers={"Origin": "https://chat.example"})
-            ok = await c.get("/api/tags", headers={"Origin": "https://chat.example", "Authorization": "Bearer s3cret"})
-            localhost = await c.get("/api/tags", headers={"Origin": "http://localhost"})
-    finally:
-        await runner.cleanup()
+    async with app_on_loopback(app) as port, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+        preflight_headers = {"Origin": "https://chat.example:444", "Access-Control-Request-Method": "GET"}
+        preflight = await c.options("/api/tags", headers=preflight_headers)
+        no_token = await c.get("/api/tags", headers={"Origin": "https://chat.example"})
+        ok = await c.get("/api/tags", headers={"Origin": "https://chat.example", "Authorization": "Bearer s3cret"})
+        localhost = await c.get("/api/tags", headers={"Origin": "http://localhost"})
 
     assert preflight.status_code == 204
     assert preflight.headers["Access-Control-Allow-Origin"] == "https://chat.example:444"
