@@ -22,6 +22,7 @@ import asyncio
 import collections
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import aiohttp
@@ -43,17 +44,14 @@ _MAX_HEAD_BYTES = 64 << 10
 HOLD_UNTIL_FIRST_CHUNK = web.RequestKey("hold_until_first_chunk", bool)
 
 
+@dataclass(slots=True)
 class UpstreamHead:
-    __slots__ = ("chunked", "headers", "keep_alive", "length", "reason", "status")
-
-    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]], chunked: bool, length: int | None,
-                 keep_alive: bool) -> None:
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-        self.chunked = chunked
-        self.length = length
-        self.keep_alive = keep_alive
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    chunked: bool
+    length: int | None
+    keep_alive: bool
 
 
 class EngineStream(asyncio.Protocol):
