@@ -196,14 +196,22 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
 LISTEN_BACKLOG = 4096
 
 
+EVENT_LOOPS = ("uvloop", "asyncio")
+
+
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The daemon's event loop: uvloop's when RUNNERD_EVENT_LOOP=uvloop and it is installed, else asyncio's."""
-    if os.environ.get("RUNNERD_EVENT_LOOP", "asyncio") != "uvloop":
+    """The daemon's event loop, from RUNNERD_EVENT_LOOP: uvloop's (the default) where it is installed, or
+    asyncio's. Raises ConfigError for any other value."""
+    choice = os.environ.get("RUNNERD_EVENT_LOOP", "uvloop").strip().lower() or "uvloop"
+    if choice not in EVENT_LOOPS:
+        raise ConfigError(f"RUNNERD_EVENT_LOOP={os.environ['RUNNERD_EVENT_LOOP']!r}: expected one of "
+                          f"{', '.join(EVENT_LOOPS)}")
+    if choice == "asyncio":
         return None
     try:
         import uvloop
     except ImportError:
-        log.warning("RUNNERD_EVENT_LOOP=uvloop but uvloop is not installed; using asyncio's event loop")
+        log.warning("uvloop is not installed; the daemon runs on asyncio's event loop")
         return None
     return uvloop.new_event_loop
 
