@@ -36,6 +36,11 @@ _MAX_LINE = 8192
 _READ_CHUNK = 65536
 # Output waiting for a slow log disk, per runner; past this it is dropped (and the drop noted in the log).
 _LOG_BACKLOG_BYTES = 8 << 20
+# An engine that logs every request prints thousands of lines a second under load. Its log is written at
+# most this often, and its output read at most this often while it keeps coming, rather than a thread
+# wake-up and a loop wake-up for every line, each taking a core from the engines.
+_LOG_WRITE_PERIOD = 0.1
+_BUSY_OUTPUT_PERIOD = 0.02
 
 
 def _child_setup(parent_pid: int) -> None:
@@ -109,14 +114,18 @@ class LogWriter:
     event loop that relays every request. Output the disk has not taken past `_LOG_BACKLOG_BYTES` is dropped,
     and the log says how much when the disk catches up."""
 
-    def __init__(self, path: Path, max_bytes: int | None, keep: int, backlog: int = _LOG_BACKLOG_BYTES) -> None:
+    def __init__(self, path: Path, max_bytes: int | None, keep: int, backlog: int = _LOG_BACKLOG_BYTES,
+                 period: float = _LOG_WRITE_PERIOD) -> None:
         self._open = partial(RotatingLog, path, max_bytes, keep)
         self._backlog = backlog
+        self._period = period
         self._chunks: list[bytes] = []
         self._queued = 0
         self._dropped = 0
         self._closing = False
+        self._waiting = False  # the writer sleeps until it is told of output
         self._wake = threading.Condition()
+        self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"log {path.name}", daemon=True)
         self._thread.start()
 
@@ -128,12 +137,16 @@ class LogWriter:
                 return
             self._chunks.append(chunk)
             self._queued += len(chunk)
-            self._wake.notify()
+            if self._waiting:
+                self._waiting = False
+                self._wake.notify()
 
     def _take(self) -> tuple[list[bytes], int, bool]:
         with self._wake:
             while not self._chunks and not self._dropped and not self._closing:
+                self._waiting = True
                 self._wake.wait()
+            self._waiting = False
             chunks, self._chunks, self._queued = self._chunks, [], 0
             dropped, self._dropped = self._dropped, 0
             return chunks, dropped, self._closing
@@ -152,6 +165,7 @@ class LogWriter:
                     log.write(b"\n[runnerd: %d bytes of output dropped: the log disk did not keep up]\n" % dropped)
                 if closing and not chunks and not dropped:
                     return
+                self._closed.wait(self._period)  # output gathers meanwhile; a close cuts the wait short
         except OSError:
             return
         finally:
@@ -162,12 +176,17 @@ class LogWriter:
         with self._wake:
             self._closing = True
             self._wake.notify()
+        self._closed.set()
         self._thread.join()
 
 
 async def _pump_output(stream: asyncio.StreamReader, output: RunnerOutput, log: LogWriter | None) -> None:
-    """Copy the process's output to the log file and split it into lines for the tail."""
+    """Copy the process's output to the log file and split it into lines for the tail. Output that keeps
+    coming is read in gulps, `_BUSY_OUTPUT_PERIOD` apart; the first after a quiet spell is read at once
+    (an engine's "listening" line wakes the readiness poll)."""
+    loop = asyncio.get_running_loop()
     pending = b""
+    last = float("-inf")
     while chunk := await stream.read(_READ_CHUNK):
         if log is not None:
             log.write(chunk)
@@ -179,6 +198,11 @@ async def _pump_output(stream: asyncio.StreamReader, output: RunnerOutput, log: 
         for line in lines:
             output.tail.append(line[:_MAX_LINE].decode("utf-8", "replace").rstrip("\r"))
         output.activity.set()
+        now = loop.time()
+        if now - last < _BUSY_OUTPUT_PERIOD:
+            await asyncio.sleep(_BUSY_OUTPUT_PERIOD)
+            now = loop.time()
+        last = now
     if pending:
         output.tail.append(pending[:_MAX_LINE].decode("utf-8", "replace"))
         output.activity.set()

@@ -128,3 +128,48 @@ def test_output_past_the_backlog_is_dropped_and_the_drop_noted(tmp_path: Path, m
     lines = path.read_text().splitlines()
     assert lines[0] == "first" and lines[1:11] == [f"{i:02d}-------" for i in range(10)]
     assert "[runnerd: 200 bytes of output dropped: the log disk did not keep up]" in lines
+
+
+def test_a_chatty_engine_costs_a_few_log_writes_a_second(tmp_path: Path, monkeypatch) -> None:
+    """An engine that logs every request prints lines a millisecond apart under load: they reach the file
+    in a few batches, not a disk write (and a thread wake-up) each."""
+    writes: list[int] = []
+    real_write = RotatingLog.write
+
+    def counted(self: RotatingLog, chunk: bytes) -> None:
+        writes.append(len(chunk))
+        real_write(self, chunk)
+
+    monkeypatch.setattr(RotatingLog, "write", counted)
+    path = tmp_path / "r.log"
+    writer = LogWriter(path, max_bytes=None, keep=0, period=0.1)
+    lines = [b"request %03d\n" % i for i in range(200)]
+    for line in lines:
+        writer.write(line)
+        threading.Event().wait(0.001)
+    writer.close()
+    assert path.read_bytes() == b"".join(lines)
+    assert len(writes) <= 8, writes  # about 0.25 s of lines; one write per line before batching
+
+
+@pytest.mark.anyio
+async def test_output_that_keeps_coming_is_read_in_gulps() -> None:
+    """Lines a millisecond apart wake the pump a few times, not once per line; none is lost or split."""
+    from backends.process import _pump_output
+
+    stream = asyncio.StreamReader()
+    output = RunnerOutput()
+    reads: list[bytes] = []
+
+    class Counting:
+        def write(self, chunk: bytes) -> None:
+            reads.append(chunk)
+
+    pump = asyncio.create_task(_pump_output(stream, output, Counting()))  # type: ignore[arg-type]
+    for i in range(150):
+        stream.feed_data(b"line %03d\n" % i)
+        await asyncio.sleep(0.001)
+    stream.feed_eof()
+    await pump
+    assert list(output.tail)[-150:] == [f"line {i:03d}" for i in range(150)]
+    assert len(reads) <= 20, len(reads)  # 150 reads before
