@@ -25,7 +25,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -36,6 +36,7 @@ from runnerd.api.context import DAEMON, Daemon, daemon
 from runnerd.api.errors import ApiError
 from runnerd.logs import DAEMON_LOG
 from runnerd.metrics import REQUEST_MODEL
+from runnerd.prometheus_text import text_exposition
 from runnerd.runner_logs import read_end
 from runnerd.scheduler import RunnerInfo, RunnerKey, RunnerState
 from runnerd.store import StoreError, canonical_name
@@ -70,12 +71,14 @@ def observe_first_byte(request: web.Request) -> None:
 
 # --- /metrics ----------------------------------------------------------------------------------
 
-async def scrape_runner(info: RunnerInfo, timeout: float = _SCRAPE_TIMEOUT) -> str | None:
-    """The runner's own /metrics text from its endpoint, or None if it did not answer in time."""
+async def scrape_runner(session: aiohttp.ClientSession | None, info: RunnerInfo,
+                        timeout: float = _SCRAPE_TIMEOUT) -> str | None:
+    """The runner's own /metrics text from its endpoint, over the runner's session (a scrape every few
+    seconds reuses its connection), or None if it did not answer in time."""
+    if session is None or session.closed:
+        return None
     try:
-        timeouts = aiohttp.ClientTimeout(total=timeout)
-        async with aiohttp.ClientSession(connector=info.endpoint.connector(), timeout=timeouts) as session, \
-                session.get(info.endpoint.url("/metrics")) as resp:
+        async with session.get(info.endpoint.url("/metrics"), timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             return await resp.text() if resp.status == 200 else None
     except (aiohttp.ClientError, TimeoutError, OSError):
         return None
@@ -129,12 +132,21 @@ class _Families(Collector):
 
 def _exposition(registry: CollectorRegistry, live: list[Metric], scraped: list[tuple[RunnerInfo, str | None]],
                 accept: str, allowed: Callable[[str], bool]) -> tuple[bytes, str]:
-    """Blocking (collecting the daemon's histograms, parsing the engines' texts and encoding everything is
-    the costly part of a scrape)."""
-    families = CollectorRegistry()
-    families.register(_Families(_shown_samples([*registry.collect(), *live, *runner_families(scraped)], allowed)))
+    """Collect the daemon's histograms, parse the engines' texts and encode everything: the costly part
+    of a scrape. The plain text format (what Prometheus asks for unless told otherwise) is written by
+    runnerd.prometheus_text; the others by prometheus_client."""
+    families = _shown_samples([*registry.collect(), *live, *runner_families(scraped)], allowed)
     encode, content_type = choose_encoder(accept)
-    return encode(families), content_type
+    if encode is generate_latest:
+        return text_exposition(families), content_type
+    kept = CollectorRegistry()
+    kept.register(_Families(families))
+    return encode(kept), content_type
+
+
+def _session_of(d: Daemon, info: RunnerInfo) -> aiohttp.ClientSession | None:
+    runner = d.scheduler.runner(RunnerKey(info.backend, info.model, info.mode))
+    return runner.session if runner is not None else None
 
 
 async def get_metrics(request: web.Request) -> web.Response:
@@ -142,7 +154,7 @@ async def get_metrics(request: web.Request) -> web.Response:
     # A ready runner with nothing in flight shows as idle: both answer /metrics.
     allowed = scopes.model_filter()
     ready = [r for r in d.scheduler.ps() if r.state in (RunnerState.READY, RunnerState.IDLE) and allowed(r.model)]
-    texts = await asyncio.gather(*(scrape_runner(r) for r in ready))
+    texts = await asyncio.gather(*(scrape_runner(_session_of(d, r), r) for r in ready))
     body, content_type = await asyncio.to_thread(_exposition, d.metrics.registry, d.metrics.live_families(),
                                                  list(zip(ready, texts, strict=True)),
                                                  request.headers.get("Accept", ""), allowed)
