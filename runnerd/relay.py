@@ -196,32 +196,20 @@ class EngineStream(asyncio.Protocol):
         rest = bytes(self.body[end + 4:])
         self.body.clear()
         try:
-            version, status, *reason = lines[0].split(" ", 2)
-            headers = [(name.strip(), value.strip()) for name, _, value in (ln.partition(":") for ln in lines[1:])]
-            chunked = length = None
-            keep_alive = version == "HTTP/1.1"
-            for name, value in headers:
-                lowered = name.lower()
-                if lowered == "transfer-encoding":
-                    chunked = "chunked" in value.lower()
-                elif lowered == "content-length":
-                    length = int(value)
-                elif lowered == "connection" and "close" in value.lower():
-                    keep_alive = False
-            head = UpstreamHead(int(status), reason[0] if reason else "", headers, bool(chunked), length, keep_alive)
-        except ValueError:
-            self._fail(aiohttp.ClientPayloadError(f"the engine answered a malformed status line: {lines[0][:100]!r}"))
+            head = _head_from(lines)
+        except ValueError as exc:
+            self._fail(aiohttp.ClientPayloadError(f"the engine answered a malformed head: {exc}"))
             return
         # Some engines close their side right after a chunked answer, announcing keep-alive all the same:
         # a request sent on in the moment before its close arrives would be lost, so only a sized answer
         # leaves the connection to carry another.
-        self._keep_alive = keep_alive and not head.chunked
+        self._keep_alive = head.keep_alive and not head.chunked
         self.chunked = head.chunked
         self.head.set_result(head)
         if not head.chunked:
-            self._sized = length
-            self._close_delimited = length is None
-            if length == 0:
+            self._sized = head.length
+            self._close_delimited = head.length is None
+            if head.length == 0:
                 if rest:
                     self._keep_alive = False
                 self._end(clean=True)
@@ -261,6 +249,10 @@ class EngineStream(asyncio.Protocol):
         if self.sink is None:
             self.body += data
             return
+        if not self._pending and self._one_whole_chunk(data):
+            self.sink(data)
+            self._backpressure()
+            return
         if self._pending:
             self._pending += data
             if len(self._pending) < self._pending_end:
@@ -273,9 +265,8 @@ class EngineStream(asyncio.Protocol):
             if line_end < 0:
                 need = size_of - pos + 1
                 break
-            try:
-                size = int(data[pos:line_end].split(b";", 1)[0], 16)
-            except ValueError:
+            size = _chunk_size(data[pos:line_end])
+            if size < 0:
                 self._fail(aiohttp.ClientPayloadError("the engine sent a malformed chunk"))
                 return
             end = line_end + 2 + size + 2
@@ -297,6 +288,21 @@ class EngineStream(asyncio.Protocol):
             self._pending += data[pos:]
             self._pending_end = need
         self._backpressure()
+
+    @staticmethod
+    def _one_whole_chunk(data: bytes) -> bool:
+        """Whether `data` is exactly one whole chunk with a body: what an engine sends for each event."""
+        line_end = data.find(b"\r\n", 0, 18)
+        if line_end <= 0:
+            return False
+        digits = data[:line_end]
+        if not digits.isalnum():
+            return False
+        try:
+            size = int(digits, 16)
+        except ValueError:
+            return False
+        return size > 0 and line_end + size + 4 == len(data)
 
     def _backpressure(self) -> None:
         if self.downstream is None:
@@ -366,6 +372,44 @@ class EngineStream(asyncio.Protocol):
         self.finish()
         if self.transport is not None:
             self.transport.close()
+
+
+def _digits(text: str, what: str) -> int:
+    """A decimal number of plain ASCII digits (int() would also take signs, spaces and underscores)."""
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"{what} {text[:40]!r}")
+    return int(text)
+
+
+def _head_from(lines: list[str]) -> UpstreamHead:
+    """An answer's status line and headers; ValueError names what is malformed."""
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or len(parts[1]) != 3:
+        raise ValueError(f"status line {lines[0][:100]!r}")
+    version, status, reason = parts[0], parts[1], parts[2] if len(parts) == 3 else ""
+    headers = [(name.strip(), value.strip()) for name, _, value in (ln.partition(":") for ln in lines[1:])]
+    chunked, length, keep_alive = False, None, version == "HTTP/1.1"
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == "transfer-encoding":
+            chunked = "chunked" in value.lower()
+        elif lowered == "content-length":
+            length = _digits(value, "Content-Length")
+        elif lowered == "connection" and "close" in value.lower():
+            keep_alive = False
+    return UpstreamHead(_digits(status, "status"), reason, headers, chunked, length, keep_alive)
+
+
+def _chunk_size(line: bytes) -> int:
+    """A chunk's size from its size line (hex digits, then any extension), or -1 if the line is malformed.
+    Signs, spaces and underscores, which int() would take, are malformed: the client's parser refuses them."""
+    digits = line.split(b";", 1)[0]
+    if not digits.isalnum():
+        return -1
+    try:
+        return int(digits, 16)
+    except ValueError:
+        return -1
 
 
 def _discard(data: bytes) -> None:
@@ -522,9 +566,8 @@ def _unframe(framed: bytes) -> bytes:
     """The payload of whole chunks, frame by frame (a cut last frame gives what it has)."""
     payload, pos = bytearray(), 0
     while (line_end := framed.find(b"\r\n", pos)) >= 0:
-        try:
-            size = int(framed[pos:line_end].split(b";", 1)[0], 16)
-        except ValueError:
+        size = _chunk_size(framed[pos:line_end])
+        if size < 0:
             break
         payload += framed[line_end + 2:line_end + 2 + size]
         pos = line_end + 2 + size + 2
