@@ -81,6 +81,10 @@ class Metrics:
                                                   self.ttfb_seconds.labels(route, model))
         return pair
 
+    def timed_series(self) -> int:
+        """How many (route, model) pairs have request histograms: what most of a scrape's size grows with."""
+        return len(self._timed)
+
     def observe_scheduler(self, scheduler: Scheduler) -> None:
         self._scheduler = SchedulerCollector(scheduler)
 
