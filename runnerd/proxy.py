@@ -24,6 +24,7 @@ from multidict import CIMultiDict
 
 from backends.base import RunnerError
 from runnerd.api.errors import ApiError
+from runnerd.loop_turns import TURNS
 from runnerd.metrics import REQUEST_MODEL
 from runnerd.relay import (
     HOLD_UNTIL_FIRST_CHUNK,
@@ -378,6 +379,7 @@ async def _relay_raw_body(request: web.Request, response: web.StreamResponse, he
     await response.prepare(request)
     if not whole:
         await relay_raw(request, engine, frame=not head.chunked and head.length is None, first=first)
+        await request.config_dict[TURNS].take()  # streams that end on the same engine step end over several turns
     await response.write_eof()
 
 

@@ -35,6 +35,7 @@ from runnerd.configs import ConfigStore
 from runnerd.durations import parse_keep_alive
 from runnerd.engines import EngineRegistryError, as_host_gpus, default_backends, upstream_endpoints
 from runnerd.limits import Limiter
+from runnerd.loop_turns import TURNS, Turns
 from runnerd.metrics import LoopLagMonitor, Metrics, RunnerWatcher
 from runnerd.pidfiles import clean_up_previous_runners
 from runnerd.runner_logs import remove_model_logs
@@ -135,6 +136,7 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
         sources = Sources(upstream_endpoints(settings), settings.aliases, settings.routing)
     except EngineRegistryError as exc:
         raise ConfigError(f"invalid settings: {exc}") from exc
+    app[TURNS] = Turns()
     app[DAEMON] = Daemon(settings=settings, store=store, scheduler=scheduler,
                          backends=backends, configs=configs, metrics=metrics, sources=sources)
     app.router.add_get("/", root)

@@ -20,6 +20,7 @@ from runnerd.api import cors, scopes
 from runnerd.api.auth import admit
 from runnerd.api.errors import answer_for
 from runnerd.api.metrics import STARTED, observe_answer, observe_first_byte
+from runnerd.loop_turns import TURNS
 
 # Over the unix socket no grant narrows what a handler sees, and no outer request set one.
 _NO_SCOPE = contextlib.nullcontext()
@@ -30,6 +31,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     request[STARTED] = started = time.perf_counter()
     status = 500
     try:
+        await request.config_dict[TURNS].take()  # a burst of arrivals is served over several turns of the loop
         response: web.StreamResponse | None = cors.screen(request)
         if response is None:
             admission = admit(request)
