@@ -379,7 +379,9 @@ async def _relay_raw_body(request: web.Request, response: web.StreamResponse, he
     await response.prepare(request)
     if not whole:
         await relay_raw(request, engine, frame=not head.chunked and head.length is None, first=first)
-        await request.config_dict[TURNS].take()  # streams that end on the same engine step end over several turns
+        turns = request.app[TURNS]
+        if turns.spent():  # streams that end on the same engine step end over several turns
+            await turns.take()
     await response.write_eof()
 
 

@@ -27,7 +27,7 @@ async def _burst(turns: Turns | None, tasks: int, work: float) -> tuple[int, int
 
     async def request() -> None:
         nonlocal done
-        if turns is not None:
+        if turns is not None and turns.spent():
             await turns.take()
         _busy(work)
         done += 1
@@ -54,7 +54,7 @@ async def test_a_burst_is_served_over_several_turns() -> None:
 async def test_a_lone_task_never_waits() -> None:
     turns = Turns(budget=0.002)
     for _ in range(20):
-        await turns.take()
+        assert not turns.spent()
         _busy(0.003)  # longer than the budget: the next take is in a later turn all the same
         await asyncio.sleep(0)
     assert turns.waits == 0
@@ -63,7 +63,8 @@ async def test_a_lone_task_never_waits() -> None:
 async def test_no_task_waits_more_than_max_waits_turns(monkeypatch) -> None:
     turns = Turns(budget=0.002, max_waits=3)
     monkeypatch.setattr(turns, "_next_turn", lambda turn: None)  # as if every turn's budget were spent at once
-    await turns.take()
+    assert not turns.spent()
     _busy(0.003)
+    assert turns.spent()
     await turns.take()
     assert turns.waits == 3

@@ -31,7 +31,9 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     request[STARTED] = started = time.perf_counter()
     status = 500
     try:
-        await request.config_dict[TURNS].take()  # a burst of arrivals is served over several turns of the loop
+        turns = request.app[TURNS]
+        if turns.spent():  # a burst of arrivals is served over several turns of the loop
+            await turns.take()
         response: web.StreamResponse | None = cors.screen(request)
         if response is None:
             admission = admit(request)
