@@ -58,7 +58,7 @@ bench: engine
 	$(BIN)/python bench/proxy.py --model gemma
 	$(BIN)/python bench/gguf_parse.py
 	$(BIN)/python bench/load.py
-	$(BIN)/python bench/relay.py --streams 1,16,64,256
+	$(BIN)/python bench/relay.py
 	$(BIN)/python bench/loop_stall.py
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/model_disclosure.py
