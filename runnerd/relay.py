@@ -295,13 +295,7 @@ class EngineStream(asyncio.Protocol):
         line_end = data.find(b"\r\n", 0, 18)
         if line_end <= 0:
             return False
-        digits = data[:line_end]
-        if not digits.isalnum():
-            return False
-        try:
-            size = int(digits, 16)
-        except ValueError:
-            return False
+        size = _chunk_size(data[:line_end])
         return size > 0 and line_end + size + 4 == len(data)
 
     def _backpressure(self) -> None:
