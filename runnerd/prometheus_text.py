@@ -40,7 +40,8 @@ def _label_value(value: str) -> str:
 
 
 def _help(name: str, documentation: str) -> str:
-    return f"# HELP {name} {documentation.replace(chr(92), chr(92) * 2).replace(chr(10), chr(92) + 'n')}\n"
+    escaped = documentation.replace("\\", "\\\\").replace("\n", "\\n")
+    return f"# HELP {name} {escaped}\n"
 
 
 def _line(name: str, labels: dict[str, str], value: float, timestamp: object) -> str:
