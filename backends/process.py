@@ -122,7 +122,6 @@ class LogWriter:
         self._chunks: list[bytes] = []
         self._queued = 0
         self._dropped = 0
-        self._closing = False
         self._waiting = False  # the writer sleeps until it is told of output
         self._wake = threading.Condition()
         self._closed = threading.Event()
@@ -143,13 +142,13 @@ class LogWriter:
 
     def _take(self) -> tuple[list[bytes], int, bool]:
         with self._wake:
-            while not self._chunks and not self._dropped and not self._closing:
+            while not self._chunks and not self._dropped and not self._closed.is_set():
                 self._waiting = True
                 self._wake.wait()
             self._waiting = False
             chunks, self._chunks, self._queued = self._chunks, [], 0
             dropped, self._dropped = self._dropped, 0
-            return chunks, dropped, self._closing
+            return chunks, dropped, self._closed.is_set()
 
     def _run(self) -> None:
         try:
@@ -173,10 +172,9 @@ class LogWriter:
 
     def close(self) -> None:
         """Write what is queued and close the file: blocking, call it from a thread."""
-        with self._wake:
-            self._closing = True
-            self._wake.notify()
         self._closed.set()
+        with self._wake:
+            self._wake.notify()
         self._thread.join()
 
 
