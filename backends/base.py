@@ -204,6 +204,9 @@ class RunnerOutput:
         # The log rotates past this many bytes, keeping this many older files (<log>.1 the newest).
         self.log_max_bytes: int | None = None
         self.log_files = 3
+        # Run the engine under SCHED_BATCH: its threads, when woken, wait for the running task's slice to end
+        # rather than preempting it, so the daemon is not cut off mid-turn each time it hands an engine bytes.
+        self.batch_scheduling = True
         self.pid: int | None = None
         self.tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
         self.exit_code: int | None = None

@@ -43,12 +43,17 @@ _LOG_WRITE_PERIOD = 0.1
 _BUSY_OUTPUT_PERIOD = 0.02
 
 
-def _child_setup(parent_pid: int) -> None:
+def _child_setup(parent_pid: int, batch: bool) -> None:
     """Runs in the child between fork and exec."""
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     # The parent may have died between fork and prctl: then nobody would ever signal us.
     if os.getppid() != parent_pid:
         os._exit(1)
+    # Inherited by every thread and process the engine starts. A sandbox's policy may refuse it: then the
+    # engine runs under the default one.
+    if batch:
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 
 
 def rotated_logs(path: Path) -> list[Path]:
@@ -283,7 +288,7 @@ async def run_process(
             env=dict(env),
             cwd=cwd,
             start_new_session=True,
-            preexec_fn=partial(_child_setup, os.getpid()),
+            preexec_fn=partial(_child_setup, os.getpid(), output.batch_scheduling),
         )
     except OSError as exc:
         if log is not None:

@@ -270,6 +270,9 @@ class Settings(BaseSettings):
     runner_log_files: int = Field(default=3, ge=0, le=100, description="rotated runner log files kept beside the "
                                   "current one")
 
+    engine_cpu_policy: Literal["batch", "normal"] = Field(
+        default="batch", description="Linux scheduling policy of engine processes: 'batch' (SCHED_BATCH) lets a "
+        "woken engine wait for the running task's slice rather than preempt it; 'normal' is the default policy")
     keep_alive: str = Field(default="5m", description="how long an idle runner stays loaded")
     default_context_size: int = Field(default=4096, gt=0)
     readiness_timeout: float = Field(default=600.0, gt=0, description="seconds a runner may take to load")

@@ -490,6 +490,7 @@ class SchedulerLimits:
     engine_idle_timeout: float = 600.0
     runner_log_max_bytes: int | None = 64 << 20
     runner_log_files: int = 3
+    engine_batch_scheduling: bool = True
 
 
 class Scheduler:
@@ -781,6 +782,7 @@ class Scheduler:
                         self.spawn, self.limits.engine_idle_timeout, self._release, launch.readiness_path)
         runner.output.log_max_bytes = self.limits.runner_log_max_bytes
         runner.output.log_files = self.limits.runner_log_files
+        runner.output.batch_scheduling = self.limits.engine_batch_scheduling
         previous = self._runners.get(key)
         if previous is not None and previous.state is not RunnerState.EXITED:
             log.info("previous runner of model=%s mode=%s still stopping (pid=%s); starting another beside it",

@@ -114,7 +114,8 @@ def create_app(settings: Settings, backends: Mapping[str, Backend] | None = None
                              min_residency=settings.min_residency, crash_backoff=settings.crash_backoff,
                              engine_idle_timeout=settings.engine_idle_timeout,
                              runner_log_max_bytes=settings.runner_log_max_bytes,
-                             runner_log_files=settings.runner_log_files)
+                             runner_log_files=settings.runner_log_files,
+                             engine_batch_scheduling=settings.engine_cpu_policy == "batch")
     scheduler = Scheduler(backends, runtime_dir=settings.runtime_dir, log_dir=settings.runner_log_dir,
                           default_keep_alive=parse_keep_alive(settings.keep_alive),
                           budget=Budget(settings.memory, sampler.host_memory), limits=limits,
