@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import re
 import signal
@@ -20,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, cast
 
 from backends.base import InstallError, RunnerError, RunnerOutput
 from backends.endpoint import Endpoint
@@ -33,7 +34,6 @@ _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 _MAX_LINE = 8192
-_READ_CHUNK = 65536
 # Output waiting for a slow log disk, per runner; past this it is dropped (and the drop noted in the log).
 _LOG_BACKLOG_BYTES = 8 << 20
 # An engine that logs every request prints thousands of lines a second under load. Its log is written at
@@ -41,6 +41,8 @@ _LOG_BACKLOG_BYTES = 8 << 20
 # wake-up and a loop wake-up for every line, each taking a core from the engines.
 _LOG_WRITE_PERIOD = 0.1
 _BUSY_OUTPUT_PERIOD = 0.02
+# The output pipe's size: an engine writing faster than this per gulp period waits for the next read.
+_PIPE_BYTES = 1 << 20
 
 
 def _child_setup(parent_pid: int, batch: bool) -> None:
@@ -183,32 +185,66 @@ class LogWriter:
         self._thread.join()
 
 
-async def _pump_output(stream: asyncio.StreamReader, output: RunnerOutput, log: LogWriter | None) -> None:
-    """Copy the process's output to the log file and split it into lines for the tail. Output that keeps
-    coming is read in gulps, `_BUSY_OUTPUT_PERIOD` apart; the first after a quiet spell is read at once
-    (an engine's "listening" line wakes the readiness poll)."""
-    loop = asyncio.get_running_loop()
-    pending = b""
-    last = float("-inf")
-    while chunk := await stream.read(_READ_CHUNK):
-        if log is not None:
-            log.write(chunk)
-        pending += chunk
+class OutputPipe(asyncio.Protocol):
+    """Reads the process's output pipe: to the log file, and split into lines for the tail. Output that keeps
+    coming is read in gulps, `_BUSY_OUTPUT_PERIOD` apart (the pipe holds it meanwhile); the first after a
+    quiet spell is read at once (an engine's "listening" line wakes the readiness poll). `ended` is done
+    once every writer has closed the pipe."""
+
+    def __init__(self, output: RunnerOutput, log: LogWriter | None) -> None:
+        self.output = output
+        self.log = log
+        self.loop = asyncio.get_running_loop()
+        self.ended: asyncio.Future[None] = self.loop.create_future()
+        self.transport: asyncio.ReadTransport | None = None
+        self._pending = b""
+        self._last = float("-inf")
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.ReadTransport, transport)  # uvloop's do not subclass asyncio's
+
+    def data_received(self, chunk: bytes) -> None:
+        if self.log is not None:
+            self.log.write(chunk)
+        pending = self._pending + chunk
         *lines, pending = pending.split(b"\n")
         if len(pending) > _MAX_LINE:
             lines.append(pending)
             pending = b""
+        self._pending = pending
+        tail = self.output.tail
         for line in lines:
-            output.tail.append(line[:_MAX_LINE].decode("utf-8", "replace").rstrip("\r"))
-        output.activity.set()
-        now = loop.time()
-        if now - last < _BUSY_OUTPUT_PERIOD:
-            await asyncio.sleep(_BUSY_OUTPUT_PERIOD)
-            now = loop.time()
-        last = now
-    if pending:
-        output.tail.append(pending[:_MAX_LINE].decode("utf-8", "replace"))
-        output.activity.set()
+            tail.append(line[:_MAX_LINE].decode("utf-8", "replace").rstrip("\r"))
+        self.output.activity.set()
+        now = self.loop.time()
+        if now - self._last < _BUSY_OUTPUT_PERIOD and self.transport is not None:
+            self.transport.pause_reading()
+            self.loop.call_later(_BUSY_OUTPUT_PERIOD, self._resume)
+        self._last = now
+
+    def _resume(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._pending:
+            self.output.tail.append(self._pending[:_MAX_LINE].decode("utf-8", "replace"))
+            self._pending = b""
+            self.output.activity.set()
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _output_pipe() -> tuple[int, int]:
+    """A pipe for the engine's output (read end, write end), with room for the output of a gulp's pause."""
+    read_end, write_end = os.pipe()
+    with contextlib.suppress(OSError):  # past the host's pipe-max-size: the default size serves
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+    return read_end, write_end
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -279,11 +315,12 @@ async def run_process(
     (stops the process group, then re-raises CancelledError). A socket is removed either way."""
     endpoint.remove()
     log = LogWriter(output.log_path, output.log_max_bytes, output.log_files) if output.log_path else None
+    read_end, write_end = _output_pipe()
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
+            stdout=write_end,
             stderr=asyncio.subprocess.STDOUT,
             env=dict(env),
             cwd=cwd,
@@ -291,20 +328,25 @@ async def run_process(
             preexec_fn=partial(_child_setup, os.getpid(), output.batch_scheduling),
         )
     except OSError as exc:
+        os.close(read_end)
         if log is not None:
             await asyncio.to_thread(log.close)
         raise RunnerError(f"cannot start {argv[0]}: {exc.strerror or exc}", reason="spawn_failed") from exc
+    finally:
+        os.close(write_end)  # the engine holds its own copy: the pipe ends when the engine's copies close
     output.pid = proc.pid
     output.started_at = time.time()
     if output.on_spawn is not None:
         output.on_spawn(proc.pid)
-    assert proc.stdout is not None
-    pump = asyncio.create_task(_pump_output(proc.stdout, output, log))
+    pump: OutputPipe | None = None
     try:
+        # The transport owns the pipe's file from here on, and closes it.
+        _, pump = await asyncio.get_running_loop().connect_read_pipe(
+            lambda: OutputPipe(output, log), os.fdopen(read_end, "rb", buffering=0))
         await proc.wait()
         # Collect what the process printed last before judging why it exited.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(pump), 1.0)
+            await asyncio.wait_for(asyncio.shield(pump.ended), 1.0)
         output.exit_code = await stop_process_group(proc, 0)
         raise translate_exit(output.exit_code, output.tail, exit_patterns)
     finally:
@@ -312,9 +354,8 @@ async def run_process(
         if proc.returncode is None:
             await asyncio.shield(stop_process_group(proc, grace))
             output.exit_code = proc.returncode
-        pump.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await pump
+        if pump is not None:
+            pump.close()
         if log is not None:
             await asyncio.shield(asyncio.to_thread(log.close))
         endpoint.remove()

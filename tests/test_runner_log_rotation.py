@@ -5,10 +5,12 @@ are written by a thread: a stalled log disk holds neither the engine's output no
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 from pathlib import Path
 
+import anyio
 import pytest
 from pydantic import ValidationError
 
@@ -153,11 +155,12 @@ def test_a_chatty_engine_costs_a_few_log_writes_a_second(tmp_path: Path, monkeyp
 
 
 @pytest.mark.anyio
-async def test_output_that_keeps_coming_is_read_in_gulps() -> None:
-    """Lines a millisecond apart wake the pump a few times, not once per line; none is lost or split."""
-    from backends.process import _pump_output
+async def test_output_that_keeps_coming_is_read_from_the_pipe_in_gulps() -> None:
+    """Lines written to the engine's output pipe a millisecond apart are read a few times, not once per
+    line; none is lost or split, and a line after a quiet spell is read at once."""
+    from backends.process import OutputPipe, _output_pipe
 
-    stream = asyncio.StreamReader()
+    read_end, write_end = _output_pipe()
     output = RunnerOutput()
     reads: list[bytes] = []
 
@@ -165,11 +168,20 @@ async def test_output_that_keeps_coming_is_read_in_gulps() -> None:
         def write(self, chunk: bytes) -> None:
             reads.append(chunk)
 
-    pump = asyncio.create_task(_pump_output(stream, output, Counting()))  # type: ignore[arg-type]
-    for i in range(150):
-        stream.feed_data(b"line %03d\n" % i)
-        await asyncio.sleep(0.001)
-    stream.feed_eof()
-    await pump
-    assert list(output.tail)[-150:] == [f"line {i:03d}" for i in range(150)]
-    assert len(reads) <= 20, len(reads)  # 150 reads before
+    _, pipe = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: OutputPipe(output, Counting()), os.fdopen(read_end, "rb", buffering=0))  # type: ignore[arg-type]
+    try:
+        with anyio.fail_after(10):
+            os.write(write_end, b"listening\n")
+            await output.activity.wait()  # the first line after a quiet spell: no gulp's pause
+            assert list(output.tail) == ["listening"] and len(reads) == 1
+            for i in range(150):
+                os.write(write_end, b"line %03d\n" % i)
+                await asyncio.sleep(0.001)
+            os.write(write_end, b"no newline at the end")
+            os.close(write_end)
+            await pipe.ended
+    finally:
+        pipe.close()
+    assert list(output.tail)[1:] == [*(f"line {i:03d}" for i in range(150)), "no newline at the end"]
+    assert len(reads) <= 20, len(reads)  # a read per line without gulps
