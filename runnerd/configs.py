@@ -121,6 +121,15 @@ class ConfigStore:
         with self._writing:
             self._save({**self._items, (item.model, item.mode): _unresolved(item)})
 
+    def put_unless_changed(self, item: StoredConfiguration, expected: StoredConfiguration | None) -> bool:
+        """Store `item` only if the model's configuration for its mode is still `expected` (as `get` gave
+        it): a configuration stored meanwhile by someone else is kept. Whether `item` was stored."""
+        with self._writing:
+            if self.get(item.model, item.mode) != expected:
+                return False
+            self._save({**self._items, (item.model, item.mode): _unresolved(item)})
+            return True
+
     def delete(self, model: str, mode: Mode) -> StoredConfiguration | None:
         with self._writing:
             item = self._items.get((model, mode))

@@ -143,6 +143,21 @@ def test_configurations_survive_a_restart_and_merge_over_defaults(tmp_path):
     assert LlamaCppBackend(cache_dir=tmp_path).options(merged).reasoning_budget == 0
 
 
+def test_a_configuration_stored_meanwhile_is_not_overwritten(tmp_path):
+    store = ConfigStore(tmp_path)
+    first = StoredConfiguration(model="m:latest", mode=Mode.COMPLETION, backend="llama.cpp",
+                                config=BackendConfiguration(context_size=1024), updated_at=1.0)
+    assert store.put_unless_changed(first, None)
+    seen = store.get("m:latest", Mode.COMPLETION)
+    meanwhile = first.model_copy(update={"config": BackendConfiguration(context_size=2048), "updated_at": 2.0})
+    store.put(meanwhile)
+    late = first.model_copy(update={"config": BackendConfiguration(context_size=8192), "updated_at": 3.0})
+    assert not store.put_unless_changed(late, seen)
+    assert ConfigStore(tmp_path).get("m:latest", Mode.COMPLETION) == meanwhile  # the file too
+    assert store.put_unless_changed(late, meanwhile)
+    assert ConfigStore(tmp_path).get("m:latest", Mode.COMPLETION) == late
+
+
 def test_a_corrupt_file_is_set_aside_and_reported(tmp_path):
     (tmp_path / "configurations.json").write_text('{"configurations": [{"model": 3}]}')
     store = ConfigStore(tmp_path)

@@ -311,3 +311,32 @@ async def test_preflight_over_tcp_needs_no_token_and_origins_are_configurable(tm
     assert no_token.status_code == 401 and no_token.headers["Access-Control-Allow-Origin"] == "https://chat.example"
     assert ok.status_code == 200 and ok.json() == {"models": []}
     assert localhost.status_code == 403, "the configured list replaces the defaults"
+
+
+@pytest.mark.anyio
+async def test_num_ctx_is_stored_off_the_event_loop(tmp_path, tiny_model, llama_server, monkeypatch):
+    """Storing a request's num_ctx syncs the configuration file to disk: in a thread, not on the loop that
+    relays every other request."""
+    from runnerd import configs
+    from runnerd.config import load_settings
+    from runnerd.engines import default_backends
+    from tests.conftest import app_on_socket
+
+    monkeypatch.setenv("RUNNERD_LLAMA_SERVER", str(llama_server))
+    monkeypatch.setenv("RUNNERD_LLAMACPP__THREADS", "1")
+    writers: list[int] = []
+    write = configs.write_atomically
+
+    def recorded(path: Path, data: bytes) -> None:
+        writers.append(threading.get_ident())
+        write(path, data)
+
+    monkeypatch.setattr(configs, "write_atomically", recorded)
+    backends = default_backends(load_settings(data_dir=tmp_path / "data"))
+    async with app_on_socket(tmp_path, backends, {"tiny": tiny_model}, default_context_size=512) as client:
+        answer = await client.post("/api/chat", json={"model": "tiny", "messages": CHAT, "stream": False,
+                                                      "options": {**EXACT, "num_ctx": 1024}})
+        assert answer.status_code == 200, answer.text
+        stored = (await client.get("/engines/_configure", params={"model": "tiny"})).json()["configurations"]
+    assert stored[0]["config"]["context_size"] == 1024
+    assert writers and threading.get_ident() not in writers

@@ -132,9 +132,9 @@ async def _configuration(d: Daemon, backend: Backend, model: ModelEntry, mode: M
                                config=base.model_copy(update={"context_size": num_ctx}), updated_at=time.time())
     candidate = effective_configuration(model.config, d.configs.resolved(item))
     await refuse_unfit(d, backend, model, mode, candidate, param="options.num_ctx")
-    # Stored again only if nothing else stored this model's configuration while the checks ran.
-    if d.configs.get(model.name, mode) == stored:
-        d.configs.put(item)
+    # Stored only if nothing else stored this model's configuration while the checks ran; in a thread, since
+    # the store syncs its file to disk.
+    await asyncio.to_thread(d.configs.put_unless_changed, item, stored)
     return configuration_for(d, backend, model, mode)
 
 
