@@ -51,11 +51,15 @@ def _child_setup(parent_pid: int, batch: bool) -> None:
     # The parent may have died between fork and prctl: then nobody would ever signal us.
     if os.getppid() != parent_pid:
         os._exit(1)
-    # Inherited by every thread and process the engine starts. A sandbox's policy may refuse it: then the
-    # engine runs under the default one.
     if batch:
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+        _batch_policy()
+
+
+def _batch_policy() -> None:
+    """Run under SCHED_BATCH, and so every thread and process started from here on; where a sandbox's policy
+    refuses it, under the default one."""
+    with contextlib.suppress(OSError):
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 
 
 def rotated_logs(path: Path) -> list[Path]:
@@ -418,11 +422,13 @@ async def wait_until_ready(
 
 async def run_step(argv: Sequence[str], *, on_line: Callable[[str], None] | None = None,
                    env: Mapping[str, str] | None = None, cwd: Path | None = None) -> None:
-    """Run one install or build step in its own process group, feeding each output line to `on_line`;
+    """Run one install or build step in its own process group, under SCHED_BATCH (a build beside served
+    requests waits for the daemon's turn rather than cutting it), feeding each output line to `on_line`;
     kill the group if we are cancelled. Failure raises InstallError with the last 30 lines."""
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT, start_new_session=True, env=None if env is None else dict(env), cwd=cwd,
+        preexec_fn=_batch_policy,
     )
     assert proc.stdout is not None
     tail: list[str] = []

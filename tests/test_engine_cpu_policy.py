@@ -1,15 +1,17 @@
 """Engines run under SCHED_BATCH unless configured otherwise: every thread of a real llama-server, and never
-the daemon itself."""
+the daemon itself. Install and build steps always do."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
+from backends.process import run_step
 from runnerd.config import Settings
 
 
@@ -41,3 +43,10 @@ def test_the_normal_policy_leaves_engines_under_the_default_one(make_daemon: Any
 def test_an_unknown_policy_is_refused_by_name() -> None:
     with pytest.raises(ValidationError, match="engine_cpu_policy"):
         Settings(engine_cpu_policy="realtime")
+
+
+@pytest.mark.anyio
+async def test_install_steps_run_under_sched_batch() -> None:
+    lines: list[str] = []
+    await run_step([sys.executable, "-c", "import os; print(os.sched_getscheduler(0))"], on_line=lines.append)
+    assert lines == [str(os.SCHED_BATCH)]
