@@ -19,6 +19,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from runnerd.scheduler import Runner, RunnerState, Scheduler
+from runnerd.timings import TimingHistograms
 
 # Requests: from sub-millisecond answers to long generations.
 _REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -37,12 +38,13 @@ class Metrics:
         r = self.registry
         self.requests = Counter("runnerd_requests", "HTTP requests answered, by route, model and status",
                                 ["route", "model", "status"], registry=r)
-        self.request_seconds = Histogram("runnerd_request_duration_seconds",
-                                         "Time from request to the handler's return (streams: to their end)",
-                                         ["route", "model"], buckets=_REQUEST_BUCKETS, registry=r)
-        self.ttfb_seconds = Histogram("runnerd_time_to_first_byte_seconds",
-                                      "Time from request until the response headers were sent",
-                                      ["route", "model"], buckets=_REQUEST_BUCKETS, registry=r)
+        self.request_seconds = TimingHistograms("runnerd_request_duration_seconds",
+                                                "Time from request to the handler's return (streams: to their end)",
+                                                _REQUEST_BUCKETS)
+        self.ttfb_seconds = TimingHistograms("runnerd_time_to_first_byte_seconds",
+                                             "Time from request until the response headers were sent", _REQUEST_BUCKETS)
+        r.register(self.request_seconds)
+        r.register(self.ttfb_seconds)
         self.loads = Counter("runnerd_runner_loads", "Runner starts, by outcome (ready, failed, cancelled)",
                              [*_RUNNER, "outcome"], registry=r)
         self.load_seconds = Histogram("runnerd_runner_load_duration_seconds", "Time from start to ready",
@@ -60,7 +62,6 @@ class Metrics:
 
         # labels() takes a lock and builds a key each call; the request path looks children up here instead.
         self._counted: dict[tuple[str, str, str], Any] = {}
-        self._timed: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._scheduler: SchedulerCollector | None = None
 
     def observe_request(self, route: str, model: str, status: int, seconds: float) -> None:
@@ -69,21 +70,14 @@ class Metrics:
         if counter is None:
             counter = self._counted[key] = self.requests.labels(*key)
         counter.inc()
-        self._histograms(route, model)[0].observe(seconds)
+        self.request_seconds.observe(route, model, seconds)
 
     def observe_first_byte(self, route: str, model: str, seconds: float) -> None:
-        self._histograms(route, model)[1].observe(seconds)
-
-    def _histograms(self, route: str, model: str) -> tuple[Any, Any]:
-        pair = self._timed.get((route, model))
-        if pair is None:
-            pair = self._timed[(route, model)] = (self.request_seconds.labels(route, model),
-                                                  self.ttfb_seconds.labels(route, model))
-        return pair
+        self.ttfb_seconds.observe(route, model, seconds)
 
     def timed_series(self) -> int:
         """How many (route, model) pairs have request histograms: what most of a scrape's size grows with."""
-        return len(self._timed)
+        return max(len(self.request_seconds), len(self.ttfb_seconds))
 
     def observe_scheduler(self, scheduler: Scheduler) -> None:
         self._scheduler = SchedulerCollector(scheduler)

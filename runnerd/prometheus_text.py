@@ -44,10 +44,25 @@ def _help(name: str, documentation: str) -> str:
     return f"# HELP {name} {escaped}\n"
 
 
+def _pairs(labels: dict[str, str]) -> str:
+    return ",".join([f'{_label_name(k)}="{_label_value(v)}"' for k, v in sorted(labels.items())])
+
+
+class RenderedLabels(dict[str, str]):
+    """A sample's labels that keep their text-format rendering, for labels that recur on every scrape:
+    written without sorting and escaping them again. Not to be changed once made."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        super().__init__(labels)
+        self.text = _pairs(labels)
+
+
 def _line(name: str, labels: dict[str, str], value: float, timestamp: object) -> str:
     head = _metric_name(name)
     if labels:
-        pairs = ",".join([f'{_label_name(k)}="{_label_value(v)}"' for k, v in sorted(labels.items())])
+        pairs = labels.text if type(labels) is RenderedLabels else _pairs(labels)
         head = f"{head}{{{pairs}}}"
     stamp = "" if timestamp is None else f" {int(float(timestamp) * 1000):d}"  # type: ignore[arg-type]
     return f"{head} {floatToGoString(value)}{stamp}\n"  # type: ignore[no-untyped-call]
