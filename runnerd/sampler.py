@@ -18,10 +18,12 @@ import contextlib
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from types import MappingProxyType
 
 import psutil
@@ -32,6 +34,7 @@ from runnerd.gpus import GpuInfo, NvmlSession
 log = logging.getLogger("runnerd.sampler")
 
 INTERVAL = 1.0
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True)
@@ -92,9 +95,54 @@ class HostSnapshot:
 EMPTY = HostSnapshot(taken_at=-math.inf)
 
 
+def _read_proc(path: str) -> bytes:
+    """A small /proc file in three system calls (open() would add a stat, a seek and a terminal check, each
+    one more hand-over of the GIL that the event loop wants back)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 65536)
+    finally:
+        os.close(fd)
+
+
+def _has_children_files() -> bool:
+    """Whether the kernel lists each thread's children (/proc/<pid>/task/<tid>/children, CONFIG_PROC_CHILDREN)."""
+    try:
+        _read_proc(f"/proc/self/task/{threading.get_native_id()}/children")
+    except OSError:
+        return False
+    return True
+
+
+def _children_of(pid: int) -> list[int]:
+    """The child pids of `pid` (any of its threads may have started one); OSError if it is gone."""
+    children: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError, ValueError):  # a thread that ended meanwhile
+            children.extend(int(c) for c in _read_proc(f"/proc/{pid}/task/{tid}/children").split())
+    return children
+
+
+_HAS_CHILDREN_FILES = _has_children_files()
+
+
+def _listed(listing: dict[int, list[int]], pid: int) -> list[int]:
+    return listing.get(pid, [])
+
+
+def _rss(pid: int) -> int:
+    """Resident bytes of `pid` from /proc/<pid>/statm (psutil reads the same, after a stat of its own).
+    ProcessLookupError for a zombie: it holds no memory, and is gone but for its exit status."""
+    size, resident = _read_proc(f"/proc/{pid}/statm").split()[:2]
+    if size == b"0":
+        raise ProcessLookupError(pid)
+    return int(resident) * _PAGE_SIZE
+
+
 def _children() -> dict[int, list[int]]:
     """Parent pid -> child pids of every process on the host. On Linux straight from /proc/<pid>/stat
-    (a few times cheaper than building a psutil.Process for each: this runs every second)."""
+    (a few times cheaper than building a psutil.Process for each). Only where the kernel does not list
+    children itself: this reads a file per process on the host."""
     children: dict[int, list[int]] = {}
     try:
         names = os.listdir("/proc")
@@ -110,8 +158,7 @@ def _children() -> dict[int, list[int]]:
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
+            stat = _read_proc(f"/proc/{name}/stat")
             # "pid (comm) state ppid ...": comm may hold spaces and parentheses; the last ')' ends it.
             ppid = int(stat[stat.rindex(b")") + 2:].split(b" ", 2)[1])
         except (OSError, ValueError, IndexError):
@@ -121,30 +168,32 @@ def _children() -> dict[int, list[int]]:
 
 
 def read_trees(roots: Iterable[int]) -> dict[int, ProcessTree | None]:
-    """The process tree under each root pid, from one listing of the host's processes (psutil's
-    `children()` reads every process's parent once per call: once per runner would multiply that)."""
+    """The process tree under each root pid. Where the kernel lists each thread's children, only the trees'
+    own processes are read; elsewhere from one listing of every process on the host (psutil's `children()`
+    reads every process's parent once per call: once per runner would multiply that)."""
     wanted = sorted(set(roots))
     if not wanted:
         return {}
-    children = _children()
+    if _HAS_CHILDREN_FILES:
+        children_of: Callable[[int], Iterable[int]] = _children_of
+    else:
+        listing = _children()
+        children_of = partial(_listed, listing)
     trees: dict[int, ProcessTree | None] = {}
     for root in wanted:
-        if not psutil.pid_exists(root):
-            trees[root] = None
-            continue
         rss, pids, todo = 0, set(), [root]
         while todo:
             pid = todo.pop()
             if pid in pids:
                 continue
             try:
-                rss += psutil.Process(pid).memory_info().rss
-            except psutil.Error:
+                rss += _rss(pid)
+                todo.extend(children_of(pid))
+            except (OSError, ValueError, IndexError):
                 if pid == root:
-                    break  # exited between listing and reading
+                    break  # gone, or exited between listing and reading
                 continue
             pids.add(pid)
-            todo.extend(children.get(pid, ()))
         trees[root] = ProcessTree(rss, frozenset(pids)) if root in pids else None
     return trees
 

@@ -17,6 +17,7 @@ import pytest
 
 from backends.base import BackendConfiguration, Mode, ModelRef
 from backends.llamacpp import LaunchOptions, LlamaCppBackend
+from runnerd import sampler as sampler_module
 from runnerd.admission import Budget
 from runnerd.config import MemorySettings
 from runnerd.gpus import NvmlSession
@@ -71,27 +72,46 @@ async def test_nvml_is_initialised_once_and_shut_down_at_stop(monkeypatch):
         (0, 80 * GiB, 70 * GiB), (1, 24 * GiB, 23 * GiB)]
 
 
-def test_process_trees_are_measured_by_root_pid():
-    # A child that starts a grandchild: the tree under the child holds both.
-    child = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
-                              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); "
+@pytest.mark.parametrize("children_files", [True, False], ids=["children files", "whole-host listing"])
+def test_process_trees_are_measured_by_root_pid(children_files, monkeypatch):
+    """A child that starts one grandchild from its main thread and one from another thread: the tree under
+    the child holds all three (the kernel lists children per thread). A process that exited and was not
+    yet reaped (a zombie) holds nothing: no tree, as for one that is gone."""
+    if children_files:
+        assert sampler_module._HAS_CHILDREN_FILES, "this kernel lists children per thread"
+    monkeypatch.setattr(sampler_module, "_HAS_CHILDREN_FILES", children_files)
+    sleeper = "[sys.executable, '-c', 'import time; time.sleep(30)']"
+    child = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, threading, time; "
+                              f"subprocess.Popen({sleeper}); "
+                              f"t = threading.Thread(target=lambda: subprocess.Popen({sleeper})); t.start(); t.join(); "
                               "print('up', flush=True); time.sleep(30)"], stdout=subprocess.PIPE)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
         assert child.stdout is not None and child.stdout.readline() == b"up\n"
-        (grandchild,) = psutil.Process(child.pid).children()
-        trees = read_trees([child.pid, gone.pid])
+        grandchildren = {p.pid for p in psutil.Process(child.pid).children()}
+        assert len(grandchildren) == 2
+        _until_zombie(zombie.pid)
+        trees = read_trees([child.pid, gone.pid, zombie.pid])
         tree = trees[child.pid]
-        assert tree is not None and tree.pids == {child.pid, grandchild.pid}
+        assert tree is not None and tree.pids == {child.pid, *grandchildren}
         assert tree.rss >= psutil.Process(child.pid).memory_info().rss // 2
-        assert trees[gone.pid] is None
+        assert trees[gone.pid] is None and trees[zombie.pid] is None
         assert read_trees([]) == {}
     finally:
         for proc in psutil.Process(child.pid).children(recursive=True):
             proc.kill()
         child.kill()
         child.wait()
+        zombie.wait()
+
+
+def _until_zombie(pid: int) -> None:
+    deadline = time.monotonic() + 10
+    while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the process did not exit"
+        time.sleep(0.01)
 
 
 @pytest.mark.anyio
