@@ -187,13 +187,14 @@ def read_trees(roots: Iterable[int]) -> dict[int, ProcessTree | None]:
             if pid in pids:
                 continue
             try:
-                rss += _rss(pid)
-                todo.extend(children_of(pid))
+                resident, children = _rss(pid), children_of(pid)
             except (OSError, ValueError, IndexError):
                 if pid == root:
                     break  # gone, or exited between listing and reading
                 continue
+            rss += resident
             pids.add(pid)
+            todo.extend(children)
         trees[root] = ProcessTree(rss, frozenset(pids)) if root in pids else None
     return trees
 
