@@ -211,6 +211,44 @@ def test_an_engine_in_use_is_deleted_only_with_force(mdaemon, llama_server):
     assert builtin.status_code == 400 and builtin.json()["error"]["code"] == "backend_built_in"
 
 
+def test_no_runner_starts_on_an_engine_being_deleted(make_daemon, llama_server, tiny_model):
+    """A forced delete waits for its engine's runner to stop, held open here by a SIGSTOPped engine (its stop
+    waits out the stop grace). Meanwhile another model configured on the engine is refused, 503 naming the
+    delete, rather than started on an engine about to go; once it is gone that model is served by the engine
+    for its format."""
+    d = make_daemon({"tiny": tiny_model, "other": tiny_model}, env={"RUNNERD_STOP_GRACE": "20"})
+    assert define(d, llama_manifest(llama_server, name="doomed2-custom", listen="unix")).status_code == 201
+    for model in ("tiny", "other"):
+        configured = d.post("/engines/doomed2-custom/_configure", {"model": model, "context_size": 256})
+        assert configured.status_code == 202, configured.text
+    # Configuring preloads both; "other" is unloaded, to be asked for during the delete.
+    d.wait_for(lambda: len([r for r in d.ps() if r["state"] in ("ready", "idle")]) == 2, timeout=60,
+               what="both preloaded")
+    assert d.post("/engines/unload", {"models": ["other"], "timeout": 0}).status_code == 200
+    d.wait_for(lambda: [r["model"] for r in d.ps() if r["state"] != "exited"] == ["tiny:latest"], what="one runner")
+    victim = engine_process(d, "doomed2")
+    victim.suspend()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            deleting = pool.submit(d.http.delete, "/engines/backends/doomed2-custom", params={"force": "true"})
+            d.wait_for(lambda: [r["state"] for r in d.ps() if r["model"] == "tiny:latest"] == ["stopping"],
+                       timeout=30, what="the delete stopping the runner")
+            refused = d.post("/engines/v1/completions", {"model": "other", "prompt": "a", "max_tokens": 2})
+            assert refused.status_code == 503, refused.text
+            error = refused.json()["error"]
+            assert error["code"] == "backend_removing" and "doomed2-custom is being deleted" in error["message"]
+            assert victim.status() == psutil.STATUS_STOPPED  # all of that inside the delete's window
+            victim.resume()
+            deleted = deleting.result(timeout=60)
+    finally:
+        if victim.is_running():
+            victim.resume()
+    assert deleted.status_code == 200 and deleted.json()["unloaded"] == 1, deleted.text
+    served = d.post("/engines/v1/completions", {"model": "other", "prompt": "a", "max_tokens": 2})
+    assert served.status_code == 200, served.text
+    assert {r["backend"] for r in d.ps() if r["state"] != "exited"} == {"llama.cpp"}
+
+
 def test_manifests_in_engines_load_at_start_and_the_cli_adds_them(make_daemon, llama_server, tmp_path):
     def prepare(root: Path) -> None:
         engines = root / "data" / "engines"

@@ -46,7 +46,7 @@ from runnerd.catalog import install as catalog_install
 from runnerd.catalog_feed import CATALOG_FEED
 from runnerd.engines import BUILTIN, ManifestConflict, as_host_gpus, define_engine, engine_context, forget_engine
 from runnerd.jobs import Job, JobWork
-from runnerd.scheduler import RunnerKey, RunnerState, StartGuard
+from runnerd.scheduler import RunnerKey, StartGuard
 
 INSTALL = "install-backend"
 UNINSTALL = "uninstall-backend"
@@ -217,15 +217,18 @@ async def uninstall_backend(request: web.Request) -> web.Response:
     backend = d.backend(spec.backend)
     if spec.version is not None:
         return await _uninstall_version(d, backend, spec.version, spec.force)
-    users = [r for r in d.scheduler.ps() if r.backend == backend.name and r.state is not RunnerState.EXITED]
-    if users:
-        names = ", ".join(sorted({f"{r.model} ({r.mode})" for r in users}))
-        raise ApiError(409, f"{backend.name} is in use by {len(users)} runner(s): {names}; unload them first",
-                       code="backend_in_use")
-    if (job := d.jobs.active(f"{INSTALL}:{backend.name}")) is not None:
-        raise ApiError(409, f"{backend.name} is being installed (job {job.id}); cancel that job first",
-                       code="backend_installing")
-    await backend.uninstall()
+    # No runner starts on it between the check of its users and the removal: one either started before
+    # (and the check names it) or is refused (503 naming the removal).
+    with d.scheduler.refusing_starts(_runs_on(backend.name), f"{backend.name} is being uninstalled"):
+        users = d.scheduler.live(_runs_on(backend.name))
+        if users:
+            names = ", ".join(f"{k.model} ({k.mode})" for k in users)
+            raise ApiError(409, f"{backend.name} is in use by {len(users)} runner(s): {names}; unload them first",
+                           code="backend_in_use")
+        if (job := d.jobs.active(f"{INSTALL}:{backend.name}")) is not None:
+            raise ApiError(409, f"{backend.name} is being installed (job {job.id}); cancel that job first",
+                           code="backend_installing")
+        await backend.uninstall()
     status = await asyncio.to_thread(backend.status)
     return web.json_response({"backend": backend.name, "status": status.text})
 
@@ -252,6 +255,11 @@ async def _removable_version(d: Daemon, backend: Backend, version: str) -> Versi
         raise ApiError(409, f"{backend.name} {version} is being installed (job {job.id}); cancel that job first",
                        code="backend_installing")
     return backend
+
+
+def _runs_on(name: str) -> StartGuard:
+    """Whether a runner (key and configuration) runs on the engine `name`, whatever its version."""
+    return lambda key, _: key.backend == name
 
 
 def _runs_version(backend: VersionedBackend, name: str, version: str) -> StartGuard:
@@ -409,18 +417,20 @@ async def delete_backend(request: web.Request) -> web.Response:
         raise ApiError(400, f"{backend.name} is built in; only engines defined by a manifest can be deleted",
                        code="backend_built_in", param="name")
     force = request.query.get("force", "false").lower() in ("1", "true", "yes")
-    configured = sorted({f"{c.model} ({c.mode})" for c in await asyncio.to_thread(d.configs.list)
-                         if c.backend == backend.name})
-    running = sorted({f"{r.model} ({r.mode})" for r in d.scheduler.ps()
-                      if r.backend == backend.name and r.state is not RunnerState.EXITED})
-    if (configured or running) and not force:
-        parts = ([f"configured for {', '.join(configured)}"] if configured else []) + \
-                ([f"running {', '.join(running)}"] if running else [])
-        raise ApiError(409, f"{backend.name} is in use: {'; '.join(parts)}; change or unload them, or delete with "
-                            "force=true", code="backend_in_use")
-    stopped = await d.scheduler.unload(backend=backend.name, reason="engine deleted") if running else []
-    _registry(d).pop(backend.name, None)
-    await asyncio.to_thread(forget_engine, d.settings, backend.name)
+    # From the check of its users until it is gone from the registry no runner starts on it: one either
+    # started before (the check names it, and a forced delete stops it) or is refused (503 naming the delete).
+    with d.scheduler.refusing_starts(_runs_on(backend.name), f"{backend.name} is being deleted"):
+        configured = sorted({f"{c.model} ({c.mode})" for c in await asyncio.to_thread(d.configs.list)
+                             if c.backend == backend.name})
+        running = d.scheduler.live(_runs_on(backend.name))
+        if (configured or running) and not force:
+            parts = ([f"configured for {', '.join(configured)}"] if configured else []) + \
+                    ([f"running {', '.join(f'{k.model} ({k.mode})' for k in running)}"] if running else [])
+            raise ApiError(409, f"{backend.name} is in use: {'; '.join(parts)}; change or unload them, or delete "
+                                "with force=true", code="backend_in_use")
+        stopped = await d.scheduler.unload(backend=backend.name, reason="engine deleted") if running else []
+        _registry(d).pop(backend.name, None)
+        await asyncio.to_thread(forget_engine, d.settings, backend.name)
     return web.json_response({"deleted": backend.name, "unloaded": len(stopped), "configured": configured})
 
 
