@@ -1,10 +1,11 @@
 """Concurrent streaming load through runnerd vs the same engines used directly.
 
-N clients stream completions for T seconds, alternating between two models, first straight to the
-runners' sockets, then through runnerd. Prints requests/s, tokens/s, errors, p50/p99 time to first
-token, and runnerd's CPU seconds per 1,000 relayed tokens.
+N clients stream completions for T seconds on each path, alternating between two models, straight to the
+runners' sockets and through runnerd. The two paths take turns in R rounds of T/R seconds each, so that a
+host that gets busier or quieter during the run weighs on both alike. Prints requests/s, tokens/s, errors,
+p50/p99 time to first token, and runnerd's CPU seconds per 1,000 relayed tokens.
 
-    .venv/bin/python bench/load.py [-c 8] [-t 20] [--max-tokens 32]
+    .venv/bin/python bench/load.py [-c 8] [-t 20] [--rounds 4] [--max-tokens 32]
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ class Tally:
     errors: int = 0
     busy: int = 0  # designed 503s (runnerd's bounded queue was full): counted apart from errors
     ttft: list[float] = field(default_factory=list)
+
+    def add(self, other: Tally) -> None:
+        self.requests += other.requests
+        self.tokens += other.tokens
+        self.errors += other.errors
+        self.busy += other.busy
+        self.ttft += other.ttft
 
 
 async def stream_once(session: aiohttp.ClientSession, url: str, body: dict[str, object], tally: Tally) -> None:
@@ -135,7 +143,8 @@ def report(name: str, t: Tally, seconds: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("-c", "--clients", type=int, default=8)
-    parser.add_argument("-t", "--seconds", type=float, default=20)
+    parser.add_argument("-t", "--seconds", type=float, default=20, help="seconds on each path, all rounds together")
+    parser.add_argument("--rounds", type=int, default=4, help="turns each path takes, alternately")
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args()
     llama_server = Path(os.environ.get("RUNNERD_LLAMA_SERVER")
@@ -148,16 +157,20 @@ def main() -> None:
         runners = asyncio.run(prepare(sock))
         direct = [(str(r["socket"]), "/v1/completions") for r in runners]
         via = [(sock, "/engines/v1/completions")] * 2
-        direct_tally = asyncio.run(run_load(direct, args.clients, args.seconds, args.max_tokens))
+        direct_tally, via_tally, cpu_seconds = Tally(), Tally(), 0.0
         cpu = psutil.Process(daemon.pid)
-        before = sum(cpu.cpu_times()[:2])
-        via_tally = asyncio.run(run_load(via, args.clients, args.seconds, args.max_tokens))
-        cpu_seconds = sum(cpu.cpu_times()[:2]) - before
+        turn = args.seconds / max(1, args.rounds)
+        for _ in range(max(1, args.rounds)):
+            direct_tally.add(asyncio.run(run_load(direct, args.clients, turn, args.max_tokens)))
+            before = sum(cpu.cpu_times()[:2])
+            via_tally.add(asyncio.run(run_load(via, args.clients, turn, args.max_tokens)))
+            cpu_seconds += sum(cpu.cpu_times()[:2]) - before
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait()
         shutil.rmtree(root, ignore_errors=True)
-    print(f"{args.clients} streaming clients x {args.seconds:g} s, 2 models, max_tokens={args.max_tokens}")
+    print(f"{args.clients} streaming clients x {args.seconds:g} s per path in {max(1, args.rounds)} alternating "
+          f"rounds, 2 models, max_tokens={args.max_tokens}")
     print(f"{'path':<8}{'req/s':>10}{'tok/s':>10}{'errors':>8}{'503s':>6}{'ttft p50':>11}{'ttft p99':>11}")
     print(report("direct", direct_tally, args.seconds))
     print(report("runnerd", via_tally, args.seconds))
