@@ -7,12 +7,12 @@ import hmac
 
 import httpx2 as httpx
 import pytest
-from aiohttp import web
 
 from runnerd.api import auth
 from runnerd.api.auth import HTTP_TOKEN, TokenError, bearer_token, load_token, token_matches
 from runnerd.config import load_settings
 from runnerd.server import create_app
+from tests.conftest import app_on_loopback
 
 
 def test_token_file_is_stripped(tmp_path):
@@ -78,20 +78,13 @@ async def test_refusals_over_tcp_take_the_shape_of_the_route(tmp_path):
     settings = load_settings(runtime_dir=tmp_path / "run", data_dir=tmp_path / "data")
     app = create_app(settings, backends={})
     app[HTTP_TOKEN] = "s3cret"
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    port = runner.addresses[0][1]
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
-            ollama_missing, ollama_wrong, openai_missing, ollama_origin, openai_origin = [
-                await c.get("/api/tags"),
-                await c.get("/api/tags", headers={"Authorization": "Bearer wrong"}),
-                await c.get("/v1/models"),
-                await c.get("/api/tags", headers={"Origin": "https://evil.example"}),
-                await c.get("/v1/models", headers={"Origin": "https://evil.example"})]
-    finally:
-        await runner.cleanup()
+    async with app_on_loopback(app) as port, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+        ollama_missing, ollama_wrong, openai_missing, ollama_origin, openai_origin = [
+            await c.get("/api/tags"),
+            await c.get("/api/tags", headers={"Authorization": "Bearer wrong"}),
+            await c.get("/v1/models"),
+            await c.get("/api/tags", headers={"Origin": "https://evil.example"}),
+            await c.get("/v1/models", headers={"Origin": "https://evil.example"})]
 
     for resp, fragment in ((ollama_missing, "Authorization: Bearer"), (ollama_wrong, "invalid bearer token")):
         assert resp.status_code == 401

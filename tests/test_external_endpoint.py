@@ -12,6 +12,7 @@ from aiohttp import web
 
 from backends.base import Capability
 from backends.external import ExternalEndpoint, UpstreamSpec
+from tests.conftest import app_on_loopback
 
 pytestmark = pytest.mark.anyio
 
@@ -21,14 +22,8 @@ async def serving(routes: dict[str, Callable[[web.Request], Awaitable[web.Stream
     app = web.Application()
     for path, handler in routes.items():
         app.router.add_get(path, handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with app_on_loopback(app) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 async def ok(request: web.Request) -> web.Response:

@@ -10,7 +10,6 @@ from typing import Any
 
 import httpx2 as httpx
 import pytest
-from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +17,7 @@ from runnerd.api.auth import HTTP_TOKEN
 from runnerd.api.errors import ApiError
 from runnerd.config import load_settings
 from runnerd.server import create_app
+from tests.conftest import app_on_loopback
 
 TOKEN = "door-token-8c1f"
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
@@ -132,14 +132,8 @@ def test_arbitrary_nested_json_never_gives_500(daemon, route, value, depth, mode
 async def tcp(tmp_path) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(load_settings(runtime_dir=tmp_path / "run", data_dir=tmp_path / "data"), backends={})
     app[HTTP_TOKEN] = TOKEN
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{runner.addresses[0][1]}") as client:
-            yield client
-    finally:
-        await runner.cleanup()
+    async with app_on_loopback(app) as port, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        yield client
 
 
 @pytest.mark.anyio

@@ -31,7 +31,6 @@ import httpx2 as httpx
 import kubernetes_validate
 import pytest
 import yaml
-from aiohttp import web
 
 from backends.llamacpp import install
 from runnerd import __version__
@@ -39,7 +38,7 @@ from runnerd.api.auth import HTTP_TOKEN
 from runnerd.cli.parser import build_parser
 from runnerd.config import default_socket, load_settings, parse_listen
 from runnerd.server import create_app
-from tests.conftest import ROOT
+from tests.conftest import ROOT, app_on_loopback
 
 DEPLOY = ROOT / "deploy" / "kubernetes"
 CONTAINERFILE = ROOT / "Containerfile"
@@ -388,17 +387,10 @@ async def test_probes_need_no_token_and_metrics_needs_it(tmp_path):
     settings = load_settings(runtime_dir=tmp_path / "run", data_dir=tmp_path / "data", cache_dir=tmp_path / "cache")
     app = create_app(settings, backends={})
     app[HTTP_TOKEN] = "s3cret"
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    port = runner.addresses[0][1]
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
-            health, ready, metrics_without, metrics_with = [
-                await c.get("/health"), await c.get("/ready"), await c.get("/metrics"),
-                await c.get("/metrics", headers={"Authorization": "Bearer s3cret"})]
-    finally:
-        await runner.cleanup()
+    async with app_on_loopback(app) as port, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+        health, ready, metrics_without, metrics_with = [
+            await c.get("/health"), await c.get("/ready"), await c.get("/metrics"),
+            await c.get("/metrics", headers={"Authorization": "Bearer s3cret"})]
     assert health.status_code == 200
     assert ready.status_code in (200, 503), f"GET /ready over TCP without a token: {ready.status_code} {ready.text}"
     assert "ready" in ready.json()
