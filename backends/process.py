@@ -336,6 +336,9 @@ async def run_process(
         if log is not None:
             await asyncio.to_thread(log.close)
         raise RunnerError(f"cannot start {argv[0]}: {exc.strerror or exc}", reason="spawn_failed") from exc
+    except BaseException:  # cancelled while spawning: the read end is nobody's yet
+        os.close(read_end)
+        raise
     finally:
         os.close(write_end)  # the engine holds its own copy: the pipe ends when the engine's copies close
     output.pid = proc.pid
